@@ -1,0 +1,139 @@
+"""The shared pure-torch helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speedkit import torch_utils as tu
+
+
+def test_layout_round_trip():
+    img = torch.rand(2, 5, 7, 3)
+    chw = tu.bhwc_to_bchw(img)
+    assert chw.shape == (2, 3, 5, 7)
+    assert torch.equal(tu.bchw_to_bhwc(chw), img)
+
+
+def test_minmax_uses_one_range_for_the_batch():
+    a = torch.full((1, 4, 4, 3), 0.2)
+    a[0, 0, 0, 0] = 0.6
+    b = torch.full((1, 4, 4, 3), 0.4)
+    out = tu.normalize_range(torch.cat([a, b]), "minmax")
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert out.min() == 0 and out.max() == 1
+    # b (constant 0.4) keeps its place in the batch's range, not stretched to 0.
+    assert torch.allclose(out[1], torch.full_like(out[1], 0.5))
+
+
+def test_minmax_per_image_stretches_each_image():
+    x = torch.stack([torch.linspace(0.15, 0.85, 48).reshape(4, 4, 3), torch.linspace(0.4, 0.6, 48).reshape(4, 4, 3)])
+    out = tu.normalize_range(x, "minmax per image")
+    for i in range(2):
+        assert out[i].min().item() == pytest.approx(0.0) and out[i].max().item() == pytest.approx(1.0)
+
+
+def test_nunchaku_range_maps_to_full_range():
+    x = torch.linspace(0.15, 0.85, 3 * 8 * 8).reshape(1, 8, 8, 3)
+    out = tu.normalize_range(x, "minmax")
+    expected = (x - 0.15) / 0.7
+    assert torch.allclose(out, expected.clamp(0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["minmax", "minmax per image", "percentile"])
+def test_constant_image_maps_to_zero(mode):
+    out = tu.normalize_range(torch.full((2, 3, 3, 3), 0.7), mode)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_percentile_ignores_a_single_outlier():
+    x = torch.linspace(0.3, 0.6, 64 * 64 * 3).reshape(1, 64, 64, 3).clone()
+    x[0, 0, 0, 0] = 1.0  # one hot pixel
+    plain = tu.normalize_range(x, "minmax")
+    robust = tu.normalize_range(x, "percentile", 0.0, 99.9)
+    # min-max is defeated by the outlier: the bulk stays low-contrast.
+    assert plain[0, 1:, :, :].max() < 0.61
+    assert robust[0, 1:, :, :].max() > 0.99
+    assert robust.max() == 1.0 and robust.min() == 0.0
+
+
+def test_percentile_matches_numpy_linear_interpolation():
+    np = pytest.importorskip("numpy")
+    x = torch.rand(1, 17, 13, 3)
+    lo, hi = np.percentile(x.numpy(), [2.0, 97.0])
+    out = tu.normalize_range(x, "percentile", 2.0, 97.0)
+    expected = ((x - float(lo)) / float(hi - lo)).clamp(0, 1)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_off_is_unchanged():
+    x = torch.rand(1, 4, 4, 3) * 2 - 0.5
+    assert torch.equal(tu.normalize_range(x, "off"), x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_is_a_clear_error(bad):
+    x = torch.rand(1, 4, 4, 3)
+    x[0, 1, 1, 1] = bad
+    with pytest.raises(ValueError, match="image: 1 value"):
+        tu.normalize_range(x, "minmax")
+
+
+def test_bad_mode_and_percentiles_are_errors():
+    x = torch.rand(1, 4, 4, 3)
+    with pytest.raises(ValueError, match="unknown value"):
+        tu.normalize_range(x, "max")
+    with pytest.raises(ValueError, match="low .* must be below high"):
+        tu.normalize_range(x, "percentile", 60, 40)
+
+
+def test_check_image_rejects_wrong_shapes():
+    with pytest.raises(ValueError, match="MASK or LATENT"):
+        tu.check_image(torch.rand(4, 4, 3))
+    with pytest.raises(ValueError, match="channels"):
+        tu.check_image(torch.rand(1, 4, 4, 4), channels=(3,))
+    with pytest.raises(ValueError, match="float"):
+        tu.check_image(torch.zeros(1, 4, 4, 3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(100, 32, 8), (33, 32, 4), (32, 32, 0), (10, 32, 4), (1000, 256, 64)])
+def test_tile_starts_cover_everything_with_equal_tiles(length, tile, overlap):
+    starts = tu.tile_starts(length, tile, overlap)
+    covered = torch.zeros(length, dtype=torch.bool)
+    for s in starts:
+        covered[s : min(s + tile, length)] = True
+        assert s + min(tile, length) <= length or length < tile
+    assert covered.all()
+    for a, b in zip(starts, starts[1:], strict=False):
+        assert a + tile - b >= overlap  # at least the asked overlap
+
+
+def test_feathered_tiles_reassemble_the_image_exactly():
+    h, w, tile, overlap = 37, 53, 16, 6
+    image = torch.rand(3, h, w)
+    acc = torch.zeros_like(image)
+    weight = torch.zeros(h, w)
+    for t in tu.tile_grid(h, w, tile, overlap):
+        m = tu.feather_mask(t, h, w, overlap)
+        acc[:, t.y0 : t.y1, t.x0 : t.x1] += image[:, t.y0 : t.y1, t.x0 : t.x1] * m
+        weight[t.y0 : t.y1, t.x0 : t.x1] += m
+    assert weight.min() > 0
+    assert torch.allclose(acc / weight, image, atol=1e-6)
+
+
+def test_pick_dtype_respects_architecture_support():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tu.pick_dtype("auto", cpu) is torch.float32
+    assert tu.pick_dtype("auto", cuda, supports_half=True) is torch.float16
+    assert tu.pick_dtype("fp32", cuda, supports_half=False, supports_bfloat16=False) is torch.float32
+    with pytest.raises(ValueError, match="does not support fp16"):
+        tu.pick_dtype("fp16", cuda, supports_half=False)
+    with pytest.raises(ValueError, match="does not support bf16"):
+        tu.pick_dtype("bf16", cuda, supports_bfloat16=False)
+
+
+def test_pad_to_multiple():
+    x = torch.rand(1, 3, 10, 13)
+    padded, ph, pw = tu.pad_to_multiple(x, 8)
+    assert padded.shape == (1, 3, 16, 16) and (ph, pw) == (6, 3)
+    assert torch.equal(padded[..., :10, :13], x)

@@ -1,0 +1,333 @@
+"""Pure-torch helpers shared by every SpeedKit subpackage.
+
+Nothing here imports ComfyUI: these functions take and return plain tensors so the
+logic of every capability can be tested on a machine without ComfyUI or a GPU.
+
+Conventions:
+- ComfyUI's IMAGE layout is BHWC float in [0, 1]; models want BCHW. Use
+  :func:`bhwc_to_bchw` / :func:`bchw_to_bhwc` rather than ad-hoc ``movedim`` calls.
+- Tiling math (tile origins, feather masks) lives here so the upscaler and the
+  tiled img2img code agree on what "overlap" means.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+NORMALIZE_MODES: tuple[str, ...] = ("minmax", "minmax per image", "percentile", "off")
+"""Image range normalisation modes, in the order nodes show them (first = default)."""
+
+
+# ---------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------
+
+
+def bhwc_to_bchw(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE ``[B,H,W,C]`` -> model layout ``[B,C,H,W]`` (a view, no copy)."""
+    if image.ndim != 4:
+        raise ValueError(f"expected a 4-D [B,H,W,C] image, got shape {tuple(image.shape)}")
+    return image.permute(0, 3, 1, 2)
+
+
+def bchw_to_bhwc(image: torch.Tensor) -> torch.Tensor:
+    """Model layout ``[B,C,H,W]`` -> ComfyUI IMAGE ``[B,H,W,C]`` (a view, no copy)."""
+    if image.ndim != 4:
+        raise ValueError(f"expected a 4-D [B,C,H,W] image, got shape {tuple(image.shape)}")
+    return image.permute(0, 2, 3, 1)
+
+
+def check_image(image: torch.Tensor, name: str = "image", channels: Sequence[int] | None = None) -> None:
+    """Validate a ComfyUI IMAGE: a floating ``[B,H,W,C]`` tensor with finite values.
+
+    Raises ``ValueError`` naming the input, what was wrong and how to fix it.
+    """
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"{name}: expected an IMAGE tensor, got {type(image).__name__}")
+    if image.ndim != 4:
+        raise ValueError(
+            f"{name}: expected a [batch, height, width, channels] IMAGE, got shape {tuple(image.shape)}; "
+            "connect an IMAGE output (e.g. Load Image), not a MASK or LATENT"
+        )
+    if not image.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected a float IMAGE in [0, 1], got dtype {image.dtype}")
+    if channels is not None and image.shape[-1] not in channels:
+        raise ValueError(
+            f"{name}: expected {' or '.join(map(str, channels))} channels in the last dimension, "
+            f"got {image.shape[-1]} (shape {tuple(image.shape)})"
+        )
+    if image.numel() == 0:
+        raise ValueError(f"{name}: the image is empty (shape {tuple(image.shape)})")
+    check_finite(image, name)
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``tensor`` holds NaN or Inf (one host sync)."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(
+            f"{name}: {bad} value(s) are NaN or Inf; the node that produced this input "
+            "overflowed (often fp16 without autocast) - fix that node or run it in fp32"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Value range normalisation
+# ---------------------------------------------------------------------------
+
+
+def _stretch(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    span = hi - lo
+    # A constant image has no range to stretch: map it to 0 instead of dividing by 0.
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    out = torch.where(span > 0, (t - lo) / safe, torch.zeros_like(t))
+    return out.clamp_(0.0, 1.0)
+
+
+def _kth_value(flat: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Value at ``fraction`` (0..1) of the sorted data, with linear interpolation.
+
+    ``torch.quantile`` refuses inputs above 2**24 elements (a single 4K frame has more),
+    so use ``kthvalue`` on the two neighbouring ranks instead.
+    """
+    n = flat.numel()
+    pos = fraction * (n - 1)
+    lo_rank = int(math.floor(pos))
+    hi_rank = min(lo_rank + 1, n - 1)
+    lo_val = flat.kthvalue(lo_rank + 1).values
+    if hi_rank == lo_rank:
+        return lo_val
+    hi_val = flat.kthvalue(hi_rank + 1).values
+    return lo_val + (hi_val - lo_val) * (pos - lo_rank)
+
+
+def normalize_range(
+    image: torch.Tensor,
+    mode: str = "minmax",
+    low_percentile: float = 0.5,
+    high_percentile: float = 99.5,
+    name: str = "image",
+) -> torch.Tensor:
+    """Stretch an image batch's values to [0, 1].
+
+    Modes:
+    - ``minmax``: one min/max over the whole batch (the Nunchaku fix: a batch or video
+      keeps consistent brightness across frames).
+    - ``minmax per image``: each image stretched on its own.
+    - ``percentile``: the batch's ``low_percentile``/``high_percentile`` values map to 0/1,
+      so a single outlier pixel cannot defeat the stretch; values beyond are clamped.
+    - ``off``: values are only converted to contiguous fp32, not changed.
+
+    Constant images map to 0. NaN/Inf raise ``ValueError``. Returns fp32, contiguous,
+    on the input's device. Works for any layout; statistics are over all non-batch dims.
+    """
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"normalize mode: unknown value {mode!r}; choose one of {', '.join(NORMALIZE_MODES)}")
+    if image.ndim < 2:
+        raise ValueError(f"{name}: expected a batch of images, got shape {tuple(image.shape)}")
+    check_finite(image, name)
+    t = image.to(torch.float32)
+    if mode == "off":
+        return t.contiguous()
+    if mode == "minmax":
+        return _stretch(t, t.amin(), t.amax()).contiguous()
+    if mode == "minmax per image":
+        dims = tuple(range(1, t.ndim))
+        return _stretch(t, t.amin(dim=dims, keepdim=True), t.amax(dim=dims, keepdim=True)).contiguous()
+    if not 0.0 <= low_percentile < high_percentile <= 100.0:
+        raise ValueError(
+            f"percentile: low ({low_percentile}) must be below high ({high_percentile}), both in 0..100; "
+            "typical values are 0.5 and 99.5"
+        )
+    flat = t.reshape(-1)
+    lo = _kth_value(flat, low_percentile / 100.0)
+    hi = _kth_value(flat, high_percentile / 100.0)
+    return _stretch(t, lo, hi).contiguous()
+
+
+# ---------------------------------------------------------------------------
+# Device, dtype, memory
+# ---------------------------------------------------------------------------
+
+
+def pick_device(requested: str | torch.device | None = None) -> torch.device:
+    """The device to compute on: ``requested`` if given, else CUDA when present, else CPU."""
+    if requested is not None:
+        return torch.device(requested)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_dtype(
+    requested: str,
+    device: torch.device,
+    supports_half: bool = True,
+    supports_bfloat16: bool = True,
+) -> torch.dtype:
+    """Resolve a precision choice (``auto``/``fp16``/``bf16``/``fp32``) for a model.
+
+    ``auto`` prefers fp16 on CUDA when the architecture supports it (fastest on every
+    NVIDIA GPU), then bf16 when the GPU has it, else fp32; on CPU it is fp32. An explicit
+    choice the architecture cannot run raises ``ValueError`` instead of silently
+    producing black or NaN images.
+    """
+    if requested == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        if supports_half:
+            return torch.float16
+        if supports_bfloat16 and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if requested not in _DTYPES:
+        raise ValueError(f"precision: unknown value {requested!r}; choose auto, fp16, bf16 or fp32")
+    dtype = _DTYPES[requested]
+    if dtype is torch.float16 and not supports_half:
+        raise ValueError("precision: this architecture does not support fp16 (it overflows); use auto, bf16 or fp32")
+    if dtype is torch.bfloat16 and not supports_bfloat16:
+        raise ValueError("precision: this architecture does not support bf16; use auto or fp32")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short name used in logs and reports: fp32 / fp16 / bf16 (else torch's name)."""
+    for name, value in _DTYPES.items():
+        if value is dtype:
+            return name
+    return str(dtype).removeprefix("torch.")
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device``.
+
+    On CUDA this is the driver's free memory plus what PyTorch's caching allocator holds
+    but does not use (it can hand that out again without asking the driver).
+    On CPU the answer is a generous fixed 8 GiB: host memory is not what tiling bounds.
+    """
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.memory_reserved(device)
+        allocated = torch.cuda.memory_allocated(device)
+        return int(free + max(reserved - allocated, 0))
+    return 8 * 1024**3
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """True for CUDA / allocator out-of-memory errors, which tiling can recover from."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+# ---------------------------------------------------------------------------
+# Tiling math
+# ---------------------------------------------------------------------------
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Origins of tiles of size ``tile`` covering ``[0, length)`` with at least ``overlap``.
+
+    Every tile has exactly ``tile`` pixels (the last one is shifted back to end at
+    ``length`` rather than being cut short) so that all tiles share one shape, which
+    lets a compiled model run every tile without recompiling. If ``tile >= length``
+    there is a single tile at 0 (the caller pads it).
+    """
+    if tile <= 0:
+        raise ValueError(f"tile size must be positive, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile size {tile}), got {overlap}")
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    count = math.ceil((length - tile) / stride) + 1
+    # Spread tiles evenly so the overlap is shared rather than piled onto the last tile;
+    # the spacing (length - tile) / (count - 1) never exceeds the stride, so every overlap
+    # is at least the one asked for.
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a 2-D grid: pixel box ``[y0:y0+h, x0:x0+w]``."""
+
+    y0: int
+    x0: int
+    h: int
+    w: int
+
+    @property
+    def y1(self) -> int:
+        return self.y0 + self.h
+
+    @property
+    def x1(self) -> int:
+        return self.x0 + self.w
+
+
+def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
+    """Row-major tiles of ``min(tile, size)`` pixels covering a ``height x width`` image."""
+    th, tw = min(tile, height), min(tile, width)
+    ys = tile_starts(height, th, min(overlap, th - 1))
+    xs = tile_starts(width, tw, min(overlap, tw - 1))
+    return [Tile(y, x, th, tw) for y in ys for x in xs]
+
+
+def feather_ramp(size: int, ramp_start: int, ramp_end: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """1-D blend weights of length ``size``: rising over the first ``ramp_start`` pixels,
+    falling over the last ``ramp_end`` pixels, 1 in between.
+
+    Weights stay strictly positive so a pixel covered by one tile only keeps weight > 0.
+    """
+    w = torch.ones(size, device=device, dtype=dtype)
+    if ramp_start > 0:
+        n = min(ramp_start, size)
+        w[:n] = torch.minimum(w[:n], (torch.arange(n, device=device, dtype=dtype) + 0.5) / ramp_start)
+    if ramp_end > 0:
+        n = min(ramp_end, size)
+        ramp = (torch.arange(n, device=device, dtype=dtype) + 0.5) / ramp_end
+        w[size - n :] = torch.minimum(w[size - n :], ramp.flip(0))
+    return w
+
+
+def feather_mask(tile: Tile, height: int, width: int, overlap: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[h, w]`` weights for ``tile`` in a ``height x width`` grid: feathered over
+    ``overlap`` pixels on sides that touch another tile, flat on image borders."""
+    ry0 = overlap if tile.y0 > 0 else 0
+    ry1 = overlap if tile.y1 < height else 0
+    rx0 = overlap if tile.x0 > 0 else 0
+    rx1 = overlap if tile.x1 < width else 0
+    wy = feather_ramp(tile.h, ry0, ry1, device=device, dtype=dtype)
+    wx = feather_ramp(tile.w, rx0, rx1, device=device, dtype=dtype)
+    return wy[:, None] * wx[None, :]
+
+
+def round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``value``."""
+    if multiple <= 1:
+        return value
+    return -(-value // multiple) * multiple
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, int, int]:
+    """Pad a ``[B,C,H,W]`` tensor on the bottom/right to multiples of ``multiple``.
+
+    Returns the padded tensor and the pad added to H and W. Reflect padding (falling back
+    to replicate for inputs too small to reflect) avoids the dark borders zero padding
+    gives a super-resolution model.
+    """
+    h, w = image.shape[-2:]
+    ph, pw = round_up(h, multiple) - h, round_up(w, multiple) - w
+    if ph == 0 and pw == 0:
+        return image, 0, 0
+    if mode == "reflect" and (ph >= h or pw >= w):
+        mode = "replicate"
+    return torch.nn.functional.pad(image, (0, pw, 0, ph), mode=mode), ph, pw
