@@ -22,6 +22,10 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 def _load() -> None:
     from .registry import MIN_COMFYUI, collect_nodes, missing_modules
 
+    if missing_modules(["comfy"]):
+        # Not running inside ComfyUI (e.g. the command-line upscaler): no nodes to register.
+        logger.debug("ComfyUI-SpeedKit: ComfyUI not found, node registration skipped")
+        return
     if missing_modules(["comfy_api.latest"]):
         logger.warning(
             "ComfyUI-SpeedKit needs ComfyUI %s or newer (it uses comfy_api.latest); update ComfyUI to use its nodes",

@@ -109,11 +109,15 @@ def test_broken_adapter_module_disables_only_itself(fake_pack, caplog):
     )
 
 
-def test_pack_import_without_comfyui_logs_the_needed_version():
-    """Importing the real package on a Python without ComfyUI must not crash."""
+def run_pack_import(tmp_path: Path, fake_comfy: bool) -> subprocess.CompletedProcess:
+    """Import the real package in a fresh Python, optionally next to an old ComfyUI (no comfy_api)."""
+    if fake_comfy:
+        (tmp_path / "comfy").mkdir()
+        (tmp_path / "comfy" / "__init__.py").write_text("")
     script = textwrap.dedent(
         f"""
         import importlib.util, logging, sys
+        sys.path.insert(0, {str(tmp_path)!r})
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
         spec = importlib.util.spec_from_file_location(
             "speedkit_no_comfy", {str(REPO / "__init__.py")!r}, submodule_search_locations=[{str(REPO)!r}])
@@ -123,7 +127,19 @@ def test_pack_import_without_comfyui_logs_the_needed_version():
         assert mod.NODE_CLASS_MAPPINGS == {{}} and mod.WEB_DIRECTORY == "./web"
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_pack_import_on_old_comfyui_logs_the_needed_version(tmp_path):
+    """A ComfyUI without comfy_api: no crash, one warning naming the version needed."""
+    proc = run_pack_import(tmp_path, fake_comfy=True)
     assert proc.returncode == 0, proc.stderr
     assert "needs ComfyUI 0.19.3 or newer" in proc.stderr
     assert proc.stdout == ""  # nothing printed at import
+
+
+def test_pack_import_outside_comfyui_is_silent(tmp_path):
+    """Outside ComfyUI (e.g. the command-line tools) importing the pack logs nothing."""
+    proc = run_pack_import(tmp_path, fake_comfy=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and "WARNING" not in proc.stderr
