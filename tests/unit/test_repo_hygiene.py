@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[2]
 PACK_SOURCES = [
     p
     for p in REPO.rglob("*.py")
-    if not any(part in {"tests", ".venv", ".venv-ci", ".whl", "benchmarks"} for part in p.relative_to(REPO).parts)
+    if not any(part in {"tests", "benchmarks"} or part.startswith(".") for part in p.relative_to(REPO).parts)
 ]
 
 
