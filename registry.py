@@ -17,7 +17,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import re
 from collections.abc import Iterable
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,24 @@ def missing_modules(names: Iterable[str]) -> list[str]:
     return missing
 
 
+def declared_node_ids(module_name: str) -> list[str]:
+    """Node ids written in an adapter module's source (``node_id="..."``), without importing it.
+
+    Used to name the nodes a broken module takes down with it.
+    """
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return []
+    try:
+        source = Path(spec.origin).read_text(encoding="utf-8")
+    except OSError:
+        return []
+    return re.findall(r"node_id\s*=\s*[\"']([A-Za-z0-9_]+)[\"']", source)
+
+
 def collect_nodes(package: str, module_names: Iterable[str]) -> tuple[dict[str, type], dict[str, str]]:
     """Import ``<package>.nodes.<name>`` for each name and merge their ``NODES`` lists.
 
@@ -48,10 +68,17 @@ def collect_nodes(package: str, module_names: Iterable[str]) -> tuple[dict[str, 
     classes: dict[str, type] = {}
     display: dict[str, str] = {}
     for name in module_names:
+        module_name = f"{package}.nodes.{name}"
         try:
-            module = importlib.import_module(f"{package}.nodes.{name}")
+            module = importlib.import_module(module_name)
         except ImportError as exc:
-            logger.warning("ComfyUI-SpeedKit: the %s nodes are disabled: %s", name, exc)
+            lost = declared_node_ids(module_name)
+            logger.warning(
+                "ComfyUI-SpeedKit: the %s nodes (%s) are disabled: %s",
+                name,
+                ", ".join(lost) or "none declared",
+                exc,
+            )
             continue
         for node_cls in getattr(module, "NODES", []):
             schema = node_cls.define_schema()

@@ -97,7 +97,7 @@ def test_missing_optional_dependency_skips_only_that_node(fake_pack, caplog):
 def test_broken_adapter_module_disables_only_itself(fake_pack, caplog):
     pkg = fake_pack(
         {
-            "a": "import no_such_package_xyz\n",
+            "a": "import no_such_package_xyz\n" + NODE_TEMPLATE.format(n=1, node_id="SpeedKit_Lost", requires=()),
             "b": NODE_TEMPLATE.format(n=2, node_id="SpeedKit_B", requires=()),
         }
     )
@@ -105,7 +105,8 @@ def test_broken_adapter_module_disables_only_itself(fake_pack, caplog):
         classes, _ = registry.collect_nodes(pkg, ["a", "b"])
     assert list(classes) == ["SpeedKit_B"]
     assert any(
-        "the a nodes are disabled" in r.getMessage() and "no_such_package_xyz" in r.getMessage() for r in caplog.records
+        "the a nodes (SpeedKit_Lost) are disabled" in r.getMessage() and "no_such_package_xyz" in r.getMessage()
+        for r in caplog.records
     )
 
 
