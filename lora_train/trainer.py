@@ -1,0 +1,449 @@
+"""The training loop: noise, predict, fp32 MSE, optimizer step; saving, cancel and resume.
+
+It knows nothing of ComfyUI. The caller supplies the model pieces as callables:
+
+- ``denoise(noisy_latents, timesteps, cond) -> prediction`` (the UNet with the LoRA injected),
+- ``encode(captions, samples) -> cond`` (text encoders + SDXL size conditioning, a dict of
+  batched tensors; run with grad only when the text-encoder LoRA trains),
+
+plus the :class:`~.layers.LoRASet` and the encoded :class:`Sample` list.
+
+Determinism: every random draw of step ``s`` (batch choice, captions, noise, timesteps) comes
+from generators seeded with ``(seed, s)``, so a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint, optim, schedule
+from .data import process_caption
+from .layers import LoRASet
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+CACHE_LIMIT = 4096
+
+
+@dataclass
+class Sample:
+    """One encoded training image: latent [C, h, w] (already scaled for the UNet), caption, sizes."""
+
+    latent: torch.Tensor
+    caption: str
+    time_ids: tuple[int, int, int, int, int, int]
+    bucket: tuple[int, int]
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run (also written into the LoRA metadata and the resume state)."""
+
+    steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    unet_lr: float = 1e-4
+    te_lr: float = 5e-5
+    rank: int = 16
+    alpha: float = 16.0
+    target: str = "attention"
+    train_te: bool = False
+    optimizer: str = "AdamW"
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"
+    grad_checkpointing: bool = True
+    seed: int = 0
+    prediction: str = "eps"
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.0
+    shuffle_captions: bool = False
+    keep_tokens: int = 0
+    save_every: int = 0
+    keep_last: int = 0
+    save_dtype: str = "fp16"
+
+    def validate(self) -> None:
+        """``ValueError`` naming the first bad field."""
+        checks = [
+            ("steps", self.steps >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("grad_accum", self.grad_accum >= 1, "at least 1"),
+            ("unet_lr", self.unet_lr > 0, "> 0"),
+            ("te_lr", self.te_lr >= 0, ">= 0"),
+            ("rank", self.rank >= 1, "at least 1 (the LoRA dimension)"),
+            ("alpha", self.alpha > 0, "> 0 (use alpha = rank for scale 1)"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+            ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            ("prediction", self.prediction in schedule.PREDICTIONS, f"one of {schedule.PREDICTIONS}"),
+            ("min_snr_gamma", self.min_snr_gamma >= 0, ">= 0 (0 = off, 5 typical)"),
+            ("noise_offset", self.noise_offset >= 0, ">= 0 (0 = off, 0.05 typical)"),
+            ("caption_dropout", 0 <= self.caption_dropout <= 1, "between 0 and 1"),
+            ("keep_tokens", self.keep_tokens >= 0, ">= 0"),
+            ("save_every", self.save_every >= 0, ">= 0 (0 = only at the end)"),
+            ("keep_last", self.keep_last >= 0, ">= 0 (0 = keep all)"),
+            ("save_dtype", self.save_dtype in checkpoint.SAVE_DTYPES, f"one of {tuple(checkpoint.SAVE_DTYPES)}"),
+            ("optimizer", self.optimizer in optim.OPTIMIZERS, f"one of {optim.OPTIMIZERS}"),
+            ("lr_scheduler", self.lr_scheduler in optim.SCHEDULERS, f"one of {optim.SCHEDULERS}"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be {rule}")
+        optim.lr_lambda(self.lr_scheduler, self.steps, self.warmup_steps)
+
+
+@dataclass
+class RunInfo:
+    """What the caller wants written into the file's metadata besides the config."""
+
+    output_name: str
+    base_model_version: str  # ss_base_model_version: "sd_v1", "sd_v1_v", "sdxl_base_v1-0", ...
+    architecture: str  # modelspec.architecture, e.g. "stable-diffusion-xl-v1-base/lora"
+    implementation: str
+    resolution: int = 512
+    model_name: str = ""
+    dataset_dir: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    lora_path: Path | None
+    losses: list[float]
+    steps_done: int
+    cancelled: bool
+    seconds: float
+
+
+class Trainer:
+    """Runs :class:`TrainConfig` over ``samples`` with the given model callables."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        lora: LoRASet,
+        samples: list[Sample],
+        denoise: Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+        encode: Callable[[list[str], list[Sample]], dict[str, torch.Tensor]],
+        device: torch.device,
+        *,
+        checkpoint_blocks: Iterable[nn.Module] = (),
+        text_modules: Iterable[nn.Module] = (),
+    ) -> None:
+        config.validate()
+        if not samples:
+            raise ValueError("no training samples: the dataset is empty")
+        if len(lora) == 0:
+            raise ValueError("no LoRA layer was injected: the model has no module the target preset matches")
+        self.config = config
+        self.lora = lora
+        self.samples = samples
+        self.denoise = denoise
+        self.encode = encode
+        self.device = torch.device(device)
+        self.checkpoint_blocks = list(checkpoint_blocks)
+        self.text_modules = list(text_modules)
+        self.acp = schedule.alphas_cumprod().to(self.device)
+        self.losses: list[float] = []
+        self.step = 0
+        self._cond_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(samples):
+            self._by_bucket.setdefault(s.bucket, []).append(i)
+        self._bucket_keys = sorted(self._by_bucket)
+        groups = [{"params": lora.parameters("unet"), "lr": config.unet_lr}]
+        if config.train_te:
+            groups.append({"params": lora.parameters("te"), "lr": config.te_lr})
+        self.optimizer = optim.make_optimizer(config.optimizer, groups)
+        self.scheduler = optim.make_scheduler(self.optimizer, config.lr_scheduler, config.steps, config.warmup_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.started_at = time.time()
+
+    # ----- resume -------------------------------------------------------------------------
+    def load_state(self, base: str | Path) -> None:
+        """Continue from a state saved by :meth:`save_state` (LoRA weights, optimizer, step)."""
+        lora_tensors, opt_state, info = checkpoint.load_state(base)
+        for key in ("rank", "target", "train_te", "optimizer"):
+            if key in info.get("config", {}) and info["config"][key] != getattr(self.config, key):
+                raise ValueError(
+                    f"resume_from was trained with {key}={info['config'][key]!r} but this run has "
+                    f"{key}={getattr(self.config, key)!r}; use the same value to resume"
+                )
+        self.lora.load_state_dict(lora_tensors)
+        self.optimizer.load_state_dict(opt_state)
+        self.step = int(info["step"])
+        if self.step > self.config.steps:
+            raise ValueError(f"resume_from is at step {self.step}, beyond steps={self.config.steps}; raise steps")
+        self.losses = [float(x) for x in info.get("losses", [])]
+        if info.get("grad_scale") is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict({"scale": float(info["grad_scale"]), "_growth_tracker": 0})
+        self.scheduler.last_epoch = self.step - 1
+        self.scheduler.step()  # sets the LRs for `self.step`
+
+    def save_state(self, base: str | Path) -> tuple[Path, Path]:
+        info = {
+            "step": self.step,
+            "losses": self.losses,
+            "config": asdict(self.config),
+            "grad_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None,
+            "format": "speedkit-lora-train-state/1",
+        }
+        return checkpoint.save_state(base, self.lora.state_dict(torch.float32), self.optimizer, info)
+
+    # ----- one step -----------------------------------------------------------------------
+    def _generators(self, step: int, micro: int) -> tuple[torch.Generator, random.Random]:
+        key = (self.config.seed * 1_000_003 + step) * 64 + micro
+        return torch.Generator().manual_seed(key), random.Random(key)
+
+    def _pick(self, gen: torch.Generator) -> list[int]:
+        counts = torch.tensor([len(self._by_bucket[b]) for b in self._bucket_keys], dtype=torch.float64)
+        bucket = self._bucket_keys[int(torch.multinomial(counts, 1, generator=gen))]
+        members = self._by_bucket[bucket]
+        if len(members) >= self.config.batch_size:
+            order = torch.randperm(len(members), generator=gen)[: self.config.batch_size]
+        else:
+            order = torch.randint(len(members), (self.config.batch_size,), generator=gen)
+        return [members[int(i)] for i in order]
+
+    def _conditioning(self, indices: list[int], captions: list[str]) -> dict[str, torch.Tensor]:
+        samples = [self.samples[i] for i in indices]
+        if self.config.train_te:
+            return self.encode(captions, samples)
+        parts = []
+        for i, caption, sample in zip(indices, captions, samples, strict=True):
+            key = (caption, i)
+            cached = self._cond_cache.get(key)
+            if cached is None:
+                with torch.no_grad():
+                    cached = {k: v.detach() for k, v in self.encode([caption], [sample]).items()}
+                if len(self._cond_cache) >= CACHE_LIMIT:
+                    self._cond_cache.pop(next(iter(self._cond_cache)))
+                self._cond_cache[key] = cached
+            parts.append(cached)
+        return stack_conditioning(parts)
+
+    def _autocast(self):
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _micro_step(self, step: int, micro: int) -> float:
+        cfg = self.config
+        gen, rng = self._generators(step, micro)
+        indices = self._pick(gen)
+        captions = [
+            process_caption(self.samples[i].caption, rng, cfg.caption_dropout, cfg.shuffle_captions, cfg.keep_tokens)
+            for i in indices
+        ]
+        x0 = torch.stack([self.samples[i].latent for i in indices]).to(self.device, torch.float32)
+        noise = torch.randn(x0.shape, generator=gen)
+        if cfg.noise_offset > 0:
+            noise = noise + cfg.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen)
+        noise = noise.to(self.device)
+        t = torch.randint(0, schedule.NUM_TIMESTEPS, (x0.shape[0],), generator=gen).to(self.device)
+        noisy = schedule.add_noise(x0, noise, t, self.acp)
+        with self._autocast():
+            cond = self._conditioning(indices, captions)
+            pred = self.denoise(noisy, t, cond)
+        per_sample = schedule.mse_per_sample(pred, schedule.target(x0, noise, t, self.acp, cfg.prediction))
+        loss = (per_sample * schedule.min_snr_weights(t, self.acp, cfg.min_snr_gamma, cfg.prediction)).mean()
+        self.scaler.scale(loss / cfg.grad_accum).backward()
+        return float(loss.detach())
+
+    def train_step(self) -> float:
+        """One optimizer step (``grad_accum`` micro-batches); returns the mean loss."""
+        cfg = self.config
+        loss = sum(self._micro_step(self.step, m) for m in range(cfg.grad_accum)) / cfg.grad_accum
+        params = self.lora.parameters()
+        if cfg.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss} at step {self.step}: lower the learning rate or use precision=bf16/fp32"
+            )
+        self.losses.append(loss)
+        return loss
+
+    # ----- the run ------------------------------------------------------------------------
+    def run(
+        self,
+        output_dir: str | Path,
+        info: RunInfo,
+        *,
+        on_step: Callable[[int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Result:
+        """Train to ``config.steps``, saving every ``save_every`` steps and at the end.
+
+        ``should_stop()`` is polled after every step: when true, the current LoRA and state are
+        saved and the run returns ``cancelled=True``. Any exception also saves the state first
+        when at least one step was done, so nothing trained is lost.
+        """
+        cfg = self.config
+        out = Path(output_dir)
+        name = checkpoint.validate_output_name(info.output_name)
+        final = out / f"{name}.safetensors"
+        state_base = out / name
+        start = time.time()
+        cancelled = False
+        saved_step = self.step
+        blocks = checkpointed(self.checkpoint_blocks) if cfg.grad_checkpointing else contextlib.nullcontext()
+        for m in self.text_modules:
+            m.train(cfg.train_te)
+        try:
+            with blocks:
+                while self.step < cfg.steps:
+                    loss = self.train_step()
+                    if on_step is not None:
+                        on_step(self.step, loss)
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                        self._save(checkpoint.step_path(out, name, self.step), info)
+                        checkpoint.prune_step_files(out, name, cfg.keep_last)
+                        self.save_state(state_base)
+                        saved_step = self.step
+                    if should_stop is not None and should_stop():
+                        cancelled = True
+                        break
+        except BaseException:
+            if self.step > saved_step:
+                try:
+                    self._save(final, info)
+                    self.save_state(state_base)
+                    logger.warning("training failed at step %d; LoRA and state saved to %s", self.step, final)
+                except Exception:  # keep the original error; the save failure is logged
+                    logger.exception("could not save the LoRA after the training error")
+            raise
+        path = self._save(final, info)
+        if cancelled or cfg.save_every:
+            self.save_state(state_base)
+        return Result(path, list(self.losses), self.step, cancelled, time.time() - start)
+
+    def _save(self, path: Path, info: RunInfo) -> Path:
+        dtype = checkpoint.SAVE_DTYPES[self.config.save_dtype]
+        return checkpoint.save_lora(path, self.lora.state_dict(dtype), self.metadata(info))
+
+    def metadata(self, info: RunInfo) -> dict[str, str]:
+        """``ss_*`` (sd-scripts) and ``modelspec.*`` metadata strings."""
+        cfg = self.config
+        buckets: dict[str, int] = {}
+        for s in self.samples:
+            key = f"{s.bucket[0]}x{s.bucket[1]}"
+            buckets[key] = buckets.get(key, 0) + 1
+        now = _dt.datetime.now(_dt.timezone.utc)
+        meta = {
+            "ss_session_id": uuid.uuid4().hex[:16],
+            "ss_training_started_at": str(self.started_at),
+            "ss_training_finished_at": str(time.time()),
+            "ss_output_name": info.output_name,
+            "ss_base_model_version": info.base_model_version,
+            "ss_sd_model_name": info.model_name,
+            "ss_v2": "False",
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(cfg.rank),
+            "ss_network_alpha": str(cfg.alpha),
+            "ss_network_args": str({"target": cfg.target}),
+            "ss_learning_rate": str(cfg.unet_lr),
+            "ss_unet_lr": str(cfg.unet_lr),
+            "ss_text_encoder_lr": str(cfg.te_lr if cfg.train_te else 0.0),
+            "ss_network_train_unet_only": str(not cfg.train_te),
+            "ss_steps": str(self.step),
+            "ss_max_train_steps": str(cfg.steps),
+            "ss_batch_size_per_device": str(cfg.batch_size),
+            "ss_total_batch_size": str(cfg.batch_size * cfg.grad_accum),
+            "ss_gradient_accumulation_steps": str(cfg.grad_accum),
+            "ss_gradient_checkpointing": str(cfg.grad_checkpointing),
+            "ss_mixed_precision": cfg.precision if cfg.precision != "fp32" else "no",
+            "ss_save_precision": cfg.save_dtype,
+            "ss_optimizer": cfg.optimizer,
+            "ss_lr_scheduler": cfg.lr_scheduler,
+            "ss_lr_warmup_steps": str(cfg.warmup_steps),
+            "ss_max_grad_norm": str(cfg.max_grad_norm),
+            "ss_seed": str(cfg.seed),
+            "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+            "ss_noise_offset": str(cfg.noise_offset),
+            "ss_v_parameterization": str(cfg.prediction == "v"),
+            "ss_caption_dropout_rate": str(cfg.caption_dropout),
+            "ss_shuffle_caption": str(cfg.shuffle_captions),
+            "ss_keep_tokens": str(cfg.keep_tokens),
+            "ss_resolution": f"({info.resolution}, {info.resolution})",
+            "ss_enable_bucket": str(len(buckets) > 1),
+            "ss_bucket_info": str({"buckets": buckets}),
+            "ss_num_train_images": str(len(self.samples)),
+            "ss_dataset_dirs": str({Path(info.dataset_dir).name: {"n_repeats": 1, "img_count": len(self.samples)}}),
+            "ss_cache_latents": "True",
+            "ss_training_comment": "trained with ComfyUI-SpeedKit Train LoRA",
+            "modelspec.sai_model_spec": "1.0.1",
+            "modelspec.architecture": info.architecture,
+            "modelspec.implementation": info.implementation,
+            "modelspec.title": info.output_name,
+            "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
+            "modelspec.resolution": f"{info.resolution}x{info.resolution}",
+            "modelspec.prediction_type": "v" if cfg.prediction == "v" else "epsilon",
+            "modelspec.timestep_range": f"0,{schedule.NUM_TIMESTEPS}",
+        }
+        meta.update(info.extra)
+        return meta
+
+
+def stack_conditioning(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate per-sample conditioning along the batch; token sequences of different length
+    (long prompts are chunked in 77s) are repeated to their least common multiple, as ComfyUI does."""
+    out = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if values[0].ndim == 3 and len({v.shape[1] for v in values}) > 1:
+            target = math.lcm(*[v.shape[1] for v in values])
+            values = [v.repeat(1, target // v.shape[1], 1) for v in values]
+        out[key] = torch.cat(values, dim=0)
+    return out
+
+
+class checkpointed(contextlib.AbstractContextManager):
+    """Run each block's forward under non-reentrant activation checkpointing while active.
+
+    The per-instance ``forward`` attribute is restored on exit, so no patch outlives the run.
+    """
+
+    def __init__(self, blocks: Iterable[nn.Module]) -> None:
+        self.blocks = list(blocks)
+
+    def __enter__(self):
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            original = block.forward
+
+            def run(*args, _f=original, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _f(*args, **kwargs)
+                return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+
+            block.forward = run
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
