@@ -1,0 +1,335 @@
+"""Run one musubi-tuner command as a subprocess: stream, parse, log, cancel.
+
+musubi is never imported: its scripts run in the user's own venv. The command is an
+argument list (never a shell string), stderr is merged into stdout (tqdm writes its bar
+to stderr), every line goes to a log file, and any exception raised by a callback (the
+ComfyUI interrupt surfaces that way from ``ProgressBar.update``) or a ``should_cancel``
+poll kills the whole process tree: ``accelerate launch`` runs the training script in a
+child process, so killing only the direct child would leave the GPU busy.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .progress import ProgressEvent, ProgressState
+
+logger = logging.getLogger(__name__)
+
+TAIL_LINES = 50
+IS_WINDOWS = os.name == "nt"
+
+LineCallback = Callable[[str], None]
+EventCallback = Callable[[ProgressEvent, ProgressState], None]
+
+
+class MusubiRunError(RuntimeError):
+    """The command failed: non-zero exit code or a missing expected output."""
+
+    def __init__(self, message: str, *, returncode: int | None, tail: list[str], log_path: Path | None):
+        super().__init__(message)
+        self.returncode = returncode
+        self.tail = tail
+        self.log_path = log_path
+
+
+class MusubiCancelled(RuntimeError):
+    """The run was cancelled (``should_cancel`` returned True); the process tree is gone."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run left behind."""
+
+    returncode: int
+    log_path: Path | None
+    state: ProgressState
+    tail: list[str] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)
+
+
+def subprocess_env(extra: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ``base`` (default: ours) + ``extra`` + unbuffered UTF-8 output."""
+    env = dict(os.environ if base is None else base)
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    return env
+
+
+def _popen_kwargs() -> dict:
+    if IS_WINDOWS:
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
+    return {"start_new_session": True}
+
+
+def _split_lines(stream, out: queue.Queue) -> None:
+    """Reader thread: bytes -> lines split on ``\\n`` and ``\\r`` (each tqdm redraw is a line)."""
+    buf = b""
+    try:
+        while True:
+            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(4096)
+            if not chunk:
+                break
+            buf += chunk
+            while True:
+                cut = [i for i in (buf.find(b"\n"), buf.find(b"\r")) if i >= 0]
+                if not cut:
+                    break
+                i = min(cut)
+                out.put(buf[:i].decode("utf-8", errors="replace"))
+                buf = buf[i + 1 :]
+        if buf:
+            out.put(buf.decode("utf-8", errors="replace"))
+    except (OSError, ValueError) as exc:  # the pipe was closed under us while killing the tree
+        logger.debug("output reader stopped: %s", exc)
+    finally:
+        out.put(None)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, read from /proc (Linux)."""
+    members = []
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may contain spaces/parentheses
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group ``pgid`` is still running (POSIX)."""
+    if Path("/proc/self/stat").exists():
+        return bool(_group_members(pgid))
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def kill_process_tree(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """Stop ``proc`` and every process it started, politely first.
+
+    POSIX: the child leads its own session (``start_new_session``), so SIGTERM goes to the
+    whole group, SIGKILL follows after ``grace_s``. Windows: CTRL_BREAK to the new process
+    group, then ``taskkill /T /F`` on the tree.
+    """
+    if IS_WINDOWS:
+        _kill_tree_windows(proc, grace_s)
+        return
+    pgid = proc.pid
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.05)
+            if not group_alive(pgid):
+                break
+        if not group_alive(pgid):
+            break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(2.0)
+
+
+def _kill_tree_windows(proc: subprocess.Popen, grace_s: float) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError):
+            proc.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace_s)
+    # taskkill /T also reaches children that outlived their parent's exit
+    with contextlib.suppress(OSError):
+        subprocess.run(
+            ["taskkill", "/T", "/F", "/PID", str(proc.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=15,
+            check=False,
+        )
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5.0)
+
+
+def format_command(argv: Sequence[str]) -> str:
+    """A copy-pasteable rendering of ``argv`` for logs (never executed)."""
+    if IS_WINDOWS:
+        return subprocess.list2cmdline(list(argv))
+    import shlex
+
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def run_command(
+    argv: Sequence[str],
+    *,
+    cwd: str | os.PathLike,
+    env: Mapping[str, str] | None = None,
+    log_path: str | os.PathLike | None = None,
+    expected_outputs: Sequence[str | os.PathLike] = (),
+    on_line: LineCallback | None = None,
+    on_event: EventCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    grace_s: float = 3.0,
+    poll_s: float = 0.1,
+    what: str = "musubi-tuner",
+) -> RunResult:
+    """Run ``argv`` in ``cwd`` to completion and return its :class:`RunResult`.
+
+    ``env`` holds extra variables on top of this process's environment.
+    Success means exit code 0 *and* every path in ``expected_outputs`` exists; anything
+    else raises :class:`MusubiRunError` with the code, the last lines and the log path.
+    An exception raised by ``on_line``/``on_event`` (e.g. ComfyUI's interrupt) or a true
+    ``should_cancel()`` kills the process tree, then re-raises / raises
+    :class:`MusubiCancelled`. Files the run already wrote are kept and named in the log.
+    """
+    argv = [os.fspath(a) for a in argv]
+    if not argv:
+        raise ValueError("argv is empty: nothing to run")
+    log_file = None
+    log = Path(log_path) if log_path is not None else None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log, "w", encoding="utf-8", errors="replace")  # noqa: SIM115 - closed in finally
+        log_file.write(f"$ {format_command(argv)}\n(cwd: {os.fspath(cwd)})\n")
+        log_file.flush()
+    state = ProgressState()
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    lines: queue.Queue = queue.Queue()
+    logger.info("%s: running %s", what, format_command(argv))
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=os.fspath(cwd),
+            env=subprocess_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            **_popen_kwargs(),
+        )
+    except OSError as exc:
+        if log_file is not None:
+            log_file.close()
+        raise MusubiRunError(
+            f"{what}: could not start {argv[0]!r}: {exc}. Check the Python interpreter set in MusubiTuner_Environment.",
+            returncode=None,
+            tail=[],
+            log_path=log,
+        ) from exc
+    reader = threading.Thread(target=_split_lines, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    finished = False
+    last_written_step = None
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=poll_s)
+            except queue.Empty:
+                line = ""
+                if proc.poll() is not None and not IS_WINDOWS and group_alive(proc.pid):
+                    # The script exited but a leftover child (e.g. a dataloader worker) keeps
+                    # the pipe open: end it, so the reader sees EOF.
+                    kill_process_tree(proc, grace_s)
+            if line is None:
+                break
+            if line:
+                event = state.feed(line)
+                # Every tqdm redraw is a line; the log keeps one line per step, not per redraw.
+                is_redraw = event is not None and event.kind in ("steps", "count")
+                if not is_redraw or event.step != last_written_step:
+                    tail.append(line)
+                    if log_file is not None:
+                        log_file.write(line + "\n")
+                        log_file.flush()
+                if is_redraw:
+                    last_written_step = event.step
+                if on_line is not None:
+                    on_line(line)
+                if event is not None and on_event is not None:
+                    on_event(event, state)
+            if should_cancel is not None and should_cancel():
+                raise MusubiCancelled(f"{what} was cancelled")
+        proc.wait()
+        reader.join(timeout=5)
+        finished = True
+    except BaseException as exc:
+        kill_process_tree(proc, grace_s)
+        # Keep what the run printed before it died (e.g. a "saving checkpoint" line still queued).
+        reader.join(timeout=2)
+        while True:
+            try:
+                line = lines.get_nowait()
+            except queue.Empty:
+                break
+            if line:
+                state.feed(line)
+                tail.append(line)
+                if log_file is not None:
+                    log_file.write(line + "\n")
+        saved = [p for p in state.kept_checkpoints if Path(p).exists()]
+        where = f" Files it already saved: {', '.join(saved)}." if saved else ""
+        msg = f"{what} stopped ({type(exc).__name__}); the process tree was killed.{where}"
+        if log is not None:
+            msg += f" Log: {log}"
+        logger.warning("%s", msg)
+        if log_file is not None:
+            log_file.write(f"\n[speedkit] {msg}\n")
+        if isinstance(exc, MusubiCancelled):
+            raise MusubiCancelled(msg) from None
+        raise
+    finally:
+        if not finished and proc.poll() is None:
+            kill_process_tree(proc, grace_s)
+        elif not IS_WINDOWS and group_alive(proc.pid):
+            # The script exited but left children behind (e.g. dataloader workers).
+            kill_process_tree(proc, grace_s)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if log_file is not None:
+            log_file.close()
+
+    rc = proc.returncode
+    outputs = [Path(p) for p in expected_outputs]
+    missing = [p for p in outputs if not p.exists()]
+    if rc != 0 or missing:
+        saved = [p for p in state.kept_checkpoints if Path(p).exists()]
+        why = (
+            f"exited with code {rc}"
+            if rc != 0
+            else f"exited with code 0 but did not write {', '.join(map(str, missing))}"
+        )
+        msg = [f"{what} {why}."]
+        if saved:
+            msg.append(f"Checkpoints it saved before stopping: {', '.join(saved)}")
+        msg.append(f"Last {len(tail)} lines of output:")
+        msg.extend(tail)
+        if log is not None:
+            msg.append(f"Full log: {log}")
+        raise MusubiRunError("\n".join(msg), returncode=rc, tail=list(tail), log_path=log)
+    logger.info("%s finished (%s)", what, state.summary() or "done")
+    return RunResult(returncode=rc, log_path=log, state=state, tail=list(tail), outputs=outputs)

@@ -1,0 +1,213 @@
+"""Fake musubi-tuner script: prints musubi's real output formats and writes its files.
+
+Copied under each real script name (``wan_train_network.py``, ``cache_latents.py`` ...) into
+a temporary ``src/musubi_tuner/`` by :func:`fake_musubi.fakeroot.make_fake_root`; the
+behaviour follows the script name. Environment switches for the tests:
+
+- ``FAKE_MUSUBI_MODE``: ``ok`` (default), ``fail`` (exit with ``FAKE_MUSUBI_EXIT`` after a
+  traceback, default 1), ``no_output`` (exit 0 without the final file), ``hang`` (print a
+  few steps, then sleep forever, ignoring SIGTERM when ``FAKE_MUSUBI_IGNORE_TERM=1``).
+- ``FAKE_MUSUBI_CHILD=1``: spawn a sleeping child process (like dataloader workers).
+- ``FAKE_MUSUBI_PIDFILE``: append this process's (and the child's) pid, one per line.
+- ``FAKE_MUSUBI_STEPS_PER_EPOCH`` (default 4), ``FAKE_MUSUBI_STEP_SLEEP`` seconds (default 0).
+- ``FAKE_MUSUBI_ARGV``: write the received argv (JSON) to this file.
+"""
+
+import argparse
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+SCRIPT = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+MODE = os.environ.get("FAKE_MUSUBI_MODE", "ok")
+
+
+def out(text):
+    """A stdout line, flushed (the real scripts use accelerator.print / logging)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def log_pid(pid):
+    path = os.environ.get("FAKE_MUSUBI_PIDFILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{pid}\n")
+
+
+def write_safetensors(path, keys):
+    """A tiny valid .safetensors file: every tensor F32 of shape [2, 2] (zeros)."""
+    header, offset = {"__metadata__": {"ss_network_module": "networks.lora"}}, 0
+    for key in keys:
+        header[key] = {
+            "dtype": "F32",
+            "shape": [2, 2] if not key.endswith(".alpha") else [],
+            "data_offsets": [offset, offset + (16 if not key.endswith(".alpha") else 4)],
+        }
+        offset = header[key]["data_offsets"][1]
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + b"\0" * offset)
+
+
+LORA_KEYS = [
+    f"lora_unet_blocks_0_self_attn_q.{suffix}" for suffix in ("lora_down.weight", "lora_up.weight", "alpha")
+] + [f"lora_unet_blocks_0_ffn_0.{suffix}" for suffix in ("lora_down.weight", "lora_up.weight", "alpha")]
+
+
+def tqdm_line(desc, n, total, postfix=""):
+    pct = int(100 * n / total) if total else 0
+    bar = "#" * (pct // 10) + " " * (10 - pct // 10)
+    extra = f", {postfix}" if postfix else ""
+    return f"{desc}: {pct:3d}%|{bar}| {n}/{total} [00:0{n % 10}<00:10,  1.44it/s{extra}]"
+
+
+def maybe_child():
+    if os.environ.get("FAKE_MUSUBI_CHILD") == "1":
+        child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
+        log_pid(child.pid)
+
+
+def hang():
+    if os.environ.get("FAKE_MUSUBI_IGNORE_TERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.stdout.write("waiting forever\n")
+    sys.stdout.flush()
+    while True:
+        time.sleep(0.5)
+
+
+def fail():
+    sys.stderr.write('Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n')
+    sys.stderr.write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
+    sys.stderr.flush()
+    sys.exit(int(os.environ.get("FAKE_MUSUBI_EXIT", "1")))
+
+
+def train(args):
+    epochs = args.max_train_epochs or 2
+    per_epoch = int(os.environ.get("FAKE_MUSUBI_STEPS_PER_EPOCH", "4"))
+    total = epochs * per_epoch
+    sleep = float(os.environ.get("FAKE_MUSUBI_STEP_SLEEP", "0"))
+    out("INFO:musubi_tuner.training.trainer_base:running training / 学習開始")
+    out(f"  total optimization steps / 学習ステップ数: {total}")
+    name = os.path.join(args.output_dir, args.output_name)
+    step, loss = 0, 0.5
+    for epoch in range(1, epochs + 1):
+        out(f"\nepoch {epoch}/{epochs}")
+        for _ in range(per_epoch):
+            step += 1
+            loss *= 0.9
+            sys.stderr.write("\r" + tqdm_line("steps", step, total, f"avr_loss={loss:.4f}"))
+            sys.stderr.flush()
+            if sleep:
+                time.sleep(sleep)
+            if MODE == "hang" and step >= 3:
+                sys.stderr.write("\n")
+                hang()
+            if MODE == "fail" and step >= 3:
+                sys.stderr.write("\n")
+                fail()
+        if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < epochs:
+            ckpt = f"{name}-{epoch:06d}.safetensors"
+            out(f"\nsaving checkpoint: {ckpt}")
+            write_safetensors(ckpt, LORA_KEYS)
+    sys.stderr.write("\n")
+    if MODE != "no_output":
+        write_safetensors(f"{name}.safetensors", LORA_KEYS)
+    sys.stderr.write("INFO:musubi_tuner.training.trainer_base:model saved.\n")
+    sys.stderr.flush()
+
+
+def cache(args):
+    for i in range(1, 4):
+        sys.stderr.write(f"\r{i}it [00:0{i},  2.00it/s]")
+        sys.stderr.flush()
+    sys.stderr.write("\n")
+    if MODE == "hang":
+        hang()
+    if MODE == "fail":
+        fail()
+
+
+def generate(args):
+    steps = args.infer_steps or 4
+    for i in range(1, steps + 1):
+        sys.stderr.write("\r" + tqdm_line("", i, steps))
+        sys.stderr.flush()
+    sys.stderr.write("\n")
+    if MODE == "fail":
+        fail()
+    from PIL import Image
+
+    w, h = args.video_size or (64, 48)
+    frames = args.video_length or 5
+    name = f"20260101000000_{args.seed if args.seed is not None else 0}"
+    if args.output_type in ("images", "both", "latent_images"):
+        folder = os.path.join(args.save_path, name)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(frames):
+            Image.new("RGB", (w, h), (i * 40 % 256, 80, 160)).save(os.path.join(folder, f"{name}_{i:03d}.png"))
+    if args.output_type in ("video", "both"):
+        with open(os.path.join(args.save_path, name + ".mp4"), "wb") as f:
+            f.write(b"\0\0\0\x18ftypmp42")
+    out(f"INFO:musubi_tuner:Saved to {args.save_path}")
+
+
+def copy_file(src, dst):
+    with open(src, "rb") as f:
+        data = f.read()
+    with open(dst, "wb") as f:
+        f.write(data)
+
+
+def main():
+    argv_file = os.environ.get("FAKE_MUSUBI_ARGV")
+    if argv_file:
+        with open(argv_file, "w") as f:
+            json.dump([SCRIPT, *sys.argv[1:]], f)
+    log_pid(os.getpid())
+    maybe_child()
+    p = argparse.ArgumentParser()
+    for flag in (
+        "--output_dir",
+        "--output_name",
+        "--save_path",
+        "--output_type",
+        "--input",
+        "--output",
+        "--save_merged_model",
+        "--output_file",
+    ):
+        p.add_argument(flag)
+    for flag in ("--max_train_epochs", "--save_every_n_epochs", "--infer_steps", "--video_length", "--seed"):
+        p.add_argument(flag, type=int)
+    p.add_argument("--video_size", type=int, nargs=2)
+    p.add_argument("--lora_weight", nargs="*")
+    args, _ = p.parse_known_args()
+    if SCRIPT.endswith("train_network"):
+        train(args)
+    elif "cache" in SCRIPT:
+        cache(args)
+    elif "generate" in SCRIPT:
+        generate(args)
+    elif SCRIPT == "convert_lora":
+        if MODE == "fail":
+            fail()
+        copy_file(args.input, args.output)
+    elif SCRIPT == "merge_lora":
+        write_safetensors(args.save_merged_model, ["blocks.0.self_attn.q.weight"])
+    elif SCRIPT == "lora_post_hoc_ema":
+        write_safetensors(args.output_file, LORA_KEYS)
+    else:
+        sys.exit(f"fake musubi: unknown script {SCRIPT}")
+
+
+if __name__ == "__main__":
+    main()
