@@ -1,0 +1,181 @@
+"""Prepared model copies and torch.compile results, kept in an explicit bounded cache.
+
+Why a cache at all: compiling RRDB for one shape takes tens of seconds, so the compiled
+function must survive between node runs. Why explicit: the cache is an object the caller
+owns (the node class holds one; the CLI makes its own), bounded in size, with ``clear()``;
+nothing is stored in module globals.
+
+Entries hold *our own copies* of the model's module (the spandrel descriptor ComfyUI
+passes around is shared and must never be cast or moved by us). Copies are parked on the
+CPU between runs so the GPU is free for other nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+COMPILE_MODES: tuple[str, ...] = ("default", "max-autotune-no-cudagraphs")
+"""torch.compile modes the engine uses (cudagraphs modes would pin every tile buffer)."""
+
+
+def model_fingerprint(module: torch.nn.Module, arch: str = "") -> str:
+    """Identity of a model's weights, cheap enough to compute on every run.
+
+    Hashes every tensor's name, shape and dtype plus an evenly strided sample of at most
+    64 of its values: two different checkpoints of one architecture differ in the sample,
+    and nothing depends on ``id()`` (which Python reuses after garbage collection).
+    """
+    h = hashlib.sha1(arch.encode())
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            flat = t.detach().reshape(-1)
+            if flat.numel() and flat.dtype.is_floating_point:
+                step = max(1, flat.numel() // 64)
+                h.update(flat[::step][:64].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """Where compiled kernels persist: ``$SPEEDKIT_CACHE_DIR`` or the user cache folder."""
+    env = os.environ.get("SPEEDKIT_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "comfyui-speedkit" / "inductor"
+
+
+def compile_unavailable_reason(device: torch.device) -> str | None:
+    """Why torch.compile cannot be used here, or None when it can."""
+    if device.type != "cuda":
+        return f"the device is {device.type}, compile is only used on CUDA"
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install triton)"
+    major, _minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return f"the GPU (compute capability {major}.x) is too old for triton"
+    return None
+
+
+@contextlib.contextmanager
+def inductor_cache_dir(path: Path) -> Iterator[None]:
+    """Point inductor's on-disk cache at ``path`` for the duration of a compiled call.
+
+    A user who set ``TORCHINDUCTOR_CACHE_DIR`` keeps their choice. The variable is
+    restored afterwards so other nodes are unaffected.
+    """
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
+@dataclass
+class _Entry:
+    module: torch.nn.Module
+    compiled: dict[tuple, Callable] = field(default_factory=dict)
+    compile_failed: str | None = None
+
+
+class ModelCache:
+    """Bounded LRU of prepared model copies (per fingerprint and dtype) and their
+    compiled forms (per input shape).
+
+    ``max_models`` copies are kept; the least recently used is dropped (with its
+    compiled graphs) when a new one is added. Thread-safe for concurrent lookups.
+    """
+
+    def __init__(self, max_models: int = 2, cache_dir: Path | None = None) -> None:
+        if max_models < 1:
+            raise ValueError(f"max_models must be >= 1, got {max_models}")
+        self.max_models = max_models
+        self.cache_dir = cache_dir or default_cache_dir()
+        self._entries: OrderedDict[tuple[str, torch.dtype], _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def module(self, source: torch.nn.Module, fingerprint: str, dtype: torch.dtype) -> torch.nn.Module:
+        """Our own eval-mode copy of ``source`` in ``dtype`` (``source`` is left untouched).
+
+        The copy lives on the CPU until the engine moves it; channels_last is applied on
+        the device (it is a no-op for parameters that are not 4-D).
+        """
+        return self._entry(source, fingerprint, dtype).module
+
+    def _entry(self, source: torch.nn.Module, fingerprint: str, dtype: torch.dtype) -> _Entry:
+        key = (fingerprint, dtype)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry
+        copy_ = copy.deepcopy(source).to(device="cpu", dtype=dtype).eval()
+        for p in copy_.parameters():
+            p.requires_grad_(False)
+        entry = _Entry(copy_)
+        with self._lock:
+            self._entries[key] = entry
+            while len(self._entries) > self.max_models:
+                dropped, _ = self._entries.popitem(last=False)
+                logger.info("upscale model cache full: dropped model %s (%s)", dropped[0], dropped[1])
+        return entry
+
+    def compiled(
+        self,
+        source: torch.nn.Module,
+        fingerprint: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        mode: str = "default",
+    ) -> Callable | None:
+        """The compiled callable of the copy for inputs of ``shape``, or None when
+        compiling failed before for this model (the caller then runs eager)."""
+        entry = self._entry(source, fingerprint, dtype)
+        if entry.compile_failed is not None:
+            return None
+        key = (tuple(shape), mode)
+        fn = entry.compiled.get(key)
+        if fn is None:
+            # dynamic=False: one static graph per tile shape; a run uses one shape.
+            fn = torch.compile(entry.module, mode=mode, dynamic=False, fullgraph=False)
+            entry.compiled[key] = fn
+        return fn
+
+    def mark_compile_failed(self, fingerprint: str, dtype: torch.dtype, reason: str) -> None:
+        entry = self._entries.get((fingerprint, dtype))
+        if entry is not None:
+            entry.compile_failed = reason
+            entry.compiled.clear()
+
+    def offload(self) -> None:
+        """Move every cached copy to the CPU (frees the GPU for other nodes)."""
+        with self._lock:
+            for entry in self._entries.values():
+                entry.module.to("cpu")

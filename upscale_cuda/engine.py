@@ -1,0 +1,514 @@
+"""The upscaling engine: a spandrel ``ImageModelDescriptor`` + an image batch -> upscaled batch.
+
+Contract (the same picture as ComfyUI's stock node and spandrel's ``__call__``):
+- inputs are padded bottom/right (reflect, then replicate) to the model's size
+  requirements and the padding is cropped from the output;
+- each model output is clamped per pixel to [0, 1]; nothing else touches values (no
+  rescaling by a max or by quantiles: that darkens frames and makes video flicker);
+- tiles are equal-shape windows blended with context margins and a linear cross-fade
+  (see :mod:`.planning`), so a local CNN gives the whole-image result.
+
+Speed comes from: reduced precision chosen per architecture, channels_last, whole frames
+or large tiles batched per call, optional torch.compile (one static shape per run),
+outputs assembled on the GPU and downloaded once per frame on a side stream.
+
+The shared descriptor is never modified: the engine runs its own copy of the module
+(see :class:`.cache.ModelCache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..torch_utils import dtype_name, free_memory_bytes, is_oom_error, pick_device, pick_dtype
+from .cache import COMPILE_MODES, ModelCache, compile_unavailable_reason, inductor_cache_dir, model_fingerprint
+from .host_io import ChunkReader, FrameWriter
+from .planning import (
+    MIN_TILE,
+    OPTIMIZATION_LEVELS,
+    ModelTraits,
+    TilePlan,
+    align_tile,
+    auto_overlap,
+    bytes_per_pixel,
+    choose_batch,
+    choose_tile,
+    plan_tiles,
+    tile_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS: tuple[str, ...] = ("auto", "fp16", "bf16", "fp32")
+# Local CNNs whose receptive field is the sum of their conv radii (no global pooling,
+# no attention across the image), so overlap can be made large enough for exact tiles.
+_LOCAL_ARCHES = {"Compact", "SPAN"}
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    """User choices. 0 means "automatic" for tile_size, overlap and batch_size."""
+
+    precision: str = "auto"
+    use_autocast: bool = True  # False = run fp32 whatever ``precision`` says (stock numerics)
+    tile_size: int = 0
+    overlap: int = 0
+    compile: bool = False
+    compile_mode: str = "default"
+    optimization_level: str = "balanced"
+    batch_size: int = 0
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: unknown value {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.optimization_level not in OPTIMIZATION_LEVELS:
+            raise ValueError(
+                f"optimization_level: unknown value {self.optimization_level!r}; "
+                f"choose one of {', '.join(OPTIMIZATION_LEVELS)}"
+            )
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode: unknown value {self.compile_mode!r}; choose one of {COMPILE_MODES}")
+        for name in ("tile_size", "overlap", "batch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0 (0 = automatic), got {getattr(self, name)}")
+
+
+@dataclass
+class RunReport:
+    """What a run did, for logs and the node's text output."""
+
+    arch: str
+    device: str
+    precision: str
+    backend: str
+    backend_reason: str
+    frames: int = 0
+    in_size: tuple[int, int] = (0, 0)
+    out_size: tuple[int, int] = (0, 0)
+    tile: str = ""
+    batch: int = 1
+    seconds: float = 0.0
+    redone_tiles: int = 0
+    oom_retries: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        per = self.seconds / max(self.frames, 1)
+        lines = [
+            f"{self.arch} x{self.out_size[1] // max(self.in_size[1], 1)} on {self.device}: "
+            f"{self.frames} frame(s) {self.in_size[1]}x{self.in_size[0]} -> {self.out_size[1]}x{self.out_size[0]}",
+            f"backend {self.backend} ({self.backend_reason}), precision {self.precision}",
+            f"tiles {self.tile}, batch {self.batch}",
+            f"{self.seconds:.3f} s total, {per * 1000:.1f} ms/frame, {self.frames / max(self.seconds, 1e-9):.2f} fps",
+        ]
+        if self.redone_tiles:
+            lines.append(f"{self.redone_tiles} tile(s) overflowed and were redone in a safer precision")
+        if self.oom_retries:
+            lines.append(f"{self.oom_retries} out-of-memory retries with smaller tiles")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def _is_image_descriptor(model: object) -> bool:
+    from spandrel import ImageModelDescriptor
+
+    return isinstance(model, ImageModelDescriptor)
+
+
+def model_traits(descriptor) -> ModelTraits:
+    """Read the tiling-relevant facts from a spandrel descriptor."""
+    req = descriptor.size_requirements
+    tiling = getattr(getattr(descriptor, "tiling", None), "name", "SUPPORTED").lower()
+    arch = descriptor.architecture.id if hasattr(descriptor, "architecture") else type(descriptor.model).__name__
+    rf = None
+    if arch in _LOCAL_ARCHES:
+        rf = sum(
+            (m.kernel_size[0] // 2) * m.dilation[0]
+            for m in descriptor.model.modules()
+            if isinstance(m, torch.nn.Conv2d)
+        )
+    return ModelTraits(
+        scale=int(descriptor.scale),
+        in_channels=int(descriptor.input_channels),
+        out_channels=int(descriptor.output_channels),
+        minimum=int(req.minimum),
+        multiple_of=int(req.multiple_of),
+        square=bool(req.square),
+        tiling=tiling,
+        arch=str(arch),
+        receptive_field=rf,
+    )
+
+
+def _pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """Bottom/right padding like spandrel: reflect as far as possible, replicate the rest."""
+    if not pad_h and not pad_w:
+        return x
+    h, w = x.shape[-2:]
+    rh, rw = min(pad_h, h - 1), min(pad_w, w - 1)
+    x = torch.nn.functional.pad(x, (0, rw, 0, rh), mode="reflect") if (rh or rw) else x
+    if pad_h - rh or pad_w - rw:
+        x = torch.nn.functional.pad(x, (0, pad_w - rw, 0, pad_h - rh), mode="replicate")
+    return x
+
+
+class Upscaler:
+    """Runs one spandrel image model over image batches.
+
+    Create one per node execution (cheap): the expensive parts (model copies, compiled
+    graphs) live in the :class:`ModelCache` passed in, which the caller keeps.
+    """
+
+    def __init__(
+        self,
+        descriptor,
+        options: UpscaleOptions | None = None,
+        device: torch.device | str | None = None,
+        cache: ModelCache | None = None,
+    ) -> None:
+        if not _is_image_descriptor(descriptor):
+            kind = type(descriptor).__name__
+            raise ValueError(
+                f"upscale_model: expected a single-image upscale model (spandrel ImageModelDescriptor), got {kind}; "
+                "inpainting/masked or multi-image models cannot be used here - load an SR model "
+                "(e.g. RealESRGAN_x4plus) with 'Load Upscale Model'"
+            )
+        self.options = options or UpscaleOptions()
+        self.options.validate()
+        self.descriptor = descriptor
+        self.traits = model_traits(descriptor)
+        if device is None and not torch.cuda.is_available():
+            logger.info("upscale: no CUDA device found, running on the CPU (much slower, same result)")
+        self.device = pick_device(device)
+        self.cache = cache if cache is not None else ModelCache(max_models=1)
+        requested = self.options.precision if self.options.use_autocast else "fp32"
+        if not self.options.use_autocast and self.options.precision not in ("auto", "fp32"):
+            logger.info("upscale: use_autocast is disabled, so precision %s is ignored (fp32)", self.options.precision)
+        self.dtype = pick_dtype(
+            requested,
+            self.device,
+            supports_half=bool(descriptor.supports_half),
+            supports_bfloat16=bool(descriptor.supports_bfloat16),
+        )
+        if self.dtype is torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("precision: bf16 was chosen but this GPU has no bf16 support; use auto, fp16 or fp32")
+        self._call_fn: Callable = getattr(descriptor, "_call_fn", None) or (lambda model, image: model(image))
+        self._fingerprint: str | None = None
+        self.backend, self.backend_reason = self._choose_backend()
+
+    # -- backend ------------------------------------------------------------------------
+    def _choose_backend(self) -> tuple[str, str]:
+        if not self.options.compile:
+            return "eager", "compile disabled"
+        reason = compile_unavailable_reason(self.device)
+        if reason is not None:
+            return "eager", f"compile unavailable: {reason}"
+        return f"compiled:{self.options.compile_mode}", f"torch.compile, inductor cache in {self.cache.cache_dir}"
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.descriptor.model, self.traits.arch)
+        return self._fingerprint
+
+    def _module(self, dtype: torch.dtype) -> torch.nn.Module:
+        module = self.cache.module(self.descriptor.model, self.fingerprint, dtype)
+        module.to(self.device)
+        if self.device.type == "cuda":
+            module.to(memory_format=torch.channels_last)
+        return module
+
+    # -- planning -----------------------------------------------------------------------
+    def memory_estimate(self, height: int, width: int) -> int:
+        """Device bytes a whole-frame pass would like: weights + activations + output.
+
+        Used to ask the host application to unload other models before we start; the
+        actual tile plan is then made from whatever is free.
+        """
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        weights = sum(p.numel() for p in self.descriptor.model.parameters()) * elem
+        s = self.traits.scale
+        act = height * width * bytes_per_pixel(self.traits, elem)
+        out = height * width * s * s * 4 * (self.traits.out_channels + 1)
+        return int(weights + act + out)
+
+    def plan(self, height: int, width: int, batch: int = 1) -> TilePlan:
+        """The tile plan a frame of ``height x width`` gets with the current options."""
+        opts, traits = self.options, self.traits
+        if opts.tile_size > 0:
+            floor = max(traits.minimum, 1)
+            if opts.tile_size < floor:
+                raise ValueError(
+                    f"tile_size: {opts.tile_size} is below the minimum {floor} px this {traits.arch} model accepts; "
+                    f"use 0 (auto) or at least {floor}"
+                )
+            tile = max(floor, (opts.tile_size // traits.multiple_of) * traits.multiple_of)
+            if traits.tiling == "internal":
+                logger.info("upscale: %s tiles internally, tile_size %d ignored", traits.arch, opts.tile_size)
+                tile = 0
+        else:
+            elem = torch.tensor([], dtype=self.dtype).element_size()
+            tile = choose_tile(
+                height, width, traits, elem, free_memory_bytes(self.device), opts.optimization_level, batch
+            )
+        overlap = opts.overlap if opts.overlap > 0 else auto_overlap(traits)
+        return plan_tiles(height, width, traits, tile, overlap)
+
+    # -- main entry ---------------------------------------------------------------------
+    def upscale(
+        self,
+        images: torch.Tensor,
+        out_device: torch.device | str = "cpu",
+        out_dtype: torch.dtype = torch.float32,
+        progress: Callable[[int, int], None] | None = None,
+        check_cancel: Callable[[], None] | None = None,
+    ) -> tuple[torch.Tensor, RunReport]:
+        """Upscale a ``[B, H, W, C]`` float batch in [0, 1]; returns ``([B, sH, sW, C], report)``.
+
+        ``progress(done, total)`` is called after each model call, ``check_cancel()``
+        before each (raise from it to stop; nothing is left on the GPU).
+        """
+        self._check_images(images)
+        b, h, w, _c = images.shape
+        s = self.traits.scale
+        report = RunReport(
+            arch=self.traits.arch,
+            device=str(self.device),
+            precision=dtype_name(self.dtype),
+            backend=self.backend,
+            backend_reason=self.backend_reason,
+            frames=b,
+            in_size=(h, w),
+            out_size=(h * s, w * s),
+        )
+        out = torch.empty((b, h * s, w * s, self.traits.out_channels), dtype=out_dtype, device=out_device)
+        start = time.perf_counter()
+        try:
+            with self._numerics():
+                self._run(images, out, report, progress, check_cancel)
+        finally:
+            # Leave the GPU to the next node: our copies go back to the CPU.
+            self.cache.offload()
+        report.seconds = time.perf_counter() - start
+        logger.info("upscale: %s", report.text().replace("\n", "; "))
+        return out, report
+
+    @contextlib.contextmanager
+    def _numerics(self):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            if self.device.type == "cuda":
+                # Scoped, not global: autotuned cuDNN algorithms for our (few) shapes.
+                stack.enter_context(
+                    torch.backends.cudnn.flags(
+                        enabled=True,
+                        benchmark=True,
+                        deterministic=torch.backends.cudnn.deterministic,
+                        allow_tf32=torch.backends.cudnn.allow_tf32,
+                    )
+                )
+                stack.enter_context(torch.cuda.device(self.device))
+            if self.backend.startswith("compiled"):
+                stack.enter_context(inductor_cache_dir(self.cache.cache_dir))
+            yield
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"image: expected an IMAGE tensor, got {type(images).__name__}")
+        if images.ndim != 4:
+            raise ValueError(
+                f"image: expected a [batch, height, width, channels] IMAGE, got shape {tuple(images.shape)}; "
+                "connect an IMAGE output (e.g. Load Image), not a MASK or LATENT"
+            )
+        if not images.dtype.is_floating_point:
+            raise ValueError(f"image: expected float values in [0, 1], got dtype {images.dtype}; convert with /255")
+        if images.shape[-1] != self.traits.in_channels:
+            raise ValueError(
+                f"image: this model takes {self.traits.in_channels}-channel images, got {images.shape[-1]} channels "
+                f"(shape {tuple(images.shape)}); "
+                + ("drop the alpha channel first" if images.shape[-1] == 4 else "convert the image to RGB first")
+            )
+        if images.numel() == 0:
+            raise ValueError(f"image: the batch is empty (shape {tuple(images.shape)})")
+
+    def _run(self, images, out, report: RunReport, progress, check_cancel) -> None:
+        b, h, w, _ = images.shape
+        plan = self.plan(h, w)
+        batch = self._batch_for(plan, b)
+        transfer = self.dtype if self.dtype is not torch.float32 else torch.float32
+        writer = FrameWriter(out, self.device, transfer_dtype=transfer)
+        reader = ChunkReader(images, self.device, self._to_model_input)
+        done_frames = 0
+        try:
+            while done_frames < b:
+                try:
+                    done_frames = self._frames(
+                        images, plan, batch, done_frames, reader, writer, report, progress, check_cancel
+                    )
+                except Exception as exc:
+                    if not is_oom_error(exc):
+                        raise
+                    plan, batch = self._shrink(plan, batch, exc)
+                    report.oom_retries += 1
+        finally:
+            writer.close()
+        report.tile = (
+            "whole frame" if plan.whole else f"{len(plan.tiles)} of {plan.tile_w}x{plan.tile_h}, overlap {plan.overlap}"
+        )
+        report.batch = batch
+
+    def _batch_for(self, plan: TilePlan, frames: int) -> int:
+        per_call = plan.tile_h * plan.tile_w
+        items = frames if plan.whole else len(plan.tiles)
+        batch = choose_batch(per_call, self.options.optimization_level, self.options.batch_size, items)
+        if self.options.batch_size == 0 and plan.whole and self.options.tile_size == 0 and batch > 1:
+            # Auto batching of whole frames must fit in memory too.
+            elem = torch.tensor([], dtype=self.dtype).element_size()
+            while batch > 1 and choose_tile(
+                plan.height, plan.width, self.traits, elem, free_memory_bytes(self.device),
+                self.options.optimization_level, batch,
+            ):  # fmt: skip
+                batch //= 2
+        return batch
+
+    def _shrink(self, plan: TilePlan, batch: int, exc: BaseException) -> tuple[TilePlan, int]:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if batch > 1:
+            logger.warning("upscale: out of memory with batch %d, retrying with batch 1", batch)
+            return plan, 1
+        current = max(plan.tile_h, plan.tile_w)
+        new_tile = align_tile(current // 2, self.traits)
+        if new_tile >= current or current // 2 < max(MIN_TILE, self.traits.minimum):
+            raise exc
+        logger.warning("upscale: out of memory with %d px tiles, retrying with %d px tiles", current, new_tile)
+        overlap = self.options.overlap if self.options.overlap > 0 else auto_overlap(self.traits)
+        return plan_tiles(plan.height, plan.width, self.traits, new_tile, overlap), 1
+
+    def _to_model_input(self, frames: torch.Tensor) -> torch.Tensor:
+        """``[n,H,W,C]`` device frames -> ``[n,C,H,W]`` in compute dtype and layout."""
+        x = frames.permute(0, 3, 1, 2).to(self.dtype)
+        if self.device.type == "cuda":
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+    # -- frame loop ---------------------------------------------------------------------
+    def _frames(self, images, plan, batch, start, reader, writer, report, progress, check_cancel) -> int:
+        """Process frames from ``start`` to the end; returns the number done (for OOM retry)."""
+        b = images.shape[0]
+        s = self.traits.scale
+        if plan.whole:
+            total = b
+            i = start
+            while i < b:
+                if check_cancel is not None:
+                    check_cancel()
+                j = min(i + batch, b)
+                nxt = (j, min(j + batch, b)) if j < b else None
+                x = reader.get(i, j, prefetch=nxt)
+                y = self._model_call(x, plan, report, index=i)
+                writer.put(i, y.permute(0, 2, 3, 1))
+                i = j
+                if progress is not None:
+                    progress(i, total)
+            return b
+        n_tiles = len(plan.tiles)
+        total = b * n_tiles
+        for f in range(start, b):
+            x = reader.get(f, f + 1, prefetch=(f + 1, f + 2) if f + 1 < b else None)[0]
+            acc = torch.zeros(
+                (self.traits.out_channels, plan.height * s, plan.width * s), device=self.device, dtype=torch.float32
+            )
+            wsum = torch.zeros((1, plan.height * s, plan.width * s), device=self.device, dtype=torch.float32)
+            for k in range(0, n_tiles, batch):
+                if check_cancel is not None:
+                    check_cancel()
+                group = plan.tiles[k : k + batch]
+                crops = torch.stack([x[:, t.y0 : t.y1, t.x0 : t.x1] for t in group])
+                if self.device.type == "cuda":
+                    crops = crops.contiguous(memory_format=torch.channels_last)
+                y = self._model_call(crops, plan, report, index=f)
+                for t, yt in zip(group, y, strict=True):
+                    wt = tile_weights(plan, t, s, device=self.device)
+                    ys, xs = slice(t.y0 * s, t.y1 * s), slice(t.x0 * s, t.x1 * s)
+                    acc[:, ys, xs].addcmul_(yt.float(), wt)
+                    wsum[:, ys, xs].add_(wt)
+                if progress is not None:
+                    progress(f * n_tiles + min(k + batch, n_tiles), total)
+            frame = acc.div_(wsum).permute(1, 2, 0).unsqueeze(0)
+            writer.put(f, frame)
+        return b
+
+    def _model_call(self, x: torch.Tensor, plan: TilePlan, report: RunReport, index: int) -> torch.Tensor:
+        """Pad, run, check for overflow, clamp and crop one batch of tiles/frames."""
+        h, w = x.shape[-2:]
+        xp = _pad(x, plan.pad_h, plan.pad_w)
+        y = self._forward(xp, self.dtype)
+        bad = ~torch.isfinite(y).flatten(1).all(dim=1)
+        # One host sync per call for both checks.
+        bad_in, any_bad = torch.stack([~torch.isfinite(x).all(), bad.any()]).tolist()
+        if bad_in:
+            raise ValueError(
+                f"image: frame {index} holds NaN or Inf values; the node that produced it overflowed - "
+                "fix that node or run it in fp32"
+            )
+        if any_bad:
+            y = self._redo_overflow(xp, y, bad, report, index)
+        s = self.traits.scale
+        return y.clamp_(0.0, 1.0)[..., : h * s, : w * s]
+
+    def _redo_overflow(self, xp, y, bad, report: RunReport, index: int) -> torch.Tensor:
+        safe = self._safe_dtype()
+        if safe is None:
+            logger.warning("upscale: the model produced NaN/Inf in fp32 at frame %d; those pixels clamp to 0/1", index)
+            return torch.nan_to_num(y, nan=0.0, posinf=1.0, neginf=0.0)
+        idx = bad.nonzero().flatten()
+        logger.warning(
+            "upscale: %s overflowed in %s at frame %d (%d tile(s)); redoing them in %s",
+            self.traits.arch,
+            dtype_name(self.dtype),
+            index,
+            len(idx),
+            dtype_name(safe),
+        )
+        redo = self._forward(xp[idx].to(safe), safe, eager=True)
+        # A finite result that is too large for fp16 becomes +-inf here, which the clamp
+        # that follows maps to the same 1/0 the finite value would give.
+        y[idx] = redo.to(y.dtype)
+        report.redone_tiles += len(idx)
+        return y
+
+    def _safe_dtype(self) -> torch.dtype | None:
+        if self.dtype is torch.float16:
+            if self.descriptor.supports_bfloat16 and (self.device.type != "cuda" or torch.cuda.is_bf16_supported()):
+                return torch.bfloat16
+            return torch.float32
+        if self.dtype is torch.bfloat16:
+            return torch.float32
+        return None
+
+    def _forward(self, x: torch.Tensor, dtype: torch.dtype, eager: bool = False) -> torch.Tensor:
+        module = self._module(dtype)
+        if eager or dtype is not self.dtype or not self.backend.startswith("compiled"):
+            return self._call_fn(module, x)
+        fn = self.cache.compiled(
+            self.descriptor.model, self.fingerprint, dtype, tuple(x.shape), self.options.compile_mode
+        )
+        if fn is None:
+            return self._call_fn(module, x)
+        try:
+            return self._call_fn(fn, x)
+        except Exception as exc:
+            if is_oom_error(exc) or isinstance(exc, ValueError):
+                raise
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            logger.warning("upscale: torch.compile failed (%s); falling back to eager for this model", reason)
+            self.cache.mark_compile_failed(self.fingerprint, dtype, reason)
+            self.backend, self.backend_reason = "eager", f"compile failed: {reason}"
+            return self._call_fn(module, x)
