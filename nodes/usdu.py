@@ -1,7 +1,585 @@
-"""ComfyUI adapter for usdu/ (nodes land here as the capability is built)."""
+"""ComfyUI adapter for usdu/: the three Ultimate SD Upscale nodes.
+
+The tiling, masks, compositing, seeds and conditioning crops live in ``usdu/`` (no
+ComfyUI import). This module only turns ComfyUI objects into the two functions the core
+needs: ``process`` (VAE encode -> sampler -> VAE decode for a batch of tiles) and
+``model_fn`` (the optional upscale model), and reports progress / honours Cancel.
+
+Nothing here touches ``sys.modules``, ``sys.path`` or module-level state; the MODEL is
+only handed to ``comfy.sample``, so wrapper-style diffusion models (Nunchaku) work.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
+import torch
 from comfy_api.latest import io
 
-NODES: list[type[io.ComfyNode]] = []
+from .. import torch_utils
+from ..usdu import cond as usdu_cond
+from ..usdu import pipeline, planner, runner, upscale
+from .comfy_bridge import progress_bar, throw_if_interrupted, to_intermediate
+
+logger = logging.getLogger(__name__)
+
+MAX_RESOLUTION = 8192
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+DECODE_TILE = 512
+"""Pixel tile of ``tiled_decode`` (the upstream node's fixed value)."""
+
+
+# ---------------------------------------------------------------------------
+# Schema (same names, defaults and ranges as the upstream node, plus ours)
+# ---------------------------------------------------------------------------
+
+
+def _sampler_names() -> list[str]:
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+def _scheduler_names() -> list[str]:
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def _inputs(kind: str) -> list:
+    """Inputs in upstream order. ``kind``: ``main``, ``no_upscale`` or ``custom``."""
+    image_name = "upscaled_image" if kind == "no_upscale" else "image"
+    inputs: list = [
+        io.Image.Input(
+            image_name,
+            tooltip="The image to upscale and redraw (any batch size; every image gets the same tiles).",
+        ),
+        io.Model.Input(
+            "model",
+            tooltip="The diffusion model that redraws each tile (SD1.5, SDXL, Flux, Nunchaku, ...).",
+        ),
+        io.Conditioning.Input(
+            "positive",
+            tooltip="Positive prompt for the whole picture; areas, masks, ControlNet hints and GLIGEN "
+            "boxes are cropped to each tile.",
+        ),
+        io.Conditioning.Input("negative", tooltip="Negative prompt, cropped to each tile like positive."),
+        io.Vae.Input("vae", tooltip="The VAE that encodes and decodes the tiles."),
+    ]
+    if kind != "no_upscale":
+        inputs.append(
+            io.Float.Input(
+                "upscale_by",
+                default=2.0,
+                min=0.05,
+                max=4.0,
+                step=0.05,
+                tooltip="Output size = input size x this (each side rounded to a multiple of 8 px). "
+                "1.0 keeps the size and only redraws.",
+            )
+        )
+    inputs += [
+        io.Int.Input(
+            "seed",
+            default=0,
+            min=0,
+            max=SEED_MAX,
+            control_after_generate=True,
+            tooltip="Noise seed. With tile_seed 'per tile', tile i uses seed + i.",
+        ),
+        io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps per tile."),
+        io.Float.Input(
+            "cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale."
+        ),
+        io.Combo.Input("sampler_name", options=_sampler_names(), tooltip="Sampler for every tile."),
+        io.Combo.Input("scheduler", options=_scheduler_names(), tooltip="Noise schedule for every tile."),
+        io.Float.Input(
+            "denoise",
+            default=0.2,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="How much each tile is redrawn: 0 = not at all (the redraw pass is skipped), "
+            "1 = from pure noise. 0.2-0.4 adds detail while keeping the picture."
+            + (
+                " CustomSample: ignored when custom_sampler and custom_sigmas are connected."
+                if kind == "custom"
+                else ""
+            ),
+        ),
+    ]
+    if kind == "main":
+        inputs.append(
+            io.UpscaleModel.Input(
+                "upscale_model",
+                tooltip="Super-resolution model applied before tiling (then Lanczos to the exact size).",
+            )
+        )
+    inputs += [
+        io.Combo.Input(
+            "mode_type",
+            options=list(planner.MODE_TYPES),
+            default="Linear",
+            tooltip="Tile order of the redraw: Linear = row by row, Chess = checkerboard (every other "
+            "tile first), None = no redraw (only upscale and seam fix).",
+        ),
+        io.Int.Input("tile_width", default=512, min=64, max=MAX_RESOLUTION, step=8, tooltip="Tile width in pixels."),
+        io.Int.Input("tile_height", default=512, min=64, max=MAX_RESOLUTION, step=8, tooltip="Tile height in pixels."),
+        io.Int.Input(
+            "mask_blur",
+            default=8,
+            min=0,
+            max=64,
+            step=1,
+            tooltip="Feather of each tile's edges (Gaussian sigma, pixels); 0 = hard edges.",
+        ),
+        io.Int.Input(
+            "tile_padding",
+            default=32,
+            min=0,
+            max=MAX_RESOLUTION,
+            step=8,
+            tooltip="Context pixels around each tile that the model sees but that are not kept.",
+        ),
+        io.Combo.Input(
+            "seam_fix_mode",
+            options=list(planner.SEAM_FIX_MODES),
+            default="None",
+            tooltip="Extra pass over tile borders: Band Pass = a narrow band along each border, Half Tile "
+            "= a tile centred on each border, + Intersections = also each grid corner. None = off.",
+        ),
+        io.Float.Input(
+            "seam_fix_denoise",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Denoise of the seam-fix passes (really applied, unlike upstream); 0 = skip them."
+            + (" With custom sigmas: the fraction of the last steps used." if kind == "custom" else ""),
+        ),
+        io.Int.Input(
+            "seam_fix_width",
+            default=64,
+            min=0,
+            max=MAX_RESOLUTION,
+            step=8,
+            tooltip="Band Pass only: width of the band along each border, pixels.",
+        ),
+        io.Int.Input(
+            "seam_fix_mask_blur",
+            default=8,
+            min=0,
+            max=64,
+            step=1,
+            tooltip="Feather of the seam-fix masks' straight edges (Gaussian sigma, pixels).",
+        ),
+        io.Int.Input(
+            "seam_fix_padding",
+            default=16,
+            min=0,
+            max=MAX_RESOLUTION,
+            step=8,
+            tooltip="Context pixels around each seam-fix tile.",
+        ),
+        io.Boolean.Input(
+            "force_uniform_tiles",
+            default=True,
+            tooltip="All tiles of a pass get one size (tile + 2 x padding; shifted inward at the borders) "
+            "at 1:1 scale. Off: each tile is only as large as its padded area.",
+        ),
+        io.Boolean.Input(
+            "tiled_decode",
+            default=False,
+            tooltip="Decode tiles with ComfyUI's tiled VAE decode (512 px): less VRAM, slower. Decoding "
+            "falls back to it on out-of-memory anyway.",
+        ),
+        io.Int.Input(
+            "batch_size",
+            default=1,
+            min=1,
+            max=4096,
+            step=1,
+            tooltip="Tiles per sampler call. Higher is faster on large GPUs and uses more VRAM; tiles in "
+            "one batch are cut from the picture before any of them is pasted back.",
+        ),
+    ]
+    if kind == "custom":
+        inputs += [
+            io.UpscaleModel.Input(
+                "upscale_model",
+                optional=True,
+                tooltip="Super-resolution model; when not connected the image is scaled with Lanczos.",
+            ),
+            io.Sampler.Input(
+                "custom_sampler",
+                optional=True,
+                tooltip="Sampler object (SAMPLER) used instead of sampler_name; needs custom_sigmas too.",
+            ),
+            io.Sigmas.Input(
+                "custom_sigmas",
+                optional=True,
+                tooltip="Noise schedule (SIGMAS) for the redraw; needs custom_sampler too.",
+            ),
+        ]
+    inputs += [
+        io.Combo.Input(
+            "normalize",
+            options=list(torch_utils.NORMALIZE_MODES),
+            default=torch_utils.NORMALIZE_MODES[0],
+            tooltip="Range fix before tiling (the Nunchaku washed-out fix): minmax = stretch the batch to "
+            "0..1; minmax per image; percentile = 0.5/99.5 percentiles to 0/1 (ignores outlier pixels); "
+            "off = unchanged.",
+        ),
+        io.Combo.Input(
+            "tile_seed",
+            options=list(runner.TILE_SEED_MODES),
+            default="same",
+            tooltip="same = every tile uses seed (upstream behaviour); per tile = tile i uses seed + i, "
+            "so no noise pattern repeats from tile to tile.",
+        ),
+    ]
+    return inputs
+
+
+# ---------------------------------------------------------------------------
+# ComfyUI plumbing: the two functions the core calls
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Sampling:
+    model: object
+    vae: object
+    positive: list
+    negative: list
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    tiled_decode: bool
+    custom_sampler: object = None
+    custom_sigmas: torch.Tensor | None = None
+    redraw_denoise: float = 1.0
+
+
+def _tile_noise(latent: torch.Tensor, seeds: list[int], images: int) -> torch.Tensor:
+    """CPU fp32 noise like ComfyUI's ``prepare_noise``, one seed per tile, from a private
+    generator (the global torch RNG is left alone)."""
+    chunks = []
+    for k, seed in enumerate(seeds):
+        part = latent[k * images : (k + 1) * images]
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        chunks.append(torch.randn(part.shape, dtype=torch.float32, layout=part.layout, generator=gen, device="cpu"))
+    return torch.cat(chunks, dim=0)
+
+
+def _shorten_sigmas(sigmas: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The last ``fraction`` of a custom schedule's steps (a denoise for SIGMAS)."""
+    if fraction >= 1.0:
+        return sigmas
+    steps = sigmas.shape[-1] - 1
+    keep = max(1, round(steps * fraction))
+    return sigmas[-(keep + 1) :]
+
+
+def _decode(vae, samples: torch.Tensor, tiled: bool) -> torch.Tensor:
+    tile = DECODE_TILE // 8
+    if not tiled:
+        try:
+            return vae.decode(samples)
+        except Exception as exc:  # noqa: BLE001 - only OOM falls back; everything else is re-raised
+            if not torch_utils.is_oom_error(exc):
+                raise
+            logger.warning("USDU: VAE decode ran out of memory; using tiled decode")
+    return vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=tile // 8)
+
+
+def _make_process(s: _Sampling, canvas_w: int, canvas_h: int, source_w: int, source_h: int, factor: int):
+    import comfy.sample
+
+    single = usdu_cond.needs_single_tiles(s.positive) or usdu_cond.needs_single_tiles(s.negative)
+
+    def cancel_callback(*_args) -> None:
+        throw_if_interrupted()
+
+    def process(batch: runner.TileBatch) -> torch.Tensor:
+        images = batch.images
+        if single and len(batch.jobs) > 1:
+            parts = []
+            for k, job in enumerate(batch.jobs):
+                sub = runner.TileBatch(
+                    [job],
+                    batch.pixels[k * images : (k + 1) * images],
+                    [batch.seeds[k]],
+                    batch.denoise,
+                    batch.pass_name,
+                    images,
+                )
+                parts.append(process(sub))
+            return torch.cat(parts, dim=0)
+        th, tw = batch.pixels.shape[1:3]
+        geoms = [
+            usdu_cond.TileGeometry(job.crop, canvas_w, canvas_h, source_w, source_h, tw, th, factor)
+            for job in batch.jobs
+        ]
+        positive = usdu_cond.crop_conditioning(s.positive, geoms, images)
+        negative = usdu_cond.crop_conditioning(s.negative, geoms, images)
+        latent = s.vae.encode(batch.pixels[..., :3])
+        latent = comfy.sample.fix_empty_latent_channels(s.model, latent)
+        noise = _tile_noise(latent, batch.seeds, images)
+        if s.custom_sampler is not None and s.custom_sigmas is not None:
+            fraction = 1.0 if batch.pass_name == "redraw" else batch.denoise
+            samples = comfy.sample.sample_custom(
+                s.model,
+                noise,
+                s.cfg,
+                s.custom_sampler,
+                _shorten_sigmas(s.custom_sigmas, fraction),
+                positive,
+                negative,
+                latent,
+                callback=cancel_callback,
+                disable_pbar=True,
+                seed=batch.seeds[0],
+            )
+        else:
+            samples = comfy.sample.sample(
+                s.model,
+                noise,
+                s.steps,
+                s.cfg,
+                s.sampler_name,
+                s.scheduler,
+                positive,
+                negative,
+                latent,
+                denoise=batch.denoise,
+                callback=cancel_callback,
+                disable_pbar=True,
+                seed=batch.seeds[0],
+            )
+        decoded = _decode(s.vae, samples, s.tiled_decode)
+        return decoded[..., :3].to(device=batch.pixels.device, dtype=torch.float32)
+
+    return process
+
+
+def _make_model_fn(upscale_model):
+    """``[B,H,W,C] -> [B,H*s,W*s,C]`` with a spandrel model on ComfyUI's device, in fp16
+    where the architecture allows (fp32 retry if fp16 overflows); the model's device and
+    dtype are restored afterwards (it is shared with other nodes)."""
+    import comfy.model_management as mm
+
+    def run(image: torch.Tensor) -> torch.Tensor:
+        device = mm.get_torch_device()
+        inner = upscale_model.model
+        first = next(inner.parameters(), None)
+        orig_dtype = first.dtype if first is not None else torch.float32
+        orig_device = first.device if first is not None else torch.device("cpu")
+        scale = int(upscale_model.scale)
+        size = sum(p.numel() * p.element_size() for p in inner.parameters())
+        mm.free_memory(size + 512 * 512 * 3 * 4 * max(scale, 1) * 384 + image.nelement() * 4, device)
+        half = device.type == "cuda" and getattr(upscale_model, "supports_half", False)
+        dtypes = [torch.float16, torch.float32] if half else [torch.float32]
+        try:
+            for dtype in dtypes:
+                inner.to(device=device, dtype=dtype)
+
+                def call(x: torch.Tensor, dtype=dtype) -> torch.Tensor:
+                    return upscale_model(x.to(device=device, dtype=dtype)).float()
+
+                out = upscale.model_upscale(image.to(device), call, scale, check_cancel=throw_if_interrupted)
+                if bool(torch.isfinite(out).all()) or dtype is dtypes[-1]:
+                    return out
+                logger.warning("USDU: the upscale model overflowed in fp16; running it again in fp32")
+        finally:
+            inner.to(device=orig_device, dtype=orig_dtype)
+        raise AssertionError("unreachable")
+
+    return run
+
+
+def _execute(
+    *,
+    image,
+    model,
+    positive,
+    negative,
+    vae,
+    upscale_by: float,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    denoise: float,
+    upscale_model,
+    mode_type: str,
+    tile_width: int,
+    tile_height: int,
+    mask_blur: int,
+    tile_padding: int,
+    seam_fix_mode: str,
+    seam_fix_denoise: float,
+    seam_fix_width: int,
+    seam_fix_mask_blur: int,
+    seam_fix_padding: int,
+    force_uniform_tiles: bool,
+    tiled_decode: bool,
+    batch_size: int,
+    normalize: str,
+    tile_seed: str,
+    custom_sampler=None,
+    custom_sigmas=None,
+) -> io.NodeOutput:
+    import comfy.model_management as mm
+
+    if vae is None:
+        raise ValueError("vae: no VAE connected; connect the VAE that matches the model (e.g. from Load Checkpoint)")
+    if model is None:
+        raise ValueError("model: no MODEL connected; connect a diffusion model")
+    torch_utils.check_image(image, "image", channels=(3,))
+    images = image.shape[0]
+    for name, c in (("positive", positive), ("negative", negative)):
+        if not isinstance(c, list):
+            raise ValueError(f"{name}: expected a CONDITIONING, got {type(c).__name__}")
+        usdu_cond.check_batch(c, images, name)
+    if (custom_sampler is None) != (custom_sigmas is None):
+        logger.warning("USDU: custom_sampler and custom_sigmas must both be connected; using sampler_name/steps")
+        custom_sampler = custom_sigmas = None
+
+    settings = pipeline.UsduSettings(
+        plan=planner.PlanSettings(
+            tile_width=tile_width,
+            tile_height=tile_height,
+            padding=tile_padding,
+            mask_blur=mask_blur,
+            mode_type=mode_type,
+            denoise=denoise if custom_sigmas is None else 1.0,
+            seam_fix_mode=seam_fix_mode,
+            seam_fix_denoise=seam_fix_denoise,
+            seam_fix_width=seam_fix_width,
+            seam_fix_mask_blur=seam_fix_mask_blur,
+            seam_fix_padding=seam_fix_padding,
+            force_uniform_tiles=force_uniform_tiles,
+        ),
+        upscale_by=upscale_by,
+        normalize=normalize,
+        seed=seed,
+        tile_seed=tile_seed,
+        batch_size=batch_size,
+    )
+    factor = int(vae.spacial_compression_encode()) if hasattr(vae, "spacial_compression_encode") else 8
+    source_h, source_w = image.shape[1:3]
+    device = mm.get_torch_device()
+    sampling = _Sampling(
+        model, vae, positive, negative, steps, cfg, sampler_name, scheduler, tiled_decode, custom_sampler, custom_sigmas
+    )
+    state: dict = {}
+
+    def on_canvas(canvas: torch.Tensor) -> None:
+        ch, cw = canvas.shape[1:3]
+        state["process"] = _make_process(sampling, cw, ch, source_w, source_h, factor)
+        passes = planner.plan(cw, ch, settings.plan)
+        state["pbar"] = progress_bar(max(runner.count_batches(passes, batch_size), 1))
+
+    def process(batch: runner.TileBatch) -> torch.Tensor:
+        return state["process"](batch)
+
+    def on_batch_done(done: int, total: int) -> None:
+        state["pbar"].update_absolute(done, total)
+
+    model_fn = _make_model_fn(upscale_model) if upscale_model is not None else None
+    out = pipeline.upscale_then_redraw(
+        image,
+        settings,
+        process,
+        model_fn=model_fn,
+        device=device,
+        multiple=factor,
+        check_cancel=throw_if_interrupted,
+        on_batch_done=on_batch_done,
+        on_canvas=on_canvas,
+    )
+    return io.NodeOutput(to_intermediate(out))
+
+
+# ---------------------------------------------------------------------------
+# Nodes
+# ---------------------------------------------------------------------------
+
+_DESCRIPTION = (
+    "Tiled img2img upscaler (Ultimate SD Upscale) written for Nunchaku and every other model: "
+    "normalizes the image range first (fixes washed-out Nunchaku output), upscales, then redraws the "
+    "picture tile by tile with feathered float blending, per-tile conditioning crops and optional "
+    "seam fixing. Same inputs as ssitu's node, plus normalize and tile_seed; no sys.modules tricks."
+)
+
+
+class UltimateSDUpscale(io.ComfyNode):
+    """Upscale (model + Lanczos), then redraw tile by tile."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SpeedKit_UltimateSDUpscale",
+            display_name="Ultimate SD Upscale (Nunchaku)",
+            category="SpeedKit/upscaling",
+            description=_DESCRIPTION,
+            inputs=_inputs("main"),
+            outputs=[io.Image.Output(tooltip="The upscaled, redrawn image, values in [0, 1].")],
+        )
+
+    @classmethod
+    def execute(cls, image, **kwargs) -> io.NodeOutput:
+        return _execute(image=image, **kwargs)
+
+
+class UltimateSDUpscaleNoUpscale(io.ComfyNode):
+    """Redraw an already upscaled image tile by tile (no resize)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SpeedKit_UltimateSDUpscaleNoUpscale",
+            display_name="Ultimate SD Upscale (Nunchaku, No Upscale)",
+            category="SpeedKit/upscaling",
+            description=_DESCRIPTION + " This variant keeps the input size and only redraws.",
+            inputs=_inputs("no_upscale"),
+            outputs=[io.Image.Output(tooltip="The redrawn image, same size as upscaled_image, values in [0, 1].")],
+        )
+
+    @classmethod
+    def execute(cls, upscaled_image, **kwargs) -> io.NodeOutput:
+        return _execute(image=upscaled_image, upscale_by=1.0, upscale_model=None, **kwargs)
+
+
+class UltimateSDUpscaleCustomSample(io.ComfyNode):
+    """Like the main node with SAMPLER + SIGMAS and an optional upscale model."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SpeedKit_UltimateSDUpscaleCustomSample",
+            display_name="Ultimate SD Upscale (Nunchaku, Custom Sample)",
+            category="SpeedKit/upscaling",
+            description=_DESCRIPTION
+            + " This variant takes a SAMPLER and SIGMAS (both needed) and an optional upscale model "
+            "(Lanczos when absent).",
+            inputs=_inputs("custom"),
+            outputs=[io.Image.Output(tooltip="The upscaled, redrawn image, values in [0, 1].")],
+        )
+
+    @classmethod
+    def execute(cls, image, upscale_model=None, custom_sampler=None, custom_sigmas=None, **kwargs) -> io.NodeOutput:
+        return _execute(
+            image=image,
+            upscale_model=upscale_model,
+            custom_sampler=custom_sampler,
+            custom_sigmas=custom_sigmas,
+            **kwargs,
+        )
+
+
+NODES: list[type[io.ComfyNode]] = [UltimateSDUpscale, UltimateSDUpscaleNoUpscale, UltimateSDUpscaleCustomSample]

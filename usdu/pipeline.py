@@ -1,0 +1,146 @@
+"""Ultimate SD Upscale end to end, with the model-specific parts passed in as functions.
+
+``upscale_then_redraw`` = normalise the range -> scale to the canvas (upscale model if
+given, then Lanczos to the exact size) -> plan tiles -> :func:`runner.run_passes`.
+The ComfyUI adapter supplies ``process`` (VAE + sampler) and ``model_fn`` (the upscale
+model); tests supply plain tensor functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import torch_utils
+from . import planner, runner, upscale
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UsduSettings:
+    """Every knob of the node that is not a ComfyUI object."""
+
+    plan: planner.PlanSettings
+    upscale_by: float = 2.0
+    normalize: str = "minmax"
+    seed: int = 0
+    tile_seed: str = "same"
+    batch_size: int = 1
+
+
+def validate(settings: UsduSettings, canvas_w: int, canvas_h: int) -> None:
+    """Raise ``ValueError`` (naming the input, value, limit and fix) for settings the
+    canvas cannot honour."""
+    p = settings.plan
+    if p.mode_type not in planner.MODE_TYPES:
+        raise ValueError(f"mode_type: unknown value {p.mode_type!r}; choose one of {', '.join(planner.MODE_TYPES)}")
+    if p.seam_fix_mode not in planner.SEAM_FIX_MODES:
+        raise ValueError(
+            f"seam_fix_mode: unknown value {p.seam_fix_mode!r}; choose one of {', '.join(planner.SEAM_FIX_MODES)}"
+        )
+    if settings.tile_seed not in runner.TILE_SEED_MODES:
+        raise ValueError(
+            f"tile_seed: unknown value {settings.tile_seed!r}; choose one of {', '.join(runner.TILE_SEED_MODES)}"
+        )
+    if settings.normalize not in torch_utils.NORMALIZE_MODES:
+        raise ValueError(
+            f"normalize: unknown value {settings.normalize!r}; choose one of {', '.join(torch_utils.NORMALIZE_MODES)}"
+        )
+    for name, value, lo in (
+        ("tile_width", p.tile_width, 8),
+        ("tile_height", p.tile_height, 8),
+        ("batch_size", settings.batch_size, 1),
+    ):
+        if value < lo:
+            raise ValueError(f"{name}: {value} is below the minimum {lo}")
+    for name, value in (
+        ("tile_padding", p.padding),
+        ("seam_fix_padding", p.seam_fix_padding),
+        ("mask_blur", p.mask_blur),
+    ):
+        if value < 0:
+            raise ValueError(f"{name}: {value} is negative; use 0 or more")
+    for name, value in (("denoise", p.denoise), ("seam_fix_denoise", p.seam_fix_denoise)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}: {value} is outside 0..1")
+    if p.tile_width > canvas_w or p.tile_height > canvas_h:
+        raise ValueError(
+            f"tile_width x tile_height: the {p.tile_width}x{p.tile_height} tile is larger than the "
+            f"{canvas_w}x{canvas_h} canvas; set tile_width <= {canvas_w} and tile_height <= {canvas_h} "
+            "(or upscale more)"
+        )
+    if p.seam_fix_mode == "Band Pass" and not 0 < p.seam_fix_width <= min(p.tile_width, p.tile_height):
+        raise ValueError(
+            f"seam_fix_width: {p.seam_fix_width} must be between 1 and the tile size "
+            f"({min(p.tile_width, p.tile_height)}) for Band Pass"
+        )
+
+
+def scale_to_canvas(
+    image: torch.Tensor,
+    canvas_w: int,
+    canvas_h: int,
+    model_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``[B, H, W, C]`` -> ``[B, canvas_h, canvas_w, C]`` float32 in [0, 1]: the upscale
+    model first (when given), then Lanczos to the exact canvas size."""
+    x = image
+    if model_fn is not None:
+        x = model_fn(x)
+    return upscale.lanczos_resize(x, canvas_w, canvas_h)
+
+
+def upscale_then_redraw(
+    image: torch.Tensor,
+    settings: UsduSettings,
+    process: runner.ProcessFn,
+    *,
+    model_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | None = None,
+    multiple: int = planner.LATENT_MULTIPLE,
+    check_cancel: Callable[[], None] | None = None,
+    on_batch_done: Callable[[int, int], None] | None = None,
+    on_canvas: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The whole node on tensors; returns ``[B, H', W', C]`` float32 in [0, 1].
+
+    ``device`` is where the canvas lives while tiles are blended (the GPU in ComfyUI).
+    ``on_canvas`` sees the upscaled canvas before any tile is redrawn (tests use it).
+    """
+    torch_utils.check_image(image, "image", channels=(3,))
+    h, w = image.shape[1:3]
+    if settings.upscale_by == 1.0 and model_fn is None:
+        canvas_w, canvas_h = w, h  # refine only: keep the exact size, tiles are padded instead
+    else:
+        canvas_w, canvas_h = planner.canvas_size(w, h, settings.upscale_by)
+    validate(settings, canvas_w, canvas_h)
+    x = image.to(device) if device is not None else image
+    x = torch_utils.normalize_range(x, settings.normalize, name="image")
+    canvas = scale_to_canvas(x, canvas_w, canvas_h, model_fn)
+    if on_canvas is not None:
+        on_canvas(canvas)
+    passes = planner.plan(canvas_w, canvas_h, settings.plan)
+    logger.debug(
+        "USDU: %dx%d -> %dx%d, passes %s",
+        w,
+        h,
+        canvas_w,
+        canvas_h,
+        [(p.name, len(p.jobs)) for p in passes],
+    )
+    out = runner.run_passes(
+        canvas,
+        passes,
+        process,
+        seed=settings.seed,
+        tile_seed_mode=settings.tile_seed,
+        batch_size=settings.batch_size,
+        multiple=multiple,
+        check_cancel=check_cancel,
+        on_batch_done=on_batch_done,
+    )
+    return out.clamp_(0.0, 1.0)

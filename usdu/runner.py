@@ -1,0 +1,155 @@
+"""The tiled img2img loop: crop, hand tiles to a sampling function, blend back in float.
+
+The loop knows nothing about models. The caller passes ``process(batch) -> pixels``
+that turns a batch of crops into redrawn crops (VAE encode, sample, decode in the
+ComfyUI adapter; the identity in tests). Everything else happens here, on tensors:
+
+- the canvas stays float32 ``[B, H, W, C]`` from start to end: no 8-bit round trip;
+- each crop is padded (replicate) to a multiple of the VAE factor and cut back after;
+- a tile is blended with ``canvas.lerp(tile, mask)``, which leaves a pixel bit-for-bit
+  unchanged wherever the tile equals the canvas: with an identity ``process`` the output
+  is exactly the input, whatever the masks, padding and order;
+- ``check_cancel`` runs before every batch and may raise: the loop then stops and nothing
+  is returned, so a cancelled run can never pass for a complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .masks import job_mask
+from .planner import LATENT_MULTIPLE, TileJob, TilePass
+
+logger = logging.getLogger(__name__)
+
+TILE_SEED_MODES: tuple[str, ...] = ("same", "per tile")
+SEED_MAX = 2**64 - 1
+
+
+def tile_seed(seed: int, job_index: int, mode: str) -> int:
+    """Seed for a tile: ``seed`` for every tile (``same``, upstream behaviour) or
+    ``seed + index`` wrapped to 64 bits (``per tile``: no repeated noise pattern)."""
+    if mode == "same":
+        return int(seed)
+    if mode == "per tile":
+        return (int(seed) + int(job_index)) & SEED_MAX
+    raise ValueError(f"tile_seed: unknown value {mode!r}; choose one of {', '.join(TILE_SEED_MODES)}")
+
+
+@dataclass
+class TileBatch:
+    """What ``process`` receives: ``len(jobs)`` tiles of every image of the batch."""
+
+    jobs: list[TileJob]
+    pixels: torch.Tensor
+    """``[len(jobs) * B, h, w, C]`` float32, job-major (all images of job 0 first), ``h``
+    and ``w`` multiples of :data:`LATENT_MULTIPLE` (crops are replicate-padded)."""
+    seeds: list[int]
+    denoise: float
+    pass_name: str
+    images: int
+    """``B``, the number of images in the canvas batch."""
+
+
+ProcessFn = Callable[[TileBatch], torch.Tensor]
+
+
+def group_jobs(jobs: Sequence[TileJob], batch_size: int) -> list[list[TileJob]]:
+    """Consecutive jobs in groups of up to ``batch_size`` whose crops have one size."""
+    groups: list[list[TileJob]] = []
+    for job in jobs:
+        last = groups[-1] if groups else None
+        if last is not None and len(last) < batch_size and (last[0].crop.w, last[0].crop.h) == (job.crop.w, job.crop.h):
+            last.append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def _pad_to(t: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
+    """Replicate-pad a ``[N, h, w, C]`` tensor on the bottom/right to multiples of ``multiple``."""
+    h, w = t.shape[1:3]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return t, 0, 0
+    padded = torch.nn.functional.pad(t.permute(0, 3, 1, 2), (0, pw, 0, ph), mode="replicate")
+    return padded.permute(0, 2, 3, 1).contiguous(), ph, pw
+
+
+def count_batches(passes: Sequence[TilePass], batch_size: int) -> int:
+    """How many ``process`` calls a run makes (for progress bars)."""
+    return sum(len(group_jobs(p.jobs, batch_size)) for p in passes if p.denoise > 0)
+
+
+def run_passes(
+    canvas: torch.Tensor,
+    passes: Sequence[TilePass],
+    process: ProcessFn,
+    *,
+    seed: int = 0,
+    tile_seed_mode: str = "same",
+    batch_size: int = 1,
+    multiple: int = LATENT_MULTIPLE,
+    check_cancel: Callable[[], None] | None = None,
+    on_batch_done: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Run every pass over ``canvas`` (``[B, H, W, C]``); returns a new float32 tensor.
+
+    Passes with ``denoise == 0`` are skipped: they could not change anything but would
+    still pay a VAE round trip. ``on_batch_done(done, total)`` reports progress.
+    """
+    if canvas.ndim != 4:
+        raise ValueError(f"canvas: expected [B, H, W, C], got shape {tuple(canvas.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
+    out = canvas.to(torch.float32).clone()
+    images, height, width = out.shape[0], out.shape[1], out.shape[2]
+    total = count_batches(passes, batch_size)
+    done = 0
+    for tile_pass in passes:
+        if tile_pass.denoise <= 0:
+            logger.debug("USDU: pass %s skipped (denoise 0)", tile_pass.name)
+            continue
+        for group in group_jobs(tile_pass.jobs, batch_size):
+            if check_cancel is not None:
+                check_cancel()
+            crops = [out[:, j.crop.y0 : j.crop.y1, j.crop.x0 : j.crop.x1, :] for j in group]
+            pixels, ph, pw = _pad_to(torch.cat(crops, dim=0), multiple)
+            batch = TileBatch(
+                jobs=list(group),
+                pixels=pixels,
+                seeds=[tile_seed(seed, j.index, tile_seed_mode) for j in group],
+                denoise=tile_pass.denoise,
+                pass_name=tile_pass.name,
+                images=images,
+            )
+            result = process(batch)
+            if not isinstance(result, torch.Tensor) or tuple(result.shape) != tuple(pixels.shape):
+                got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+                raise RuntimeError(
+                    f"tile sampling returned {got} for tiles of shape {tuple(pixels.shape)}; "
+                    "the VAE or model changed the tile size (is the VAE's compression factor 8?)"
+                )
+            result = result.to(device=out.device, dtype=torch.float32)
+            if not bool(torch.isfinite(result).all()):
+                logger.warning(
+                    "USDU: tile(s) %s of pass %s decoded to NaN/Inf (fp16 overflow in the model or VAE?); "
+                    "the bad pixels are replaced by 0",
+                    [j.index for j in group],
+                    tile_pass.name,
+                )
+                result = torch.nan_to_num(result, nan=0.0, posinf=1.0, neginf=0.0)
+            h, w = pixels.shape[1] - ph, pixels.shape[2] - pw
+            for k, job in enumerate(group):
+                tile = result[k * images : (k + 1) * images, :h, :w, :]
+                mask = job_mask(job, width, height, device=out.device)[None, :, :, None]
+                view = out[:, job.crop.y0 : job.crop.y1, job.crop.x0 : job.crop.x1, :]
+                view.lerp_(tile, mask)
+            done += 1
+            if on_batch_done is not None:
+                on_batch_done(done, total)
+    return out
