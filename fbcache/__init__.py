@@ -2,3 +2,27 @@
 
 Pure logic: no comfy, folder_paths or server import (see tests/unit/test_core_isolation.py).
 """
+
+from .families import Family, resolve_family
+from .holder import CACHE_MODES, HOLDER_KEY, FBCacheHolder, validate_settings
+from .hooks import (
+    SkipRemainingBlocks,
+    make_block_replacement,
+    step_apply_model_wrapper,
+    unet_diffusion_wrapper,
+    unet_input_block_patch,
+)
+
+__all__ = [
+    "CACHE_MODES",
+    "HOLDER_KEY",
+    "FBCacheHolder",
+    "Family",
+    "SkipRemainingBlocks",
+    "make_block_replacement",
+    "resolve_family",
+    "step_apply_model_wrapper",
+    "unet_diffusion_wrapper",
+    "unet_input_block_patch",
+    "validate_settings",
+]

@@ -1,0 +1,368 @@
+"""Cache state of one sampling run: the skip decision and the cached residuals.
+
+A :class:`FBCacheHolder` lives in ``model_options["transformer_options"]`` of a cloned
+ModelPatcher. The adapter clones it at the start of every sampling run (so nothing is kept
+between prompts) and resets it at the end. The hooks in :mod:`.hooks` call it in this order
+for every model call:
+
+1. :meth:`FBCacheHolder.begin_call` with the call's ``transformer_options`` (conditioning keys, sigma);
+2. :meth:`FBCacheHolder.decide` with the first block's residual: hit or miss, one host sync;
+3. on a miss :meth:`FBCacheHolder.store` for every cached residual and :meth:`FBCacheHolder.finish_compute`
+   once the last block ran; on a hit :meth:`FBCacheHolder.cached` to read them back;
+4. :meth:`FBCacheHolder.end_call`.
+
+State is kept per conditioning (``transformer_options["uuids"]``, falling back to
+``cond_or_uncond``), whether ComfyUI batches cond and uncond into one call or runs them
+separately. The first-block reference is updated on computed calls only, so consecutive hits
+are always compared with the last computed step and drift cannot hide.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+CACHE_MODES = ("tail", "per_block")
+"""``tail``: one residual spans all blocks after the first (per block stack). ``per_block``:
+every skipped block adds back its own residual from the last computed step."""
+
+HOLDER_KEY = "speedkit_fbcache"
+"""Key of the holder in ``transformer_options``."""
+
+_SIGMA_RTOL = 1e-5
+
+
+def validate_settings(
+    residual_diff_threshold: float,
+    start_percent: float,
+    end_percent: float,
+    max_consecutive_hits: int,
+    cache_mode: str,
+) -> None:
+    """Raise ``ValueError`` naming the bad input, its value, the constraint and the fix."""
+    if not math.isfinite(residual_diff_threshold) or residual_diff_threshold < 0:
+        raise ValueError(
+            f"residual_diff_threshold={residual_diff_threshold!r} must be a finite number >= 0 "
+            "(0 turns caching off; typical values 0.05-0.3)."
+        )
+    for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value!r} must lie in [0, 1] (fraction of the sampling schedule).")
+    if start_percent > end_percent:
+        raise ValueError(
+            f"start_percent={start_percent} is after end_percent={end_percent}: the caching window would be "
+            "empty. Set start_percent <= end_percent (e.g. 0.1 and 0.9)."
+        )
+    if max_consecutive_hits < -1:
+        raise ValueError(
+            f"max_consecutive_hits={max_consecutive_hits} must be -1 (unlimited), 0 (never skip) or a positive count."
+        )
+    if cache_mode not in CACHE_MODES:
+        raise ValueError(f"cache_mode={cache_mode!r} is not one of {CACHE_MODES}.")
+
+
+@dataclass
+class KeyStats:
+    """Counters of one conditioning: model evaluations computed and skipped."""
+
+    computed: int = 0
+    skipped: int = 0
+    consecutive_hits: int = 0
+    diffs: list[float] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.computed + self.skipped
+
+
+@dataclass
+class _Reference:
+    """First-block residual of the last computed call of one conditioning and its mean |.|."""
+
+    residual: torch.Tensor
+    denominator: torch.Tensor  # 0-dim, stays on the device: no sync when it is formed
+
+
+@dataclass
+class _Call:
+    keys: tuple[Hashable, ...]
+    sigma: torch.Tensor | float | None
+    hit: bool | None = None
+    scratch: dict = field(default_factory=dict)  # per-call tensors of the hooks (anchors, block-0 input)
+
+
+class FBCacheHolder:
+    """Settings plus per-run state of the First Block Cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        residual_diff_threshold: float,
+        start_percent: float = 0.0,
+        end_percent: float = 1.0,
+        max_consecutive_hits: int = -1,
+        cache_mode: str = "tail",
+        verbose: bool = False,
+        force_pattern: Sequence[bool] | None = None,
+    ) -> None:
+        validate_settings(residual_diff_threshold, start_percent, end_percent, max_consecutive_hits, cache_mode)
+        self.threshold = float(residual_diff_threshold)
+        self.start_percent = float(start_percent)
+        self.end_percent = float(end_percent)
+        self.max_consecutive_hits = int(max_consecutive_hits)
+        self.cache_mode = cache_mode
+        self.verbose = verbose
+        # Benchmarks and tests: hit/miss by evaluation index of each conditioning instead of the
+        # threshold (the reference and residual bookkeeping still apply).
+        self.force_pattern = tuple(bool(v) for v in force_pattern) if force_pattern else None
+        self.start_sigma = math.inf
+        self.end_sigma = -math.inf
+        self.active = False
+        self.description = ""  # what the adapter attached to, for the report
+        self.report_node_id: str | None = None  # UI node that shows the report
+        self.reset()
+
+    # ------------------------------------------------------------------ lifecycle
+    def clone(self) -> FBCacheHolder:
+        """A holder with the same settings and fresh state (one per sampling run)."""
+        new = FBCacheHolder(
+            self.threshold,
+            self.start_percent,
+            self.end_percent,
+            self.max_consecutive_hits,
+            self.cache_mode,
+            self.verbose,
+            self.force_pattern,
+        )
+        new.description = self.description
+        new.report_node_id = self.report_node_id
+        return new
+
+    def prepare(self, percent_to_sigma: Callable[[float], float]) -> FBCacheHolder:
+        """Turn the percent window into sigmas with the model's own schedule and mark the run active."""
+        self.start_sigma = float(percent_to_sigma(self.start_percent))
+        self.end_sigma = float(percent_to_sigma(self.end_percent))
+        self.active = True
+        return self
+
+    def reset(self) -> None:
+        """Drop every cached tensor and counter (run start/end, shape/dtype/device change, sigma up)."""
+        self._refs: dict[Hashable, _Reference] = {}
+        self._stores: dict[tuple[Hashable, ...], dict[Hashable, dict[str, torch.Tensor | None]]] = {}
+        self._complete: set[tuple[Hashable, ...]] = set()
+        self._signature: tuple | None = None
+        self._last_sigma: float | None = None
+        self.stats: dict[Hashable, KeyStats] = {}
+        self._labels: dict[Hashable, str] = {}
+        self._warned: set[str] = set()
+        self.resets = 0
+        self.call: _Call | None = None
+
+    def _soft_reset(self, reason: str) -> None:
+        """Forget the cache but keep the run's counters (they describe the whole run)."""
+        logger.info("First Block Cache: cache reset (%s)", reason)
+        self._refs.clear()
+        self._stores.clear()
+        self._complete.clear()
+        self._last_sigma = None
+        self.resets += 1
+        for st in self.stats.values():
+            st.consecutive_hits = 0
+
+    # ------------------------------------------------------------------ per call
+    def begin_call(self, transformer_options: dict) -> _Call:
+        """Start one model call; keys come from ``uuids`` (or ``cond_or_uncond``), sigma from ``sigmas``."""
+        cond_or_uncond = transformer_options.get("cond_or_uncond") or ()
+        keys = transformer_options.get("uuids") or cond_or_uncond
+        for key, kind in zip(keys, cond_or_uncond, strict=False):
+            self._labels.setdefault(key, {0: "cond", 1: "uncond"}.get(kind, f"cond_or_uncond={kind}"))
+        self.call = _Call(keys=tuple(keys), sigma=transformer_options.get("sigmas"))
+        return self.call
+
+    def end_call(self) -> None:
+        self.call = None
+
+    def _split(self, residual: torch.Tensor) -> tuple[tuple[Hashable, ...], tuple[torch.Tensor, ...]]:
+        keys = self.call.keys if self.call is not None else ()
+        if keys and residual.shape[0] % len(keys) == 0:
+            return keys, residual.chunk(len(keys), dim=0)
+        # The batch does not split into the announced conditionings: one state for the whole call.
+        return ("all",), (residual,)
+
+    def decide(self, residual: torch.Tensor) -> bool:
+        """Compare the first block's residual with the reference; True = skip the remaining blocks.
+
+        One host sync: the relative L1 distances of every conditioning and the sigma travel
+        together. On a miss the residual becomes the new reference (and its mean |.| the cached
+        denominator); on a hit the reference stays, so the next call is compared with the last
+        computed one.
+        """
+        if self.call is None:
+            self.begin_call({})
+        call = self.call
+        signature = (tuple(residual.shape[1:]), residual.dtype, residual.device)
+        if self._signature is not None and signature != self._signature:
+            self._soft_reset(f"shape/dtype/device changed: {self._signature} -> {signature}")
+        self._signature = signature
+
+        keys, chunks = self._split(residual)
+        if call.keys != keys:
+            call.keys = keys
+        # Distances only for keys with a reference of the same batch size.
+        measured: list[int] = []
+        values: list[torch.Tensor] = []
+        for i, (key, chunk) in enumerate(zip(keys, chunks, strict=True)):
+            ref = self._refs.get(key)
+            if ref is not None and ref.residual.shape == chunk.shape:
+                values.append(F.l1_loss(chunk, ref.residual).float() / ref.denominator)
+                measured.append(i)
+        sigma = call.sigma
+        if isinstance(sigma, torch.Tensor):
+            values.insert(0, sigma.detach().reshape(-1).max().float().to(residual.device))
+        host = torch.stack(values).tolist() if values else []  # the one sync of this call
+        if isinstance(sigma, torch.Tensor):
+            sigma_value: float | None = host.pop(0)
+        else:
+            sigma_value = None if sigma is None else float(sigma)
+        diffs: dict[int, float] = dict(zip(measured, host, strict=True))
+
+        if sigma_value is not None and self._last_sigma is not None:
+            if sigma_value > self._last_sigma * (1 + _SIGMA_RTOL) + 1e-8:
+                self._soft_reset(f"sigma went up {self._last_sigma:.4g} -> {sigma_value:.4g}")
+                diffs = {}
+        if sigma_value is not None:
+            self._last_sigma = sigma_value
+
+        in_window = sigma_value is None or (self.end_sigma < sigma_value <= self.start_sigma * (1 + _SIGMA_RTOL))
+        hit = bool(keys) and in_window and tuple(keys) in self._complete
+        for i, key in enumerate(keys):
+            st = self.stats.setdefault(key, KeyStats())
+            d = diffs.get(i)
+            if d is not None:
+                st.diffs.append(d)
+            if self.force_pattern is not None:
+                wanted = self.force_pattern[st.total % len(self.force_pattern)]
+            else:
+                wanted = d is not None and d < self.threshold
+            limit_ok = self.max_consecutive_hits < 0 or st.consecutive_hits < self.max_consecutive_hits
+            hit = hit and d is not None and wanted and limit_ok
+        call.hit = hit
+
+        for key, chunk in zip(keys, chunks, strict=True):
+            st = self.stats[key]
+            if hit:
+                st.skipped += 1
+                st.consecutive_hits += 1
+            else:
+                st.computed += 1
+                st.consecutive_hits = 0
+                chunk = chunk.detach()
+                self._refs[key] = _Reference(chunk, chunk.abs().mean().float().clamp_min(1e-12))
+        if not hit:
+            # The residuals of this composition are rewritten now; not usable until the call finishes.
+            self._complete.discard(tuple(keys))
+        if self.verbose:
+            logger.info(
+                "First Block Cache: sigma=%s diffs=%s -> %s",
+                sigma_value,
+                [round(diffs[i], 4) if i in diffs else None for i in range(len(keys))],
+                "skip" if hit else "compute",
+            )
+        return hit
+
+    # ------------------------------------------------------------------ residual store
+    def _composition(self) -> tuple[Hashable, ...]:
+        return self.call.keys if self.call is not None else ("all",)
+
+    def store(self, slot: Hashable, tensors: dict[str, torch.Tensor | None]) -> None:
+        """Keep the residual(s) of ``slot`` (a block or a block span) from this computed call."""
+        self._stores.setdefault(self._composition(), {})[slot] = tensors
+
+    def cached(self, slot: Hashable) -> dict[str, torch.Tensor | None]:
+        """The residual(s) of ``slot`` from the last computed call of this batch composition."""
+        try:
+            return self._stores[self._composition()][slot]
+        except KeyError as exc:
+            raise RuntimeError(
+                f"First Block Cache: no cached residual for {slot!r}; the model's block layout changed "
+                "between steps. Please report this with the model type."
+            ) from exc
+
+    def finish_compute(self) -> None:
+        """The computed call ran to the end: its residuals may now serve hits."""
+        self._complete.add(self._composition())
+
+    def warn_once(self, message: str) -> None:
+        """Log a warning the first time ``message`` comes up in this run."""
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning("First Block Cache: %s", message)
+
+    # ------------------------------------------------------------------ report
+    def summary(self) -> dict:
+        """Counts per conditioning, hit rate and the speedup estimate (skipped calls cost ~0)."""
+        per_key = {}
+        computed = skipped = 0
+        for idx, (key, st) in enumerate(self.stats.items()):
+            label = self._labels.get(key) or _key_label(key, idx)
+            if label in per_key:
+                label = f"{label}#{idx}"
+            per_key[label] = {"computed": st.computed, "skipped": st.skipped}
+            computed += st.computed
+            skipped += st.skipped
+        total = computed + skipped
+        return {
+            "per_conditioning": per_key,
+            "computed": computed,
+            "skipped": skipped,
+            "hit_rate": skipped / total if total else 0.0,
+            "estimated_speedup": total / computed if computed else 1.0,
+            "resets": self.resets,
+        }
+
+    def summary_text(self) -> str:
+        s = self.summary()
+        parts = [f"{k}: {v['computed']} computed / {v['skipped']} skipped" for k, v in s["per_conditioning"].items()]
+        return (
+            f"First Block Cache{(' [' + self.description + ']') if self.description else ''}: "
+            f"{'; '.join(parts) or 'no model calls'}; hit rate {s['hit_rate']:.0%}, "
+            f"estimated speedup {s['estimated_speedup']:.2f}x (threshold {self.threshold}, mode {self.cache_mode})"
+        )
+
+    def memory_bytes(self) -> int:
+        """Bytes held by references and cached residuals (for the memory report)."""
+        seen: set[int] = set()
+        total = 0
+
+        def add(t: torch.Tensor | None) -> None:
+            nonlocal total
+            if t is None:
+                return
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+
+        for ref in self._refs.values():
+            add(ref.residual)
+        for slots in self._stores.values():
+            for tensors in slots.values():
+                for t in tensors.values():
+                    add(t)
+        return total
+
+
+def _key_label(key: Hashable, index: int) -> str:
+    if key == 0:
+        return "cond"
+    if key == 1:
+        return "uncond"
+    if key == "all":
+        return "all"
+    return f"cond#{index}"

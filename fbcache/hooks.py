@@ -1,0 +1,223 @@
+"""Hook functions that run the first block, ask the holder, and skip or compute the rest.
+
+They only touch the arguments ComfyUI hands to its sanctioned extension points (no ComfyUI
+import), so they are unit-testable with stand-in networks of the same structure:
+
+- UNet (SD1.5/SDXL): :func:`unet_input_block_patch` (a ``input_block_patch``) sees the output of
+  ``input_blocks[0]`` (conv in) and ``input_blocks[1]`` (first ResBlock) inside the model's own
+  ``_forward``; on a hit it raises :class:`SkipRemainingBlocks`, which :func:`unet_diffusion_wrapper`
+  (a ``DIFFUSION_MODEL`` wrapper) turns into ``out(h1 + cached residual)``. No forward code is
+  copied: every other patch, ControlNet residual and wrapper runs untouched on computed steps.
+  UNet blocks change shape and take skip concatenations, so the UNet always uses one (tail)
+  residual from ``input_blocks[1]``'s output to the input of ``out``.
+- DiTs: :func:`make_block_replacement` builds a ``patches_replace["dit"]`` entry for each block.
+  Block 0 always runs and decides; on a hit later blocks return ``input + cached residual``
+  (``per_block``) or pass their input through with the stack's single residual added at its
+  last block (``tail``).
+- Anything else (Nunchaku wrappers, unknown families): :func:`step_apply_model_wrapper` (an
+  ``APPLY_MODEL`` wrapper) skips whole model calls, comparing the model input with the last
+  computed one and reusing that call's noise/velocity prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .holder import HOLDER_KEY, FBCacheHolder
+
+STREAMS = ("img", "txt")
+
+
+class SkipRemainingBlocks(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised inside the UNet forward on a cache hit; carries the first block's output."""
+
+    def __init__(self, h: torch.Tensor) -> None:
+        super().__init__("first block cache hit")
+        self.h = h
+
+
+def _active_holder(transformer_options: dict | None) -> FBCacheHolder | None:
+    if not transformer_options:
+        return None
+    holder = transformer_options.get(HOLDER_KEY)
+    if holder is None or not holder.active:
+        return None
+    return holder
+
+
+# ---------------------------------------------------------------------------------------- UNet
+def unet_input_block_patch(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+    """``input_block_patch``: remember conv-in's output, decide after the first ResBlock."""
+    holder = _active_holder(transformer_options)
+    if holder is None or holder.call is None:
+        return h
+    block = transformer_options.get("block")
+    scratch = holder.call.scratch
+    if block == ("input", 0):
+        scratch["h0"] = h
+    elif block == ("input", 1) and "h0" in scratch:
+        h0 = scratch.pop("h0")
+        if holder.decide(h - h0):
+            raise SkipRemainingBlocks(h)
+        scratch["anchor"] = h
+    return h
+
+
+def unet_diffusion_wrapper(executor, *args, **kwargs):
+    """``DIFFUSION_MODEL`` wrapper of ``UNetModel``: per-call state and the skip path."""
+    transformer_options = kwargs.get("transformer_options")
+    if transformer_options is None and len(args) > 5:
+        transformer_options = args[5]
+    holder = _active_holder(transformer_options)
+    if holder is None:
+        return executor(*args, **kwargs)
+    unet = executor.class_obj
+    x = args[0] if args else kwargs["x"]
+    holder.begin_call(transformer_options)
+
+    def capture_tail(_module, inputs):
+        call = holder.call
+        if call is not None and call.hit is False and "anchor" in call.scratch:
+            holder.store("tail", {"h": inputs[0] - call.scratch.pop("anchor")})
+            holder.finish_compute()
+
+    # Lives only for this call (removed in finally): reads the input of the final norm/conv.
+    handle = unet.out.register_forward_pre_hook(capture_tail)
+    try:
+        return executor(*args, **kwargs)
+    except SkipRemainingBlocks as skip:
+        h = skip.h + holder.cached("tail")["h"]
+        return unet.out(h.type(x.dtype))
+    finally:
+        handle.remove()
+        holder.end_call()
+
+
+# ---------------------------------------------------------------------------------------- DiT
+def _residuals(before: dict, after: dict) -> dict[str, torch.Tensor | None] | None:
+    """``after - before`` for every stream; None when a stream cannot be expressed as a residual."""
+    out: dict[str, torch.Tensor | None] = {}
+    for key, value in after.items():
+        if value is None:
+            out[key] = None
+            continue
+        base = before.get(key)
+        if not isinstance(value, torch.Tensor) or not isinstance(base, torch.Tensor) or base.shape != value.shape:
+            return None
+        out[key] = value - base
+    return out
+
+
+def _inject(args: dict, residual: dict[str, torch.Tensor | None]) -> dict:
+    return {k: (None if r is None else args[k] + r) for k, r in residual.items()}
+
+
+def make_block_replacement(
+    kind: str,
+    index: int,
+    stacks: tuple[tuple[str, int], ...],
+    previous: Callable | None = None,
+) -> Callable[[dict, dict], dict]:
+    """A ``patches_replace["dit"][(kind, index)]`` function for a network with ``stacks``.
+
+    ``stacks`` lists (kind, number of blocks) in execution order; the first block of the first
+    stack is the "first block". ``previous`` is a replacement that another node had installed
+    for this block: it still runs on computed steps.
+    """
+    counts = dict(stacks)
+    first_kind, last_kind = stacks[0][0], stacks[-1][0]
+    is_first = kind == first_kind and index == 0
+    span_start = 1 if kind == first_kind else 0
+    is_last_of_kind = index == counts[kind] - 1
+    is_final = kind == last_kind and is_last_of_kind
+
+    def compute(args: dict, extra: dict) -> dict:
+        if previous is not None:
+            return previous(args, extra)
+        return extra["original_block"](args)
+
+    def replacement(args: dict, extra: dict) -> dict:
+        holder = _active_holder(args.get("transformer_options"))
+        if holder is None:
+            return compute(args, extra)
+        if is_first:
+            holder.begin_call(args["transformer_options"])
+            out = compute(args, extra)
+            holder.decide(out["img"] - args["img"])
+            return out
+        call = holder.call
+        if call is None or call.hit is None:  # block 0 did not run through us: stay out of the way
+            return compute(args, extra)
+        if call.hit:
+            if holder.cache_mode == "per_block":
+                return _inject(args, holder.cached((kind, index)))
+            if index < span_start:
+                return compute(args, extra)
+            if is_last_of_kind:
+                return _inject(args, holder.cached((kind, "tail")))
+            return {k: args.get(k) for k in holder.cached((kind, "keys"))}
+
+        out = compute(args, extra)
+        scratch = call.scratch
+        if holder.cache_mode == "per_block":
+            res = _residuals(args, out)
+            if res is None:
+                scratch["unsupported"] = f"{kind} {index}"
+            else:
+                holder.store((kind, index), res)
+        elif index >= span_start:
+            if index == span_start:
+                scratch[kind] = {k: args.get(k) for k in out}
+                holder.store((kind, "keys"), dict.fromkeys(out))
+            if is_last_of_kind:
+                res = _residuals(scratch.pop(kind, {}), out)
+                if res is None:
+                    scratch["unsupported"] = f"{kind} stack"
+                else:
+                    holder.store((kind, "tail"), res)
+        if is_final:
+            if "unsupported" in scratch:
+                holder.warn_once(
+                    f"block {scratch['unsupported']} changes the shape of its streams, so no residual can stand "
+                    "in for it: every step is computed (no speedup)"
+                )
+            else:
+                holder.finish_compute()
+            holder.end_call()
+        return out
+
+    return replacement
+
+
+# ---------------------------------------------------------------------------------------- step
+def step_apply_model_wrapper(executor, *args, **kwargs):
+    """``APPLY_MODEL`` wrapper for networks without block hooks: skip whole calls.
+
+    The compared "first block residual" is the model input itself; on a hit the last computed
+    call's ``(x - denoised) / sigma`` (the noise or velocity prediction) is reused.
+    """
+    transformer_options = kwargs.get("transformer_options")
+    if transformer_options is None and len(args) > 5:
+        transformer_options = args[5]
+    holder = _active_holder(transformer_options)
+    if holder is None:
+        return executor(*args, **kwargs)
+    x = args[0]
+    sigma = args[1]
+    holder.begin_call(transformer_options)
+    try:
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        if isinstance(sigma, torch.Tensor):
+            s = sigma.reshape(shape).to(x.dtype).clamp_min(1e-6)
+        else:
+            s = max(float(sigma), 1e-6)
+        if holder.decide(x):
+            return x - holder.cached("step")["eps"] * s
+        denoised = executor(*args, **kwargs)
+        holder.store("step", {"eps": (x - denoised) / s})
+        holder.finish_compute()
+        return denoised
+    finally:
+        holder.end_call()
