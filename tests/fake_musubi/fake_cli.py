@@ -146,7 +146,7 @@ def generate(args):
         fail()
     from PIL import Image
 
-    w, h = args.video_size or (64, 48)
+    h, w = args.video_size or (48, 64)
     frames = args.video_length or 5
     name = f"20260101000000_{args.seed if args.seed is not None else 0}"
     if args.output_type in ("images", "both", "latent_images"):

@@ -1,0 +1,473 @@
+"""Command lines (argument lists) for every musubi-tuner script the nodes drive.
+
+Builders are pure: they check values and combinations, not the disk (see
+:func:`require_paths`). Each returns the full argv, interpreter first, so what runs is
+exactly what the tests compare against musubi's documented command lines and parse with
+musubi's own argparse definitions.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .arch import ARCHS, TRAINABLE, get_arch
+from .configs import MemoryConfig, OptimizerConfig, SamplingConfig, TrainingConfig, _num
+from .env import MusubiEnv, check_output_name, native_path
+
+WAN22_TASKS = ("t2v-A14B", "i2v-A14B")
+WAN_I2V_TASKS = ("i2v-14B", "flf2v-14B", "i2v-14B-FC", "i2v-A14B")
+GEN_ATTENTION = ("torch", "sdpa", "flash", "sageattn", "xformers")
+GEN_OUTPUT_TYPES = ("images", "both", "video")
+
+
+def extra_args(text: str, name: str = "extra_args") -> list[str]:
+    """Expert escape hatch: more flags for the script, split like a shell would (never run by one)."""
+    if not text.strip():
+        return []
+    try:
+        items = shlex.split(text, posix=os.name != "nt")
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}; quote values with spaces") from exc
+    if not items[0].startswith("--"):
+        raise ValueError(f"{name} must start with a --flag, got {items[0]!r}")
+    return items
+
+
+def require_paths(paths: Mapping[str, str], optional: Sequence[str] = ()) -> dict[str, str]:
+    """Normalise each path; raise for a required one that is empty or missing on disk."""
+    out = {}
+    for name, raw in paths.items():
+        p = native_path(raw or "")
+        if not p:
+            if name in optional:
+                out[name] = ""
+                continue
+            raise ValueError(f"{name} is empty: give the path of the model file or folder")
+        if not os.path.exists(p):
+            raise ValueError(f"{name} {p!r} does not exist: check the path (absolute paths are safest)")
+        out[name] = p
+    return out
+
+
+def _flag(argv: list[str], flag: str, value, skip=("", None, 0)) -> None:
+    if value in skip or value is False:
+        return
+    if value is True:
+        argv.append(flag)
+    else:
+        argv += [flag, _num(value) if isinstance(value, float) else str(value)]
+
+
+# --- caching ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Options shared by both cache scripts (``cache_latents.py`` / ``cache_text_encoder_outputs.py``)."""
+
+    batch_size: int = 0
+    num_workers: int = 0
+    skip_existing: bool = True
+    keep_cache: bool = False
+    device: str = ""
+    extra: str = ""
+
+    def args(self) -> list[str]:
+        a: list[str] = []
+        _flag(a, "--batch_size", self.batch_size)
+        _flag(a, "--num_workers", self.num_workers)
+        _flag(a, "--skip_existing", self.skip_existing)
+        _flag(a, "--keep_cache", self.keep_cache)
+        _flag(a, "--device", self.device)
+        return a + extra_args(self.extra)
+
+
+def cache_latents_argv(
+    env: MusubiEnv,
+    arch: str,
+    dataset_config: str,
+    vae: str,
+    *,
+    extra_model: str = "",
+    i2v: bool = False,
+    one_frame: bool = False,
+    f1: bool = False,
+    vae_tiling: bool = False,
+    vae_chunk_size: int = 0,
+    vae_spatial_tile_sample_min_size: int = 0,
+    vae_cache_cpu: bool = False,
+    vae_dtype: str = "",
+    model_version: str = "",
+    options: CacheOptions = CacheOptions(),
+) -> list[str]:
+    """``<arch>_cache_latents.py`` (HunyuanVideo: ``cache_latents.py``)."""
+    spec = get_arch(arch)
+    argv = env.python_cmd(spec.cache_latents) + ["--dataset_config", str(dataset_config), "--vae", str(vae)]
+    _flag(argv, "--vae_dtype", vae_dtype)
+    if spec.latent_extra_model:
+        if spec.latent_extra_required and not extra_model:
+            raise ValueError(
+                f"{spec.label} latent caching needs {spec.latent_extra_model} (image_encoder input): give the SigLIP "
+                "image encoder path"
+            )
+        _flag(argv, spec.latent_extra_model, extra_model)
+    elif extra_model:
+        raise ValueError(f"{spec.label} latent caching takes no image encoder / CLIP model: clear that input")
+    if i2v:
+        if not spec.has_i2v_cache:
+            raise ValueError(f"i2v caching is for Wan and HunyuanVideo 1.5 only, not {spec.label}: switch i2v off")
+        argv.append("--i2v")
+    if arch in ("wan", "framepack"):
+        _flag(argv, "--one_frame", one_frame)
+    elif one_frame:
+        raise ValueError(f"one_frame is a Wan / FramePack option, not {spec.label}: switch it off")
+    if arch == "framepack":
+        _flag(argv, "--f1", f1)
+    vae_opts = {
+        "--vae_tiling": vae_tiling,
+        "--vae_chunk_size": vae_chunk_size,
+        "--vae_spatial_tile_sample_min_size": vae_spatial_tile_sample_min_size,
+    }
+    for flag, value in vae_opts.items():
+        if flag in spec.vae_options:
+            _flag(argv, flag, value)
+    if arch == "wan":
+        _flag(argv, "--vae_cache_cpu", vae_cache_cpu)
+    if spec.has_model_version:
+        _flag(argv, "--model_version", model_version)
+    return argv + options.args()
+
+
+def cache_text_encoder_argv(
+    env: MusubiEnv,
+    arch: str,
+    dataset_config: str,
+    text_encoders: Sequence[str],
+    *,
+    fp8: bool = False,
+    text_encoder_dtype: str = "",
+    model_version: str = "",
+    options: CacheOptions = CacheOptions(),
+) -> list[str]:
+    """``<arch>_cache_text_encoder_outputs.py``; ``text_encoders`` in the script's flag order."""
+    spec = get_arch(arch)
+    given = [t for t in text_encoders if t]
+    if len(given) < spec.te_required:
+        names = " and ".join(f.lstrip("-") for f in spec.te_flags[: spec.te_required])
+        raise ValueError(f"{spec.label} text encoder caching needs {names}: fill text_encoder1/text_encoder2")
+    argv = env.python_cmd(spec.cache_text_encoder) + ["--dataset_config", str(dataset_config)]
+    for flag, path in zip(spec.te_flags, text_encoders, strict=False):
+        _flag(argv, flag, path)
+    if len([t for t in text_encoders[len(spec.te_flags) :] if t]):
+        raise ValueError(f"{spec.label} uses {len(spec.te_flags)} text encoder(s): clear text_encoder2")
+    _flag(argv, spec.te_fp8_flag, fp8)
+    if arch == "hunyuan_video":
+        _flag(argv, "--text_encoder_dtype", text_encoder_dtype)
+    if spec.has_model_version:
+        _flag(argv, "--model_version", model_version)
+    return argv + options.args()
+
+
+# --- training --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainModels:
+    """Model files of a training run; which are used depends on the architecture."""
+
+    dit: str
+    vae: str = ""
+    text_encoder1: str = ""
+    text_encoder2: str = ""
+    image_encoder: str = ""  # FramePack SigLIP, or Wan2.1 CLIP for I2V sampling
+    dit_high_noise: str = ""  # Wan2.2 A14B
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything one ``*_train_network.py`` run needs."""
+
+    arch: str
+    models: TrainModels
+    dataset_config: str
+    output_dir: str
+    output_name: str
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sampling: SamplingConfig | None = None
+    memory: MemoryConfig | None = None
+    task: str = ""  # Wan
+    timestep_boundary: int = 0  # Wan2.2: 0 = musubi's default (875 t2v / 900 i2v)
+    offload_inactive_dit: bool = False  # Wan2.2
+    f1: bool = False  # FramePack-F1
+    one_frame: bool = False  # Wan / FramePack one-frame training
+    latent_window_size: int = 0  # FramePack, 0 = default 9
+    gpu_ids: str = ""
+    extra: str = ""
+
+    @property
+    def final_path(self) -> Path:
+        return Path(self.output_dir) / f"{check_output_name(self.output_name)}.safetensors"
+
+    @property
+    def prompt_file(self) -> Path:
+        return Path(self.output_dir) / f"{check_output_name(self.output_name)}_sample_prompts.txt"
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.output_dir) / f"{check_output_name(self.output_name)}_train.log"
+
+
+def train_argv(env: MusubiEnv, job: TrainJob, prompt_file: Path | None = None) -> list[str]:
+    """The full ``accelerate launch ... <arch>_train_network.py ...`` command."""
+    if job.arch not in TRAINABLE:
+        raise ValueError(f"LoRA training nodes exist for {', '.join(TRAINABLE)}; {job.arch!r} is not one of them")
+    spec = ARCHS[job.arch]
+    name = check_output_name(job.output_name)
+    if not job.output_dir.strip():
+        raise ValueError("output_dir is empty: give the folder for the LoRA files")
+    training = job.memory.apply(job.training) if job.memory else job.training
+    m = job.models
+    if not m.dit:
+        raise ValueError("dit is empty: give the path of the base DiT checkpoint")
+    argv = env.accelerate_cmd(spec.train, training.mixed_precision, job.gpu_ids)
+    if job.arch == "wan":
+        task = job.task or "t2v-14B"
+        if task not in spec.tasks:
+            raise ValueError(f"task={task!r} must be one of {', '.join(spec.tasks)}")
+        argv += ["--task", task]
+    argv += ["--dit", m.dit]
+    mem = job.memory or MemoryConfig()
+    if job.arch == "hunyuan_video":
+        _flag(argv, "--vae", m.vae)
+        _flag(argv, "--text_encoder1", m.text_encoder1)
+        _flag(argv, "--text_encoder2", m.text_encoder2)
+        _flag(argv, "--fp8_llm", mem.fp8_text_encoder)
+        if training.fp8_scaled:
+            raise ValueError("fp8_scaled is not available for HunyuanVideo training: use fp8_base only")
+    elif job.arch == "wan":
+        _flag(argv, "--vae", m.vae)
+        _flag(argv, "--t5", m.text_encoder1)
+        _flag(argv, "--clip", m.image_encoder)
+        _flag(argv, "--fp8_t5", mem.fp8_text_encoder)
+        _flag(argv, "--vae_cache_cpu", mem.vae_cache_cpu)
+        if m.dit_high_noise or job.timestep_boundary or job.offload_inactive_dit:
+            if argv[argv.index("--task") + 1] not in WAN22_TASKS:
+                raise ValueError(
+                    "dit_high_noise / timestep_boundary / offload_inactive_dit are Wan2.2 options: "
+                    "use task t2v-A14B or i2v-A14B, or clear them"
+                )
+        _flag(argv, "--dit_high_noise", m.dit_high_noise)
+        _flag(argv, "--timestep_boundary", job.timestep_boundary)
+        _flag(argv, "--offload_inactive_dit", job.offload_inactive_dit)
+        _flag(argv, "--one_frame", job.one_frame)
+        if m.text_encoder2:
+            raise ValueError("Wan uses one text encoder (T5): clear text_encoder2")
+    else:  # framepack
+        missing = [n for n in ("vae", "text_encoder1", "text_encoder2", "image_encoder") if not getattr(m, n)]
+        if missing:
+            raise ValueError(f"FramePack training needs {', '.join(missing)}: fill those inputs")
+        argv += ["--vae", m.vae, "--text_encoder1", m.text_encoder1, "--text_encoder2", m.text_encoder2]
+        argv += ["--image_encoder", m.image_encoder]
+        _flag(argv, "--fp8_llm", mem.fp8_text_encoder)
+        _flag(argv, "--f1", job.f1)
+        _flag(argv, "--one_frame", job.one_frame)
+        _flag(argv, "--latent_window_size", job.latent_window_size)
+    if job.arch in ("hunyuan_video", "framepack"):
+        _flag(argv, "--vae_tiling", mem.vae_tiling)
+        _flag(argv, "--vae_chunk_size", mem.vae_chunk_size)
+        _flag(argv, "--vae_spatial_tile_sample_min_size", mem.vae_spatial_tile_sample_min_size)
+    argv += ["--dataset_config", str(job.dataset_config)]
+    argv += training.args(spec.network_module)
+    if training.fp8_scaled and job.arch != "hunyuan_video":
+        argv.append("--fp8_scaled")
+    if mem.use_pinned_memory_for_block_swap and training.blocks_to_swap > 0:
+        argv.append("--use_pinned_memory_for_block_swap")
+    argv += job.optimizer.args()
+    if job.sampling is not None and prompt_file is not None:
+        need = {"hunyuan_video": ("vae", "text_encoder1", "text_encoder2"), "wan": ("vae", "text_encoder1")}.get(
+            job.arch, ()
+        )
+        missing = [n for n in need if not getattr(m, n)]
+        if missing:
+            raise ValueError(f"sampling during training needs {', '.join(missing)}: fill them or unplug sampling")
+        argv += job.sampling.args(prompt_file)
+    if training.log_tensorboard:
+        argv += ["--logging_dir", str(Path(job.output_dir) / "logs"), "--log_with", "tensorboard"]
+        argv += ["--log_prefix", f"{name}_"]
+    argv += ["--output_dir", str(job.output_dir), "--output_name", name]
+    return argv + extra_args(job.extra)
+
+
+# --- generation ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """One video generation with ``<arch>_generate_video.py``."""
+
+    arch: str
+    prompt: str
+    save_path: str
+    dit: str
+    vae: str
+    text_encoder1: str = ""
+    text_encoder2: str = ""
+    image_encoder: str = ""  # FramePack SigLIP / Wan2.1 CLIP
+    dit_high_noise: str = ""
+    task: str = "t2v-14B"
+    negative_prompt: str = ""
+    width: int = 832
+    height: int = 480
+    frames: int = 81  # HV/Wan: video_length; FramePack: seconds = frames / fps
+    fps: int = 0
+    steps: int = 0
+    seed: int = -1
+    guidance_scale: float = 0.0
+    flow_shift: float = 0.0
+    image_path: str = ""  # I2V start image
+    end_image_path: str = ""
+    video_path: str = ""  # V2V (HunyuanVideo)
+    strength: float = 0.8  # V2V
+    loras: tuple[tuple[str, float], ...] = ()
+    attn_mode: str = "sdpa"
+    fp8: bool = False
+    fp8_scaled: bool = False
+    fp8_text_encoder: bool = False
+    blocks_to_swap: int = 0
+    vae_chunk_size: int = 0
+    vae_spatial_tile_sample_min_size: int = 0
+    output_type: str = "images"
+    extra: str = ""
+
+
+def generate_argv(env: MusubiEnv, job: GenerateJob) -> list[str]:
+    """``hv_generate_video.py`` / ``wan_generate_video.py`` / ``fpack_generate_video.py`` command."""
+    if job.arch not in TRAINABLE:
+        raise ValueError(f"video generation nodes exist for {', '.join(TRAINABLE)}, not {job.arch!r}")
+    spec = ARCHS[job.arch]
+    if not job.prompt.strip():
+        raise ValueError("prompt is empty: describe the video to generate")
+    if job.width % 16 or job.height % 16 or job.width <= 0 or job.height <= 0:
+        raise ValueError(f"width x height {job.width}x{job.height} must be positive multiples of 16")
+    if job.attn_mode not in GEN_ATTENTION:
+        raise ValueError(f"attn_mode={job.attn_mode!r} must be one of {GEN_ATTENTION}")
+    if job.output_type not in GEN_OUTPUT_TYPES:
+        raise ValueError(f"output_type={job.output_type!r} must be one of {GEN_OUTPUT_TYPES}")
+    argv = env.python_cmd(spec.generate) + ["--dit", job.dit, "--vae", job.vae]
+    if job.arch == "wan":
+        if job.task not in spec.tasks:
+            raise ValueError(f"task={job.task!r} must be one of {', '.join(spec.tasks)}")
+        argv[2:2] = ["--task", job.task]
+        _flag(argv, "--t5", job.text_encoder1)
+        _flag(argv, "--clip", job.image_encoder)
+        if job.dit_high_noise and job.task not in WAN22_TASKS:
+            raise ValueError("dit_high_noise is for Wan2.2 (task t2v-A14B / i2v-A14B): clear it or change task")
+        _flag(argv, "--dit_high_noise", job.dit_high_noise)
+        if job.task in WAN_I2V_TASKS and not job.image_path:
+            raise ValueError(f"task {job.task} is image-to-video: connect a start image")
+        _flag(argv, "--fp8_t5", job.fp8_text_encoder)
+    else:
+        missing = [n for n in ("text_encoder1", "text_encoder2") if not getattr(job, n)]
+        if job.arch == "framepack" and not job.image_encoder:
+            missing.append("image_encoder")
+        if missing:
+            raise ValueError(f"{spec.label} generation needs {', '.join(missing)}: fill those inputs")
+        argv += ["--text_encoder1", job.text_encoder1, "--text_encoder2", job.text_encoder2]
+        if job.arch == "framepack":
+            argv += ["--image_encoder", job.image_encoder]
+        _flag(argv, "--fp8_llm", job.fp8_text_encoder)
+    argv += ["--prompt", job.prompt]
+    _flag(argv, "--negative_prompt", job.negative_prompt)
+    argv += ["--video_size", str(job.height), str(job.width)]
+    fps = job.fps or spec.fps
+    if job.arch == "framepack":
+        argv += ["--video_seconds", _num(round(job.frames / fps, 3))]
+    else:
+        if job.frames < 1 or (job.frames - 1) % 4:
+            raise ValueError(f"frames={job.frames} must be 4*N+1 (e.g. 1, 25, 49, 81) for {spec.label}")
+        argv += ["--video_length", str(job.frames)]
+    argv += ["--fps", str(fps)]
+    _flag(argv, "--infer_steps", job.steps)
+    if job.seed >= 0:
+        argv += ["--seed", str(job.seed)]
+    _flag(argv, "--guidance_scale", float(job.guidance_scale) if job.guidance_scale else 0)
+    _flag(argv, "--flow_shift", float(job.flow_shift) if job.flow_shift else 0)
+    _flag(argv, "--image_path", job.image_path)
+    if job.end_image_path:
+        if job.arch == "hunyuan_video":
+            raise ValueError("end_image is not supported by HunyuanVideo generation: unplug it")
+        argv += ["--end_image_path", job.end_image_path]
+    if job.video_path:
+        if job.arch != "hunyuan_video":
+            raise ValueError(f"video-to-video is a HunyuanVideo feature; {spec.label} takes no input video")
+        argv += ["--video_path", job.video_path, "--strength", _num(job.strength)]
+    if job.loras:
+        argv += ["--lora_weight", *[p for p, _ in job.loras]]
+        argv += ["--lora_multiplier", *[_num(m) for _, m in job.loras]]
+    argv += ["--attn_mode", job.attn_mode]
+    _flag(argv, "--fp8", job.fp8)
+    if job.fp8_scaled:
+        if job.arch == "hunyuan_video":
+            raise ValueError("fp8_scaled is not available for HunyuanVideo generation: use fp8")
+        argv.append("--fp8_scaled")
+    _flag(argv, "--blocks_to_swap", job.blocks_to_swap)
+    _flag(argv, "--vae_chunk_size", job.vae_chunk_size if job.arch != "wan" else 0)
+    _flag(argv, "--vae_spatial_tile_sample_min_size", job.vae_spatial_tile_sample_min_size if job.arch != "wan" else 0)
+    argv += ["--save_path", str(job.save_path), "--output_type", job.output_type]
+    return argv + extra_args(job.extra)
+
+
+# --- utilities -------------------------------------------------------------------------
+
+
+def convert_lora_argv(env: MusubiEnv, src: str, dst: str, target: str, diffusers_prefix: str = "") -> list[str]:
+    """``convert_lora.py``: ``target`` "other" (diffusers/ComfyUI style) or "default" (musubi)."""
+    if target not in ("other", "default"):
+        raise ValueError(f"target={target!r} must be 'other' (for ComfyUI and others) or 'default' (musubi)")
+    argv = env.python_cmd("convert_lora") + ["--input", str(src), "--output", str(dst), "--target", target]
+    _flag(argv, "--diffusers_prefix", diffusers_prefix)
+    return argv
+
+
+def merge_lora_argv(
+    env: MusubiEnv, dit: str, loras: Sequence[tuple[str, float]], output: str, device: str = "cpu"
+) -> list[str]:
+    """``merge_lora.py`` (musubi's merge script loads a HunyuanVideo DiT)."""
+    if not loras:
+        raise ValueError("connect at least one LoRA (lora_1) to merge")
+    argv = env.python_cmd("merge_lora") + ["--dit", str(dit)]
+    argv += ["--lora_weight", *[str(p) for p, _ in loras], "--lora_multiplier", *[_num(m) for _, m in loras]]
+    argv += ["--save_merged_model", str(output)]
+    _flag(argv, "--device", device)
+    return argv
+
+
+def post_hoc_ema_argv(
+    env: MusubiEnv,
+    checkpoints: Sequence[str],
+    output: str,
+    beta: float = 0.95,
+    beta2: float = 0.0,
+    sigma_rel: float = 0.0,
+    no_sort: bool = False,
+) -> list[str]:
+    """``lora_post_hoc_ema.py``: average step/epoch checkpoints into one LoRA."""
+    if len(checkpoints) < 2:
+        raise ValueError(f"post-hoc EMA needs at least 2 checkpoints, got {len(checkpoints)}: save more often")
+    if not 0 < beta < 1:
+        raise ValueError(f"beta={beta} must be in (0, 1), e.g. 0.95")
+    if beta2 and not 0 < beta2 < 1:
+        raise ValueError(f"beta2={beta2} must be in (0, 1) or 0 (off)")
+    if sigma_rel < 0:
+        raise ValueError(f"sigma_rel={sigma_rel} must be >= 0 (0 = off, e.g. 0.2)")
+    argv = env.python_cmd("lora_post_hoc_ema") + [str(c) for c in checkpoints]
+    argv += ["--beta", _num(beta)]
+    _flag(argv, "--beta2", float(beta2) if beta2 else 0)
+    _flag(argv, "--sigma_rel", float(sigma_rel) if sigma_rel else 0)
+    _flag(argv, "--no_sort", no_sort)
+    return argv + ["--output_file", str(output)]

@@ -1,0 +1,220 @@
+"""Where musubi-tuner lives: checkout, venv interpreter, extra environment variables.
+
+musubi runs in its own venv (its pins - accelerate, diffusers, transformers - clash with
+ComfyUI's), so every command starts that venv's Python. The settings come from the
+Environment node or, when it is not wired, from a small config file / environment
+variables, so a graph does not need the node everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+
+from . import tomlio
+
+CONFIG_ENV_VAR = "SPEEDKIT_MUSUBI_CONFIG"
+ROOT_ENV_VAR = "MUSUBI_TUNER_ROOT"
+PYTHON_ENV_VAR = "MUSUBI_TUNER_PYTHON"
+CONFIG_KEYS = ("musubi_root", "python", "env")
+MIXED_PRECISIONS = ("bf16", "fp16", "no")
+
+
+@dataclass(frozen=True)
+class MusubiEnv:
+    """A musubi-tuner checkout and the Python of its venv."""
+
+    root: Path
+    python: Path
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def src_layout(self) -> bool:
+        """v0.3.x keeps the scripts in ``src/musubi_tuner``; older checkouts at the root."""
+        return (self.root / "src" / "musubi_tuner").is_dir()
+
+    def script(self, name: str) -> Path:
+        """Path of the script ``name`` (without ``.py``) in this checkout."""
+        if self.src_layout:
+            return self.root / "src" / "musubi_tuner" / f"{name}.py"
+        return self.root / f"{name}.py"
+
+    def python_cmd(self, script: str) -> list[str]:
+        """``[python, <script path>]`` for a plain (non-accelerate) script."""
+        return [str(self.python), str(self.script(script))]
+
+    def accelerate_cmd(self, script: str, mixed_precision: str = "bf16", gpu_ids: str = "") -> list[str]:
+        """``python -m accelerate.commands.launch`` with every setting explicit.
+
+        One process on one machine, so no ``accelerate config`` file is needed (and none a
+        user made for another project is picked up for the values we pass).
+        """
+        if mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(
+                f"mixed_precision={mixed_precision!r} is not one of {MIXED_PRECISIONS}: pick bf16 (recommended), fp16 or no"
+            )
+        cmd = [str(self.python), "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+        cmd += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+        if gpu_ids:
+            cmd += ["--gpu_ids", gpu_ids]
+        return cmd + [str(self.script(script))]
+
+
+def venv_python(path: str | os.PathLike) -> Path:
+    """The interpreter for ``path``: a python executable itself, or a venv folder.
+
+    A venv holds ``Scripts\\python.exe`` on Windows and ``bin/python`` elsewhere; both are
+    tried so a path typed on either system works.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    for rel in (("Scripts", "python.exe"), ("bin", "python"), ("bin", "python3")):
+        candidate = p.joinpath(*rel)
+        if candidate.is_file():
+            return candidate
+    return p
+
+
+def parse_env_vars(text: str, name: str = "extra_env") -> dict[str, str]:
+    """``KEY=VALUE`` lines (``#`` comments, blank lines ignored) -> dict."""
+    env = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key or not key.replace("_", "").isalnum():
+            raise ValueError(
+                f"{name} line {number} {raw!r} is not KEY=VALUE: write one variable per line, "
+                "e.g. CUDA_VISIBLE_DEVICES=0"
+            )
+        env[key] = value.strip()
+    return env
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Read the settings file (TOML or JSON): ``musubi_root``, ``python``, ``[env]``."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else tomlio.loads(text)
+    except (ValueError, tomlio.TOMLError) as exc:
+        raise ValueError(f"musubi settings file {p} could not be parsed: {exc}. Fix its syntax.") from exc
+    unknown = sorted(set(data) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"musubi settings file {p}: unknown key(s) {unknown}; allowed keys are {list(CONFIG_KEYS)}")
+    if "env" in data and not isinstance(data["env"], dict):
+        raise ValueError(f"musubi settings file {p}: 'env' must be a table of NAME = \"value\" entries")
+    return data
+
+
+def resolve_env(
+    musubi_root: str = "",
+    python: str = "",
+    extra_env: str | Mapping[str, str] = "",
+    config_path: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> MusubiEnv:
+    """Combine the node inputs with the settings file and environment variables.
+
+    Priority: explicit inputs, then the settings file, then ``MUSUBI_TUNER_ROOT`` /
+    ``MUSUBI_TUNER_PYTHON``. An empty ``python`` falls back to ``<root>/.venv`` or
+    ``<root>/venv``. Nothing is checked here; see :func:`validate_env`.
+    """
+    environ = os.environ if environ is None else environ
+    config: dict = {}
+    if config_path and Path(config_path).is_file():
+        config = load_config_file(config_path)
+    root = musubi_root.strip() or str(config.get("musubi_root", "")) or environ.get(ROOT_ENV_VAR, "")
+    if not root:
+        raise ValueError(
+            "musubi_root is empty: set the musubi-tuner checkout folder in MusubiTuner_Environment, "
+            f'in the settings file ({config_path or "not found"}) as musubi_root = "...", '
+            f"or in the {ROOT_ENV_VAR} environment variable"
+        )
+    root_path = Path(root).expanduser()
+    py = python.strip() or str(config.get("python", "")) or environ.get(PYTHON_ENV_VAR, "")
+    if py:
+        py_path = venv_python(py)
+    else:
+        py_path = next(
+            (venv_python(root_path / d) for d in (".venv", "venv") if venv_python(root_path / d).is_file()),
+            root_path / ".venv" / ("Scripts/python.exe" if os.name == "nt" else "bin/python"),
+        )
+    env = {str(k): str(v) for k, v in config.get("env", {}).items()}
+    env.update(parse_env_vars(extra_env) if isinstance(extra_env, str) else dict(extra_env))
+    return MusubiEnv(root=root_path, python=py_path, extra_env=env)
+
+
+def validate_env(env: MusubiEnv, scripts: tuple[str, ...] = (), check_accelerate: bool = False) -> None:
+    """Raise a ``ValueError`` naming what is wrong and how to fix it."""
+    if not env.root.is_dir():
+        raise ValueError(
+            f"musubi_root {str(env.root)!r} is not a folder: clone it with "
+            "`git clone https://github.com/kohya-ss/musubi-tuner` and give the path of that folder"
+        )
+    if not env.src_layout and not (env.root / "hv_train_network.py").is_file():
+        raise ValueError(
+            f"musubi_root {str(env.root)!r} is not a musubi-tuner checkout (no src/musubi_tuner folder): "
+            "point it at the folder that holds pyproject.toml and src/"
+        )
+    if not env.python.is_file():
+        raise ValueError(
+            f"python {str(env.python)!r} does not exist: give musubi's venv folder or its interpreter "
+            "(Windows: <venv>\\Scripts\\python.exe, Linux/macOS: <venv>/bin/python). Create the venv with "
+            "`python -m venv .venv` in the checkout and `pip install -e .` there"
+        )
+    for name in scripts:
+        if not env.script(name).is_file():
+            raise ValueError(
+                f"script {name}.py is missing from {str(env.root)!r}: this musubi-tuner checkout is too old or "
+                "incomplete; update it with `git pull` (SpeedKit targets musubi-tuner v0.3.x)"
+            )
+    if check_accelerate:
+        try:
+            proc = subprocess.run(
+                [str(env.python), "-c", "import accelerate"],
+                cwd=str(env.root),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, **env.extra_env},
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ValueError(f"python {str(env.python)!r} could not be started: {exc}") from exc
+        if proc.returncode != 0:
+            raise ValueError(
+                f"accelerate is not installed in {str(env.python)!r}: activate musubi's venv and run "
+                f"`pip install -e .` in {str(env.root)!r} (it installs accelerate). Python said: "
+                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+            )
+
+
+def native_path(path: str | os.PathLike) -> str:
+    """A user-typed path in this system's form (``~`` expanded, separators normalised)."""
+    text = os.fspath(path).strip().strip('"')
+    if not text:
+        return ""
+    return os.path.normpath(os.path.expanduser(text))
+
+
+def check_output_name(name: str, input_name: str = "output_name") -> str:
+    """A file name stem without folders: no separators, no ``..``, no reserved characters."""
+    stem = name.strip()
+    if not stem:
+        raise ValueError(f"{input_name} is empty: give a file name such as my_lora (no folder, no extension)")
+    bad = set('<>:"|?*') & set(stem)
+    if "/" in stem or "\\" in stem or ".." in stem or bad or stem != PurePath(stem).name:
+        raise ValueError(
+            f"{input_name}={name!r} must be a plain file name: remove path separators, '..' and {sorted(bad) or 'the folder'}"
+            " (set the folder with output_dir instead)"
+        )
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    return stem
