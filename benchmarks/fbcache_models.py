@@ -13,17 +13,22 @@ import torch
 
 def init_weights(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
     """ComfyUI's ops skip ``reset_parameters``; give every tensor finite, sane values."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gens: dict[str, torch.Generator] = {}
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.ndim == 1:
-                is_norm_weight = name.endswith("weight") and ("norm" in name or ".in_layers.0" in name or "out.0" in name or "scale" in name)
-                value = torch.ones_like(p) if is_norm_weight else torch.zeros_like(p)
+                # 1-D weights are norm scales (Linear/Conv weights have >= 2 dims); biases start at 0.
+                is_scale = name.endswith(("weight", "scale"))
+                value = torch.ones_like(p) if is_scale else torch.zeros_like(p)
             else:
                 fan_in = p[0].numel()
-                value = torch.randn(p.shape, generator=gen) * min(std, 1.0 / math.sqrt(fan_in))
+                dev = str(p.device)
+                if dev not in gens:
+                    gens[dev] = torch.Generator(device=p.device).manual_seed(seed)
+                value = torch.randn(p.shape, generator=gens[dev], device=p.device, dtype=torch.float32)
+                value *= min(std, 1.0 / math.sqrt(fan_in))
             p.copy_(value.to(p.dtype))
-        for name, b in module.named_buffers():
+        for b in module.buffers():
             if b.is_floating_point() and not torch.isfinite(b).all():
                 b.zero_()
 
@@ -31,37 +36,68 @@ def init_weights(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> N
 def sd15_config(tiny: bool) -> dict:
     if tiny:
         return {
-            "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-            "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
-            "transformer_depth_middle": 1, "context_dim": 64, "num_head_channels": 16,
+            "model_channels": 32,
+            "num_res_blocks": [1, 1],
+            "channel_mult": [1, 2],
+            "transformer_depth": [1, 1],
+            "transformer_depth_output": [1, 1, 1, 1],
+            "transformer_depth_middle": 1,
+            "context_dim": 64,
+            "num_head_channels": 16,
         }
     return {
-        "model_channels": 320, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "transformer_depth_middle": 1, "context_dim": 768, "num_heads": 8,
+        "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "transformer_depth_middle": 1,
+        "context_dim": 768,
+        "num_heads": 8,
     }
 
 
 def sdxl_config(tiny: bool) -> dict:
     if tiny:
         return {
-            "model_channels": 32, "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 2],
-            "transformer_depth": [0, 1, 1], "transformer_depth_output": [0, 0, 1, 1, 1, 1],
-            "transformer_depth_middle": 1, "context_dim": 64, "num_head_channels": 16, "adm_in_channels": 1600,
+            "model_channels": 32,
+            "num_res_blocks": [1, 1, 1],
+            "channel_mult": [1, 2, 2],
+            "transformer_depth": [0, 1, 1],
+            "transformer_depth_output": [0, 0, 1, 1, 1, 1],
+            "transformer_depth_middle": 1,
+            "context_dim": 64,
+            "num_head_channels": 16,
+            "adm_in_channels": 1600,
         }
     return {
-        "model_channels": 320, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
-        "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-        "transformer_depth_middle": 10, "context_dim": 2048, "num_head_channels": 64, "adm_in_channels": 2816,
+        "model_channels": 320,
+        "num_res_blocks": [2, 2, 2],
+        "channel_mult": [1, 2, 4],
+        "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "transformer_depth_middle": 10,
+        "context_dim": 2048,
+        "num_head_channels": 64,
+        "adm_in_channels": 2816,
     }
 
 
 def _unet_common(cfg: dict, dtype) -> dict:
     base = {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "adm_in_channels": None, "dtype": dtype, "in_channels": 4,
-        "use_linear_in_transformer": True, "use_temporal_resblock": False, "use_temporal_attention": False,
-        "num_heads": -1, "num_head_channels": -1,
+        "use_checkpoint": False,
+        "image_size": 32,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "adm_in_channels": None,
+        "dtype": dtype,
+        "in_channels": 4,
+        "use_linear_in_transformer": True,
+        "use_temporal_resblock": False,
+        "use_temporal_attention": False,
+        "num_heads": -1,
+        "num_head_channels": -1,
     }
     base.update(cfg)
     if base["adm_in_channels"]:
@@ -95,14 +131,34 @@ def build_patcher(family: str, tiny: bool, device, dtype=torch.float32, seed: in
 
 def flux_config(tiny: bool, dtype) -> dict:
     cfg = {
-        "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
-        "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
-        "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
-        "guidance_embed": True, "txt_ids_dims": [], "dtype": dtype,
+        "image_model": "flux",
+        "in_channels": 16,
+        "patch_size": 2,
+        "out_channels": 16,
+        "vec_in_dim": 768,
+        "context_in_dim": 4096,
+        "hidden_size": 3072,
+        "mlp_ratio": 4.0,
+        "num_heads": 24,
+        "depth": 19,
+        "depth_single_blocks": 38,
+        "axes_dim": [16, 56, 56],
+        "theta": 10000,
+        "qkv_bias": True,
+        "guidance_embed": True,
+        "txt_ids_dims": [],
+        "dtype": dtype,
     }
     if tiny:
-        cfg.update(vec_in_dim=16, context_in_dim=32, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
-                   axes_dim=[8, 12, 12])
+        cfg.update(
+            vec_in_dim=16,
+            context_in_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            depth=2,
+            depth_single_blocks=2,
+            axes_dim=[8, 12, 12],
+        )
     return cfg
 
 

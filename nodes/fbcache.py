@@ -197,7 +197,9 @@ class FirstBlockCache(io.ComfyNode):
                     advanced=True,
                 ),
             ],
-            outputs=[io.Model.Output(tooltip="The model with First Block Cache attached (the input model is unchanged).")],
+            outputs=[
+                io.Model.Output(tooltip="The model with First Block Cache attached (the input model is unchanged).")
+            ],
             hidden=[io.Hidden.unique_id],
         )
 

@@ -1,0 +1,232 @@
+"""Cost profile of First Block Cache on full-size architectures with random weights (GPU).
+
+Ours vs the unpatched model, same inputs, same run, through ComfyUI's real sampler
+(``comfy.sample.sample``, euler):
+
+- SDXL UNet at 1024x1024 (latent 128x128), CFG (cond+uncond batched: batch 2 per call), 20 steps;
+- a Flux-size DiT (19 double + 38 single blocks, hidden 3072) at 1024x1024, no CFG, 10 steps.
+
+Forced hit patterns (the threshold is bypassed: random weights have no meaningful dynamics):
+all computed (overhead), 50 % (every other call), all hits after the first (hit-step cost).
+Peak GPU memory is compared with the unpatched run. Optionally ``torch.compile`` through
+ComfyUI's own TorchCompileModel helper.
+
+Run (ComfyUI importable): ``PYTHONPATH=$COMFYUI_ROOT:. python benchmarks/fbcache_cost.py --out results.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("fbcache_cost")
+
+
+def _import_pack():
+    """Import the pack as ``speedkit`` from the repository root, like tests/conftest.py does."""
+    import importlib
+    import types
+
+    if "speedkit" not in sys.modules:
+        pkg = types.ModuleType("speedkit")
+        pkg.__path__ = [str(Path(__file__).resolve().parents[1])]
+        sys.modules["speedkit"] = pkg
+    return importlib.import_module("speedkit.fbcache"), importlib.import_module("speedkit.nodes.fbcache")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_runs(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float], object]:
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    _sync()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        out = fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times, out
+
+
+def profile(
+    family: str,
+    steps: int,
+    cfg: float,
+    repeats: int,
+    fbc,
+    adapter,
+    compile_too: bool,
+    per_block: bool,
+    tiny: bool = False,
+) -> dict:
+    import comfy.sample
+    import fbcache_models as fm
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    mp = fm.build_patcher(family, tiny=tiny, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    params = sum(p.numel() for p in mp.model.diffusion_model.parameters())
+    ch = 16 if family == "flux" else 4
+    size = 16 if tiny else 128
+    noise = torch.randn(1, ch, size, size, generator=torch.Generator().manual_seed(0))
+    latent = torch.zeros_like(noise)
+    pos, neg = fm.conditioning(family, tiny, 1, dev, size * 8, size * 8)
+    res = {
+        "family": family,
+        "params_M": round(params / 1e6, 1),
+        "steps": steps,
+        "cfg": cfg,
+        "build_s": round(time.perf_counter() - t0, 1),
+    }
+
+    def sampler(model):
+        return lambda: comfy.sample.sample(
+            model, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=0, disable_pbar=True
+        )
+
+    def run_case(name, model):
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated() if cuda else 0
+        med, times, out = timed_runs(sampler(model), repeats)
+        peak = (torch.cuda.max_memory_allocated() - base_mem) if cuda else 0
+        res[name] = {
+            "median_s": round(med, 4),
+            "times": [round(t, 4) for t in times],
+            "peak_extra_MiB": round(peak / 2**20, 1),
+        }
+        logger.info("%s %s: %.3f s (peak +%.0f MiB)", family, name, med, peak / 2**20)
+        return out
+
+    def patched(pattern, mode="tail", base=mp):
+        return adapter.apply_first_block_cache(base, fbc.FBCacheHolder(0.5, 0.0, 1.0, -1, mode, force_pattern=pattern))
+
+    base_out = run_case("unpatched", mp)
+    miss_out = run_case("fbcache_all_computed", patched([False]))
+    res["all_computed_bit_identical"] = bool(torch.equal(base_out, miss_out))
+    run_case("fbcache_50pct_tail", patched([False, True]))
+    if per_block and family != "sdxl":
+        run_case("fbcache_50pct_per_block", patched([False, True], "per_block"))
+    run_case("fbcache_all_hits_tail", patched([False] + [True] * (steps - 1)))
+
+    full_step = res["fbcache_all_computed"]["median_s"] / steps
+    base_step = res["unpatched"]["median_s"] / steps
+    hit_step = (res["fbcache_all_hits_tail"]["median_s"] - full_step) / (steps - 1)
+    res["summary"] = {
+        "speedup_50pct_tail": round(res["unpatched"]["median_s"] / res["fbcache_50pct_tail"]["median_s"], 3),
+        "hit_step_fraction_of_full": round(hit_step / base_step, 4),
+        "overhead_computed_steps_pct": round(100 * (full_step / base_step - 1), 2),
+        "extra_peak_MiB_50pct_tail": round(
+            res["fbcache_50pct_tail"]["peak_extra_MiB"] - res["unpatched"]["peak_extra_MiB"], 1
+        ),
+    }
+    if "fbcache_50pct_per_block" in res:
+        res["summary"]["speedup_50pct_per_block"] = round(
+            res["unpatched"]["median_s"] / res["fbcache_50pct_per_block"]["median_s"], 3
+        )
+        res["summary"]["extra_peak_MiB_50pct_per_block"] = round(
+            res["fbcache_50pct_per_block"]["peak_extra_MiB"] - res["unpatched"]["peak_extra_MiB"], 1
+        )
+
+    # Decision cost alone: rel-L1 + one sync on a residual of the real first-block shape.
+    holder = fbc.FBCacheHolder(0.1)
+    holder.active = True
+    shape = (2, 320, 128, 128) if family == "sdxl" else (1, 4096, 3072)
+    if tiny:
+        shape = (2, 32, 16, 16)
+    r = torch.randn(shape, device=dev, dtype=torch.bfloat16)
+    holder.begin_call({"cond_or_uncond": [0, 1] if shape[0] == 2 else [0], "sigmas": torch.ones(shape[0], device=dev)})
+    holder.decide(r)
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        holder.begin_call(
+            {"cond_or_uncond": [0, 1] if shape[0] == 2 else [0], "sigmas": torch.ones(shape[0], device=dev)}
+        )
+        holder._complete.clear()
+        holder.decide(r)
+    _sync()
+    res["summary"]["decision_ms"] = round((time.perf_counter() - t0) / 50 * 1e3, 3)
+
+    if compile_too:
+        try:
+            from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+            cm = mp.clone()
+            set_torch_compile_wrapper(cm, backend="inductor")
+            t0 = time.perf_counter()
+            sampler(cm)()
+            res["compile_warmup_s"] = round(time.perf_counter() - t0, 1)
+            run_case("compiled_unpatched", cm)
+            cp = patched([False, True], base=cm)
+            t0 = time.perf_counter()
+            sampler(cp)()
+            res["compile_fbcache_warmup_s"] = round(time.perf_counter() - t0, 1)
+            run_case("compiled_fbcache_50pct_tail", cp)
+            res["summary"]["compiled_speedup_50pct_tail"] = round(
+                res["compiled_unpatched"]["median_s"] / res["compiled_fbcache_50pct_tail"]["median_s"], 3
+            )
+        except Exception as exc:  # report why compile did not work instead of failing the whole profile
+            logger.exception("torch.compile case failed")
+            res["compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    del mp
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--families", default="sdxl,flux")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", default="sdxl", help="comma list of families to also run with torch.compile")
+    ap.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test of the script)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if not torch.cuda.is_available():
+        from comfy.cli_args import args as comfy_args
+
+        comfy_args.cpu = True
+    fbc, adapter = _import_pack()
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = {"device": device_name, "torch": torch.__version__}
+    plan = {"sdxl": (20, 7.0), "flux": (10, 1.0)}
+    for family in args.families.split(","):
+        steps, cfg = plan[family]
+        results[family] = profile(
+            family,
+            steps,
+            cfg,
+            args.repeats,
+            fbc,
+            adapter,
+            family in args.compile.split(","),
+            per_block=True,
+            tiny=args.tiny,
+        )
+        args.out.write_text(json.dumps(results, indent=1))
+        logger.info("%s summary: %s", family, results[family]["summary"])
+    logger.info(
+        "%s", json.dumps({k: v.get("summary", v) if isinstance(v, dict) else v for k, v in results.items()}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
