@@ -30,7 +30,6 @@ from ..torch_utils import dtype_name, free_memory_bytes, is_oom_error, pick_devi
 from .cache import COMPILE_MODES, ModelCache, compile_unavailable_reason, inductor_cache_dir, model_fingerprint
 from .host_io import ChunkReader, FrameWriter
 from .planning import (
-    MIN_TILE,
     OPTIMIZATION_LEVELS,
     ModelTraits,
     TilePlan,
@@ -385,7 +384,7 @@ class Upscaler:
             return plan, 1
         current = max(plan.tile_h, plan.tile_w)
         new_tile = align_tile(current // 2, self.traits)
-        if new_tile >= current or current // 2 < max(MIN_TILE, self.traits.minimum):
+        if new_tile >= current:  # already at the smallest tile the model accepts
             raise exc
         logger.warning("upscale: out of memory with %d px tiles, retrying with %d px tiles", current, new_tile)
         overlap = self.options.overlap if self.options.overlap > 0 else auto_overlap(self.traits)
@@ -412,7 +411,7 @@ class Upscaler:
                 j = min(i + batch, b)
                 nxt = (j, min(j + batch, b)) if j < b else None
                 x = reader.get(i, j, prefetch=nxt)
-                y = self._model_call(x, plan, report, index=i)
+                y = self._model_call(x, plan, report, index=i, batch=batch)
                 writer.put(i, y.permute(0, 2, 3, 1))
                 i = j
                 if progress is not None:
@@ -433,7 +432,7 @@ class Upscaler:
                 crops = torch.stack([x[:, t.y0 : t.y1, t.x0 : t.x1] for t in group])
                 if self.device.type == "cuda":
                     crops = crops.contiguous(memory_format=torch.channels_last)
-                y = self._model_call(crops, plan, report, index=f)
+                y = self._model_call(crops, plan, report, index=f, batch=batch)
                 for t, yt in zip(group, y, strict=True):
                     wt = tile_weights(plan, t, s, device=self.device)
                     ys, xs = slice(t.y0 * s, t.y1 * s), slice(t.x0 * s, t.x1 * s)
@@ -445,9 +444,17 @@ class Upscaler:
             writer.put(f, frame)
         return b
 
-    def _model_call(self, x: torch.Tensor, plan: TilePlan, report: RunReport, index: int) -> torch.Tensor:
+    def _model_call(
+        self, x: torch.Tensor, plan: TilePlan, report: RunReport, index: int, batch: int = 1
+    ) -> torch.Tensor:
         """Pad, run, check for overflow, clamp and crop one batch of tiles/frames."""
+        n = x.shape[0]
         h, w = x.shape[-2:]
+        if n < batch and self.backend.startswith("compiled"):
+            # A short last batch would be a new shape (a recompile): repeat the last item.
+            x = torch.cat([x, x[-1:].expand(batch - n, -1, -1, -1)])
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
         xp = _pad(x, plan.pad_h, plan.pad_w)
         y = self._forward(xp, self.dtype)
         bad = ~torch.isfinite(y).flatten(1).all(dim=1)
@@ -461,7 +468,7 @@ class Upscaler:
         if any_bad:
             y = self._redo_overflow(xp, y, bad, report, index)
         s = self.traits.scale
-        return y.clamp_(0.0, 1.0)[..., : h * s, : w * s]
+        return y[:n].clamp_(0.0, 1.0)[..., : h * s, : w * s]
 
     def _redo_overflow(self, xp, y, bad, report: RunReport, index: int) -> torch.Tensor:
         safe = self._safe_dtype()
