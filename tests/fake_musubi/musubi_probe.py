@@ -1,0 +1,249 @@
+"""Check command lines and dataset configs with musubi-tuner's OWN code (integration tier).
+
+Run as a separate process (never inside ComfyUI or pytest): ``python musubi_probe.py``
+with a JSON request on stdin::
+
+    {"root": "<musubi checkout>", "argv_checks": [{"script": "wan_train_network", "argv": [...]}],
+     "dataset_checks": ["<toml path>", ...], "architecture": "wan",
+     "accelerate_checks": [[...launch flags...]]}
+
+Each script's module is imported from the checkout and its ``main()`` is run with the
+argv until its parser has parsed it (``ArgumentParser.parse_args`` is intercepted, so no
+model is loaded). Packages missing from this interpreter (torch, transformers, ...) are
+replaced by inert stubs, so the parser is musubi's real one even without its venv.
+The answer (JSON on stdout) says, per check, ``ok`` or the parser's error message.
+"""
+
+import argparse
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import io
+import json
+import sys
+import types
+
+
+class _Stub:
+    """Inert stand-in for anything from a missing package."""
+
+    def __init__(self, name="stub"):
+        self._name = name
+
+    def __getattr__(self, key):
+        if key.startswith("__") and key.endswith("__"):
+            raise AttributeError(key)
+        return _Stub(f"{self._name}.{key}")
+
+    def __call__(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], (types.FunctionType, type)):
+            return args[0]  # used as a decorator
+        return _Stub(self._name + "()")
+
+    def __mro_entries__(self, bases):
+        return ()  # `class X(stub.Module)` -> plain class
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self):
+        return 0
+
+    def __bool__(self):
+        return False
+
+    def __getitem__(self, key):
+        return _Stub(self._name + "[]")
+
+    def __or__(self, other):
+        return self
+
+    __ror__ = __or__
+    __add__ = __radd__ = __sub__ = __mul__ = __rmul__ = __truediv__ = __or__
+
+    def __lt__(self, other):
+        return False
+
+    __le__ = __gt__ = __ge__ = __lt__
+
+    def __hash__(self):
+        return id(self)
+
+    def __repr__(self):
+        return f"<stub {self._name}>"
+
+    def __str__(self):
+        return "0.0.0"
+
+
+class _StubModule(types.ModuleType):
+    def __getattr__(self, key):
+        if key == "__version__":
+            return "99.0.0"
+        if key.startswith("__") and key.endswith("__"):
+            raise AttributeError(key)
+        return _Stub(f"{self.__name__}.{key}")
+
+
+class _StubLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        mod = _StubModule(spec.name)
+        mod.__path__ = []
+        return mod
+
+    def exec_module(self, module):
+        pass
+
+
+class _StubFinder(importlib.abc.MetaPathFinder):
+    """Last on sys.meta_path: whatever no real finder found becomes a stub package."""
+
+    def __init__(self, names):
+        self.names = names
+        self.stubbed = set()
+
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top not in self.names:
+            return None  # only what musubi itself imports; other optional imports stay missing
+        self.stubbed.add(name.split(".")[0])
+        return importlib.machinery.ModuleSpec(name, _StubLoader(), is_package=True)
+
+
+def third_party_imports(package_dir):
+    """Top-level names musubi's modules import that are neither stdlib nor musubi itself."""
+    import ast
+    import pathlib
+
+    names = set()
+    for path in pathlib.Path(package_dir).rglob("*.py"):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    skip = set(sys.stdlib_module_names) | set(sys.builtin_module_names) | {"musubi_tuner"}
+    return {n for n in names if n not in skip and importlib.util.find_spec(n) is None}
+
+
+class _Parsed(Exception):
+    pass
+
+
+def check_argv(script, argv):
+    """Run musubi's parser for ``script`` on ``argv``: None if accepted, else the error."""
+    module = importlib.import_module(f"musubi_tuner.{script}")
+    original = argparse.ArgumentParser.parse_args
+    err = io.StringIO()
+    result = {}
+
+    def parse_args(self, args=None, namespace=None):
+        real_err, sys.stderr = sys.stderr, err
+        try:
+            ns = original(self, args, namespace)
+        finally:
+            sys.stderr = real_err
+        result["namespace"] = {k: v for k, v in vars(ns).items() if isinstance(v, (str, int, float, bool, list))}
+        raise _Parsed()
+
+    argparse.ArgumentParser.parse_args = parse_args
+    old_argv = sys.argv
+    sys.argv = [f"{script}.py", *argv]
+    try:
+        module.main()
+        return {"ok": False, "error": "main() returned without parsing arguments"}
+    except _Parsed:
+        return {"ok": True, "namespace": result["namespace"]}
+    except SystemExit as exc:
+        lines = err.getvalue().strip().splitlines()
+        return {"ok": False, "error": lines[-1] if lines else f"SystemExit({exc.code})"}
+    finally:
+        argparse.ArgumentParser.parse_args = original
+        sys.argv = old_argv
+
+
+def check_dataset(path, architecture):
+    from musubi_tuner.dataset import config_utils
+
+    try:
+        user_config = config_utils.load_user_config(path)
+        sanitizer = config_utils.ConfigSanitizer()
+        blueprint = config_utils.BlueprintGenerator(sanitizer).generate(
+            user_config, argparse.Namespace(debug_dataset=False), architecture=architecture
+        )
+    except Exception as exc:  # noqa: BLE001 - report musubi's own error text
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    datasets = [
+        {
+            "is_image": d.is_image_dataset,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(d.params).items()},
+        }
+        for d in blueprint.dataset_group.datasets
+    ]
+    return {"ok": True, "datasets": datasets}
+
+
+def check_accelerate(flags):
+    try:
+        from accelerate.commands.launch import launch_command_parser
+    except ImportError as exc:
+        return {"ok": False, "skipped": f"accelerate not importable: {exc}"}
+    if isinstance(launch_command_parser, _Stub):
+        return {"ok": False, "skipped": "accelerate is not installed in this interpreter"}
+    parser = launch_command_parser()
+    err = io.StringIO()
+    real_err, sys.stderr = sys.stderr, err
+    try:
+        ns = parser.parse_args(flags)
+    except SystemExit:
+        lines = err.getvalue().strip().splitlines()
+        return {"ok": False, "error": lines[-1] if lines else "rejected"}
+    finally:
+        sys.stderr = real_err
+    return {"ok": True, "training_script": ns.training_script, "mixed_precision": ns.mixed_precision}
+
+
+def main():
+    request = json.load(sys.stdin)
+    sys.path.insert(0, request["root"] + "/src")
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            # musubi evaluates torch.cuda.current_device() in default arguments at import time
+            torch.cuda.current_device = lambda: 0
+    except ImportError:
+        pass
+    finder = _StubFinder(third_party_imports(request["root"] + "/src/musubi_tuner"))
+    sys.meta_path.append(finder)
+    real_out, sys.stdout = sys.stdout, io.StringIO()  # musubi modules may print at import
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    try:
+        answer = {
+            "argv": [check_argv(c["script"], c["argv"]) for c in request.get("argv_checks", [])],
+            "datasets": [
+                check_dataset(p, request.get("architecture", "wan")) for p in request.get("dataset_checks", [])
+            ],
+            "accelerate": [check_accelerate(f) for f in request.get("accelerate_checks", [])],
+        }
+    finally:
+        sys.stdout = real_out
+    answer["stubbed"] = sorted(finder.stubbed)
+    try:
+        import voluptuous
+
+        answer["voluptuous_real"] = not isinstance(voluptuous, _StubModule)
+    except ImportError:
+        answer["voluptuous_real"] = False
+    json.dump(answer, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
