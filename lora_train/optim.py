@@ -62,7 +62,12 @@ def lr_lambda(name: str, total_steps: int, warmup_steps: int) -> Callable[[int],
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int
+    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int, done_steps: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` over :func:`lr_lambda`; call ``step()`` once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, total_steps, warmup_steps))
+    """A ``LambdaLR`` over :func:`lr_lambda`; call ``step()`` once per optimizer step.
+
+    ``done_steps`` > 0 (resume) needs an optimizer whose groups carry ``initial_lr`` (a loaded state).
+    """
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(name, total_steps, warmup_steps), last_epoch=done_steps - 1
+    )

@@ -178,15 +178,15 @@ class TinyUNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Linear(adm_dim, emb_dim) if adm_dim else None
         if naming == "diffusers":
-            self.conv_in = nn.Conv2d(in_channels, dim, 3, padding=1)
+            self.conv_in = nn.Conv2d(in_channels, dim, 1)
             self.down_blocks = nn.ModuleList([_Stage(dim, emb_dim, context_dim, heads, linear)])
             self.mid_block = _Stage(dim, emb_dim, context_dim, heads, linear)
             self.up_blocks = nn.ModuleList([_Stage(dim, emb_dim, context_dim, heads, linear)])
-            self.conv_out = nn.Conv2d(dim, in_channels, 3, padding=1)
+            self.conv_out = nn.Conv2d(dim, in_channels, 1)
         else:
             self.input_blocks = nn.ModuleList(
                 [
-                    _Seq([nn.Conv2d(in_channels, dim, 3, padding=1)]),
+                    _Seq([nn.Conv2d(in_channels, dim, 1)]),
                     _Seq([ResBlock(dim, emb_dim), SpatialTransformer(dim, context_dim, heads, 1, linear)]),
                 ]
             )
@@ -194,7 +194,7 @@ class TinyUNet(nn.Module):
             self.output_blocks = nn.ModuleList(
                 [_Seq([ResBlock(dim, emb_dim), SpatialTransformer(dim, context_dim, heads, 1, linear)])]
             )
-            self.out = nn.Sequential(nn.GroupNorm(4, dim), nn.SiLU(), nn.Conv2d(dim, in_channels, 3, padding=1))
+            self.out = nn.Sequential(nn.GroupNorm(4, dim), nn.SiLU(), nn.Conv2d(dim, in_channels, 1))
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None

@@ -193,8 +193,8 @@ class Trainer:
         self.losses = [float(x) for x in info.get("losses", [])]
         if info.get("grad_scale") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict({"scale": float(info["grad_scale"]), "_growth_tracker": 0})
-        self.scheduler.last_epoch = self.step - 1
-        self.scheduler.step()  # sets the LRs for `self.step`
+        cfg = self.config
+        self.scheduler = optim.make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.steps, cfg.warmup_steps, self.step)
 
     def save_state(self, base: str | Path) -> tuple[Path, Path]:
         info = {
