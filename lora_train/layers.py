@@ -72,10 +72,14 @@ class LoRALayer(nn.Module):
         """alpha / rank, the factor the LoRA branch is multiplied with (times ``multiplier``)."""
         return self.alpha / self.rank
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Down random (Kaiming-uniform, a=sqrt(5) like nn.Linear), up zero: identity at step 0."""
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
+        weight = self.lora_down.weight
+        init = torch.empty(weight.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            weight.copy_(init)
+            self.lora_up.weight.zero_()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
@@ -167,6 +171,12 @@ class LoRASet:
 
     def groups(self) -> list[str]:
         return sorted({slot.group for slot in self._slots.values()})
+
+    def reset(self, seed: int) -> None:
+        """Re-initialise every layer from ``seed`` (CPU generator: same init on every device)."""
+        generator = torch.Generator().manual_seed(seed)
+        for slot in self._slots.values():
+            slot.layer.reset_parameters(generator)
 
     def set_multiplier(self, value: float) -> None:
         for slot in self._slots.values():

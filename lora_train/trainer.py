@@ -145,6 +145,7 @@ class Trainer:
         *,
         checkpoint_blocks: Iterable[nn.Module] = (),
         text_modules: Iterable[nn.Module] = (),
+        cond_cache: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         config.validate()
         if not samples:
@@ -162,7 +163,7 @@ class Trainer:
         self.acp = schedule.alphas_cumprod().to(self.device)
         self.losses: list[float] = []
         self.step = 0
-        self._cond_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._cond_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = dict(cond_cache or {})
         self._by_bucket: dict[tuple[int, int], list[int]] = {}
         for i, s in enumerate(samples):
             self._by_bucket.setdefault(s.bucket, []).append(i)
@@ -172,6 +173,7 @@ class Trainer:
             groups.append({"params": lora.parameters("te"), "lr": config.te_lr})
         self.optimizer = optim.make_optimizer(config.optimizer, groups)
         self.scheduler = optim.make_scheduler(self.optimizer, config.lr_scheduler, config.steps, config.warmup_steps)
+        lora.reset(config.seed)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.started_at = time.time()
 
@@ -295,8 +297,12 @@ class Trainer:
         *,
         on_step: Callable[[int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        state_dir: str | Path | None = None,
     ) -> Result:
         """Train to ``config.steps``, saving every ``save_every`` steps and at the end.
+
+        LoRA files go to ``output_dir``; the resume state (``<name>-state.*``) to ``state_dir``
+        (default ``output_dir``).
 
         ``should_stop()`` is polled after every step: when true, the current LoRA and state are
         saved and the run returns ``cancelled=True``. Any exception also saves the state first
@@ -306,7 +312,7 @@ class Trainer:
         out = Path(output_dir)
         name = checkpoint.validate_output_name(info.output_name)
         final = out / f"{name}.safetensors"
-        state_base = out / name
+        state_base = Path(state_dir or out) / name
         start = time.time()
         cancelled = False
         saved_step = self.step
@@ -406,6 +412,21 @@ class Trainer:
         }
         meta.update(info.extra)
         return meta
+
+
+def precompute_conditioning(
+    encode: Callable[[list[str], list[Sample]], dict[str, torch.Tensor]], samples: list[Sample]
+) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
+    """Encode every sample's caption once (frozen text encoder, no caption dropout/shuffle).
+
+    The result is the ``cond_cache`` argument of :class:`Trainer`; computing it before the UNet
+    is loaded lets the text encoder be unloaded while training.
+    """
+    cache = {}
+    with torch.no_grad():
+        for index, sample in enumerate(samples):
+            cache[(sample.caption, index)] = {k: v.detach() for k, v in encode([sample.caption], [sample]).items()}
+    return cache
 
 
 def stack_conditioning(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

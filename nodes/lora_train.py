@@ -1,7 +1,698 @@
-"""ComfyUI adapter for lora_train/ (nodes land here as the capability is built)."""
+"""ComfyUI adapter for lora_train/: ``SpeedKit_TrainLoRA`` (SD1.5 / SDXL LoRA from the loaded checkpoint).
+
+Everything ComfyUI-specific lives here: reading the family from the MODEL object, text encoding
+through the CLIP object (SDXL size conditioning through the model's own ``encode_adm``), latents
+through the VAE, loading through ComfyUI's model management, progress / cancel / live chart, and
+applying the trained file with ComfyUI's own LoRA loader. The loop itself is ``lora_train.trainer``.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 from comfy_api.latest import io
 
-NODES: list[type[io.ComfyNode]] = []
+from ..lora_train import checkpoint, data, layers, optim
+from ..lora_train.chart import loss_chart
+from ..lora_train.naming import ldm_to_diffusers_path
+from ..lora_train.prepare import build_samples
+from ..lora_train.trainer import (
+    PRECISIONS,
+    RunInfo,
+    TrainConfig,
+    Trainer,
+    precompute_conditioning,
+    stack_conditioning,
+)
+from .comfy_bridge import progress_bar, to_intermediate
+
+logger = logging.getLogger(__name__)
+
+LOSS_EVENT = "speedkit.lora_train.loss"
+CHECKPOINT_BLOCKS = ("BasicTransformerBlock", "ResBlock")
+STATE_SUBDIR = "speedkit_lora_state"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the trainer needs to know about the loaded checkpoint."""
+
+    name: str  # "sd15" | "sdxl"
+    prediction: str  # "eps" | "v"
+    resolution_multiple: int
+    default_resolution: int
+    base_model_version: str
+    architecture: str
+    implementation: str
+    text_encoders: tuple[tuple[str, str], ...]  # (attribute of cond_stage_model, kohya prefix)
+
+
+def detect_family(model) -> Family:
+    """SD1.5 or SDXL, eps or v, from a ComfyUI MODEL; ``ValueError`` for anything else."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    base = model.model
+    config = getattr(base, "model_config", None)
+    config_name = type(config).__name__ if config is not None else type(base).__name__
+    model_type = getattr(base, "model_type", None)
+    kind = getattr(model_type, "name", str(model_type))
+    if kind == "EPS":
+        prediction = "eps"
+    elif kind == "V_PREDICTION":
+        prediction = "v"
+    else:
+        prediction = ""
+    if type(base) is comfy.model_base.SDXL and isinstance(config, comfy.supported_models.SDXL):
+        family = Family(
+            "sdxl",
+            prediction,
+            64,
+            1024,
+            "sdxl_base_v1-0" if prediction == "eps" else "sdxl_base_v1-0_v",
+            "stable-diffusion-xl-v1-base/lora",
+            "https://github.com/Stability-AI/generative-models",
+            (("clip_l", "lora_te1"), ("clip_g", "lora_te2")),
+        )
+    elif type(base) is comfy.model_base.BaseModel and type(config) is comfy.supported_models.SD15:
+        family = Family(
+            "sd15",
+            prediction,
+            8,
+            512,
+            "sd_v1" if prediction == "eps" else "sd_v1_v",
+            "stable-diffusion-v1/lora",
+            "diffusers",
+            (("clip_l", "lora_te"),),
+        )
+    else:
+        raise ValueError(
+            f"model: this is a {config_name} checkpoint; Train LoRA (SpeedKit) supports SD1.5 and SDXL only "
+            f"(SD2, SD3, Flux and other families are not supported yet). Load an SD1.5 or SDXL checkpoint."
+        )
+    if not prediction:
+        raise ValueError(
+            f"model: {config_name} with prediction type {kind} is not supported; only eps and v-prediction "
+            f"(DDPM) SD1.5/SDXL checkpoints can be trained"
+        )
+    return family
+
+
+def _materialize_inference_tensors(module: torch.nn.Module) -> int:
+    """Replace parameters/buffers created under ``torch.inference_mode`` by normal copies.
+
+    ComfyUI loads checkpoints inside inference mode; autograd refuses to save such tensors for
+    backward even when they are frozen. Values, dtype and device are unchanged.
+    """
+    count = 0
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and torch.is_inference(p):
+                sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                count += 1
+        for name, b in list(sub._buffers.items()):
+            if b is not None and torch.is_inference(b):
+                sub._buffers[name] = b.clone()
+                count += 1
+    return count
+
+
+def _send_loss(node_id: str | None, step: int, total: int, loss: float) -> None:
+    """Live chart event for web/js/lora_train.js; silently skipped without a running server."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return
+    instance.send_sync(LOSS_EVENT, {"node": node_id, "step": step, "total": total, "loss": loss})
+
+
+class TrainLoRA(io.ComfyNode):
+    """Train an SD1.5 / SDXL LoRA on a folder of captioned images, from the loaded checkpoint."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SpeedKit_TrainLoRA",
+            display_name="Train LoRA (SD1.5/SDXL)",
+            category="SpeedKit/training",
+            description=(
+                "Trains a LoRA for the loaded SD1.5 or SDXL checkpoint on a folder of images with same-name "
+                ".txt captions, saves it to models/loras in the kohya format every SD tool reads, and returns "
+                "the MODEL and CLIP with the LoRA applied plus a loss curve. The input MODEL/CLIP are not "
+                "changed. Cancel saves the current LoRA and a resume state."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5 or SDXL MODEL from Load Checkpoint (left unchanged)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP; captions are encoded with it."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE; encodes the training images once."),
+                io.String.Input(
+                    "dataset_folder",
+                    default="",
+                    tooltip="Folder of training images (png/jpg/webp/bmp) with same-name .txt captions.",
+                ),
+                io.String.Input(
+                    "output_name",
+                    default="my_lora",
+                    tooltip="File name (no folder) of the LoRA written to models/loras/<output_name>.safetensors.",
+                ),
+                io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps to train."),
+                io.Float.Input(
+                    "learning_rate",
+                    default=1e-4,
+                    min=1e-7,
+                    max=1.0,
+                    step=1e-5,
+                    tooltip="UNet LoRA learning rate (1e-4 is a good start).",
+                ),
+                io.Int.Input(
+                    "rank", default=16, min=1, max=1024, tooltip="LoRA dimension (network_dim); 8-32 typical."
+                ),
+                io.Float.Input(
+                    "alpha",
+                    default=16.0,
+                    min=0.01,
+                    max=1024.0,
+                    step=0.5,
+                    tooltip="LoRA alpha; the LoRA is scaled by alpha/rank (alpha = rank: scale 1).",
+                ),
+                io.Int.Input(
+                    "resolution",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    step=8,
+                    tooltip="Training side length in px; 0 = the model's native (512 SD1.5, 1024 SDXL). "
+                    "Multiple of 64 for SDXL, of 8 for SD1.5.",
+                ),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per micro-batch (same bucket)."),
+                io.Combo.Input(
+                    "target",
+                    options=list(layers.TARGET_PRESETS),
+                    default="attention",
+                    tooltip="attention: to_q/to_k/to_v/to_out of every attention. attention+mlp: kohya's default, "
+                    "all Linear layers of the transformer blocks incl. feed-forward and proj_in/out.",
+                ),
+                io.Boolean.Input(
+                    "train_text_encoder",
+                    default=False,
+                    tooltip="Also train a LoRA on the text encoder(s); slower, disables text-encoder caching.",
+                ),
+                io.Float.Input(
+                    "text_encoder_lr",
+                    default=5e-5,
+                    min=0.0,
+                    max=1.0,
+                    step=1e-5,
+                    tooltip="Learning rate of the text-encoder LoRA (only when train_text_encoder is on).",
+                    advanced=True,
+                ),
+                io.Combo.Input(
+                    "optimizer",
+                    options=list(optim.OPTIMIZERS),
+                    default="AdamW",
+                    tooltip="AdamW, or AdamW8bit (needs the bitsandbytes package; less optimizer memory).",
+                    advanced=True,
+                ),
+                io.Combo.Input(
+                    "lr_scheduler",
+                    options=list(optim.SCHEDULERS),
+                    default="constant",
+                    tooltip="Learning-rate schedule after warmup: constant, cosine or linear decay to 0.",
+                    advanced=True,
+                ),
+                io.Int.Input(
+                    "warmup_steps",
+                    default=0,
+                    min=0,
+                    max=100_000,
+                    tooltip="Steps of linear LR warmup from 0 (0 = none).",
+                    advanced=True,
+                ),
+                io.Int.Input(
+                    "grad_accumulation",
+                    default=1,
+                    min=1,
+                    max=256,
+                    tooltip="Micro-batches per optimizer step (effective batch = batch_size x this).",
+                    advanced=True,
+                ),
+                io.Combo.Input(
+                    "precision",
+                    options=list(PRECISIONS),
+                    default="bf16",
+                    tooltip="Mixed precision of the forward/backward: bf16 (recommended), fp16 (with loss "
+                    "scaling) or fp32 (no autocast). LoRA weights are always kept in fp32.",
+                    advanced=True,
+                ),
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    default=True,
+                    tooltip="Recompute activations in the backward pass: much less memory, ~30% slower.",
+                    advanced=True,
+                ),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of LoRA init, noise, timesteps, batches."
+                ),
+                io.Float.Input(
+                    "min_snr_gamma",
+                    default=0.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.5,
+                    tooltip="Min-SNR loss weighting gamma; 0 = off, 5 typical.",
+                    advanced=True,
+                ),
+                io.Float.Input(
+                    "noise_offset",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Noise offset (per-channel constant added to the noise); 0 = off, 0.05 typical.",
+                    advanced=True,
+                ),
+                io.Float.Input(
+                    "caption_dropout",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Probability (0-1) of training a step with an empty caption; 0 = off.",
+                    advanced=True,
+                ),
+                io.Boolean.Input(
+                    "shuffle_captions",
+                    default=False,
+                    tooltip="Shuffle comma-separated caption tags each step (after the first keep_tokens).",
+                    advanced=True,
+                ),
+                io.Int.Input(
+                    "keep_tokens",
+                    default=0,
+                    min=0,
+                    max=255,
+                    tooltip="Leading caption tags never shuffled (e.g. 1 keeps the trigger word first).",
+                    advanced=True,
+                ),
+                io.String.Input(
+                    "default_caption",
+                    default="",
+                    tooltip="Caption for images without a .txt file; empty = such images are an error.",
+                    advanced=True,
+                ),
+                io.Int.Input(
+                    "min_bucket",
+                    default=256,
+                    min=64,
+                    max=4096,
+                    step=8,
+                    tooltip="Smallest aspect-ratio bucket side in px.",
+                    advanced=True,
+                ),
+                io.Int.Input(
+                    "max_bucket",
+                    default=2048,
+                    min=64,
+                    max=8192,
+                    step=8,
+                    tooltip="Largest aspect-ratio bucket side in px. Set min=max=resolution for square crops.",
+                    advanced=True,
+                ),
+                io.Int.Input(
+                    "bucket_step",
+                    default=64,
+                    min=8,
+                    max=512,
+                    step=8,
+                    tooltip="Bucket sides are multiples of this many px (multiple of 8).",
+                    advanced=True,
+                ),
+                io.Boolean.Input(
+                    "bucket_no_upscale",
+                    default=False,
+                    tooltip="Never enlarge an image: small images get a bucket of their own (smaller) size.",
+                    advanced=True,
+                ),
+                io.Int.Input(
+                    "save_every",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Also save <name>-stepNNNNNN.safetensors and a resume state every N steps; 0 = only at the end.",
+                    advanced=True,
+                ),
+                io.Int.Input(
+                    "keep_last",
+                    default=0,
+                    min=0,
+                    max=1000,
+                    tooltip="Keep only the newest N step files (0 = keep all).",
+                    advanced=True,
+                ),
+                io.Combo.Input(
+                    "save_precision",
+                    options=list(checkpoint.SAVE_DTYPES),
+                    default="fp16",
+                    tooltip="dtype of the saved LoRA tensors (fp16 is what most tools expect).",
+                    advanced=True,
+                ),
+                io.String.Input(
+                    "resume_from",
+                    default="",
+                    tooltip="Resume a run: the <name>-state.json path, or the output_name of a run whose state is "
+                    "in output/speedkit_lora_state. Empty = start fresh.",
+                    advanced=True,
+                ),
+                io.Boolean.Input(
+                    "cache_latents_to_disk",
+                    default=False,
+                    tooltip="Also keep the VAE latents in <dataset>/_latent_cache so the next run skips encoding.",
+                    advanced=True,
+                ),
+            ],
+            outputs=[
+                io.String.Output(display_name="lora_path", tooltip="Absolute path of the saved .safetensors LoRA."),
+                io.Model.Output(
+                    display_name="MODEL", tooltip="The input MODEL with the trained LoRA applied (strength 1)."
+                ),
+                io.Clip.Output(
+                    display_name="CLIP",
+                    tooltip="The input CLIP with the text-encoder LoRA applied (unchanged when it was not trained).",
+                ),
+                io.Image.Output(display_name="loss", tooltip="Loss curve: raw loss per step and moving average."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        clip,
+        vae,
+        dataset_folder: str,
+        output_name: str,
+        steps: int,
+        learning_rate: float,
+        rank: int,
+        alpha: float,
+        resolution: int,
+        batch_size: int,
+        target: str,
+        train_text_encoder: bool,
+        text_encoder_lr: float = 5e-5,
+        optimizer: str = "AdamW",
+        lr_scheduler: str = "constant",
+        warmup_steps: int = 0,
+        grad_accumulation: int = 1,
+        precision: str = "bf16",
+        gradient_checkpointing: bool = True,
+        seed: int = 0,
+        min_snr_gamma: float = 0.0,
+        noise_offset: float = 0.0,
+        caption_dropout: float = 0.0,
+        shuffle_captions: bool = False,
+        keep_tokens: int = 0,
+        default_caption: str = "",
+        min_bucket: int = 256,
+        max_bucket: int = 2048,
+        bucket_step: int = 64,
+        bucket_no_upscale: bool = False,
+        save_every: int = 0,
+        keep_last: int = 0,
+        save_precision: str = "fp16",
+        resume_from: str = "",
+        cache_latents_to_disk: bool = False,
+    ) -> io.NodeOutput:
+        import folder_paths
+
+        family = detect_family(model)
+        name = checkpoint.validate_output_name(output_name)
+        resolution = resolution or family.default_resolution
+        data.validate_resolution(resolution, family.resolution_multiple)
+        items = data.scan_folder(dataset_folder, default_caption)
+        config = TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            grad_accum=grad_accumulation,
+            unet_lr=learning_rate,
+            te_lr=text_encoder_lr,
+            rank=rank,
+            alpha=alpha,
+            target=target,
+            train_te=train_text_encoder,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            warmup_steps=warmup_steps,
+            precision=precision,
+            grad_checkpointing=gradient_checkpointing,
+            seed=seed,
+            prediction=family.prediction,
+            min_snr_gamma=min_snr_gamma,
+            noise_offset=noise_offset,
+            caption_dropout=caption_dropout,
+            shuffle_captions=shuffle_captions,
+            keep_tokens=keep_tokens,
+            save_every=save_every,
+            keep_last=keep_last,
+            save_dtype=save_precision,
+        )
+        config.validate()
+        lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
+        state_dir = Path(folder_paths.get_output_directory()) / STATE_SUBDIR
+        run = _Run(cls.hidden.unique_id, family, model, clip, vae, config)
+        result_path, losses = run.train(
+            items,
+            name=name,
+            resolution=resolution,
+            buckets=(min_bucket, max_bucket, bucket_step, bucket_no_upscale),
+            lora_dir=lora_dir,
+            state_dir=state_dir,
+            resume_from=_resolve_resume(resume_from, state_dir),
+            cache_dir=Path(dataset_folder).expanduser() / "_latent_cache" if cache_latents_to_disk else None,
+            dataset_dir=dataset_folder,
+        )
+        model_out, clip_out = apply_lora_file(model, clip, result_path)
+        chart = loss_chart(losses, title=f"{name}: loss over {len(losses)} steps")
+        return io.NodeOutput(str(result_path), model_out, clip_out, to_intermediate(chart))
+
+
+def _resolve_resume(value: str, state_dir: Path) -> Path | None:
+    value = value.strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists() or Path(f"{path}-state.json").exists():
+        return path
+    return state_dir / value
+
+
+def apply_lora_file(model, clip, path: Path):
+    """MODEL/CLIP clones with the LoRA file applied at strength 1 by ComfyUI's own loader."""
+    import comfy.sd
+    import comfy.utils
+
+    lora_sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+    return comfy.sd.load_lora_for_models(model, clip, lora_sd, 1.0, 1.0)
+
+
+class _Run:
+    """One training call: holds the cloned patchers and undoes every injection at the end."""
+
+    def __init__(self, node_id, family: Family, model, clip, vae, config: TrainConfig) -> None:
+        self.node_id = node_id
+        self.family = family
+        self.patcher = model.clone()
+        self.clip = clip.clone()
+        self.vae = vae
+        self.config = config
+
+    def _encoder(self, device: torch.device):
+        base_model = self.patcher.model
+        clip = self.clip
+        sdxl = self.family.name == "sdxl"
+
+        def encode(captions, samples):
+            parts = []
+            for caption, sample in zip(captions, samples, strict=True):
+                out = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True, return_dict=True)
+                cond = {"context": out["cond"].to(device, torch.float32)}
+                if sdxl:
+                    oh, ow, top, left, th, tw = sample.time_ids
+                    y = base_model.encode_adm(
+                        pooled_output=out["pooled_output"],
+                        height=oh,
+                        width=ow,
+                        crop_h=top,
+                        crop_w=left,
+                        target_height=th,
+                        target_width=tw,
+                        device=device,
+                    )
+                    cond["y"] = y.to(device, torch.float32)
+                parts.append(cond)
+            return stack_conditioning(parts)
+
+        return encode
+
+    def _encode_latents(self, items, resolution, buckets, cache_dir):
+        import comfy.model_management as mm
+
+        latent_format = self.patcher.model.latent_format
+        vae = self.vae
+        pbar = progress_bar(len(items), self.node_id)
+
+        def encode_image(pixels: torch.Tensor) -> torch.Tensor:
+            mm.throw_exception_if_processing_interrupted()
+            with torch.inference_mode():
+                latent = vae.encode(pixels.unsqueeze(0))
+                latent = latent_format.process_in(latent.float())
+            return latent[0].clone()
+
+        min_bucket, max_bucket, step, no_upscale = buckets
+        min_bucket, max_bucket = min(min_bucket, resolution), max(max_bucket, resolution)
+        return build_samples(
+            items,
+            resolution=resolution,
+            min_bucket=min_bucket,
+            max_bucket=max_bucket,
+            bucket_step=step,
+            no_upscale=no_upscale,
+            encode_image=encode_image,
+            cache_dir=cache_dir,
+            encoder_id=f"{type(vae.first_stage_model).__name__}|{type(latent_format).__name__}",
+            progress=lambda done, total: pbar.update_absolute(done, total),
+        )
+
+    def train(self, items, *, name, resolution, buckets, lora_dir, state_dir, resume_from, cache_dir, dataset_dir):
+        import comfy.model_management as mm
+
+        with torch.inference_mode(False):
+            samples = self._encode_latents(items, resolution, buckets, cache_dir)
+            device = self.patcher.load_device
+            config = self.config
+            models = [self.patcher]
+            cond_cache = None
+            if not config.train_te and config.caption_dropout == 0 and not config.shuffle_captions:
+                # every caption is fixed: encode them all now, then the text encoders may leave the GPU
+                cond_cache = precompute_conditioning(self._encoder(device), samples)
+            else:
+                models.append(self.clip.patcher)
+            mm.load_models_gpu(models, force_full_load=True)
+            unet = self.patcher.model.diffusion_model
+            _materialize_inference_tensors(unet)
+            lora = layers.LoRASet()
+            try:
+                self._inject(lora, unet, device)
+                dtype = self.patcher.model.get_dtype_inference()
+
+                def denoise(x, t, cond):
+                    y = cond.get("y")
+                    return unet(
+                        x.to(dtype),
+                        t.float(),
+                        context=cond["context"].to(dtype),
+                        y=None if y is None else y.to(dtype),
+                    )
+
+                blocks = [m for m in unet.modules() if type(m).__name__ in CHECKPOINT_BLOCKS]
+                trainer = Trainer(
+                    self.config,
+                    lora,
+                    samples,
+                    denoise,
+                    self._encoder(device),
+                    device,
+                    checkpoint_blocks=blocks,
+                    text_modules=self._text_models() if config.train_te else (),
+                    cond_cache=cond_cache,
+                )
+                if resume_from is not None:
+                    trainer.load_state(resume_from)
+                return self._loop(trainer, name, resolution, lora_dir, state_dir, dataset_dir)
+            finally:
+                lora.detach()
+                if config.train_te:
+                    for m in self._text_models():
+                        m.train(False)
+
+    def _text_models(self):
+        stage = self.clip.cond_stage_model
+        return [getattr(stage, attr).transformer for attr, _ in self.family.text_encoders if hasattr(stage, attr)]
+
+    def _inject(self, lora: layers.LoRASet, unet, device) -> None:
+        config = self.config
+        rename = (lambda p: p) if self.family.name == "sdxl" else self._sd15_rename()
+        paths = layers.find_unet_targets(unet, config.target)
+        lora.add(unet, paths, rank=config.rank, alpha=config.alpha, prefix="lora_unet", rename=rename, device=device)
+        if config.train_te:
+            stage = self.clip.cond_stage_model
+            for attr, prefix in self.family.text_encoders:
+                text_model = getattr(stage, attr).transformer
+                _materialize_inference_tensors(text_model)
+                weight = next(text_model.parameters())
+                lora.add(
+                    text_model,
+                    layers.find_te_targets(text_model),
+                    rank=config.rank,
+                    alpha=config.alpha,
+                    prefix=prefix,
+                    group="te",
+                    device=weight.device,
+                )
+
+    def _sd15_rename(self):
+        unet_config = self.patcher.model.model_config.unet_config
+        nrb = unet_config["num_res_blocks"]
+        if isinstance(nrb, int):
+            nrb = [nrb] * len(unet_config["channel_mult"])
+        return lambda path: ldm_to_diffusers_path(path, nrb)
+
+    def _loop(self, trainer: Trainer, name, resolution, lora_dir, state_dir, dataset_dir):
+        import comfy.model_management as mm
+
+        config = self.config
+        pbar = progress_bar(config.steps, self.node_id)
+        last_sent = [0.0]
+
+        def on_step(step: int, loss: float) -> None:
+            now = time.monotonic()
+            if now - last_sent[0] > 0.1 or step == config.steps:
+                last_sent[0] = now
+                _send_loss(self.node_id, step, config.steps, loss)
+            pbar.update_absolute(step, config.steps)
+
+        info = RunInfo(
+            output_name=name,
+            base_model_version=self.family.base_model_version,
+            architecture=self.family.architecture,
+            implementation=self.family.implementation,
+            resolution=resolution,
+            dataset_dir=str(dataset_dir),
+        )
+        result = trainer.run(
+            lora_dir, info, on_step=on_step, should_stop=mm.processing_interrupted, state_dir=state_dir
+        )
+        logger.info(
+            "Train LoRA: %d steps in %.1f s (%.2f it/s), saved %s",
+            result.steps_done,
+            result.seconds,
+            result.steps_done / max(result.seconds, 1e-9),
+            result.lora_path,
+        )
+        if result.cancelled:
+            logger.warning("Train LoRA cancelled at step %d; LoRA and resume state saved", result.steps_done)
+            mm.throw_exception_if_processing_interrupted()
+        return result.lora_path, result.losses
+
+
+NODES: list[type[io.ComfyNode]] = [TrainLoRA]
