@@ -237,7 +237,7 @@ def run_case(
     ref = None
     if reference:
         up = Upscaler(model, UpscaleOptions(precision="fp32", use_autocast=False), device=device, cache=cache)
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        with torch.backends.cudnn.flags(enabled=device.type == "cuda", allow_tf32=False):
             ref, t = timed(lambda: up.upscale(stock_in)[0], device)
         log.info("fp32 whole-image reference: %.3f s/frame", t / stock_in.shape[0])
         res["stock_vs_ref"] = diff_stats(stock_out, ref, device)
@@ -247,7 +247,8 @@ def run_case(
         opts = UpscaleOptions(compile=mode != "eager", compile_mode=mode if mode != "eager" else "default")
         up = Upscaler(model, opts, device=device, cache=cache)
         # First call: compiles (or autotunes cuDNN) for this frame shape.
-        _, first = timed(lambda up=up: up.upscale(frames[:1]), device)
+        # (enough frames to use the run's batch size, so the timed run compiles nothing new)
+        _, first = timed(lambda up=up: up.upscale(frames[:8]), device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         (out, report), t = timed(lambda up=up: up.upscale(frames), device)
@@ -315,17 +316,20 @@ def main() -> None:
     ap.add_argument("--warm-probe", action="store_true", help="also time a fresh process with the disk cache warm")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on any device (checks the script, not speed)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.probe:
         probe(args)
         return
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
-    device = torch.device("cuda")
+    if not torch.cuda.is_available() and not args.smoke:
+        raise SystemExit("this benchmark needs a CUDA GPU (--smoke runs tiny sizes on the CPU)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    k = 10 if args.smoke else 1  # --smoke: every side 10x smaller
+    n100 = 10 if args.smoke else 100
     tiled_scale = comfy_tiled_scale()
     header = {
-        "gpu": torch.cuda.get_device_name(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
         "stock": "ComfyUI comfy.utils.tiled_scale" if tiled_scale else "re-implementation of ComfyUI's loop",
@@ -342,7 +346,7 @@ def main() -> None:
             run_case(
                 "RealESRGAN_x4plus 1080p->8K",
                 model,
-                test_image(1080, 1920, 3),
+                test_image(1080 // k, 1920 // k, 3),
                 device,
                 1,
                 tiled_scale,
@@ -357,7 +361,7 @@ def main() -> None:
             run_case(
                 "RealESRGAN_x4plus 100x 960x540->4K",
                 model,
-                test_image(540, 960, 100),
+                test_image(540 // k, 960 // k, n100),
                 device,
                 3,
                 tiled_scale,
@@ -372,7 +376,7 @@ def main() -> None:
             run_case(
                 "animevideov3 30x 1080p->8K",
                 model,
-                test_image(1080, 1920, 30),
+                test_image(1080 // k, 1920 // k, 30 // k * 3 if k > 1 else 30),
                 device,
                 1,
                 tiled_scale,
