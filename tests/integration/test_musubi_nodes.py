@@ -1,0 +1,187 @@
+"""The MusubiTuner nodes inside a real ComfyUI, driving the fake musubi CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+from fake_musubi.fakeroot import FAKE_SITE, make_fake_root
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+EXPECTED = {
+    "Environment", "DatasetConfig", "DatasetConfigLoader", "DatasetViewer", "CacheLatents", "CacheTextEncoder",
+    "TrainingConfig", "OptimizerConfig", "SamplingConfig", "MemoryOptimizer", "TrainLoRA_HunyuanVideo",
+    "TrainLoRA_Wan", "TrainLoRA_FramePack", "GenerateVideo_HunyuanVideo", "GenerateVideo_Wan",
+    "GenerateVideo_FramePack", "ConvertLoRA", "MergeLoRA", "PostHocEMA", "VideoInput", "VideoOutput",
+    "BatchProcessor", "TrainingMonitor", "ResourceMonitor",
+}  # fmt: skip
+
+
+def test_all_musubi_nodes_are_registered(comfy_server):
+    info = comfy_server.object_info()
+    ids = {k.removeprefix("MusubiTuner_") for k in info if k.startswith("MusubiTuner_")}
+    assert ids == EXPECTED
+    for node_id in info:
+        if node_id.startswith("MusubiTuner_"):
+            assert info[node_id]["category"].startswith("MusubiTuner/")
+
+
+def widgets(info: dict, node: str, **values) -> dict:
+    """Every widget input at its default, overridden by ``values``."""
+    out = {}
+    for section in ("required", "optional"):
+        for name, spec in info[node]["input"].get(section, {}).items():
+            opts = spec[1] if len(spec) > 1 else {}
+            if isinstance(spec[0], list):
+                out[name] = opts.get("default", spec[0][0])
+            elif spec[0] == "COMBO":
+                out[name] = opts.get("default", opts.get("options", [None])[0])
+            elif spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN") and "default" in opts:
+                out[name] = opts["default"]
+    out.update(values)
+    return out
+
+
+@pytest.fixture
+def fake_setup(comfy_server, tmp_path):
+    root = make_fake_root(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 48), (i * 100, 50, 50)).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(f"a test image {i}")
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("dit.safetensors", "vae.safetensors", "t5.pth"):
+        (models / name).write_bytes(b"x")
+    return root, data, models
+
+
+def test_wan_training_graph_runs_the_fake_musubi(comfy_server, fake_setup, tmp_path):
+    root, data, models = fake_setup
+    info = comfy_server.object_info()
+    out_dir = tmp_path / "loras"
+    prompt = {
+        "1": {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
+            extra_env=f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_STEPS_PER_EPOCH=2")},
+        "2": {"class_type": "MusubiTuner_DatasetConfig", "inputs": widgets(
+            info, "MusubiTuner_DatasetConfig", directory=str(data), cache_directory=str(tmp_path / "cache"),
+            name="itest")},
+        "3": {"class_type": "MusubiTuner_CacheLatents", "inputs": widgets(
+            info, "MusubiTuner_CacheLatents", musubi_env=["1", 0], dataset=["2", 0], architecture="wan",
+            vae=str(models / "vae.safetensors"))},
+        "4": {"class_type": "MusubiTuner_CacheTextEncoder", "inputs": widgets(
+            info, "MusubiTuner_CacheTextEncoder", musubi_env=["1", 0], dataset=["3", 0], architecture="wan",
+            text_encoder1=str(models / "t5.pth"))},
+        "5": {"class_type": "MusubiTuner_TrainingConfig", "inputs": widgets(
+            info, "MusubiTuner_TrainingConfig", max_train_epochs=3)},
+        "6": {"class_type": "MusubiTuner_TrainLoRA_Wan", "inputs": widgets(
+            info, "MusubiTuner_TrainLoRA_Wan", musubi_env=["1", 0], dataset=["4", 0], training_config=["5", 0],
+            dit=str(models / "dit.safetensors"), task="t2v-1.3B", output_name="itest_lora", output_dir=str(out_dir))},
+    }  # fmt: skip
+    comfy_server.run_prompt(prompt, timeout=120)
+    assert (out_dir / "itest_lora.safetensors").is_file()
+    assert (out_dir / "itest_lora-000001.safetensors").is_file()
+    log = (out_dir / "itest_lora_train.log").read_text()
+    assert "wan_train_network.py" in log.splitlines()[0] and "model saved." in log
+    assert "--task t2v-1.3B" in log.splitlines()[0] and "--network_module networks.lora_wan" in log.splitlines()[0]
+    # the output folder is now one of ComfyUI's LoRA folders
+    loras = comfy_server.get("/models/loras")
+    assert "itest_lora.safetensors" in loras
+
+
+def test_failed_training_is_an_error_with_the_log(comfy_server, fake_setup, tmp_path):
+    root, data, models = fake_setup
+    info = comfy_server.object_info()
+    prompt = {
+        "1": {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
+            extra_env=f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_MODE=fail\nFAKE_MUSUBI_EXIT=7")},
+        "2": {"class_type": "MusubiTuner_DatasetConfig", "inputs": widgets(
+            info, "MusubiTuner_DatasetConfig", directory=str(data), name="itest_fail")},
+        "3": {"class_type": "MusubiTuner_TrainLoRA_HunyuanVideo", "inputs": widgets(
+            info, "MusubiTuner_TrainLoRA_HunyuanVideo", musubi_env=["1", 0], dataset=["2", 0],
+            dit=str(models / "dit.safetensors"), output_name="fail_lora", output_dir=str(tmp_path / "o"))},
+    }  # fmt: skip
+    with pytest.raises(RuntimeError, match="MusubiRunError") as info_:
+        comfy_server.run_prompt(prompt, timeout=120)
+    log = tmp_path / "o" / "fail_lora_train.log"
+    assert f"Full log: {log}" in str(info_.value)  # the helper keeps only the message's tail
+    assert "CUDA out of memory" in log.read_text()
+    history = comfy_server.get("/history")
+    messages = json.dumps([h["status"]["messages"] for h in history.values()])
+    assert "exited with code 7" in messages
+
+
+def test_bad_environment_is_a_clear_error(comfy_server, tmp_path):
+    info = comfy_server.object_info()
+    prompt = {
+        "1": {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+            info, "MusubiTuner_Environment", musubi_root=str(tmp_path / "nope"), python=sys.executable)},
+        "2": {"class_type": "MusubiTuner_TrainingMonitor", "inputs": widgets(
+            info, "MusubiTuner_TrainingMonitor", log_path=str(tmp_path / "x.log"))},
+    }  # fmt: skip
+    # node 1 is not an output and not linked: nothing runs; link it through a cache node instead
+    del prompt["2"]
+    prompt["2"] = {"class_type": "MusubiTuner_ConvertLoRA", "inputs": widgets(
+        info, "MusubiTuner_ConvertLoRA", musubi_env=["1", 0], lora=str(tmp_path / "a.safetensors"))}  # fmt: skip
+    with pytest.raises(RuntimeError, match="is not a folder: clone it"):
+        comfy_server.run_prompt(prompt, timeout=60)
+
+
+def test_cancel_kills_the_training_tree(comfy_server, fake_setup, tmp_path):
+    root, data, models = fake_setup
+    info = comfy_server.object_info()
+    pid_file = tmp_path / "pids"
+    prompt = {
+        "1": {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
+            extra_env=f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_MODE=hang\nFAKE_MUSUBI_CHILD=1\n"
+                      f"FAKE_MUSUBI_PIDFILE={pid_file}")},
+        "2": {"class_type": "MusubiTuner_DatasetConfig", "inputs": widgets(
+            info, "MusubiTuner_DatasetConfig", directory=str(data), name="itest_cancel")},
+        "3": {"class_type": "MusubiTuner_TrainLoRA_HunyuanVideo", "inputs": widgets(
+            info, "MusubiTuner_TrainLoRA_HunyuanVideo", musubi_env=["1", 0], dataset=["2", 0],
+            dit=str(models / "dit.safetensors"), output_name="cancel_lora", output_dir=str(tmp_path / "o"))},
+    }  # fmt: skip
+    import threading
+
+    errors = []
+    t = threading.Thread(target=lambda: _run_catch(comfy_server, prompt, errors))
+    t.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (pid_file.exists() and len(pid_file.read_text().split()) >= 2):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    import urllib.request
+
+    # POST /interrupt answers with an empty body (comfy_server.interrupt expects JSON)
+    urllib.request.urlopen(
+        urllib.request.Request(comfy_server.url + "/interrupt", data=b"{}", method="POST"), timeout=10
+    )
+    pids = [int(p) for p in pid_file.read_text().split()]
+    while time.monotonic() - t0 < 5 and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    assert not [p for p in pids if _alive(p)], "musubi processes survived Cancel"
+    t.join(60)
+
+
+def _run_catch(server, prompt, errors):
+    try:
+        server.run_prompt(prompt, timeout=90)
+    except Exception as exc:  # noqa: BLE001 - an interrupted prompt may report an error
+        errors.append(exc)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
