@@ -1,0 +1,365 @@
+"""The three USDU nodes through the real ComfyUI API with a tiny random SD1.5 checkpoint.
+
+The checkpoint is built from ComfyUI's own model classes (so its keys are what ComfyUI
+expects and it is detected as SD1.5): a 2-level UNet with 320 channels and 768-wide
+cross-attention (what SD1.5 detection requires), the SD VAE encoder with a slim decoder,
+and the CLIP-L text encoder, all random, fp16. A random 2x Compact model is the upscale
+model. Tiles are 64 px so a CPU run takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_server import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+CKPT = "usdu_tiny_sd15.safetensors"
+UPSCALER = "usdu_tiny_compact_x2.safetensors"
+
+BUILD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from comfy.cli_args import args
+    args.cpu = True
+    import torch
+    import comfy.ops, comfy.sd1_clip
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
+
+    gen = torch.Generator().manual_seed(0)
+
+    def random_sd(module, prefix, dtype=torch.float16):
+        out = {}
+        for k, v in module.state_dict().items():
+            if v.ndim <= 1:
+                t = torch.ones(v.shape) if k.endswith("weight") else torch.zeros(v.shape)
+            else:
+                t = torch.randn(v.shape, generator=gen) * 0.02
+            out[prefix + k] = t.to(dtype).contiguous()
+        return out
+
+    unet = UNetModel(
+        use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
+        num_res_blocks=[1, 1], channel_mult=[1, 1], transformer_depth=[1, 0], transformer_depth_middle=0,
+        transformer_depth_output=[1, 1, 0, 0], use_spatial_transformer=True, legacy=False, adm_in_channels=None,
+        use_linear_in_transformer=False, context_dim=768, num_heads=8, use_temporal_attention=False,
+        use_temporal_resblock=False, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init,
+    )
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4, decoder_ddconfig=dict(ddconfig, ch=32))
+    clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float32)
+    sd = {}
+    sd.update(random_sd(unet, "model.diffusion_model."))
+    sd.update(random_sd(vae, "first_stage_model."))
+    sd.update(random_sd(clip, "cond_stage_model."))
+    save_file(sd, sys.argv[1])
+    up = SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2)
+    save_file(random_sd(up, "", torch.float32), sys.argv[2])
+    """
+)
+
+
+def build_models(comfy_root: Path, ckpt: Path, upscaler: Path) -> None:
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    upscaler.parent.mkdir(parents=True, exist_ok=True)
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    proc = subprocess.run(
+        [python, "-c", BUILD_SCRIPT, str(ckpt), str(upscaler)],
+        cwd=comfy_root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def usdu_models(comfy_server):
+    build_models(
+        comfy_server.root,
+        comfy_server.models_dir / "checkpoints" / CKPT,
+        comfy_server.models_dir / "upscale_models" / UPSCALER,
+    )
+    rng = np.random.default_rng(0)
+    base = rng.random((10, 8, 3))
+    img = np.kron(base, np.ones((8, 8, 1)))  # blocky 64x80 picture
+    img = (0.15 + 0.7 * img) * 255  # washed-out range, as Nunchaku users see it
+    Image.fromarray(img.round().astype(np.uint8)).save(comfy_server.input_dir / "usdu_input.png")
+    return comfy_server
+
+
+SHARED = {
+    "seed": 7,
+    "steps": 2,
+    "cfg": 4.0,
+    "sampler_name": "euler",
+    "scheduler": "normal",
+    "denoise": 0.5,
+    "mode_type": "Chess",
+    "tile_width": 64,
+    "tile_height": 64,
+    "mask_blur": 4,
+    "tile_padding": 8,
+    "seam_fix_mode": "None",
+    "seam_fix_denoise": 0.3,
+    "seam_fix_width": 16,
+    "seam_fix_mask_blur": 4,
+    "seam_fix_padding": 8,
+    "force_uniform_tiles": True,
+    "tiled_decode": False,
+    "batch_size": 2,
+    "normalize": "minmax",
+    "tile_seed": "per tile",
+}
+
+
+def graph(node: str, extra: dict, prefix: str) -> dict:
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a sharp photo"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "usdu_input.png"}},
+        "5": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": UPSCALER}},
+        "6": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "7": {
+            "class_type": "BasicScheduler",
+            "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 3, "denoise": 0.4},
+        },
+    }
+    image_key = "upscaled_image" if node.endswith("NoUpscale") else "image"
+    inputs = {
+        image_key: ["4", 0],
+        "model": ["1", 0],
+        "positive": ["2", 0],
+        "negative": ["3", 0],
+        "vae": ["1", 2],
+        **SHARED,
+        **extra,
+    }
+    g["10"] = {"class_type": node, "inputs": inputs}
+    g["11"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": prefix}}
+    return g
+
+
+def saved_image(server, entry: dict) -> np.ndarray:
+    images = entry["outputs"]["11"]["images"]
+    assert len(images) == 1
+    path = server.output_dir / images[0].get("subfolder", "") / images[0]["filename"]
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+
+
+def test_nodes_are_registered_with_upstream_inputs(usdu_models):
+    info = usdu_models.object_info()
+    main = info["SpeedKit_UltimateSDUpscale"]
+    assert main["category"] == "SpeedKit/upscaling"
+    req = main["input"]["required"]
+    assert req["upscale_by"][1]["default"] == 2.0 and req["upscale_by"][1]["max"] == 4.0
+    assert req["tile_width"][1] == {**req["tile_width"][1], "default": 512, "min": 64, "max": 8192, "step": 8}
+    assert req["denoise"][1]["default"] == 0.2 and req["seam_fix_denoise"][1]["default"] == 1.0
+    assert req["mode_type"][0] == ["Linear", "Chess", "None"] or req["mode_type"][1]["options"] == [
+        "Linear",
+        "Chess",
+        "None",
+    ]
+    order = main["input_order"]["required"]
+    assert order[:6] == ["image", "model", "positive", "negative", "vae", "upscale_by"]
+    assert order[-2:] == ["normalize", "tile_seed"]
+    custom = info["SpeedKit_UltimateSDUpscaleCustomSample"]["input"]
+    assert {"upscale_model", "custom_sampler", "custom_sigmas"} <= set(custom["optional"])
+    no_up = info["SpeedKit_UltimateSDUpscaleNoUpscale"]["input"]["required"]
+    assert "upscaled_image" in no_up and "upscale_by" not in no_up and "upscale_model" not in no_up
+    for node in ("SpeedKit_UltimateSDUpscale", "SpeedKit_UltimateSDUpscaleNoUpscale"):
+        for name, spec in info[node]["input"]["required"].items():
+            assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+
+
+def test_main_node_upscales_and_redraws(usdu_models):
+    entry = usdu_models.run_prompt(
+        graph(
+            "SpeedKit_UltimateSDUpscale",
+            {"upscale_model": ["5", 0], "upscale_by": 1.5, "seam_fix_mode": "Half Tile + Intersections"},
+            "usdu_main",
+        )
+    )
+    out = saved_image(usdu_models, entry)
+    assert out.shape == (120, 96, 3)
+    assert out.std() > 0.01  # not a blank image
+
+
+def test_no_upscale_node_keeps_size(usdu_models):
+    entry = usdu_models.run_prompt(graph("SpeedKit_UltimateSDUpscaleNoUpscale", {}, "usdu_noup"))
+    assert saved_image(usdu_models, entry).shape == (80, 64, 3)
+
+
+def test_custom_sample_node_with_and_without_upscale_model(usdu_models):
+    extra = {"custom_sampler": ["6", 0], "custom_sigmas": ["7", 0], "upscale_by": 1.5}
+    entry = usdu_models.run_prompt(graph("SpeedKit_UltimateSDUpscaleCustomSample", extra, "usdu_custom"))
+    assert saved_image(usdu_models, entry).shape == (120, 96, 3)
+    extra["upscale_model"] = ["5", 0]
+    extra["seam_fix_mode"] = "Band Pass"
+    entry = usdu_models.run_prompt(graph("SpeedKit_UltimateSDUpscaleCustomSample", extra, "usdu_custom_model"))
+    assert saved_image(usdu_models, entry).shape == (120, 96, 3)
+
+
+def test_zero_denoise_returns_the_normalized_upscale(usdu_models):
+    extra = {"denoise": 0.0, "seam_fix_denoise": 0.0, "upscale_by": 1.0}
+    entry = usdu_models.run_prompt(graph("SpeedKit_UltimateSDUpscaleCustomSample", extra, "usdu_identity"))
+    out = saved_image(usdu_models, entry)
+    src = np.asarray(Image.open(usdu_models.input_dir / "usdu_input.png").convert("RGB"), dtype=np.float32) / 255
+    expected = (src - src.min()) / (src.max() - src.min())
+    assert np.abs(out - expected).max() <= 1.0 / 255 + 1e-6
+
+
+def execution_error(server, prompt: dict, timeout: float = 300) -> dict:
+    """Queue ``prompt`` and return its ``execution_error`` message (fails if it succeeds)."""
+    prompt_id = server.post("/prompt", {"prompt": prompt, "client_id": "usdu-tests"})["prompt_id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
+        status = (entry or {}).get("status", {})
+        if status.get("completed") or status.get("status_str") == "error":
+            assert status.get("status_str") == "error", "the prompt succeeded"
+            return next(m[1] for m in status["messages"] if m[0] == "execution_error")
+        time.sleep(0.25)
+    raise TimeoutError(prompt_id)
+
+
+def test_tile_larger_than_image_is_a_clear_error(usdu_models):
+    err = execution_error(
+        usdu_models, graph("SpeedKit_UltimateSDUpscaleNoUpscale", {"tile_width": 512, "tile_height": 512}, "usdu_bad")
+    )
+    assert err["exception_type"].endswith("ValueError")
+    assert "tile_width x tile_height" in err["exception_message"] and "<= 64" in err["exception_message"]
+
+
+def test_cancel_mid_run_returns_no_image(usdu_models):
+    extra = {"steps": 500, "batch_size": 1, "tile_seed": "same", "seed": 11}
+    prompt = graph("SpeedKit_UltimateSDUpscaleNoUpscale", extra, "usdu_cancelled")
+    errors: list[Exception] = []
+
+    def run():
+        try:
+            usdu_models.run_prompt(prompt, timeout=300)
+        except Exception as exc:  # noqa: BLE001 - collected and checked below
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 120
+    while not usdu_models.get("/queue")["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2.0)  # inside the node by now: loading the tiny checkpoint takes well under that
+    # POST /interrupt answers with an empty body, so not through ComfyServer.post (which parses JSON)
+    req = urllib.request.Request(
+        usdu_models.url + "/interrupt", data=b"{}", headers={"Content-Type": "application/json"}
+    )
+    urllib.request.urlopen(req, timeout=30).read()
+    t.join(300)
+    assert errors, "the interrupted prompt reported success"
+    assert not list(usdu_models.output_dir.glob("usdu_cancelled*"))
+
+
+ISOLATION_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys, types
+    from comfy.cli_args import args
+    args.cpu = True
+    import utils.extra_config  # noqa: F401  (before `nodes`, see the integration notes)
+    import torch
+    import comfy.sd
+    import nodes
+
+    assert asyncio.run(nodes.load_custom_node(sys.argv[1]))
+    node = nodes.NODE_CLASS_MAPPINGS["SpeedKit_UltimateSDUpscaleNoUpscale"]
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(sys.argv[2])[:4]
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a photo"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    kw = dict(upscaled_image=torch.rand(1, 64, 128, 3), model=model, positive=pos, negative=neg, vae=vae,
+              seed=1, steps=1, cfg=2.0, sampler_name="euler", scheduler="normal", denoise=0.3, mode_type="Linear",
+              tile_width=64, tile_height=64, mask_blur=4, tile_padding=8, seam_fix_mode="Half Tile",
+              seam_fix_denoise=0.2, seam_fix_width=16, seam_fix_mask_blur=4, seam_fix_padding=8,
+              force_uniform_tiles=True, tiled_decode=False, batch_size=1, normalize="minmax", tile_seed="same")
+    run = lambda: node.PREPARE_CLASS_CLONE({"hidden_inputs": {}}).execute(**kw)
+    run()  # warm-up: lazy imports of ComfyUI's own sampling modules happen here
+
+    # Another extension's A1111-style package, with a singleton holding data.
+    modules = types.ModuleType("modules")
+    modules.__path__ = []
+    shared = types.ModuleType("modules.shared")
+    payload = {"k": [1, 2, 3]}
+    shared.batch = payload
+    shared.sd_upscalers = ["theirs"]
+    modules.shared = shared
+    sys.modules["modules"] = modules
+    sys.modules["modules.shared"] = shared
+    before = set(sys.modules)
+    path_before = list(sys.path)
+
+    out = run()
+    after = set(sys.modules)
+    result = {
+        "shape": list(out.args[0].shape),
+        "added": sorted(after - before),
+        "removed": sorted(before - after),
+        "same_modules": sys.modules["modules"] is modules,
+        "same_shared": sys.modules["modules.shared"] is shared and modules.shared is shared,
+        "data": shared.batch is payload and payload == {"k": [1, 2, 3]} and shared.sd_upscalers == ["theirs"],
+        "attrs": sorted(a for a in vars(shared) if not a.startswith("__")),
+        "sys_path_same": sys.path == path_before,
+    }
+    # Bad input through the real node: conditioning batch 3 for an image batch of 2, no VAE.
+    bad = dict(kw, upscaled_image=torch.rand(2, 64, 128, 3), positive=[[pos[0][0].repeat(3, 1, 1), pos[0][1]]])
+    try:
+        node.PREPARE_CLASS_CLONE({"hidden_inputs": {}}).execute(**bad)
+        result["batch_error"] = None
+    except ValueError as exc:
+        result["batch_error"] = str(exc)
+    try:
+        node.PREPARE_CLASS_CLONE({"hidden_inputs": {}}).execute(**dict(kw, vae=None))
+        result["vae_error"] = None
+    except ValueError as exc:
+        result["vae_error"] = str(exc)
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def test_isolation_planted_modules_package_is_untouched_and_bad_input_errors(usdu_models, tmp_path):
+    """Run the node in a ComfyUI process where another extension owns ``modules.shared``."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    pack = tmp_path / "ComfyUI-SpeedKit"
+    pack.symlink_to(REPO_ROOT, target_is_directory=True)
+    proc = subprocess.run(
+        [python, "-c", ISOLATION_SCRIPT, str(pack), str(usdu_models.models_dir / "checkpoints" / CKPT)],
+        cwd=usdu_models.root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT") :])
+    assert result["shape"] == [1, 64, 128, 3]
+    assert result["added"] == [] and result["removed"] == []
+    assert result["same_modules"] and result["same_shared"] and result["data"]
+    assert result["attrs"] == ["batch", "sd_upscalers"]
+    assert result["sys_path_same"]
+    assert "positive: conditioning 0 has batch 3 but the image batch is 2" in result["batch_error"]
+    assert result["vae_error"].startswith("vae: no VAE connected")
