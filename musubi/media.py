@@ -52,9 +52,11 @@ def read_video(
     full = lambda: max_frames > 0 and len(frames) >= max_frames  # noqa: E731
     if p.suffix.lower() in (".gif", ".webp", ".png", ".jpg", ".jpeg"):
         with Image.open(p) as img:
-            duration = img.info.get("duration") or 0
-            fps = 1000.0 / duration if duration else 0.0
             for i, frame in enumerate(ImageSequence.Iterator(img)):
+                if i == 0:
+                    frame.load()  # WebP fills in "duration" only once the frame is decoded
+                    duration = frame.info.get("duration") or img.info.get("duration") or 0
+                    fps = 1000.0 / duration if duration else 0.0
                 if keep(i):
                     frames.append(np.asarray(frame.convert("RGB")))
                 if full():

@@ -18,7 +18,8 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..musubi import arch as archs
-from ..musubi import commands, configs, dataset, env, lora_file, media, monitor
+from ..musubi import commands, configs, env, lora_file, media, monitor
+from ..musubi import dataset as mdataset
 from ..musubi.runner import run_command
 
 logger = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ class DatasetConfig(io.ComfyNode):
                 _c(
                     "frame_extraction",
                     "Video: how clips are cut (head, chunk, slide, uniform, full).",
-                    dataset.FRAME_EXTRACTIONS,
+                    mdataset.FRAME_EXTRACTIONS,
                 ),
                 _i("frame_stride", "Video, slide: frames between clip starts.", 1, 1, 1000, advanced=True),
                 _i("frame_sample", "Video, uniform: clips per video.", 1, 1, 1000, advanced=True),
@@ -385,12 +386,12 @@ class DatasetConfig(io.ComfyNode):
                 source_fps=float(source_fps) if source_fps > 0 else None,
             )
         datasets = list(previous["config"]["datasets"]) if previous else []
-        config = dataset.build_config(previous["config"].get("general") if previous else general, [*datasets, ds])
-        for w in dataset.validate_config(config, source="dataset config"):
+        config = mdataset.build_config(previous["config"].get("general") if previous else general, [*datasets, ds])
+        for w in mdataset.validate_config(config, source="dataset config"):
             logger.warning("%s", w)
         if check_files:
-            dataset.check_dataset_files(config)
-        path = dataset.write_config(config, _work_dir("datasets") / f"{stem}.toml")
+            mdataset.check_dataset_files(config)
+        path = mdataset.write_config(config, _work_dir("datasets") / f"{stem}.toml")
         return io.NodeOutput({"config": config, "toml": str(path)}, str(path))
 
 
@@ -421,11 +422,11 @@ class DatasetConfigLoader(io.ComfyNode):
     @classmethod
     def execute(cls, toml_path, check_files=True):
         path = env.native_path(toml_path)
-        config = dataset.load_toml(path)
-        for w in dataset.validate_config(config, source=path):
+        config = mdataset.load_toml(path)
+        for w in mdataset.validate_config(config, source=path):
             logger.warning("%s", w)
         if check_files:
-            dataset.check_dataset_files(config)
+            mdataset.check_dataset_files(config)
         return io.NodeOutput({"config": config, "toml": path}, path)
 
 
@@ -450,15 +451,15 @@ class DatasetViewer(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, dataset_in=None, max_items=8, size=256, **kw):
+    def execute(cls, dataset, max_items=8, size=256):
         import numpy as np
         from PIL import Image
 
-        cfg = kw.get("dataset", dataset_in)["config"]
+        cfg = dataset["config"]
         general = cfg.get("general", {})
         previews, report = [], []
         for i, ds in enumerate(cfg.get("datasets", [])):
-            scan = dataset.scan_dataset(ds, i, general)
+            scan = mdataset.scan_dataset(ds, i, general)
             report.append(f"[dataset {i}] {scan.kind}: {scan.count} files in {scan.source}, "
                           f"{len(scan.missing_captions)} without caption")  # fmt: skip
             report += [f"  missing caption: {p.name}" for p in scan.missing_captions[:20]]
