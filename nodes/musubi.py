@@ -286,7 +286,12 @@ class DatasetConfig(io.ComfyNode):
                 "unique cache folders) and written to output/musubi/datasets/<name>.toml."
             ),
             inputs=[
-                DatasetT.Input("previous", optional=True, tooltip="Another dataset config to append this dataset to."),
+                DatasetT.Input(
+                    "previous",
+                    optional=True,
+                    tooltip="Another dataset config to append this dataset to (this node's resolution, caption, "
+                    "batch and bucket settings then apply to this dataset only).",
+                ),
                 _c("kind", "image: a folder of images; video: a folder of videos.", ("image", "video")),
                 _s("directory", "Folder with the images/videos and their captions."),
                 _s(
@@ -385,8 +390,15 @@ class DatasetConfig(io.ComfyNode):
                 max_frames=max_frames,
                 source_fps=float(source_fps) if source_fps > 0 else None,
             )
-        datasets = list(previous["config"]["datasets"]) if previous else []
-        config = mdataset.build_config(previous["config"].get("general") if previous else general, [*datasets, ds])
+        if previous:
+            # Chained: the first node's settings stay in [general]; this node's go into its own
+            # dataset table (musubi accepts them per dataset and they win over [general]).
+            ds.update(general)
+            general = previous["config"].get("general", {})
+            datasets = list(previous["config"]["datasets"])
+        else:
+            datasets = []
+        config = mdataset.build_config(general, [*datasets, ds])
         for w in mdataset.validate_config(config, source="dataset config"):
             logger.warning("%s", w)
         if check_files:
