@@ -29,18 +29,6 @@ import torch
 logger = logging.getLogger("fbcache_cost")
 
 
-def _import_pack():
-    """Import the pack as ``speedkit`` from the repository root, like tests/conftest.py does."""
-    import importlib
-    import types
-
-    if "speedkit" not in sys.modules:
-        pkg = types.ModuleType("speedkit")
-        pkg.__path__ = [str(Path(__file__).resolve().parents[1])]
-        sys.modules["speedkit"] = pkg
-    return importlib.import_module("speedkit.fbcache"), importlib.import_module("speedkit.nodes.fbcache")
-
-
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -200,11 +188,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    if not torch.cuda.is_available():
-        from comfy.cli_args import args as comfy_args
+    import fbcache_models as fm
 
-        comfy_args.cpu = True
-    fbc, adapter = _import_pack()
+    fm.prepare_comfy()
+    fbc, adapter = fm.import_pack()
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"device": device_name, "torch": torch.__version__}
     plan = {"sdxl": (20, 7.0), "flux": (10, 1.0)}

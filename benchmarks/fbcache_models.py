@@ -7,6 +7,7 @@ Needs ComfyUI importable (run with ``PYTHONPATH=$COMFYUI_ROOT``). Not part of th
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -183,3 +184,50 @@ def conditioning(family: str, tiny: bool, batch: int, device, width: int, height
         return [[torch.randn(batch, tokens, ctx, generator=gen), extra]]
 
     return one(), one()
+
+
+def prepare_comfy() -> None:
+    """Make ComfyUI importable on bare machines: CPU mode without CUDA, a stub for PyAV when absent.
+
+    ``comfy_api.latest`` imports PyAV for its video types at import time; these benchmarks never
+    touch video, so an empty stand-in module is enough where the wheel is not installed.
+    """
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("av") is None:
+
+        class _Stub(types.ModuleType):
+            def __getattr__(self, name):
+                if name.startswith("__"):
+                    raise AttributeError(name)
+                return type(name, (), {})
+
+        for name in (
+            "av",
+            "av.container",
+            "av.subtitles",
+            "av.subtitles.stream",
+            "av.video",
+            "av.video.frame",
+            "av.audio",
+            "av.audio.frame",
+        ):
+            sys.modules.setdefault(name, _Stub(name))
+    if not torch.cuda.is_available():
+        from comfy.cli_args import args as comfy_args
+
+        comfy_args.cpu = True
+
+
+def import_pack():
+    """Import the pack as ``speedkit`` from the repository root, like tests/conftest.py does."""
+    import importlib
+    import types
+    from pathlib import Path
+
+    if "speedkit" not in sys.modules:
+        pkg = types.ModuleType("speedkit")
+        pkg.__path__ = [str(Path(__file__).resolve().parents[1])]
+        sys.modules["speedkit"] = pkg
+    return importlib.import_module("speedkit.fbcache"), importlib.import_module("speedkit.nodes.fbcache")
