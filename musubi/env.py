@@ -43,6 +43,20 @@ class MusubiEnv:
             return self.root / "src" / "musubi_tuner" / f"{name}.py"
         return self.root / f"{name}.py"
 
+    def run_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Extra environment for musubi's scripts: ``extra_env`` + ``src`` on PYTHONPATH.
+
+        The scripts import ``musubi_tuner.*``; with ``src`` on the path they work even when the
+        checkout was not ``pip install -e .``-ed into the venv.
+        """
+        base = os.environ if base is None else base
+        env = dict(self.extra_env)
+        paths = [str(self.root / "src")] if self.src_layout else [str(self.root)]
+        for existing in (env.get("PYTHONPATH", ""), base.get("PYTHONPATH", "") if "PYTHONPATH" not in env else ""):
+            paths += [p for p in existing.split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        return env
+
     def python_cmd(self, script: str) -> list[str]:
         """``[python, <script path>]`` for a plain (non-accelerate) script."""
         return [str(self.python), str(self.script(script))]
@@ -184,7 +198,7 @@ def validate_env(env: MusubiEnv, scripts: tuple[str, ...] = (), check_accelerate
                 capture_output=True,
                 text=True,
                 timeout=120,
-                env={**os.environ, **env.extra_env},
+                env={**os.environ, **env.run_env()},
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ValueError(f"python {str(env.python)!r} could not be started: {exc}") from exc

@@ -141,7 +141,7 @@ def _run(argv, e: env.MusubiEnv, *, node_id, log_path, expected=(), what="musubi
         result = run_command(
             argv,
             cwd=e.root,
-            env=e.extra_env,
+            env=e.run_env(),
             log_path=log_path,
             expected_outputs=expected,
             on_line=on_line,
