@@ -1369,7 +1369,14 @@ class VideoOutput(io.ComfyNode):
         stem = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:4]}"
         arr = (frames.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
         path = media.write_video(arr, out_dir / stem, fps, format, quality)
-        return io.NodeOutput(str(path))
+        rel = path.relative_to(out_dir)
+        preview = {
+            "filename": rel.name,
+            "subfolder": rel.parent.as_posix() if rel.parent != Path(".") else "",
+            "type": "output",
+        }
+        ui = {"images": [preview], "animated": [format in media.PILLOW_FORMATS]}
+        return io.NodeOutput(str(path), ui=ui)
 
 
 class BatchProcessor(io.ComfyNode):
@@ -1442,6 +1449,7 @@ class ResourceMonitor(io.ComfyNode):
             category="MusubiTuner/monitor",
             description="GPU memory, utilisation, temperature and per-process memory from nvidia-smi.",
             not_idempotent=True,
+            is_output_node=True,
             inputs=[_b("fail_without_nvidia_smi", "Error (instead of a message) when nvidia-smi is missing.", False)],
             outputs=[io.String.Output(display_name="report", tooltip="One line per GPU and per process.")],
         )
@@ -1453,8 +1461,9 @@ class ResourceMonitor(io.ComfyNode):
         except ValueError as exc:
             if fail_without_nvidia_smi:
                 raise
-            return io.NodeOutput(str(exc))
-        return io.NodeOutput(monitor.format_status(gpus, procs))
+            return io.NodeOutput(str(exc), ui={"text": [str(exc)]})
+        report = monitor.format_status(gpus, procs)
+        return io.NodeOutput(report, ui={"text": [report]})
 
 
 NODES: list[type[io.ComfyNode]] = [

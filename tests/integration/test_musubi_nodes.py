@@ -185,3 +185,145 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _history_outputs(comfy_server, entry: dict) -> dict:
+    return entry.get("outputs", {})
+
+
+def test_generate_with_lora_and_batch_prompts_to_webp(comfy_server, fake_setup, tmp_path):
+    root, _, models = fake_setup
+    info = comfy_server.object_info()
+    lora = tmp_path / "style.safetensors"
+    from fake_musubi.fake_cli import LORA_KEYS, write_safetensors
+
+    write_safetensors(str(lora), LORA_KEYS)
+    argv_file = tmp_path / "argv.json"
+    prompt = {
+        "1": {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
+            extra_env=f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_ARGV={argv_file}")},
+        "2": {"class_type": "MusubiTuner_BatchProcessor", "inputs": {"prompts": "a red fox\n# skip\na blue bird"}},
+        "3": {"class_type": "MusubiTuner_GenerateVideo_Wan", "inputs": widgets(
+            info, "MusubiTuner_GenerateVideo_Wan", musubi_env=["1", 0], prompt=["2", 0], task="t2v-1.3B",
+            dit=str(models / "dit.safetensors"), vae=str(models / "vae.safetensors"), t5=str(models / "t5.pth"),
+            width=64, height=48, frames=5, steps=3, seed=7, lora_1=str(lora), strength_1=0.8)},
+        "4": {"class_type": "MusubiTuner_VideoOutput", "inputs": widgets(
+            info, "MusubiTuner_VideoOutput", frames=["3", 0], fps=8.0, format="webp", filename_prefix="itest/clip")},
+    }  # fmt: skip
+    entry = comfy_server.run_prompt(prompt, timeout=120)
+    previews = _history_outputs(comfy_server, entry)["4"]["images"]
+    assert len(previews) == 2  # one video per prompt of the list
+    saved = comfy_server.output_dir / previews[0]["subfolder"] / previews[0]["filename"]
+    from speedkit.musubi import media
+
+    frames, fps = media.read_video(saved)
+    assert frames.shape == (5, 48, 64, 3) and fps == pytest.approx(8, rel=0.05)
+    argv = json.loads(argv_file.read_text())
+    assert argv[0] == "wan_generate_video" and argv[argv.index("--lora_multiplier") + 1] == "0.8"
+    assert argv[argv.index("--video_size") + 1 : argv.index("--video_size") + 3] == ["48", "64"]
+    assert argv[argv.index("--prompt") + 1] in ("a red fox", "a blue bird")
+
+
+def test_convert_lora_auto_direction_and_not_a_lora(comfy_server, fake_setup, tmp_path):
+    root, _, models = fake_setup
+    info = comfy_server.object_info()
+    from fake_musubi.fake_cli import LORA_KEYS, write_safetensors
+
+    lora = tmp_path / "mine.safetensors"
+    write_safetensors(str(lora), LORA_KEYS)
+    argv_file = tmp_path / "argv.json"
+    env_node = {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+        info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
+        extra_env=f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_ARGV={argv_file}")}  # fmt: skip
+    prompt = {
+        "1": env_node,
+        "2": {"class_type": "MusubiTuner_ConvertLoRA", "inputs": widgets(
+            info, "MusubiTuner_ConvertLoRA", musubi_env=["1", 0], lora=str(lora))},
+    }  # fmt: skip
+    comfy_server.run_prompt(prompt, timeout=60)
+    argv = json.loads(argv_file.read_text())
+    assert argv[argv.index("--target") + 1] == "other"  # musubi keys -> other
+    assert (tmp_path / "mine_other.safetensors").is_file()
+    ckpt = tmp_path / "model.safetensors"
+    write_safetensors(str(ckpt), ["blocks.0.weight"])
+    prompt["2"]["inputs"]["lora"] = str(ckpt)
+    with pytest.raises(RuntimeError, match="is not a LoRA"):
+        comfy_server.run_prompt(prompt, timeout=60)
+
+
+def test_dataset_loader_rejects_unknown_keys_and_viewer_reports(comfy_server, fake_setup, tmp_path):
+    _, data, _ = fake_setup
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nimage_directory = "{data}"\nflip_aug = true\n'
+    )
+    prompt = {
+        "1": {"class_type": "MusubiTuner_DatasetConfigLoader", "inputs": {"toml_path": str(bad), "check_files": True}},
+        "2": {"class_type": "MusubiTuner_DatasetViewer", "inputs": {"dataset": ["1", 0], "max_items": 4, "size": 64}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    }
+    with pytest.raises(RuntimeError, match="flip_aug: unknown key"):
+        comfy_server.run_prompt(prompt, timeout=60)
+    good = tmp_path / "good.toml"
+    good.write_text(
+        f'[general]\ncaption_extension = ".txt"\nresolution = [64, 48]\n\n[[datasets]]\nimage_directory = "{data}"\n'
+    )
+    prompt["1"]["inputs"]["toml_path"] = str(good)
+    entry = comfy_server.run_prompt(prompt, timeout=60)
+    assert len(entry["outputs"]["3"]["images"]) == 2
+
+
+def test_resource_monitor_without_nvidia_smi_says_so(comfy_server):
+    entry = comfy_server.run_prompt(
+        {"1": {"class_type": "MusubiTuner_ResourceMonitor", "inputs": {"fail_without_nvidia_smi": False}}}, timeout=60
+    )
+    text = entry["outputs"]["1"]["text"][0]
+    assert "nvidia-smi was not found" in text or "GPU 0" in text
+
+
+def test_live_log_events_reach_the_browser(comfy_server, fake_setup, tmp_path):
+    import asyncio
+
+    import aiohttp
+
+    root, data, models = fake_setup
+    info = comfy_server.object_info()
+    prompt = {
+        "1": {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
+            extra_env=f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_STEP_SLEEP=0.05")},
+        "2": {"class_type": "MusubiTuner_DatasetConfig", "inputs": widgets(
+            info, "MusubiTuner_DatasetConfig", directory=str(data), name="itest_ws")},
+        "3": {"class_type": "MusubiTuner_TrainLoRA_FramePack", "inputs": widgets(
+            info, "MusubiTuner_TrainLoRA_FramePack", musubi_env=["1", 0], dataset=["2", 0],
+            dit=str(models / "dit.safetensors"), vae=str(models / "vae.safetensors"),
+            text_encoder1=str(models / "t5.pth"), text_encoder2=str(models / "t5.pth"),
+            image_encoder=str(models / "vae.safetensors"), output_name="ws_lora", output_dir=str(tmp_path / "o"))},
+    }  # fmt: skip
+
+    async def collect() -> list[dict]:
+        events: list[dict] = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(comfy_server.url.replace("http", "ws") + "/ws?clientId=itest") as ws:
+                loop = asyncio.get_running_loop()
+                job = loop.run_in_executor(None, comfy_server.run_prompt, prompt, 120)
+                while not job.done():
+                    try:
+                        msg = await ws.receive(timeout=0.5)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        data_ = json.loads(msg.data)
+                        if data_.get("type") == "speedkit.musubi.log":
+                            events.append(data_["data"])
+                await job
+        return events
+
+    events = asyncio.run(collect())
+    assert events and all(e["node"] == "3" for e in events)
+    assert events[0].get("reset") and "fpack_train_network.py" in events[0]["lines"][0]
+    lines = [line for e in events for line in e.get("lines", [])]
+    assert any(line.startswith("steps:") for line in lines) and any("model saved." in line for line in lines)
+    summaries = [e.get("summary", "") for e in events]
+    assert any("step 64/64" in s for s in summaries), summaries  # 16 default epochs x 4 steps
