@@ -28,8 +28,16 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-COMPILE_MODES: tuple[str, ...] = ("default", "max-autotune-no-cudagraphs")
-"""torch.compile modes the engine uses (cudagraphs modes would pin every tile buffer)."""
+COMPILE_MODES: tuple[str, ...] = ("default", "regional", "max-autotune-no-cudagraphs")
+"""How the engine compiles: ``default`` = the whole model (fastest frames); ``regional`` =
+only the repeated blocks (e.g. RRDB's 23 blocks compile once and are reused, so compiling
+and loading from the disk cache are several times quicker, the rest runs eager);
+``max-autotune-no-cudagraphs`` = whole model with autotuned kernels (slow to compile).
+cudagraph modes are not offered: they would pin every tile buffer."""
+
+# A TORCHINDUCTOR_CACHE_DIR the user exported before the pack loaded (torch itself writes
+# its default into the environment once it compiles anything, so it is read here, once).
+_USER_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 
 def model_fingerprint(module: torch.nn.Module, arch: str = "") -> str:
@@ -51,8 +59,9 @@ def model_fingerprint(module: torch.nn.Module, arch: str = "") -> str:
 
 
 def default_cache_dir() -> Path:
-    """Where compiled kernels persist: ``$SPEEDKIT_CACHE_DIR`` or the user cache folder."""
-    env = os.environ.get("SPEEDKIT_CACHE_DIR")
+    """Where compiled kernels persist: ``$SPEEDKIT_CACHE_DIR``, else a
+    ``$TORCHINDUCTOR_CACHE_DIR`` set before the pack loaded, else the user cache folder."""
+    env = os.environ.get("SPEEDKIT_CACHE_DIR") or _USER_INDUCTOR_DIR
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -77,18 +86,36 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
 def inductor_cache_dir(path: Path) -> Iterator[None]:
     """Point inductor's on-disk cache at ``path`` for the duration of a compiled call.
 
-    A user who set ``TORCHINDUCTOR_CACHE_DIR`` keeps their choice. The variable is
-    restored afterwards so other nodes are unaffected.
+    The previous value is restored afterwards, so other nodes keep theirs.
     """
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        yield
-        return
     path.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     try:
         yield
     finally:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+def repeated_blocks(module: torch.nn.Module, min_repeats: int = 4) -> list[torch.nn.Module]:
+    """The children of the container holding the most same-class sub-modules (at least
+    ``min_repeats``): RRDB's trunk, SwinIR's layers... Empty when nothing repeats."""
+    best: list[torch.nn.Module] = []
+    for container in module.modules():
+        if not isinstance(container, (torch.nn.Sequential, torch.nn.ModuleList)):
+            continue
+        by_class: dict[type, list[torch.nn.Module]] = {}
+        for child in container.children():
+            # Only blocks with real work inside: a list of bare convs/activations gains nothing.
+            if sum(1 for _ in child.modules()) > 2:
+                by_class.setdefault(type(child), []).append(child)
+        for group in by_class.values():
+            if len(group) >= min_repeats and len(group) > len(best):
+                best = group
+    return best
 
 
 @dataclass
@@ -96,6 +123,7 @@ class _Entry:
     module: torch.nn.Module
     compiled: dict[tuple, Callable] = field(default_factory=dict)
     compile_failed: str | None = None
+    regional: torch.nn.Module | None = None  # a second copy whose repeated blocks are compiled
 
 
 class ModelCache:
@@ -162,7 +190,22 @@ class ModelCache:
             return None
         key = (tuple(shape), mode)
         fn = entry.compiled.get(key)
-        if fn is None:
+        if fn is None and mode == "regional":
+            if entry.regional is None:
+                blocks = repeated_blocks(entry.module)
+                if not blocks:
+                    logger.info("upscale: no repeated blocks in this model, compiling it whole instead")
+                    fn = self.compiled(source, fingerprint, dtype, shape, "default")
+                    entry.compiled[key] = fn
+                    return fn
+                # Our own copy; Module.compile() marks it in place, so it is kept apart from
+                # the eager copy. Dynamo reuses one graph for every same-shaped block.
+                entry.regional = copy.deepcopy(entry.module)
+                for block in repeated_blocks(entry.regional):
+                    block.compile(dynamic=False)
+            fn = entry.regional
+            entry.compiled[key] = fn
+        elif fn is None:
             # dynamic=False: one static graph per tile shape; a run uses one shape.
             fn = torch.compile(entry.module, mode=mode, dynamic=False, fullgraph=False)
             entry.compiled[key] = fn
@@ -179,3 +222,5 @@ class ModelCache:
         with self._lock:
             for entry in self._entries.values():
                 entry.module.to("cpu")
+                if entry.regional is not None:
+                    entry.regional.to("cpu")

@@ -62,6 +62,7 @@ class UpscaleOptions:
     compile_mode: str = "default"
     optimization_level: str = "balanced"
     batch_size: int = 0
+    cudnn_benchmark: bool = True  # autotune cuDNN algorithms for the run's (few) shapes
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -199,6 +200,7 @@ class Upscaler:
             raise ValueError("precision: bf16 was chosen but this GPU has no bf16 support; use auto, fp16 or fp32")
         self._call_fn: Callable = getattr(descriptor, "_call_fn", None) or (lambda model, image: model(image))
         self._fingerprint: str | None = None
+        self._ready: dict = {}  # dtype / compiled key -> copy already on the device this run
         self.backend, self.backend_reason = self._choose_backend()
 
     # -- backend ------------------------------------------------------------------------
@@ -217,7 +219,14 @@ class Upscaler:
         return self._fingerprint
 
     def _module(self, dtype: torch.dtype) -> torch.nn.Module:
-        module = self.cache.module(self.descriptor.model, self.fingerprint, dtype)
+        module = self._ready.get(dtype)
+        if module is None:
+            module = self._place(self.cache.module(self.descriptor.model, self.fingerprint, dtype))
+            self._ready[dtype] = module
+        return module
+
+    def _place(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move one of our copies to the device (once per run; the cache parks it on the CPU after)."""
         module.to(self.device)
         if self.device.type == "cuda":
             module.to(memory_format=torch.channels_last)
@@ -293,6 +302,7 @@ class Upscaler:
                 self._run(images, out, report, progress, check_cancel)
         finally:
             # Leave the GPU to the next node: our copies go back to the CPU.
+            self._ready.clear()
             self.cache.offload()
         report.seconds = time.perf_counter() - start
         logger.info("upscale: %s", report.text().replace("\n", "; "))
@@ -307,7 +317,7 @@ class Upscaler:
                 stack.enter_context(
                     torch.backends.cudnn.flags(
                         enabled=True,
-                        benchmark=True,
+                        benchmark=self.options.cudnn_benchmark,
                         deterministic=torch.backends.cudnn.deterministic,
                         allow_tf32=torch.backends.cudnn.allow_tf32,
                     )
@@ -509,6 +519,9 @@ class Upscaler:
         )
         if fn is None:
             return self._call_fn(module, x)
+        if ("compiled", x.shape) not in self._ready:
+            self._place(fn)  # regional mode compiles a second copy, which must move too
+            self._ready[("compiled", x.shape)] = fn
         try:
             return self._call_fn(fn, x)
         except Exception as exc:

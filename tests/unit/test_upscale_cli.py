@@ -24,7 +24,7 @@ def pack_parent(tmp_path: Path) -> Path:
 
 
 def run_cli(parent: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH="")
+    env = dict(os.environ)
     if os.environ.get("SPEEDKIT_TEST_DEVICE", "cpu") == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run(
