@@ -121,6 +121,37 @@ def _materialize_inference_tensors(module: torch.nn.Module) -> int:
     return count
 
 
+class _OutOfPlaceClipLayers:
+    """While active, ComfyUI's CLIP layers add their residuals out of place.
+
+    ``CLIPLayer.forward`` does ``x += attn(norm(x))``; autograd rejects that in-place update when
+    the text encoder is trained. The same pre-norm residual computation without mutation is set as
+    an instance attribute and removed on exit.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.layers = [
+            m
+            for root in modules
+            for m in root.modules()
+            if all(hasattr(m, a) for a in ("layer_norm1", "self_attn", "layer_norm2", "mlp"))
+        ]
+
+    def __enter__(self):
+        for layer in self.layers:
+
+            def forward(x, mask=None, optimized_attention=None, _m=layer):
+                h = x + _m.self_attn(_m.layer_norm1(x), mask, optimized_attention)
+                return h + _m.mlp(_m.layer_norm2(h))
+
+            layer.forward = forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+
+
 def _send_loss(node_id: str | None, step: int, total: int, loss: float) -> None:
     """Live chart event for web/js/lora_train.js; silently skipped without a running server."""
     try:
@@ -618,7 +649,9 @@ class _Run:
                 )
                 if resume_from is not None:
                     trainer.load_state(resume_from)
-                return self._loop(trainer, name, resolution, lora_dir, state_dir, dataset_dir)
+                text_layers = _OutOfPlaceClipLayers(self._text_models() if config.train_te else [])
+                with text_layers:
+                    return self._loop(trainer, name, resolution, lora_dir, state_dir, dataset_dir)
             finally:
                 lora.detach()
                 if config.train_te:
