@@ -717,6 +717,11 @@ class TrainingConfig(io.ComfyNode):
     def execute(cls, **kw):
         if kw.get("max_train_epochs", 0) > 0:
             kw["max_train_steps"] = 0
+        kw["network_weights"] = env.native_path(kw.get("network_weights", ""))
+        if kw["network_weights"] and not os.path.isfile(kw["network_weights"]):
+            raise ValueError(
+                f"network_weights {kw['network_weights']!r} does not exist: give a LoRA file or leave it empty"
+            )
         cfg = configs.TrainingConfig(**kw)
         cfg.validate()
         return io.NodeOutput(cfg)
@@ -1064,14 +1069,17 @@ def _generate(cls, arch: str, kw: dict, models: dict, **job_kw):
     paths = commands.require_paths({"dit": kw["dit"], "vae": kw["vae"], **models}, optional=optional)
     out = _work_dir("generated", f"{arch}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}")
     image_path = _image_to_png(kw["image"], out, "start_image") if kw.get("image") is not None else ""
-    loras = tuple(
-        (_lora_path(kw[f"lora_{i}"], f"lora_{i}"), kw[f"strength_{i}"]) for i in (1, 2, 3) if kw[f"lora_{i}"].strip()
-    )
+    loras = []
+    for i in (1, 2, 3):
+        if kw[f"lora_{i}"].strip():
+            path = _lora_path(kw[f"lora_{i}"], f"lora_{i}")
+            lora_file.detect_lora_format(lora_file.read_safetensors_keys(path)[0], f"lora_{i}")
+            loras.append((path, kw[f"strength_{i}"]))
     job = commands.GenerateJob(
         arch=arch, prompt=kw["prompt"], negative_prompt=kw["negative_prompt"], save_path=str(out), **paths,
         width=kw["width"], height=kw["height"], frames=kw["frames"], fps=kw["fps"], steps=kw["steps"],
         seed=kw["seed"], guidance_scale=kw["guidance_scale"], flow_shift=kw["flow_shift"], image_path=image_path,
-        loras=loras, attn_mode=kw["attn_mode"], fp8=kw["fp8"], fp8_text_encoder=kw["fp8_text_encoder"],
+        loras=tuple(loras), attn_mode=kw["attn_mode"], fp8=kw["fp8"], fp8_text_encoder=kw["fp8_text_encoder"],
         blocks_to_swap=kw["blocks_to_swap"], output_type="both", extra=kw["extra_args"], **job_kw,
     )  # fmt: skip
     argv = commands.generate_argv(e, job)

@@ -327,3 +327,48 @@ def test_live_log_events_reach_the_browser(comfy_server, fake_setup, tmp_path):
     assert any(line.startswith("steps:") for line in lines) and any("model saved." in line for line in lines)
     summaries = [e.get("summary", "") for e in events]
     assert any("step 64/64" in s for s in summaries), summaries  # 16 default epochs x 4 steps
+
+
+def test_config_nodes_reach_the_hunyuan_command_line(comfy_server, fake_setup, tmp_path):
+    root, data, models = fake_setup
+    info = comfy_server.object_info()
+    argv_file = tmp_path / "argv.json"
+    prompt = {
+        "1": {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
+            extra_env=f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_ARGV={argv_file}")},
+        "2": {"class_type": "MusubiTuner_DatasetConfig", "inputs": widgets(
+            info, "MusubiTuner_DatasetConfig", directory=str(data), name="itest_cfg")},
+        "3": {"class_type": "MusubiTuner_TrainingConfig", "inputs": widgets(
+            info, "MusubiTuner_TrainingConfig", network_dim=8, network_alpha=4.0, max_train_epochs=2,
+            discrete_flow_shift=7.0, attention="flash", network_type="loha")},
+        "4": {"class_type": "MusubiTuner_OptimizerConfig", "inputs": widgets(
+            info, "MusubiTuner_OptimizerConfig", optimizer_type="Adafactor", lr_scheduler="cosine",
+            lr_warmup_steps=0.1, optimizer_args="relative_step=False")},
+        "5": {"class_type": "MusubiTuner_SamplingConfig", "inputs": widgets(
+            info, "MusubiTuner_SamplingConfig", prompts="a cat", sample_every_n_epochs=1, frames=25)},
+        "6": {"class_type": "MusubiTuner_MemoryOptimizer", "inputs": widgets(
+            info, "MusubiTuner_MemoryOptimizer", mode="manual", blocks_to_swap=12, fp8_base=True,
+            fp8_text_encoder=True, vae_chunk_size=16)},
+        "7": {"class_type": "MusubiTuner_TrainLoRA_HunyuanVideo", "inputs": widgets(
+            info, "MusubiTuner_TrainLoRA_HunyuanVideo", musubi_env=["1", 0], dataset=["2", 0],
+            training_config=["3", 0], optimizer_config=["4", 0], sampling_config=["5", 0], memory_config=["6", 0],
+            dit=str(models / "dit.safetensors"), vae=str(models / "vae.safetensors"),
+            text_encoder1=str(models / "t5.pth"), text_encoder2=str(models / "t5.pth"),
+            output_name="cfg_lora", output_dir=str(tmp_path / "o"))},
+    }  # fmt: skip
+    comfy_server.run_prompt(prompt, timeout=120)
+    argv = json.loads(argv_file.read_text())
+
+    def val(flag):
+        return argv[argv.index(flag) + 1]
+
+    assert argv[0] == "hv_train_network"
+    assert val("--network_module") == "networks.loha" and val("--network_dim") == "8" and val("--network_alpha") == "4"
+    assert "--flash_attn" in argv and val("--discrete_flow_shift") == "7" and val("--max_train_epochs") == "2"
+    assert val("--optimizer_type") == "Adafactor" and val("--optimizer_args") == "relative_step=False"
+    assert val("--lr_scheduler") == "cosine" and val("--lr_warmup_steps") == "0.1"
+    assert val("--blocks_to_swap") == "12" and "--fp8_base" in argv and "--fp8_llm" in argv
+    assert val("--vae_chunk_size") == "16" and val("--sample_every_n_epochs") == "1"
+    prompts = (tmp_path / "o" / "cfg_lora_sample_prompts.txt").read_text()
+    assert val("--sample_prompts").endswith("cfg_lora_sample_prompts.txt") and prompts.strip() == "a cat --f 25"
