@@ -111,7 +111,7 @@ class _StubFinder(importlib.abc.MetaPathFinder):
         return importlib.machinery.ModuleSpec(name, _StubLoader(), is_package=True)
 
 
-def third_party_imports(package_dir):
+def third_party_imports(package_dir, stub_all=False):
     """Top-level names musubi's modules import that are neither stdlib nor musubi itself."""
     import ast
     import pathlib
@@ -128,6 +128,11 @@ def third_party_imports(package_dir):
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
     skip = set(sys.stdlib_module_names) | set(sys.builtin_module_names) | {"musubi_tuner"}
+    if stub_all:
+        # Not musubi's venv: stub every heavy package (a half-matching mix of real torch /
+        # transformers / accelerate versions breaks at import). Only the light schema libraries stay real.
+        keep = {"voluptuous", "toml"}
+        return {n for n in names if n not in skip and (n not in keep or importlib.util.find_spec(n) is None)}
     return {n for n in names if n not in skip and importlib.util.find_spec(n) is None}
 
 
@@ -212,6 +217,8 @@ def main():
     request = json.load(sys.stdin)
     sys.path.insert(0, request["root"] + "/src")
     try:
+        if request.get("stub_all"):
+            raise ImportError("torch is stubbed")
         import torch
 
         if not torch.cuda.is_available():
@@ -219,8 +226,11 @@ def main():
             torch.cuda.current_device = lambda: 0
     except ImportError:
         pass
-    finder = _StubFinder(third_party_imports(request["root"] + "/src/musubi_tuner"))
-    sys.meta_path.append(finder)
+    finder = _StubFinder(third_party_imports(request["root"] + "/src/musubi_tuner", request.get("stub_all", False)))
+    if request.get("stub_all"):
+        sys.meta_path.insert(0, finder)
+    else:
+        sys.meta_path.append(finder)
     real_out, sys.stdout = sys.stdout, io.StringIO()  # musubi modules may print at import
     import logging
 

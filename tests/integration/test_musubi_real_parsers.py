@@ -1,8 +1,8 @@
 """Our command lines and dataset TOMLs checked by musubi-tuner's own code.
 
 Needs ``MUSUBI_TUNER_ROOT`` (a kohya-ss/musubi-tuner checkout, v0.3.x layout) and ideally
-``MUSUBI_TUNER_PYTHON`` (its venv; else this interpreter, with musubi's missing imports
-stubbed). Every argv below is parsed by musubi's real argparse parser for that script, the
+``MUSUBI_TUNER_PYTHON`` (its venv; else this interpreter, with musubi's heavy imports
+stubbed, and the schema test skipped unless voluptuous is installed). Every argv below is parsed by musubi's real argparse parser for that script, the
 accelerate flags by accelerate's launch parser, and each dataset TOML goes through musubi's
 ``ConfigSanitizer`` + ``BlueprintGenerator`` (voluptuous schema).
 """
@@ -48,7 +48,8 @@ def env() -> MusubiEnv:
 
 
 def probe(env: MusubiEnv, request: dict) -> dict:
-    request = {"root": str(env.root), **request}
+    # Without musubi's venv every heavy import is stubbed (the parser code itself is musubi's).
+    request = {"root": str(env.root), "stub_all": not os.environ.get("MUSUBI_TUNER_PYTHON"), **request}
     proc = subprocess.run(
         [str(env.python), str(PROBE)], input=json.dumps(request), capture_output=True, text=True, timeout=600
     )
@@ -401,7 +402,9 @@ def test_our_tomls_pass_musubis_schema_and_bad_ones_fail_both(env, tmp_path):
     bad = {n: write(tmp_path, n, c, ours=False) for n, c in BAD_CONFIGS.items()}
     answer = probe(env, {"dataset_checks": list(good.values()) + list(bad.values()), "architecture": "wan"})
     if not answer["voluptuous_real"]:
-        pytest.skip("voluptuous is not installed in MUSUBI_TUNER_PYTHON: musubi's schema cannot run")
+        pytest.skip(
+            "voluptuous is not installed in the probe's Python: musubi's schema cannot run (the static schema test still runs)"
+        )
     results = dict(zip(list(good) + list(bad), answer["datasets"], strict=True))
     for name in good:
         assert results[name]["ok"], f"musubi rejected our {name} config: {results[name].get('error')}"
@@ -413,3 +416,35 @@ def test_our_tomls_pass_musubis_schema_and_bad_ones_fail_both(env, tmp_path):
     # musubi reads our resolution as [W, H]
     video = results["video"]["datasets"][0]
     assert video["resolution"] == [832, 480] and video["source_fps"] == 30.0 and not video["is_image"]
+
+
+def _static_schema(root: Path) -> dict[str, dict[str, str]]:
+    """musubi's ConfigSanitizer schema dicts read with ``ast`` (works without voluptuous)."""
+    import ast
+
+    src = (root / "src" / "musubi_tuner" / "dataset" / "config_utils.py").read_text(encoding="utf-8")
+    cls = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ClassDef) and n.name == "ConfigSanitizer")
+    out = {}
+    for node in cls.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            table = {}
+            for k, v in zip(node.value.keys, node.value.values, strict=True):
+                if isinstance(v, ast.Name):
+                    kind = v.id
+                elif isinstance(v, ast.List) and isinstance(v.elts[0], ast.Name) and v.elts[0].id == "int":
+                    kind = "ints"
+                elif isinstance(v, ast.Call) and "scalar_or_twodim" in ast.unparse(v):
+                    kind = "res"
+                else:
+                    kind = ast.unparse(v)
+                table[k.value] = kind
+            out[node.targets[0].id] = table
+    return out
+
+
+def test_our_schema_tables_equal_musubis_static_schema(env):
+    schema = _static_schema(env.root)
+    asc = schema["DATASET_ASCENDABLE_SCHEMA"]
+    assert asc == dataset.ASCENDABLE_KEYS
+    assert {**asc, **schema["IMAGE_DATASET_DISTINCT_SCHEMA"]} == dataset.IMAGE_KEYS
+    assert {**asc, **schema["VIDEO_DATASET_DISTINCT_SCHEMA"]} == dataset.VIDEO_KEYS
