@@ -1,0 +1,83 @@
+"""``SpeedKit_UpscaleImageCUDA`` inside a real ComfyUI (CPU): schema, a full prompt with the
+stock model loader, and the same picture as ComfyUI's own "Upscale Image (using Model)"."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from spandrel.architectures.Compact import Compact
+
+pytestmark = pytest.mark.integration
+NODE = "SpeedKit_UpscaleImageCUDA"
+
+
+def test_schema_has_tooltips_on_every_input_and_output(comfy_server):
+    info = comfy_server.object_info()[NODE]
+    assert info["category"] == "SpeedKit/upscaling" and info["description"]
+    inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
+    assert list(inputs) == [
+        "upscale_model",
+        "image",
+        "use_autocast",
+        "precision",
+        "tile_size",
+        "overlap",
+        "enable_compile",
+        "optimization_level",
+        "batch_size",
+    ]
+    for name, spec in inputs.items():
+        assert spec[1].get("tooltip"), f"input {name} has no tooltip"
+    assert all(info["output_tooltips"]), info["output_tooltips"]
+
+
+def test_prompt_matches_stock_upscale_node(comfy_server):
+    torch.manual_seed(0)
+    net = Compact(num_in_ch=3, num_out_ch=3, num_feat=16, num_conv=4, upscale=2)
+    folder = comfy_server.models_dir / "upscale_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file = folder / "tiny_compact_x2.safetensors"
+    save_file(net.state_dict(), str(model_file))
+    try:
+        _run_and_compare(comfy_server)
+    finally:
+        # Other tests check example workflows against the (then empty) model list.
+        model_file.unlink()
+
+
+def _run_and_compare(comfy_server):
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8)).save(comfy_server.input_dir / "upscale_in.png")
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "upscale_in.png"}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "tiny_compact_x2.safetensors"}},
+        "3": {
+            "class_type": NODE,
+            "inputs": {
+                "upscale_model": ["2", 0],
+                "image": ["1", 0],
+                "use_autocast": "enable",
+                "precision": "auto",
+                "tile_size": 32,
+                "overlap": 24,
+                "enable_compile": "enable",  # no CUDA here: falls back to eager with a log line
+                "optimization_level": "balanced",
+                "batch_size": 0,
+            },
+        },
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "speedkit_up"}},
+        "5": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "stock_up"}},
+    }
+    entry = comfy_server.run_prompt(prompt)
+    ours = entry["outputs"]["4"]["images"][0]["filename"]
+    stock = entry["outputs"]["6"]["images"][0]["filename"]
+    a = np.asarray(Image.open(comfy_server.output_dir / ours), dtype=np.int16)
+    b = np.asarray(Image.open(comfy_server.output_dir / stock), dtype=np.int16)
+    assert a.shape == b.shape == (80, 112, 3)
+    # 8-bit PNGs of the same picture: at most one level of rounding apart.
+    assert int(np.abs(a - b).max()) <= 1
+    assert "compile unavailable" in comfy_server.log_text()
