@@ -245,16 +245,23 @@ def run_command(
     reader.start()
     finished = False
     last_written_step = None
+    exited_at = 0.0
     try:
         while True:
             try:
                 line = lines.get(timeout=poll_s)
             except queue.Empty:
                 line = ""
-                if proc.poll() is not None and not IS_WINDOWS and group_alive(proc.pid):
-                    # The script exited but a leftover child (e.g. a dataloader worker) keeps
-                    # the pipe open: end it, so the reader sees EOF.
-                    kill_process_tree(proc, grace_s)
+                if proc.poll() is not None:
+                    # The script exited but a leftover child (e.g. a dataloader worker) may keep
+                    # the pipe open: end it so the reader sees EOF. Windows has no process group
+                    # to find orphans by, so stop reading after a quiet grace period instead.
+                    if not IS_WINDOWS and group_alive(proc.pid):
+                        kill_process_tree(proc, grace_s)
+                    elif IS_WINDOWS:
+                        exited_at = exited_at or time.monotonic()
+                        if time.monotonic() - exited_at > grace_s:
+                            break
             if line is None:
                 break
             if line:

@@ -104,7 +104,10 @@ def _send(node_id, payload: dict) -> None:
     server = getattr(PromptServer, "instance", None)
     if server is None or node_id is None:
         return
-    server.send_sync(LOG_EVENT, {"node": str(node_id), **payload})
+    try:
+        server.send_sync(LOG_EVENT, {"node": str(node_id), **payload})
+    except Exception as exc:  # noqa: BLE001 - a UI hiccup must never stop a training run
+        logger.debug("live log message not sent: %s", exc)
 
 
 def _run(argv, e: env.MusubiEnv, *, node_id, log_path, expected=(), what="musubi-tuner"):

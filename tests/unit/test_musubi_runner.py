@@ -14,7 +14,7 @@ from fake_musubi.fakeroot import fake_env, make_fake_root
 from speedkit.musubi import runner
 from speedkit.musubi.runner import MusubiCancelled, MusubiRunError, group_alive, run_command
 
-pytestmark = pytest.mark.skipif(os.name == "nt", reason="process-group checks below use POSIX APIs")
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="uses POSIX process groups and /proc")
 
 
 @pytest.fixture
@@ -203,3 +203,29 @@ def test_group_alive_sees_a_running_group():
     finally:
         runner.kill_process_tree(proc, grace_s=1.0)
     assert not group_alive(proc.pid)
+
+
+def test_windows_kill_sequence_is_ctrl_break_then_taskkill_tree(monkeypatch):
+    """The Windows branch, exercised with a stand-in process (this CI runs on Linux)."""
+    import signal
+
+    calls = []
+
+    class FakeProc:
+        pid = 4242
+
+        def poll(self):
+            return None
+
+        def send_signal(self, sig):
+            calls.append(("signal", sig))
+
+        def wait(self, timeout=None):
+            calls.append(("wait", timeout))
+            raise subprocess.TimeoutExpired("x", timeout)
+
+    monkeypatch.setattr(signal, "CTRL_BREAK_EVENT", 1, raising=False)
+    monkeypatch.setattr(runner.subprocess, "run", lambda argv, **kw: calls.append(("run", argv)))
+    runner._kill_tree_windows(FakeProc(), grace_s=0.5)
+    assert calls[0] == ("signal", 1) and calls[1] == ("wait", 0.5)
+    assert ("run", ["taskkill", "/T", "/F", "/PID", "4242"]) in calls
