@@ -331,8 +331,9 @@ class GenerateJob:
     flow_shift: float = 0.0
     image_path: str = ""  # I2V start image
     end_image_path: str = ""
-    video_path: str = ""  # V2V (HunyuanVideo)
-    strength: float = 0.8  # V2V
+    video_path: str = ""  # V2V (HunyuanVideo, Wan)
+    strength: float = 0.8  # V2V strength (HunyuanVideo)
+    control_path: str = ""  # Wan Fun-Control control video
     loras: tuple[tuple[str, float], ...] = ()
     attn_mode: str = "sdpa"
     fp8: bool = False
@@ -403,9 +404,15 @@ def generate_argv(env: MusubiEnv, job: GenerateJob) -> list[str]:
             raise ValueError("end_image is not supported by HunyuanVideo generation: unplug it")
         argv += ["--end_image_path", job.end_image_path]
     if job.video_path:
-        if job.arch != "hunyuan_video":
-            raise ValueError(f"video-to-video is a HunyuanVideo feature; {spec.label} takes no input video")
-        argv += ["--video_path", job.video_path, "--strength", _num(job.strength)]
+        if job.arch == "framepack":
+            raise ValueError("video-to-video is for HunyuanVideo and Wan; FramePack takes no input video")
+        argv += ["--video_path", job.video_path]
+        if job.arch == "hunyuan_video":
+            argv += ["--strength", _num(job.strength)]
+    if job.control_path:
+        if job.arch != "wan" or not job.task.endswith("-FC"):
+            raise ValueError("control_video is for Wan Fun-Control tasks (*-FC): change task or unplug it")
+        argv += ["--control_path", job.control_path]
     if job.loras:
         argv += ["--lora_weight", *[p for p, _ in job.loras]]
         argv += ["--lora_multiplier", *[_num(m) for _, m in job.loras]]

@@ -1142,15 +1142,21 @@ class GenerateVideoWan(io.ComfyNode):
                     _s("clip", "Wan2.1 I2V: CLIP model; else empty."),
                     _s("dit_high_noise", "Wan2.2: high-noise DiT; empty = none.", advanced=True),
                     _b("fp8_scaled", "Scaled fp8 DiT (better than plain fp8)."),
+                    _s("video_path", "Video-to-video: input video path; empty = off.", advanced=True),
+                    _s("control_video", "Fun-Control tasks (*-FC): control video path; empty = off.", advanced=True),
                 ],
             ),
             outputs=GEN_OUTPUTS(),
         )
 
     @classmethod
-    def execute(cls, task, t5, clip, dit_high_noise, fp8_scaled, **kw):
+    def execute(cls, task, t5, clip, dit_high_noise, fp8_scaled, video_path, control_video, **kw):
         models = {"text_encoder1": t5, "image_encoder": clip, "dit_high_noise": dit_high_noise}
-        return _generate(cls, "wan", kw, models, task=task, fp8_scaled=fp8_scaled)
+        extra = commands.require_paths(
+            {"video_path": video_path, "control_video": control_video}, optional=("video_path", "control_video")
+        )
+        return _generate(cls, "wan", kw, models, task=task, fp8_scaled=fp8_scaled, video_path=extra["video_path"],
+                         control_path=extra["control_video"])  # fmt: skip
 
 
 class GenerateVideoFramePack(io.ComfyNode):

@@ -285,6 +285,17 @@ def all_commands(env: MusubiEnv, tmp: Path) -> list[tuple[str, list[str]]]:
     )
     cmds.append(
         (
+            "wan v2v fun-control",
+            generate_argv(
+                env,
+                GenerateJob(
+                    arch="wan", task="t2v-1.3B-FC", text_encoder1="t5", video_path="in.mp4", control_path="c.mp4", **g
+                ),
+            ),
+        )
+    )
+    cmds.append(
+        (
             "wan2.2 i2v",
             generate_argv(
                 env,

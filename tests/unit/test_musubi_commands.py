@@ -433,7 +433,7 @@ def test_framepack_generate_matches_docs():
         (dict(prompt=" "), "prompt is empty"),
         (dict(task="i2v-14B"), "connect a start image"),
         (dict(dit_high_noise="h"), "dit_high_noise is for Wan2.2"),
-        (dict(video_path="v.mp4"), "video-to-video is a HunyuanVideo feature"),
+        (dict(control_path="c.mp4"), "control_video is for Wan Fun-Control tasks"),
         (dict(attn_mode="fast"), "attn_mode='fast'"),
     ],
 )
@@ -482,3 +482,18 @@ def test_extra_args_are_split_not_shelled():
     assert extra_args('--foo 1 --bar "a b"') == ["--foo", "1", "--bar", "a b"]
     with pytest.raises(ValueError, match="must start with a --flag"):
         extra_args("rm -rf /")
+
+
+def test_video_to_video_and_fun_control():
+    base = dict(prompt="p", save_path="s", dit="d", vae="v", text_encoder1="t")
+    wan = generate_argv(
+        ENV, GenerateJob(arch="wan", task="t2v-14B-FC", video_path="in.mp4", control_path="c.mp4", **base)
+    )
+    assert wan[wan.index("--video_path") + 1] == "in.mp4" and "--strength" not in wan
+    assert wan[wan.index("--control_path") + 1] == "c.mp4"
+    hv = generate_argv(
+        ENV, GenerateJob(arch="hunyuan_video", text_encoder2="t2", video_path="in.mp4", strength=0.6, **base)
+    )
+    assert hv[hv.index("--strength") + 1] == "0.6"
+    with pytest.raises(ValueError, match="FramePack takes no input video"):
+        generate_argv(ENV, GenerateJob(arch="framepack", text_encoder2="t2", image_encoder="i", video_path="x", **base))
