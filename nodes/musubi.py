@@ -548,6 +548,8 @@ class CacheLatents(io.ComfyNode):
                     advanced=True,
                 ),
                 _b("vae_cache_cpu", "Wan: keep the VAE's internal cache on the CPU (less VRAM).", advanced=True),
+                _b("one_frame", "Wan / FramePack: cache for one-frame training.", advanced=True),
+                _b("f1", "FramePack: cache for the F1 model.", advanced=True),
                 _s("model_version", "Qwen-Image only: original, edit, edit-2509, edit-2511, layered.", advanced=True),
                 *_cache_common_inputs(),
             ],
@@ -559,8 +561,8 @@ class CacheLatents(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset, architecture, vae, image_encoder, i2v, vae_tiling, vae_chunk_size,
-                vae_spatial_tile_sample_min_size, vae_cache_cpu, model_version, batch_size, num_workers,
-                skip_existing, keep_cache, device, extra_args, musubi_env=None):  # fmt: skip
+                vae_spatial_tile_sample_min_size, vae_cache_cpu, one_frame, f1, model_version, batch_size,
+                num_workers, skip_existing, keep_cache, device, extra_args, musubi_env=None):  # fmt: skip
         spec = archs.get_arch(architecture)
         e = _env(musubi_env, (spec.cache_latents,))
         paths = commands.require_paths({"vae": vae, "image_encoder": image_encoder}, optional=("image_encoder",))
@@ -569,7 +571,7 @@ class CacheLatents(io.ComfyNode):
             e, architecture, dataset["toml"], paths["vae"], extra_model=paths["image_encoder"], i2v=i2v,
             vae_tiling=vae_tiling, vae_chunk_size=vae_chunk_size,
             vae_spatial_tile_sample_min_size=vae_spatial_tile_sample_min_size, vae_cache_cpu=vae_cache_cpu,
-            model_version=model_version, options=opts,
+            one_frame=one_frame, f1=f1, model_version=model_version, options=opts,
         )  # fmt: skip
         log = Path(dataset["toml"]).with_name(Path(dataset["toml"]).stem + f"_{architecture}_latents.log")
         _run(argv, e, node_id=cls.hidden.unique_id, log_path=log, what="latent caching")
@@ -1044,6 +1046,11 @@ def _gen_inputs(arch: str, extra):
         _f("guidance_scale", "CFG / guidance scale; 0 = musubi's default.", 0.0, 0.0, 100.0, 0.1),
         _f("flow_shift", "Flow shift; 0 = musubi's default.", 0.0, 0.0, 100.0, 0.1),
         io.Image.Input("image", optional=True, tooltip="Start image for image-to-video (first frame used)."),
+        *(
+            [io.Image.Input("end_image", optional=True, tooltip="End image (Wan FLF2V / FramePack), first frame used.")]
+            if arch != "hunyuan_video"
+            else []
+        ),
         _s("lora_1", "LoRA path or name in models/loras; empty = none."),
         _f("strength_1", "Multiplier of lora_1.", 1.0, -10.0, 10.0),
         _s("lora_2", "Second LoRA; empty = none.", advanced=True),
@@ -1072,6 +1079,7 @@ def _generate(cls, arch: str, kw: dict, models: dict, **job_kw):
     paths = commands.require_paths({"dit": kw["dit"], "vae": kw["vae"], **models}, optional=optional)
     out = _work_dir("generated", f"{arch}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}")
     image_path = _image_to_png(kw["image"], out, "start_image") if kw.get("image") is not None else ""
+    end_path = _image_to_png(kw["end_image"], out, "end_image") if kw.get("end_image") is not None else ""
     loras = []
     for i in (1, 2, 3):
         if kw[f"lora_{i}"].strip():
@@ -1081,13 +1089,13 @@ def _generate(cls, arch: str, kw: dict, models: dict, **job_kw):
     job = commands.GenerateJob(
         arch=arch, prompt=kw["prompt"], negative_prompt=kw["negative_prompt"], save_path=str(out), **paths,
         width=kw["width"], height=kw["height"], frames=kw["frames"], fps=kw["fps"], steps=kw["steps"],
-        seed=kw["seed"], guidance_scale=kw["guidance_scale"], flow_shift=kw["flow_shift"], image_path=image_path,
+        seed=kw["seed"], guidance_scale=kw["guidance_scale"], flow_shift=kw["flow_shift"], image_path=image_path, end_image_path=end_path,
         loras=tuple(loras), attn_mode=kw["attn_mode"], fp8=kw["fp8"], fp8_text_encoder=kw["fp8_text_encoder"],
         blocks_to_swap=kw["blocks_to_swap"], output_type="both", extra=kw["extra_args"], **job_kw,
     )  # fmt: skip
     argv = commands.generate_argv(e, job)
     _run(argv, e, node_id=cls.hidden.unique_id, log_path=out / "generate.log", what=f"{spec.label} generation")
-    frames = [p for p in media.collect_frames(out) if p.name != "start_image.png"]
+    frames = [p for p in media.collect_frames(out) if p.name not in ("start_image.png", "end_image.png")]
     if not frames:
         raise ValueError(f"{spec.label} generation finished but wrote no frames to {out}; see {out / 'generate.log'}")
     return io.NodeOutput(_frames_to_image(media.load_images(frames)), str(out))
