@@ -7,6 +7,7 @@ from .families import Family, resolve_family
 from .holder import CACHE_MODES, HOLDER_KEY, FBCacheHolder, validate_settings
 from .hooks import (
     SkipRemainingBlocks,
+    dit_diffusion_wrapper,
     make_block_replacement,
     step_apply_model_wrapper,
     unet_diffusion_wrapper,
@@ -19,6 +20,7 @@ __all__ = [
     "FBCacheHolder",
     "Family",
     "SkipRemainingBlocks",
+    "dit_diffusion_wrapper",
     "make_block_replacement",
     "resolve_family",
     "step_apply_model_wrapper",

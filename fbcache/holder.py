@@ -298,6 +298,15 @@ class FBCacheHolder:
         """The computed call ran to the end: its residuals may now serve hits."""
         self._complete.add(self._composition())
 
+    def switch_mode(self, mode: str, reason: str) -> None:
+        """Change the residual layout for the rest of this run (the cached residuals are dropped)."""
+        if mode == self.cache_mode:
+            return
+        logger.info("First Block Cache: %s -> %s cache_mode for this run (%s).", self.cache_mode, mode, reason)
+        self.cache_mode = mode
+        self._stores.clear()
+        self._complete.clear()
+
     def warn_once(self, message: str) -> None:
         """Log a warning the first time ``message`` comes up in this run."""
         if message not in self._warned:

@@ -191,6 +191,30 @@ def make_block_replacement(
     return replacement
 
 
+def _find_control(args: tuple, kwargs: dict):
+    control = kwargs.get("control")
+    if control is None:
+        for value in args:
+            if isinstance(value, dict) and HOLDER_KEY not in value and ("input" in value or "output" in value):
+                return value
+    return control
+
+
+def dit_diffusion_wrapper(executor, *args, **kwargs):
+    """``DIFFUSION_MODEL`` wrapper of block-hooked DiTs: switch tail to per_block under ControlNet.
+
+    A tail residual would carry the reference step's ControlNet residuals of the skipped blocks,
+    and the model adds the current step's on top; per-block residuals exclude them, so every
+    skipped block gets exactly the current ControlNet residual.
+    """
+    holder = _active_holder(kwargs.get("transformer_options"))
+    if holder is None:
+        holder = next((_active_holder(a) for a in reversed(args) if isinstance(a, dict) and HOLDER_KEY in a), None)
+    if holder is not None and holder.cache_mode == "tail" and _find_control(args, kwargs) is not None:
+        holder.switch_mode("per_block", "ControlNet residuals present")
+    return executor(*args, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------- step
 def step_apply_model_wrapper(executor, *args, **kwargs):
     """``APPLY_MODEL`` wrapper for networks without block hooks: skip whole calls.

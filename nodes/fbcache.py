@@ -10,6 +10,7 @@ from ..fbcache import (
     CACHE_MODES,
     HOLDER_KEY,
     FBCacheHolder,
+    dit_diffusion_wrapper,
     make_block_replacement,
     resolve_family,
     step_apply_model_wrapper,
@@ -114,6 +115,7 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
                 fn._speedkit_fbcache = True
                 fn._speedkit_previous = previous
                 patched.set_model_patch_replace(fn, "dit", kind, i)
+        patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, dit_diffusion_wrapper)
         blocks = ", ".join(f"{n} {k}s" for k, n in family.stacks)
         holder.description = f"{family.name}: {blocks}, {holder.cache_mode} residuals"
     else:

@@ -1,0 +1,518 @@
+"""First Block Cache core, CPU, no ComfyUI: holder decisions and the UNet/DiT/step hooks.
+
+The stand-in networks below drive the hooks exactly the way ComfyUI's ``UNetModel._forward``
+(``input_block_patch`` after every input block, ``out`` at the end, a DIFFUSION_MODEL wrapper
+around it) and Flux's ``forward_orig`` (``patches_replace["dit"][(kind, i)]`` around double
+and single blocks, ``cat(txt, img)`` in between) do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from speedkit.fbcache import (
+    HOLDER_KEY,
+    FBCacheHolder,
+    make_block_replacement,
+    resolve_family,
+    step_apply_model_wrapper,
+    unet_diffusion_wrapper,
+    unet_input_block_patch,
+)
+
+# ------------------------------------------------------------------------------------ stand-ins
+
+
+class _Executor:
+    """Calls ``fn`` like ComfyUI's WrapperExecutor: ``executor(*args)`` and ``executor.class_obj``."""
+
+    def __init__(self, fn, class_obj):
+        self.fn, self.class_obj = fn, class_obj
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+class UNetModel(nn.Module):
+    """Conv in, ResBlock-like block, downsample, deep block, upsample output blocks with skip concat, out."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_blocks = nn.ModuleList(
+            [nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)]
+        )
+        self.middle_block = nn.Conv2d(8, 8, 3, padding=1)
+        self.output_blocks = nn.ModuleList([nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)])
+        self.out = nn.Sequential(nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 4, 3, padding=1))
+        self.calls = {"middle": 0}
+
+    def _forward(self, x, t, context, y, control, transformer_options):
+        hs, h = [], x
+        patches = transformer_options.get("patches", {})
+        for i, block in enumerate(self.input_blocks):
+            transformer_options["block"] = ("input", i)
+            h = block(h) if i != 1 else h + torch.tanh(block(h) + t.view(-1, 1, 1, 1))
+            for p in patches.get("input_block_patch", []):
+                h = p(h, transformer_options)
+            hs.append(h)
+        self.calls["middle"] += 1
+        h = self.middle_block(h)
+        h = nn.functional.interpolate(h, scale_factor=2)
+        hs.pop()
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], 1))
+        return self.out(h)
+
+    def forward(self, x, t, transformer_options, wrapper=None):
+        args = (x, t, None, None, None, transformer_options)
+        if wrapper is None:
+            return self._forward(*args)
+        return wrapper(_Executor(self._forward, self), *args)
+
+
+class Flux(nn.Module):
+    """Double blocks on (img, txt), then single blocks on cat(txt, img), as in Flux's forward_orig."""
+
+    def __init__(self, double=3, single=3, dim=8):
+        super().__init__()
+        self.double_blocks = nn.ModuleList([nn.Linear(dim, dim) for _ in range(double)])
+        self.double_txt = nn.ModuleList([nn.Linear(dim, dim) for _ in range(double)])
+        self.single_blocks = nn.ModuleList([nn.Linear(dim, dim) for _ in range(single)])
+        self.final = nn.Linear(dim, dim)
+
+    def forward(self, img, txt, vec, transformer_options, control=None):
+        replace = transformer_options.get("patches_replace", {}).get("dit", {})
+        for i, (bi, bt) in enumerate(zip(self.double_blocks, self.double_txt, strict=True)):
+
+            def wrap(a, bi=bi, bt=bt):
+                return {
+                    "img": a["img"] + torch.tanh(bi(a["img"]) + a["vec"]),
+                    "txt": a["txt"] + torch.tanh(bt(a["txt"])),
+                }
+
+            args = {"img": img, "txt": txt, "vec": vec, "transformer_options": transformer_options}
+            out = (
+                replace[("double_block", i)](args, {"original_block": wrap})
+                if ("double_block", i) in replace
+                else wrap(args)
+            )
+            img, txt = out["img"], out["txt"]
+            if control is not None:
+                img = img + control[i]
+        x = torch.cat([txt, img], 1)
+        for i, b in enumerate(self.single_blocks):
+
+            def wrap1(a, b=b):
+                return {"img": a["img"] + torch.tanh(b(a["img"]) + a["vec"])}
+
+            args = {"img": x, "vec": vec, "transformer_options": transformer_options}
+            x = (
+                replace[("single_block", i)](args, {"original_block": wrap1})
+                if ("single_block", i) in replace
+                else wrap1(args)
+            )["img"]
+        return self.final(x[:, txt.shape[1] :])
+
+
+STACKS = (("double_block", 3), ("single_block", 3))
+
+
+def dit_options(holder, stacks=STACKS, previous=None):
+    replace = {
+        (k, i): make_block_replacement(k, i, stacks, (previous or {}).get((k, i))) for k, n in stacks for i in range(n)
+    }
+    return {HOLDER_KEY: holder, "patches_replace": {"dit": replace}}
+
+
+def call_options(base, sigma, cond_or_uncond=(0,), uuids=None):
+    to = dict(base)
+    to["sigmas"] = torch.full((len(cond_or_uncond),), float(sigma))
+    to["cond_or_uncond"] = list(cond_or_uncond)
+    to["uuids"] = list(uuids) if uuids is not None else [f"u{c}" for c in cond_or_uncond]
+    return to
+
+
+def active(holder, percent_to_sigma=None):
+    return holder.prepare(percent_to_sigma or (lambda p: math.inf if p <= 0 else (0.0 if p >= 1 else 10 * (1 - p))))
+
+
+SIGMAS = [9.0, 7.0, 5.0, 3.5, 2.0, 1.0]
+
+
+def run_flux(model, holder, img, txt, sigmas=SIGMAS, drift=0.02, control=None):
+    outs = []
+    to = dit_options(holder) if holder is not None else {}
+    for k, s in enumerate(sigmas):
+        vec = torch.full((1, 1, img.shape[-1]), s / 10)
+        outs.append(model(img + drift * k, txt, vec, call_options(to, s), control))
+    return outs
+
+
+@pytest.fixture
+def flux():
+    torch.manual_seed(0)
+    return Flux().eval()
+
+
+@pytest.fixture
+def flux_inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, 6, 8, generator=g), torch.randn(1, 2, 8, generator=g)
+
+
+# ------------------------------------------------------------------------------------ no-op and formulas
+
+
+@torch.no_grad()
+def test_threshold_zero_is_bit_identical(flux, flux_inputs):
+    base = run_flux(flux, None, *flux_inputs)
+    holder = active(FBCacheHolder(0.0))
+    cached = run_flux(flux, holder, *flux_inputs, drift=0.0)  # identical inputs: distance 0, still no hit
+    base0 = run_flux(flux, None, *flux_inputs, drift=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(cached, base0, strict=True))
+    assert holder.summary()["skipped"] == 0 and len(base) == len(cached)
+
+
+@torch.no_grad()
+def test_all_computed_schedule_is_bit_identical_and_counts(flux, flux_inputs):
+    base = run_flux(flux, None, *flux_inputs)
+    holder = active(FBCacheHolder(0.5, force_pattern=[False]))
+    out = run_flux(flux, holder, *flux_inputs)
+    assert all(torch.equal(a, b) for a, b in zip(out, base, strict=True))
+    assert holder.summary()["computed"] == len(SIGMAS)
+
+
+def _manual_flux_hit(model, img, txt, vec, ref_trace):
+    """Expected hit output: block 0 computed, cached residuals added back (both modes)."""
+    a = model.double_blocks[0]
+    img0 = img + torch.tanh(a(img) + vec)
+    txt0 = txt + torch.tanh(model.double_txt[0](txt))
+    img_d = img0 + ref_trace["d_img"]
+    txt_d = txt0 + ref_trace["d_txt"]
+    x = torch.cat([txt_d, img_d], 1) + ref_trace["s"]
+    return model.final(x[:, txt.shape[1] :])
+
+
+def _trace_flux(model, img, txt, vec):
+    """Residuals of double blocks 1.. (img, txt) and of all single blocks, from one computed call."""
+    i, t = img, txt
+    i = i + torch.tanh(model.double_blocks[0](i) + vec)
+    t = t + torch.tanh(model.double_txt[0](t))
+    i1, t1 = i, t
+    for bi, bt in zip(model.double_blocks[1:], model.double_txt[1:], strict=True):
+        i, t = i + torch.tanh(bi(i) + vec), t + torch.tanh(bt(t))
+    x0 = torch.cat([t, i], 1)
+    x = x0
+    for b in model.single_blocks:
+        x = x + torch.tanh(b(x) + vec)
+    return {"d_img": i - i1, "d_txt": t - t1, "s": x - x0}
+
+
+@pytest.mark.parametrize("mode", ["tail", "per_block"])
+@torch.no_grad()
+def test_injection_formula_exact_under_forced_hits(flux, flux_inputs, mode):
+    img, txt = flux_inputs
+    holder = active(FBCacheHolder(0.5, cache_mode=mode, force_pattern=[False, True]))
+    outs = run_flux(flux, holder, img, txt)
+    for k in range(1, len(SIGMAS), 2):  # hit calls reuse the residuals of call k-1
+        vec_ref = torch.full((1, 1, 8), SIGMAS[k - 1] / 10)
+        vec = torch.full((1, 1, 8), SIGMAS[k] / 10)
+        trace = _trace_flux(flux, img + 0.02 * (k - 1), txt, vec_ref)
+        expected = _manual_flux_hit(flux, img + 0.02 * k, txt, vec, trace)
+        torch.testing.assert_close(outs[k], expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(outs[k], outs[k - 1])  # block 0 really ran on the new input
+    assert holder.summary()["skipped"] == len(SIGMAS) // 2
+
+
+@torch.no_grad()
+def test_per_block_applies_current_controlnet_residuals_on_hits(flux, flux_inputs):
+    img, txt = flux_inputs
+    holder = active(FBCacheHolder(0.5, cache_mode="per_block", force_pattern=[False, True]))
+    to = dit_options(holder)
+    controls = [[torch.full((1, 6, 8), 0.1 * (k + 1) * (i + 1)) for i in range(3)] for k in range(2)]
+    vecs = [torch.full((1, 1, 8), s / 10) for s in SIGMAS[:2]]
+    flux(img, txt, vecs[0], call_options(to, SIGMAS[0]), controls[0])
+    hit = flux(img, txt, vecs[1], call_options(to, SIGMAS[1]), controls[1])
+    # expected: block 0 computed, + c0(now); every later double block: in + own residual (ref) + c_i(now)
+    i, t = img, txt
+    ref_res = []
+    i = i + torch.tanh(flux.double_blocks[0](i) + vecs[0]) + controls[0][0]
+    t = t + torch.tanh(flux.double_txt[0](t))
+    for n in (1, 2):
+        ni, nt = i + torch.tanh(flux.double_blocks[n](i) + vecs[0]), t + torch.tanh(flux.double_txt[n](t))
+        ref_res.append((ni - i, nt - t))
+        i, t = ni + controls[0][n], nt
+    x = torch.cat([t, i], 1)
+    single_res = []
+    for b in flux.single_blocks:
+        nx = x + torch.tanh(b(x) + vecs[0])
+        single_res.append(nx - x)
+        x = nx
+    i = img + torch.tanh(flux.double_blocks[0](img) + vecs[1]) + controls[1][0]
+    t = txt + torch.tanh(flux.double_txt[0](txt))
+    for n in (1, 2):
+        i, t = i + ref_res[n - 1][0] + controls[1][n], t + ref_res[n - 1][1]
+    x = torch.cat([t, i], 1)
+    for r in single_res:
+        x = x + r
+    torch.testing.assert_close(hit, flux.final(x[:, 2:]), rtol=1e-5, atol=1e-5)
+
+
+def test_controlnet_switches_tail_to_per_block_for_the_run():
+    from speedkit.fbcache import dit_diffusion_wrapper
+
+    holder = active(FBCacheHolder(0.5, cache_mode="tail"))
+    to = {HOLDER_KEY: holder}
+    ran = []
+    executor = _Executor(lambda *a, **k: ran.append(1) or "out", None)
+    assert dit_diffusion_wrapper(executor, "x", "t", "ctx", None, None, None, None, to) == "out"
+    assert holder.cache_mode == "tail"
+    dit_diffusion_wrapper(executor, "x", "t", "ctx", None, None, None, {"input": [], "output": []}, to)
+    assert holder.cache_mode == "per_block" and len(ran) == 2
+
+
+class _UNetRun:
+    def __init__(self, holder):
+        self.holder = holder
+        self.to = {HOLDER_KEY: holder, "patches": {"input_block_patch": [unet_input_block_patch]}} if holder else {}
+
+    def __call__(self, model, x, sigma, keys=(0,)):
+        to = call_options(self.to, sigma, keys)
+        t = torch.full((x.shape[0],), sigma / 10)
+        return model(x, t, to, unet_diffusion_wrapper if self.holder else None)
+
+
+@torch.no_grad()
+def test_unet_tail_injection_formula_and_skip():
+    torch.manual_seed(0)
+    model = UNetModel().eval()
+    x = torch.randn(1, 4, 8, 8)
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    run = _UNetRun(holder)
+    out0 = run(model, x, 5.0)
+    assert model.calls["middle"] == 1
+    x1 = x * 0.9
+    out1 = run(model, x1, 4.0)
+    assert model.calls["middle"] == 1  # the deep part was skipped
+    # expected: out(h1(x1) + (h_final(x) - h1(x)))
+
+    def h1_of(inp, sigma):
+        h0 = model.input_blocks[0](inp)
+        return h0 + torch.tanh(model.input_blocks[1](h0) + sigma / 10)
+
+    captured = {}
+    handle = model.out.register_forward_pre_hook(lambda m, a: captured.setdefault("h", a[0]))
+    ref = model(x, torch.full((1,), 0.5), {})
+    handle.remove()
+    torch.testing.assert_close(ref, out0)
+    expected = model.out(h1_of(x1, 4.0) + (captured["h"] - h1_of(x, 5.0)))
+    torch.testing.assert_close(out1, expected, rtol=1e-5, atol=1e-5)
+    # no hook left behind on the shared module
+    assert not model.out._forward_pre_hooks
+
+
+@torch.no_grad()
+def test_unet_all_computed_identical_and_patch_order_respected():
+    torch.manual_seed(0)
+    model = UNetModel().eval()
+    x = torch.randn(2, 4, 8, 8)
+    seen = []
+
+    def other_patch(h, to):
+        seen.append(to["block"])
+        return h * 1.0
+
+    holder = active(FBCacheHolder(0.5, force_pattern=[False]))
+    run = _UNetRun(holder)
+    run.to["patches"]["input_block_patch"] = [other_patch, unet_input_block_patch]
+    base = model(x, torch.full((2,), 0.5), {})
+    out = run(model, x, 5.0, keys=(0, 1))
+    assert torch.equal(base, out)
+    assert seen == [("input", 0), ("input", 1), ("input", 2)]
+
+
+# ------------------------------------------------------------------------------------ holder semantics
+
+
+def _decide(holder, r, sigma, keys=(0,)):
+    holder.begin_call(call_options({}, sigma, keys))
+    hit = holder.decide(r)
+    if not hit:
+        holder.finish_compute()
+    holder.end_call()
+    return hit
+
+
+def test_reference_updated_on_computed_steps_only():
+    holder = active(FBCacheHolder(0.15))
+    base = torch.ones(1, 4, 4)
+    assert not _decide(holder, base, 9)  # no reference yet
+    assert _decide(holder, base * 1.1, 8)  # 10 % from the reference: hit, reference stays
+    assert not _decide(holder, base * 1.2, 7)  # 20 % from the *computed* reference, not 9 % from the last call
+    assert holder.stats["u0"].diffs == pytest.approx([0.1, 0.2], rel=1e-5)
+    assert _decide(holder, base * 1.3, 6)  # reference is now 1.2: 8 %
+    assert holder.stats["u0"].diffs[-1] == pytest.approx(0.1 / 1.2, rel=1e-5)
+
+
+def test_cond_and_uncond_keep_separate_state_batched_or_not():
+    holder = active(FBCacheHolder(0.15))
+    cond, uncond = torch.ones(1, 4, 4), torch.full((1, 4, 4), -2.0)
+    assert not _decide(holder, torch.cat([cond, uncond]), 9, keys=(0, 1))
+    # batched: the uncond half changed a lot -> whole call computed
+    assert not _decide(holder, torch.cat([cond * 1.05, uncond * 1.5]), 8, keys=(0, 1))
+    s = holder.summary()["per_conditioning"]
+    assert s["cond"] == {"computed": 2, "skipped": 0} and s["uncond"] == {"computed": 2, "skipped": 0}
+    # separate calls (low VRAM): cond alone may hit while uncond computes
+    assert _decide(holder, cond * 1.06, 7, keys=(0,)) is False  # its composition (cond alone) has no residuals yet
+    assert _decide(holder, cond * 1.07, 6, keys=(0,))
+    assert not _decide(holder, uncond * 2.5, 6, keys=(1,))
+    s = holder.summary()["per_conditioning"]
+    assert s["cond"]["skipped"] == 1 and s["uncond"]["skipped"] == 0
+
+
+def test_two_calls_per_step_heun_do_not_reset():
+    holder = active(FBCacheHolder(0.15))
+    r = torch.ones(1, 4, 4)
+    sig = [9, 7, 7, 5, 5, 3]  # heun: every sigma but the first is evaluated twice
+    hits = [_decide(holder, r * (1 + 0.01 * i), s) for i, s in enumerate(sig)]
+    assert holder.resets == 0
+    assert hits == [False, True, True, True, True, True]
+    assert holder.stats["u0"].total == len(sig)
+
+
+def test_sigma_increase_and_shape_change_reset_the_cache():
+    holder = active(FBCacheHolder(0.15))
+    r = torch.ones(1, 4, 4)
+    assert not _decide(holder, r, 9)
+    assert _decide(holder, r, 8)
+    assert not _decide(holder, r, 9.5)  # sigma went up: a new trajectory, identical residual or not
+    assert holder.resets == 1
+    assert _decide(holder, r, 9)
+    assert not _decide(holder, torch.ones(1, 4, 6), 8)  # resolution changed
+    assert not _decide(holder, r.double(), 7)  # dtype changed
+    assert holder.resets == 3
+
+
+def test_clone_and_reset_drop_all_state():
+    holder = active(FBCacheHolder(0.15, start_percent=0.1, end_percent=0.9, max_consecutive_hits=3))
+    _decide(holder, torch.ones(1, 4, 4), 9)
+    fresh = holder.clone()
+    assert fresh.summary()["computed"] == 0 and not fresh.active and fresh.memory_bytes() == 0
+    assert (fresh.threshold, fresh.start_percent, fresh.end_percent, fresh.max_consecutive_hits) == (0.15, 0.1, 0.9, 3)
+    assert holder.memory_bytes() > 0
+    holder.reset()
+    assert holder.memory_bytes() == 0 and holder.summary()["computed"] == 0
+
+
+def test_max_consecutive_hits():
+    holder = active(FBCacheHolder(0.5, max_consecutive_hits=2))
+    r = torch.ones(1, 4, 4)
+    hits = [_decide(holder, r, 9 - i) for i in range(8)]
+    assert hits == [False, True, True, False, True, True, False, True]
+
+
+def test_start_end_window_in_sigma():
+    # percent_to_sigma of a linear schedule 10 -> 0: start 0.3 -> 7, end 0.7 -> 3
+    holder = active(FBCacheHolder(0.5, start_percent=0.3, end_percent=0.7))
+    assert holder.start_sigma == pytest.approx(7.0) and holder.end_sigma == pytest.approx(3.0)
+    r = torch.ones(1, 4, 4)
+    hits = [_decide(holder, r, s) for s in (9, 8, 7, 5, 3.5, 3, 2)]
+    assert hits == [False, False, True, True, True, False, False]
+
+
+def test_one_host_sync_per_call(monkeypatch):
+    holder = active(FBCacheHolder(0.15))
+    r = torch.ones(2, 4, 4)
+    _decide(holder, r, 9, keys=(0, 1))
+    calls = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or original(self))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("unexpected .item() sync"))
+    _decide(holder, r * 1.01, 8, keys=(0, 1))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"residual_diff_threshold": -0.1}, "residual_diff_threshold"),
+        ({"residual_diff_threshold": float("nan")}, "residual_diff_threshold"),
+        ({"start_percent": 0.8, "end_percent": 0.2}, "start_percent=0.8 is after end_percent=0.2"),
+        ({"max_consecutive_hits": -2}, "max_consecutive_hits"),
+        ({"cache_mode": "everything"}, "cache_mode"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(kwargs, match):
+    settings = {
+        "residual_diff_threshold": 0.1,
+        "start_percent": 0.0,
+        "end_percent": 1.0,
+        "max_consecutive_hits": -1,
+        "cache_mode": "tail",
+    }
+    settings.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        FBCacheHolder(**settings)
+
+
+# ------------------------------------------------------------------------------------ families and step mode
+
+
+def test_family_resolution():
+    assert resolve_family(UNetModel()).kind == "unet"
+    fam = resolve_family(Flux())
+    assert fam.kind == "dit" and fam.stacks == STACKS
+
+    class WanModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(2, 2)] * 4)
+
+    class VaceWanModel(WanModel):
+        pass
+
+    assert resolve_family(VaceWanModel()).stacks == (("double_block", 4),)
+
+    class Lumina(nn.Module):
+        pass
+
+    unknown = resolve_family(Lumina())
+    assert unknown.kind == "step" and "Lumina" in unknown.reason
+    nunchaku_cls = type("ComfyFluxWrapper", (nn.Module,), {"__module__": "nunchaku_wrappers.flux"})
+    assert resolve_family(nunchaku_cls()).kind == "step"
+    with pytest.raises(ValueError, match="not a torch module"):
+        resolve_family(object())
+
+
+@torch.no_grad()
+def test_step_mode_reuses_noise_prediction():
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    eps_model = {"n": 0}
+
+    def apply_model(x, sigma, *_rest, **_kw):
+        eps_model["n"] += 1
+        return x - sigma.view(-1, 1, 1, 1) * torch.tanh(x)  # denoised = x - sigma * eps(x)
+
+    executor = _Executor(apply_model, None)
+    x0 = torch.randn(1, 4, 4, 4)
+    to = {HOLDER_KEY: holder}
+    out0 = step_apply_model_wrapper(executor, x0, torch.tensor([5.0]), None, None, None, call_options(to, 5.0))
+    x1 = x0 * 0.8
+    out1 = step_apply_model_wrapper(executor, x1, torch.tensor([4.0]), None, None, None, call_options(to, 4.0))
+    assert eps_model["n"] == 1
+    torch.testing.assert_close(out0, apply_model(x0, torch.tensor([5.0])))
+    torch.testing.assert_close(out1, x1 - 4.0 * torch.tanh(x0), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_inactive_holder_changes_nothing(flux, flux_inputs):
+    """A holder that no sampling run prepared (template on the patcher) must not cache."""
+    holder = FBCacheHolder(0.5, force_pattern=[False, True])
+    outs = run_flux(flux, holder, *flux_inputs)
+    base = run_flux(flux, None, *flux_inputs)
+    assert all(torch.equal(a, b) for a, b in zip(outs, base, strict=True))
+    assert holder.summary()["computed"] == 0
