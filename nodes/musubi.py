@@ -224,6 +224,45 @@ def _frames_to_image(frames):
     return to_intermediate(torch.from_numpy(frames).float() / 255.0)
 
 
+def _mtime(path: str) -> str:
+    """Path and modification time (or 'missing'): a cheap change marker for fingerprints."""
+    p = env.native_path(path or "")
+    if not p:
+        return ""
+    try:
+        return f"{p}@{os.path.getmtime(p)}"
+    except OSError:
+        return f"{p}@missing"
+
+
+def _folder_signature(path: str) -> str:
+    """Count and newest mtime of a folder's files: changes when files are added, removed or edited."""
+    p = env.native_path(path or "")
+    if not p or not os.path.isdir(p):
+        return _mtime(path)
+    newest, count = 0.0, 0
+    with os.scandir(p) as entries:
+        for entry in entries:
+            if entry.is_file():
+                count += 1
+                newest = max(newest, entry.stat().st_mtime)
+    return f"{p}:{count}@{newest}"
+
+
+def _config_signature(config: dict) -> str:
+    """Change marker of every dataset's files, carried in the dataset object so cache and
+    training nodes downstream re-run when the data changes."""
+    parts = []
+    for d in config.get("datasets", []):
+        for key in ("image_directory", "video_directory", "control_directory"):
+            if d.get(key):
+                parts.append(_folder_signature(d[key]))
+        for key in ("image_jsonl_file", "video_jsonl_file"):
+            if d.get(key):
+                parts.append(_mtime(d[key]))
+    return "|".join(parts)
+
+
 # --- Environment -------------------------------------------------------------------------
 
 
@@ -407,7 +446,14 @@ class DatasetConfig(io.ComfyNode):
         if check_files:
             mdataset.check_dataset_files(config)
         path = mdataset.write_config(config, _work_dir("datasets") / f"{stem}.toml")
-        return io.NodeOutput({"config": config, "toml": str(path)}, str(path))
+        return io.NodeOutput({"config": config, "toml": str(path), "signature": _config_signature(config)}, str(path))
+
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        # the folders' contents are inputs too: new captions or files must re-run the checks
+        return "|".join(_folder_signature(kw.get(k, "")) for k in ("directory", "control_directory")) + _mtime(
+            kw.get("jsonl_file", "")
+        )
 
 
 class DatasetConfigLoader(io.ComfyNode):
@@ -430,9 +476,11 @@ class DatasetConfigLoader(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, toml_path, check_files=True):
-        p = env.native_path(toml_path)
-        return os.path.getmtime(p) if p and os.path.isfile(p) else toml_path
+    def fingerprint_inputs(cls, toml_path="", check_files=True):
+        try:
+            return _mtime(toml_path) + _config_signature(mdataset.load_toml(env.native_path(toml_path)))
+        except (ValueError, OSError):
+            return _mtime(toml_path)  # execute() reports the problem
 
     @classmethod
     def execute(cls, toml_path, check_files=True):
@@ -442,7 +490,7 @@ class DatasetConfigLoader(io.ComfyNode):
             logger.warning("%s", w)
         if check_files:
             mdataset.check_dataset_files(config)
-        return io.NodeOutput({"config": config, "toml": path}, path)
+        return io.NodeOutput({"config": config, "toml": path, "signature": _config_signature(config)}, path)
 
 
 class DatasetViewer(io.ComfyNode):
@@ -518,7 +566,6 @@ class CacheLatents(io.ComfyNode):
             category="MusubiTuner/data",
             description="Encodes the dataset with the VAE into cache files (musubi's <arch>_cache_latents.py). "
             "Run before training; with skip_existing, reruns only encode new files.",
-            not_idempotent=True,
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=[
@@ -587,7 +634,6 @@ class CacheTextEncoder(io.ComfyNode):
             category="MusubiTuner/data",
             description="Encodes every caption with the text encoder(s) into cache files "
             "(musubi's <arch>_cache_text_encoder_outputs.py).",
-            not_idempotent=True,
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=[
@@ -907,6 +953,21 @@ def _train(cls, arch: str, dataset, dit, output_name, output_dir, gpu_ids, extra
     return io.NodeOutput(str(job.final_path), "\n".join(ckpts), str(job.log_path))
 
 
+def _train_fingerprint(kw: dict) -> str:
+    """Training is expensive: queueing the same inputs again reuses the finished run.
+
+    The dataset object carries a signature of the data files, so new or edited files retrain;
+    so does changing any input (e.g. seed or output_name). A failed run is never reused.
+    """
+    return f"{env.native_path(str(kw.get('output_dir', '')))}|{kw.get('output_name', '')}"
+
+
+def _generate_fingerprint(kw: dict):
+    """A fixed seed gives the same video: reuse it. seed -1 (random) always runs again."""
+    seed = kw.get("seed", -1)
+    return float("nan") if not isinstance(seed, int) or seed < 0 else "seeded"
+
+
 class TrainLoRAHunyuanVideo(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -916,7 +977,6 @@ class TrainLoRAHunyuanVideo(io.ComfyNode):
             category="MusubiTuner/train",
             description="Trains a HunyuanVideo LoRA with accelerate launch hv_train_network.py in musubi's venv. "
             "Streams progress and a live log; succeeds only if the final .safetensors was written.",
-            not_idempotent=True,
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=_train_inputs(
@@ -936,6 +996,10 @@ class TrainLoRAHunyuanVideo(io.ComfyNode):
         return _train(cls, "hunyuan_video", dataset, dit, output_name, output_dir, gpu_ids, extra_args, musubi_env,
                       models, **cfgs)  # fmt: skip
 
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        return _train_fingerprint(kw)
+
 
 class TrainLoRAWan(io.ComfyNode):
     @classmethod
@@ -946,7 +1010,6 @@ class TrainLoRAWan(io.ComfyNode):
             category="MusubiTuner/train",
             description="Trains a Wan LoRA (t2v / i2v / Fun-Control; Wan2.2 A14B with high- and low-noise DiTs) "
             "with accelerate launch wan_train_network.py in musubi's venv.",
-            not_idempotent=True,
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=_train_inputs(
@@ -983,6 +1046,10 @@ class TrainLoRAWan(io.ComfyNode):
                       task=task, timestep_boundary=timestep_boundary, offload_inactive_dit=offload_inactive_dit,
                       one_frame=one_frame, **cfgs)  # fmt: skip
 
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        return _train_fingerprint(kw)
+
 
 class TrainLoRAFramePack(io.ComfyNode):
     @classmethod
@@ -993,7 +1060,6 @@ class TrainLoRAFramePack(io.ComfyNode):
             category="MusubiTuner/train",
             description="Trains a FramePack (or F1 / one-frame) LoRA with accelerate launch fpack_train_network.py "
             "in musubi's venv.",
-            not_idempotent=True,
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=_train_inputs(
@@ -1100,6 +1166,10 @@ def _generate(cls, arch: str, kw: dict, models: dict, **job_kw):
         raise ValueError(f"{spec.label} generation finished but wrote no frames to {out}; see {out / 'generate.log'}")
     return io.NodeOutput(_frames_to_image(media.load_images(frames)), str(out))
 
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        return _train_fingerprint(kw)
+
 
 class GenerateVideoHunyuanVideo(io.ComfyNode):
     @classmethod
@@ -1109,7 +1179,6 @@ class GenerateVideoHunyuanVideo(io.ComfyNode):
             display_name="Musubi Generate Video (HunyuanVideo)",
             category="MusubiTuner/generate",
             description="Text/image/video-to-video with musubi's hv_generate_video.py (LoRAs applied by musubi).",
-            not_idempotent=True,
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=_gen_inputs(
@@ -1130,6 +1199,10 @@ class GenerateVideoHunyuanVideo(io.ComfyNode):
         video = commands.require_paths({"video_path": video_path}, optional=("video_path",))["video_path"]
         return _generate(cls, "hunyuan_video", kw, models, video_path=video, strength=strength)
 
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        return _generate_fingerprint(kw)
+
 
 class GenerateVideoWan(io.ComfyNode):
     @classmethod
@@ -1139,7 +1212,6 @@ class GenerateVideoWan(io.ComfyNode):
             display_name="Musubi Generate Video (Wan 2.1 / 2.2)",
             category="MusubiTuner/generate",
             description="Text/image-to-video with musubi's wan_generate_video.py (Wan2.2 with high-noise DiT).",
-            not_idempotent=True,
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=_gen_inputs(
@@ -1166,6 +1238,10 @@ class GenerateVideoWan(io.ComfyNode):
         return _generate(cls, "wan", kw, models, task=task, fp8_scaled=fp8_scaled, video_path=extra["video_path"],
                          control_path=extra["control_video"])  # fmt: skip
 
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        return _generate_fingerprint(kw)
+
 
 class GenerateVideoFramePack(io.ComfyNode):
     @classmethod
@@ -1175,7 +1251,6 @@ class GenerateVideoFramePack(io.ComfyNode):
             display_name="Musubi Generate Video (FramePack)",
             category="MusubiTuner/generate",
             description="Image-to-video with musubi's fpack_generate_video.py.",
-            not_idempotent=True,
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=_gen_inputs(
@@ -1195,8 +1270,11 @@ class GenerateVideoFramePack(io.ComfyNode):
         models = {"text_encoder1": text_encoder1, "text_encoder2": text_encoder2, "image_encoder": image_encoder}
         return _generate(cls, "framepack", kw, models, fp8_scaled=fp8_scaled)
 
+    # --- LoRA utilities ----------------------------------------------------------------------
 
-# --- LoRA utilities ----------------------------------------------------------------------
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        return _generate_fingerprint(kw)
 
 
 class ConvertLoRA(io.ComfyNode):
@@ -1209,7 +1287,6 @@ class ConvertLoRA(io.ComfyNode):
             description="Converts between musubi's format (lora_unet_*, lora_down/up) and the diffusers-style "
             "'other' format (lora_A/B) other tools and ComfyUI's HunyuanVideo loader read, with musubi's "
             "convert_lora.py. auto picks the direction from the file's keys.",
-            not_idempotent=True,
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=[
@@ -1244,6 +1321,10 @@ class ConvertLoRA(io.ComfyNode):
              what="LoRA conversion")  # fmt: skip
         return io.NodeOutput(str(dst))
 
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        return _mtime(kw.get("lora", ""))
+
 
 class MergeLoRA(io.ComfyNode):
     @classmethod
@@ -1254,7 +1335,6 @@ class MergeLoRA(io.ComfyNode):
             category="MusubiTuner/lora",
             description="Merges up to three LoRAs with multipliers into a DiT checkpoint with musubi's merge_lora.py "
             "(musubi's script loads HunyuanVideo DiTs).",
-            not_idempotent=True,
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=[
@@ -1289,6 +1369,10 @@ class MergeLoRA(io.ComfyNode):
         _run(argv, e, node_id=cls.hidden.unique_id, log_path=out.with_suffix(".log"), expected=[out], what="LoRA merge")
         return io.NodeOutput(str(out))
 
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        return "|".join(_mtime(kw.get(k, "")) for k in ("dit", "lora_1", "lora_2", "lora_3"))
+
 
 class PostHocEMA(io.ComfyNode):
     @classmethod
@@ -1299,7 +1383,6 @@ class PostHocEMA(io.ComfyNode):
             category="MusubiTuner/lora",
             description="Averages saved checkpoints into one smoother LoRA with musubi's lora_post_hoc_ema.py "
             "(beta, optional linear ramp to beta2, or power-function EMA with sigma_rel).",
-            not_idempotent=True,
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=[
@@ -1332,8 +1415,12 @@ class PostHocEMA(io.ComfyNode):
              what="post-hoc EMA")  # fmt: skip
         return io.NodeOutput(str(out))
 
+    # --- Video in/out, batch, monitors -------------------------------------------------------
 
-# --- Video in/out, batch, monitors -------------------------------------------------------
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        paths = [p for p in str(kw.get("checkpoints", "")).splitlines() if p.strip()]
+        return "|".join(_mtime(p) for p in paths)
 
 
 class VideoInput(io.ComfyNode):

@@ -93,6 +93,19 @@ def test_wan_training_graph_runs_the_fake_musubi(comfy_server, fake_setup, tmp_p
     # the output folder is now one of ComfyUI's LoRA folders
     loras = comfy_server.get("/models/loras")
     assert "itest_lora.safetensors" in loras
+    # queued again unchanged: nothing is retrained or re-cached while the LoRA exists
+    log_mtime = (out_dir / "itest_lora_train.log").stat().st_mtime_ns
+    cache_log = next((comfy_server.output_dir / "musubi" / "datasets").glob("itest_wan_latents.log"))
+    cache_mtime = cache_log.stat().st_mtime_ns
+    comfy_server.run_prompt(prompt, timeout=120)
+    assert (out_dir / "itest_lora_train.log").stat().st_mtime_ns == log_mtime
+    assert cache_log.stat().st_mtime_ns == cache_mtime
+    # a new training image re-runs the caches and the training
+    Image.new("RGB", (64, 48), (0, 0, 200)).save(data / "img9.png")
+    (data / "img9.txt").write_text("a new image")
+    comfy_server.run_prompt(prompt, timeout=120)
+    assert cache_log.stat().st_mtime_ns != cache_mtime
+    assert (out_dir / "itest_lora_train.log").stat().st_mtime_ns != log_mtime
 
 
 def test_failed_training_is_an_error_with_the_log(comfy_server, fake_setup, tmp_path):
@@ -108,14 +121,15 @@ def test_failed_training_is_an_error_with_the_log(comfy_server, fake_setup, tmp_
             info, "MusubiTuner_TrainLoRA_HunyuanVideo", musubi_env=["1", 0], dataset=["2", 0],
             dit=str(models / "dit.safetensors"), output_name="fail_lora", output_dir=str(tmp_path / "o"))},
     }  # fmt: skip
-    with pytest.raises(RuntimeError, match="MusubiRunError") as info_:
+    with pytest.raises(RuntimeError, match="MusubiRunError"):
         comfy_server.run_prompt(prompt, timeout=120)
     log = tmp_path / "o" / "fail_lora_train.log"
-    assert f"Full log: {log}" in str(info_.value)  # the helper keeps only the message's tail
     assert "CUDA out of memory" in log.read_text()
-    history = comfy_server.get("/history")
-    messages = json.dumps([h["status"]["messages"] for h in history.values()])
-    assert "exited with code 7" in messages
+    history = comfy_server.get("/history")  # the full message (run_prompt keeps only its tail)
+    errors = [m[1] for h in history.values() for m in h["status"]["messages"] if m[0] == "execution_error"]
+    message = next(e["exception_message"] for e in errors if "fail_lora" in e["exception_message"])
+    assert "exited with code 7" in message and f"Full log: {log}" in message
+    assert "Last " in message and "CUDA out of memory" in message
 
 
 def test_bad_environment_is_a_clear_error(comfy_server, tmp_path):
