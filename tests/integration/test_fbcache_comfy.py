@@ -1,0 +1,129 @@
+"""First Block Cache against real ComfyUI: the node on small random SD1.5- and Flux-shaped models.
+
+The models are ComfyUI's own ``UNetModel`` / ``Flux`` classes (via ``comfy.supported_models``)
+with tiny widths and explicitly initialised random weights; sampling goes through
+``comfy.sample.sample`` (what KSampler calls). It runs in a subprocess with ComfyUI on
+``PYTHONPATH`` so this test process keeps a clean import state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import comfyui_root
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, types, logging
+    import torch
+    sys.path.insert(0, sys.argv[1] + "/benchmarks")
+    import fbcache_models as fm
+    fm.prepare_comfy()
+    import comfy.sample
+    fbc, adapter = fm.import_pack()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
+    node = adapter.FirstBlockCache
+    dev = torch.device("cpu")
+    report = {}
+    for fam in ("sd15", "flux"):
+        mp = fm.build_patcher(fam, True, dev)
+        ch = 16 if fam == "flux" else 4
+        noise = torch.randn(1, ch, 16, 16, generator=torch.Generator().manual_seed(0))
+        latent = torch.zeros_like(noise)
+        pos, neg = fm.conditioning(fam, True, 1, dev, 128, 128)
+
+        def run(m, sampler="euler", steps=6):
+            return comfy.sample.sample(m, noise, steps, 4.0, sampler, "normal", pos, neg, latent, seed=0,
+                                       disable_pbar=True)
+
+        base = run(mp)
+        off = node.execute(mp, 0.0).args[0]
+        forced_miss = adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False]))
+        forced_half = adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False, True]))
+        cached = node.execute(mp, 0.3, 0.0, 1.0, -1, "tail", False).args[0]
+        per_block = node.execute(mp, 0.3, 0.0, 1.0, 2, "per_block", False).args[0]
+        half = run(forced_half)
+        report[fam] = {
+            "off_is_input": off is mp,
+            "threshold0_identical": bool(torch.equal(run(off), base)),
+            "all_computed_identical": bool(torch.equal(run(forced_miss), base)),
+            "half_differs": not bool(torch.equal(half, base)),
+            "half_finite": bool(torch.isfinite(half).all()),
+            "cached_finite": bool(torch.isfinite(run(cached)).all()),
+            "per_block_heun_finite": bool(torch.isfinite(run(per_block, "heun")).all()),
+            "dpmpp_2m_finite": bool(torch.isfinite(run(cached, "dpmpp_2m")).all()),
+            "input_untouched": "speedkit_fbcache" not in mp.model_options["transformer_options"],
+            "base_again_identical": bool(torch.equal(run(mp), base)),
+        }
+    try:
+        node.execute(mp, -1.0)
+        report["negative_threshold"] = "accepted"
+    except ValueError as exc:
+        report["negative_threshold"] = str(exc)
+    try:
+        node.execute(object(), 0.2)
+        report["bad_model"] = "accepted"
+    except ValueError as exc:
+        report["bad_model"] = str(exc)
+    print("FBCACHE_REPORT " + json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    root = comfyui_root()
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(REPO)], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FBCACHE_REPORT ")), None)
+    if line is None:
+        pytest.fail(f"subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return {"data": json.loads(line.split(" ", 1)[1]), "log": proc.stderr}
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_threshold_zero_and_all_computed_give_identical_latents(report, family):
+    r = report["data"][family]
+    assert r["off_is_input"] and r["threshold0_identical"] and r["all_computed_identical"]
+    assert r["input_untouched"] and r["base_again_identical"]
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_cached_runs_complete_with_every_sampler(report, family):
+    r = report["data"][family]
+    assert r["half_differs"] and r["half_finite"] and r["cached_finite"]
+    assert r["per_block_heun_finite"] and r["dpmpp_2m_finite"]
+
+
+def test_report_in_log_and_attach_messages(report):
+    log = report["log"]
+    assert "First Block Cache attached to UNetModel: first ResBlock, tail residual" in log
+    assert "First Block Cache attached to Flux: 2 double_blocks, 2 single_blocks" in log
+    assert "computed /" in log and "hit rate" in log and "estimated speedup" in log
+
+
+def test_bad_input_messages(report):
+    assert "residual_diff_threshold=-1.0" in report["data"]["negative_threshold"]
+    assert "not a ComfyUI MODEL" in report["data"]["bad_model"]
+
+
+def test_node_schema_on_the_server(comfy_server):
+    info = comfy_server.object_info()["SpeedKit_FirstBlockCache"]
+    assert info["category"] == "SpeedKit/model_patches"
+    required = info["input"]["required"]
+    for name in ("model", "residual_diff_threshold", "start_percent", "end_percent", "max_consecutive_hits",
+                 "cache_mode", "verbose"):
+        assert name in required, name
+        assert required[name][1].get("tooltip"), f"{name} has no tooltip"
+    assert required["cache_mode"][1]["default"] == "tail"
