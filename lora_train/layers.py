@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_LEAVES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -85,9 +86,17 @@ class LoRALayer(nn.Module):
         out = self.base(x, *args, **kwargs)
         if self.multiplier == 0.0:
             return out
-        lora_in = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_down.weight.dtype)
-        delta = self.lora_up(self.lora_down(lora_in))
-        return out + (delta * (self.scale * self.multiplier)).to(out.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            delta = self.lora_up(self.lora_down(x))
+        else:
+            # compute in the activations' dtype; the fp32 master weights get their grads through .to()
+            down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
+            if isinstance(self.lora_down, nn.Conv2d):
+                c = self.lora_down
+                delta = F.conv2d(F.conv2d(x, down, None, c.stride, c.padding, c.dilation), up)
+            else:
+                delta = F.linear(F.linear(x, down), up)
+        return torch.add(out, delta.to(out.dtype), alpha=self.scale * self.multiplier)
 
 
 @dataclass

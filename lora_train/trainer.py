@@ -146,6 +146,8 @@ class Trainer:
         checkpoint_blocks: Iterable[nn.Module] = (),
         text_modules: Iterable[nn.Module] = (),
         cond_cache: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None,
+        autocast: bool | None = None,
+        compile_blocks: bool = False,
     ) -> None:
         config.validate()
         if not samples:
@@ -160,6 +162,10 @@ class Trainer:
         self.device = torch.device(device)
         self.checkpoint_blocks = list(checkpoint_blocks)
         self.text_modules = list(text_modules)
+        # autocast only helps when the weights are not already in the compute dtype: for a bf16
+        # model training in bf16 it would just add casts around every norm (CPU-bound on fast GPUs)
+        self.use_autocast = config.precision != "fp32" if autocast is None else autocast
+        self.compile_blocks = compile_blocks
         self.acp = schedule.alphas_cumprod().to(self.device)
         self.losses: list[float] = []
         self.step = 0
@@ -241,7 +247,7 @@ class Trainer:
         return stack_conditioning(parts)
 
     def _autocast(self):
-        if self.config.precision == "fp32":
+        if self.config.precision == "fp32" or not self.use_autocast:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
@@ -316,7 +322,7 @@ class Trainer:
         start = time.time()
         cancelled = False
         saved_step = self.step
-        blocks = checkpointed(self.checkpoint_blocks) if cfg.grad_checkpointing else contextlib.nullcontext()
+        blocks = checkpointed(self.checkpoint_blocks, checkpoint=cfg.grad_checkpointing, compile=self.compile_blocks)
         for m in self.text_modules:
             m.train(cfg.train_te)
         try:
@@ -445,17 +451,24 @@ def stack_conditioning(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.
 class checkpointed(contextlib.AbstractContextManager):
     """Run each block's forward under non-reentrant activation checkpointing while active.
 
-    The per-instance ``forward`` attribute is restored on exit, so no patch outlives the run.
+    With ``compile=True`` the block forward is also compiled with ``torch.compile`` (regional
+    compilation: blocks of one class share the compiled code). The per-instance ``forward``
+    attribute is removed on exit, so no patch outlives the run.
     """
 
-    def __init__(self, blocks: Iterable[nn.Module]) -> None:
-        self.blocks = list(blocks)
+    def __init__(self, blocks: Iterable[nn.Module], checkpoint: bool = True, compile: bool = False) -> None:
+        self.blocks = list(blocks) if (checkpoint or compile) else []
+        self.checkpoint = checkpoint
+        self.compile = compile
 
     def __enter__(self):
         from torch.utils.checkpoint import checkpoint
 
         for block in self.blocks:
-            original = block.forward
+            original = torch.compile(block.forward, dynamic=False) if self.compile else block.forward
+            if not self.checkpoint:
+                block.forward = original
+                continue
 
             def run(*args, _f=original, **kwargs):
                 if not torch.is_grad_enabled():
