@@ -976,7 +976,8 @@ class TrainLoRAHunyuanVideo(io.ComfyNode):
             display_name="Musubi Train LoRA (HunyuanVideo)",
             category="MusubiTuner/train",
             description="Trains a HunyuanVideo LoRA with accelerate launch hv_train_network.py in musubi's venv. "
-            "Streams progress and a live log; succeeds only if the final .safetensors was written.",
+            "Streams progress and a live log; succeeds only if the final .safetensors was written. Queued again "
+            "with unchanged inputs and data, the finished run is reused.",
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=_train_inputs(
@@ -1009,7 +1010,8 @@ class TrainLoRAWan(io.ComfyNode):
             display_name="Musubi Train LoRA (Wan 2.1 / 2.2)",
             category="MusubiTuner/train",
             description="Trains a Wan LoRA (t2v / i2v / Fun-Control; Wan2.2 A14B with high- and low-noise DiTs) "
-            "with accelerate launch wan_train_network.py in musubi's venv.",
+            "with accelerate launch wan_train_network.py in musubi's venv. Queued again with unchanged inputs and "
+            "data, the finished run is reused.",
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=_train_inputs(
@@ -1059,7 +1061,7 @@ class TrainLoRAFramePack(io.ComfyNode):
             display_name="Musubi Train LoRA (FramePack)",
             category="MusubiTuner/train",
             description="Trains a FramePack (or F1 / one-frame) LoRA with accelerate launch fpack_train_network.py "
-            "in musubi's venv.",
+            "in musubi's venv. Queued again with unchanged inputs and data, the finished run is reused.",
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=_train_inputs(
