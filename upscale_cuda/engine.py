@@ -201,6 +201,7 @@ class Upscaler:
         self._call_fn: Callable = getattr(descriptor, "_call_fn", None) or (lambda model, image: model(image))
         self._fingerprint: str | None = None
         self._ready: dict = {}  # dtype / compiled key -> copy already on the device this run
+        self._done = 0
         self.backend, self.backend_reason = self._choose_backend()
 
     # -- backend ------------------------------------------------------------------------
@@ -353,13 +354,11 @@ class Upscaler:
         transfer = self.dtype if self.dtype is not torch.float32 else torch.float32
         writer = FrameWriter(out, self.device, transfer_dtype=transfer)
         reader = ChunkReader(images, self.device, self._to_model_input)
-        done_frames = 0
+        self._done = 0  # frames finished; an out-of-memory retry resumes here
         try:
-            while done_frames < b:
+            while self._done < b:
                 try:
-                    done_frames = self._frames(
-                        images, plan, batch, done_frames, reader, writer, report, progress, check_cancel
-                    )
+                    self._frames(images, plan, batch, self._done, reader, writer, report, progress, check_cancel)
                 except Exception as exc:
                     if not is_oom_error(exc):
                         raise
@@ -408,8 +407,8 @@ class Upscaler:
         return x.contiguous()
 
     # -- frame loop ---------------------------------------------------------------------
-    def _frames(self, images, plan, batch, start, reader, writer, report, progress, check_cancel) -> int:
-        """Process frames from ``start`` to the end; returns the number done (for OOM retry)."""
+    def _frames(self, images, plan, batch, start, reader, writer, report, progress, check_cancel) -> None:
+        """Process frames from ``start`` to the end, counting finished ones in ``self._done``."""
         b = images.shape[0]
         s = self.traits.scale
         if plan.whole:
@@ -423,10 +422,10 @@ class Upscaler:
                 x = reader.get(i, j, prefetch=nxt)
                 y = self._model_call(x, plan, report, index=i, batch=batch)
                 writer.put(i, y.permute(0, 2, 3, 1))
-                i = j
+                i = self._done = j
                 if progress is not None:
                     progress(i, total)
-            return b
+            return
         n_tiles = len(plan.tiles)
         total = b * n_tiles
         for f in range(start, b):
@@ -452,7 +451,7 @@ class Upscaler:
                     progress(f * n_tiles + min(k + batch, n_tiles), total)
             frame = acc.div_(wsum).permute(1, 2, 0).unsqueeze(0)
             writer.put(f, frame)
-        return b
+            self._done = f + 1
 
     def _model_call(
         self, x: torch.Tensor, plan: TilePlan, report: RunReport, index: int, batch: int = 1

@@ -257,23 +257,26 @@ def test_outputs_are_clamped_per_pixel_never_rescaled(device):
 class _FragileNet(torch.nn.Module):
     """Nearest x2 upscale that overflows in fp16 and 'runs out of memory' above a size."""
 
-    def __init__(self, max_pixels: int | None = None) -> None:
+    def __init__(self, max_pixels: int | None = None, fail_call: int | None = None) -> None:
         super().__init__()
         self.gain = torch.nn.Parameter(torch.ones(1))
         self.max_pixels = max_pixels
+        self.fail_call = fail_call
         self.calls: list[tuple[int, ...]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append(tuple(x.shape))
+        if len(self.calls) == self.fail_call:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, once)")
         if self.max_pixels is not None and x.shape[0] * x.shape[-2] * x.shape[-1] > self.max_pixels:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
         y = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest") * self.gain
         return (y * 70000.0) / 70000.0  # inf in fp16, exact in bf16/fp32
 
 
-def fragile(max_pixels: int | None = None) -> ImageModelDescriptor:
+def fragile(max_pixels: int | None = None, fail_call: int | None = None) -> ImageModelDescriptor:
     arch = load("compact_x2_nc8").architecture
-    net = _FragileNet(max_pixels)
+    net = _FragileNet(max_pixels, fail_call)
     return ImageModelDescriptor(
         net,
         net.state_dict(),
@@ -306,6 +309,17 @@ def test_out_of_memory_halves_the_tile_and_retries(device, caplog):
     with caplog.at_level(logging.WARNING):
         out, rep = Upscaler(desc, fp32_options(), device=device).upscale(images)
     assert rep.oom_retries >= 2 and "out of memory" in caplog.text
+    want = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), scale_factor=2).permute(0, 2, 3, 1)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
+
+
+def test_out_of_memory_in_a_frame_batch_resumes_without_redoing_finished_frames(device):
+    desc = fragile(fail_call=2)
+    images = torch.rand(5, 16, 16, 3)
+    out, rep = Upscaler(desc, fp32_options(batch_size=2), device=device).upscale(images)
+    assert rep.oom_retries == 1
+    # batch 2 ok (frames 0-1), batch 2 fails, then frames 2, 3, 4 one by one: nothing twice.
+    assert [c[0] for c in desc.model.calls] == [2, 2, 1, 1, 1]
     want = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), scale_factor=2).permute(0, 2, 3, 1)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
 
