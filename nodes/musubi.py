@@ -1136,7 +1136,7 @@ def _gen_inputs(arch: str, extra):
 def GEN_OUTPUTS():  # noqa: N802
     return [
         io.Image.Output(display_name="frames", tooltip="The generated frames as an IMAGE batch."),
-        io.String.Output(display_name="path", tooltip="Folder with the saved frames (and video)."),
+        io.String.Output(display_name="path", tooltip="The MP4 musubi saved (its frames are in a folder beside it)."),
     ]
 
 
@@ -1166,7 +1166,8 @@ def _generate(cls, arch: str, kw: dict, models: dict, **job_kw):
     frames = [p for p in media.collect_frames(out) if p.name not in ("start_image.png", "end_image.png")]
     if not frames:
         raise ValueError(f"{spec.label} generation finished but wrote no frames to {out}; see {out / 'generate.log'}")
-    return io.NodeOutput(_frames_to_image(media.load_images(frames)), str(out))
+    videos = sorted(out.glob("*.mp4"))
+    return io.NodeOutput(_frames_to_image(media.load_images(frames)), str(videos[0] if videos else out))
 
     @classmethod
     def fingerprint_inputs(cls, **kw):
