@@ -117,7 +117,8 @@ class ComfyServer:
         )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read())
+                body = r.read()
+                return json.loads(body) if body.strip() else {}
         except urllib.error.HTTPError as exc:
             raise RuntimeError(f"POST {path} -> HTTP {exc.code}: {exc.read().decode(errors='replace')}") from exc
 
@@ -141,7 +142,7 @@ class ComfyServer:
                 and (entry["status"].get("completed") or entry["status"].get("status_str") == "error")
             ):
                 if entry["status"].get("status_str") == "error":
-                    raise RuntimeError(f"prompt failed: {json.dumps(entry['status'].get('messages'))[-4000:]}")
+                    raise RuntimeError(f"prompt failed: {json.dumps(entry['status'].get('messages'))[-20000:]}")
                 return entry
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")

@@ -16,6 +16,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def main() -> None:
     sys.path.insert(0, str(Path.cwd()))
+    # Same device setup as the test server (--cpu): model_management must not probe CUDA.
+    from comfy.cli_args import args
+
+    args.cpu = True
     spec = importlib.util.spec_from_file_location(
         "speedkit_schema_probe", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
     )
