@@ -179,7 +179,6 @@ def train_prompt(ckpt: str, dataset: Path, name: str, **overrides) -> dict:
         "train_text_encoder": False,
         "precision": "fp32",
         "gradient_checkpointing": False,
-        "torch_compile": False,
         "min_bucket": 64,
         "max_bucket": 128,
         "seed": 3,
