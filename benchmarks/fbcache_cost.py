@@ -34,21 +34,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed_runs(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float], object]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    _sync()
-    times = []
-    for _ in range(repeats):
-        _sync()
-        t0 = time.perf_counter()
-        out = fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, out
-
-
 def profile(
     family: str,
     steps: int,
@@ -59,6 +44,7 @@ def profile(
     compile_too: bool,
     per_block: bool,
     tiny: bool = False,
+    compile_only: bool = False,
 ) -> dict:
     import comfy.sample
     import fbcache_models as fm
@@ -85,32 +71,50 @@ def profile(
             model, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=0, disable_pbar=True
         )
 
-    def run_case(name, model):
+    def measure(cases: dict) -> dict:
+        """Warm every case once, then time them round-robin so clock/thermal drift hits all alike."""
         cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated() if cuda else 0
-        med, times, out = timed_runs(sampler(model), repeats)
-        peak = (torch.cuda.max_memory_allocated() - base_mem) if cuda else 0
-        res[name] = {
-            "median_s": round(med, 4),
-            "times": [round(t, 4) for t in times],
-            "peak_extra_MiB": round(peak / 2**20, 1),
-        }
-        logger.info("%s %s: %.3f s (peak +%.0f MiB)", family, name, med, peak / 2**20)
-        return out
+        outs, times, peaks = {}, {n: [] for n in cases}, {}
+        for name, model in cases.items():
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated() if cuda else 0
+            outs[name] = sampler(model)()
+            _sync()
+            peaks[name] = (torch.cuda.max_memory_allocated() - base_mem) if cuda else 0
+        for _ in range(repeats):
+            for name, model in cases.items():
+                _sync()
+                t0 = time.perf_counter()
+                sampler(model)()
+                _sync()
+                times[name].append(time.perf_counter() - t0)
+        for name in cases:
+            med = statistics.median(times[name])
+            res[name] = {
+                "median_s": round(med, 4),
+                "times": [round(t, 4) for t in times[name]],
+                "peak_extra_MiB": round(peaks[name] / 2**20, 1),
+            }
+            logger.info("%s %s: %.3f s (peak +%.0f MiB)", family, name, med, peaks[name] / 2**20)
+        return outs
 
     def patched(pattern, mode="tail", base=mp):
         return adapter.apply_first_block_cache(base, fbc.FBCacheHolder(0.5, 0.0, 1.0, -1, mode, force_pattern=pattern))
 
-    base_out = run_case("unpatched", mp)
-    miss_out = run_case("fbcache_all_computed", patched([False]))
-    res["all_computed_bit_identical"] = bool(torch.equal(base_out, miss_out))
-    run_case("fbcache_50pct_tail", patched([False, True]))
+    if compile_only:
+        return _compile_case(res, mp, patched, measure, sampler)
+    cases = {
+        "unpatched": mp,
+        "fbcache_all_computed": patched([False]),
+        "fbcache_50pct_tail": patched([False, True]),
+        "fbcache_all_hits_tail": patched([False] + [True] * (steps - 1)),
+    }
     if per_block and family != "sdxl":
-        run_case("fbcache_50pct_per_block", patched([False, True], "per_block"))
-    run_case("fbcache_all_hits_tail", patched([False] + [True] * (steps - 1)))
+        cases["fbcache_50pct_per_block"] = patched([False, True], "per_block")
+    outs = measure(cases)
+    res["all_computed_bit_identical"] = bool(torch.equal(outs["unpatched"], outs["fbcache_all_computed"]))
 
     full_step = res["fbcache_all_computed"]["median_s"] / steps
     base_step = res["unpatched"]["median_s"] / steps
@@ -152,29 +156,65 @@ def profile(
     res["summary"]["decision_ms"] = round((time.perf_counter() - t0) / 50 * 1e3, 3)
 
     if compile_too:
-        try:
-            from comfy_api.torch_helpers import set_torch_compile_wrapper
-
-            cm = mp.clone()
-            set_torch_compile_wrapper(cm, backend="inductor")
-            t0 = time.perf_counter()
-            sampler(cm)()
-            res["compile_warmup_s"] = round(time.perf_counter() - t0, 1)
-            run_case("compiled_unpatched", cm)
-            cp = patched([False, True], base=cm)
-            t0 = time.perf_counter()
-            sampler(cp)()
-            res["compile_fbcache_warmup_s"] = round(time.perf_counter() - t0, 1)
-            run_case("compiled_fbcache_50pct_tail", cp)
-            res["summary"]["compiled_speedup_50pct_tail"] = round(
-                res["compiled_unpatched"]["median_s"] / res["compiled_fbcache_50pct_tail"]["median_s"], 3
-            )
-        except Exception as exc:  # report why compile did not work instead of failing the whole profile
-            logger.exception("torch.compile case failed")
-            res["compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        _compile_case(res, mp, patched, measure, sampler)
     del mp
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return res
+
+
+def _compile_case(res, mp, patched, measure, sampler) -> dict:
+    """torch.compile with FBCache, two ways.
+
+    1. ComfyUI's TorchCompileModel helper (inductor on the whole diffusion model): the cache's
+       data-dependent branch runs inside the compiled region.
+    2. ``nn.Module.compile()`` on every ResBlock / SpatialTransformer (class kept, so the UNet's
+       own dispatch still works): the heavy layers compiled, the block loop and the cache eager.
+    """
+    import torch._dynamo.utils as dynamo_utils
+
+    def stats():
+        return {k: dict(v) for k, v in dynamo_utils.counters.items() if k in ("stats", "graph_break", "recompiles")}
+
+    try:
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+        cm = mp.clone()
+        set_torch_compile_wrapper(cm, backend="inductor")
+        t0 = time.perf_counter()
+        sampler(cm)()
+        res["whole_compile_warmup_s"] = round(time.perf_counter() - t0, 1)
+        cp = patched([False, True], base=cm)
+        t0 = time.perf_counter()
+        sampler(cp)()
+        res["whole_compile_fbcache_first_run_s"] = round(time.perf_counter() - t0, 1)
+        measure({"whole_compiled_unpatched": cm, "whole_compiled_fbcache_50pct_tail": cp})
+        res.setdefault("summary", {})["whole_compiled_speedup_50pct_tail"] = round(
+            res["whole_compiled_unpatched"]["median_s"] / res["whole_compiled_fbcache_50pct_tail"]["median_s"], 3
+        )
+        res["whole_compile_dynamo"] = stats()
+    except Exception as exc:  # report why compile did not work instead of failing the whole profile
+        logger.exception("whole-model torch.compile case failed")
+        res["whole_compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    try:
+        dm = mp.model.diffusion_model
+        layers = [m for m in dm.modules() if type(m).__name__ in ("ResBlock", "SpatialTransformer")]
+        for m in layers:
+            m.compile()
+        t0 = time.perf_counter()
+        sampler(mp)()
+        res["layer_compile_warmup_s"] = round(time.perf_counter() - t0, 1)
+        cp = patched([False, True])
+        sampler(cp)()
+        measure({"layer_compiled_unpatched": mp, "layer_compiled_fbcache_50pct_tail": cp})
+        res.setdefault("summary", {})["layer_compiled_speedup_50pct_tail"] = round(
+            res["layer_compiled_unpatched"]["median_s"] / res["layer_compiled_fbcache_50pct_tail"]["median_s"], 3
+        )
+        res["layer_compiled_count"] = len(layers)
+        res["layer_compile_dynamo"] = stats()
+    except Exception as exc:
+        logger.exception("per-layer torch.compile case failed")
+        res["layer_compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
     return res
 
 
@@ -185,6 +225,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", default="sdxl", help="comma list of families to also run with torch.compile")
     ap.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test of the script)")
+    ap.add_argument("--compile-only", action="store_true", help="only the torch.compile cases")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -207,9 +248,10 @@ def main() -> None:
             family in args.compile.split(","),
             per_block=True,
             tiny=args.tiny,
+            compile_only=args.compile_only,
         )
         args.out.write_text(json.dumps(results, indent=1))
-        logger.info("%s summary: %s", family, results[family]["summary"])
+        logger.info("%s summary: %s", family, results[family].get("summary"))
     logger.info(
         "%s", json.dumps({k: v.get("summary", v) if isinstance(v, dict) else v for k, v in results.items()}, indent=1)
     )

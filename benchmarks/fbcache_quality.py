@@ -291,8 +291,8 @@ def main() -> None:
             torch.cuda.synchronize()
         return torch.cat(outs), time.perf_counter() - t0, counter["full"]
 
-    def ours(th, start=0.0, end=1.0, mode="tail"):
-        return adapter.apply_first_block_cache(patcher, fbc.FBCacheHolder(th, start, end, -1, mode))
+    def ours(th, start=0.0, end=1.0, max_hits=-1, mode="tail"):
+        return adapter.apply_first_block_cache(patcher, fbc.FBCacheHolder(th, start, end, max_hits, mode))
 
     def easycache(th):
         m = patcher.clone()
@@ -304,9 +304,10 @@ def main() -> None:
         m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "easycache", ec.easycache_forward_wrapper)
         return m
 
-    methods = [("ours", th, lambda th=th: ours(th)) for th in (0.02, 0.04, 0.06, 0.09, 0.13, 0.18, 0.25)]
-    methods += [("ours_window", th, lambda th=th: ours(th, 0.1, 0.9)) for th in (0.09, 0.18, 0.3)]
-    methods += [("easycache", th, lambda th=th: easycache(th)) for th in (0.05, 0.1, 0.2, 0.3, 0.5)]
+    methods = [("ours", th, lambda th=th: ours(th)) for th in (0.003, 0.006, 0.01, 0.015, 0.02, 0.03, 0.05)]
+    methods += [("ours_maxhits2", th, lambda th=th: ours(th, max_hits=2)) for th in (0.01, 0.03, 0.08, 0.2)]
+    methods += [("ours_maxhits1", th, lambda th=th: ours(th, max_hits=1)) for th in (0.02, 0.1, 0.5)]
+    methods += [("easycache", th, lambda th=th: easycache(th)) for th in (0.025, 0.05, 0.1, 0.2, 0.3)]
     started = time.perf_counter()
     saved: dict[str, torch.Tensor] = {}
     results = {

@@ -195,6 +195,7 @@ class FBCacheHolder:
         # The batch does not split into the announced conditionings: one state for the whole call.
         return ("all",), (residual,)
 
+    @torch.compiler.disable  # host-side branch and bookkeeping: torch.compile graph-breaks here cleanly
     def decide(self, residual: torch.Tensor) -> bool:
         """Compare the first block's residual with the reference; True = skip the remaining blocks.
 

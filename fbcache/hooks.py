@@ -65,6 +65,11 @@ def unet_input_block_patch(h: torch.Tensor, transformer_options: dict) -> torch.
     return h
 
 
+@torch.compiler.disable
+def _register_pre_hook(module: torch.nn.Module, fn):
+    return module.register_forward_pre_hook(fn)
+
+
 def unet_diffusion_wrapper(executor, *args, **kwargs):
     """``DIFFUSION_MODEL`` wrapper of ``UNetModel``: per-call state and the skip path."""
     transformer_options = kwargs.get("transformer_options")
@@ -84,7 +89,7 @@ def unet_diffusion_wrapper(executor, *args, **kwargs):
             holder.finish_compute()
 
     # Lives only for this call (removed in finally): reads the input of the final norm/conv.
-    handle = unet.out.register_forward_pre_hook(capture_tail)
+    handle = _register_pre_hook(unet.out, capture_tail)
     try:
         return executor(*args, **kwargs)
     except SkipRemainingBlocks as skip:
