@@ -159,7 +159,8 @@ def bench_ours(patcher, family, data, rank, steps, warmup, blocks_kind, autocast
 
     def denoise(x, t, cond):
         y = cond.get("y")
-        return unet(x.to(dtype), t.float(), context=cond["context"].to(dtype), y=None if y is None else y.to(dtype))
+        y = None if y is None else y.to(dtype)
+        return unet(x.to(dtype), t.float(), context=cond["context"].to(dtype), y=y, transformer_options={})
 
     def no_encode(captions, batch):
         raise AssertionError("conditioning is cached")

@@ -637,6 +637,7 @@ class _Run:
                         t.float(),
                         context=cond["context"].to(dtype),
                         y=None if y is None else y.to(dtype),
+                        transformer_options={},  # fresh per call: the UNet writes into it
                     )
 
                 blocks = [m for m in unet.modules() if type(m).__name__ in CHECKPOINT_BLOCKS]

@@ -361,3 +361,38 @@ def _has_module(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_cancel_saves_and_resume_continues(comfy_server, checkpoints, dataset):
+    import time
+    import uuid
+
+    name = "speedkit_test_cancel"
+    ckpt = checkpoints["sd15"].name
+    log_start = len(comfy_server.log_text())
+    answer = comfy_server.post(
+        "/prompt", {"prompt": train_prompt(ckpt, dataset, name, steps=5000), "client_id": uuid.uuid4().hex}
+    )
+    deadline = time.monotonic() + 600
+    while "LoRA dataset:" not in comfy_server.log_text()[log_start:]:
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.5)
+    time.sleep(4)  # a few training steps
+    comfy_server.interrupt()
+    while True:
+        entry = comfy_server.get(f"/history/{answer['prompt_id']}").get(answer["prompt_id"])
+        if entry and entry.get("status", {}).get("status_str") in ("error", "success"):
+            break
+        assert time.monotonic() < deadline, "the interrupted prompt never finished"
+        time.sleep(0.5)
+    assert entry["status"]["status_str"] == "error", "an interrupted run must not report success"
+    state_file = comfy_server.output_dir / "speedkit_lora_state" / f"{name}-state.json"
+    state = json.loads(state_file.read_text())
+    assert 0 < state["step"] < 5000
+    assert (comfy_server.models_dir / "loras" / f"{name}.safetensors").is_file()
+
+    comfy_server.run_prompt(train_prompt(ckpt, dataset, name, steps=state["step"] + 2, resume_from=name))
+    from safetensors import safe_open
+
+    with safe_open(str(comfy_server.models_dir / "loras" / f"{name}.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == str(state["step"] + 2)

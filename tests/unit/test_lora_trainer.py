@@ -237,3 +237,12 @@ def test_conditioning_of_long_prompts_is_repeated_to_lcm():
     parts = [{"context": torch.ones(1, 77, 4)}, {"context": torch.zeros(1, 154, 4)}]
     out = trainer.stack_conditioning(parts)
     assert out["context"].shape == (2, 154, 4)
+
+
+def test_fp16_uses_loss_scaling(tmp_path):
+    tr, *_ = make_run(steps=3, precision="fp16", save_every=2)
+    assert tr.scaler.is_enabled()
+    result = tr.run(tmp_path, info())
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    scale = json.loads((tmp_path / "test_lora-state.json").read_text())["grad_scale"]
+    assert isinstance(scale, float) and scale > 0, "the loss scale is part of the resume state"
