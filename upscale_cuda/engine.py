@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..torch_utils import dtype_name, free_memory_bytes, is_oom_error, pick_device, pick_dtype
-from .cache import COMPILE_MODES, ModelCache, compile_unavailable_reason, inductor_cache_dir, model_fingerprint
+from .cache import (
+    COMPILE_MODES,
+    ModelCache,
+    compile_unavailable_reason,
+    inductor_cache_dir,
+    model_fingerprint,
+    split_conv_bias,
+)
 from .host_io import ChunkReader, FrameWriter
 from .planning import (
     OPTIMIZATION_LEVELS,
@@ -59,10 +66,11 @@ class UpscaleOptions:
     tile_size: int = 0
     overlap: int = 0
     compile: bool = False
-    compile_mode: str = "default"
+    compile_mode: str = "regional"
     optimization_level: str = "balanced"
     batch_size: int = 0
     cudnn_benchmark: bool = True  # autotune cuDNN algorithms for the run's (few) shapes
+    split_bias: bool = True  # CUDA fp16/bf16: conv bias as a separate add (see cache.split_conv_bias)
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -219,10 +227,18 @@ class Upscaler:
             self._fingerprint = model_fingerprint(self.descriptor.model, self.traits.arch)
         return self._fingerprint
 
+    def _variant(self, dtype: torch.dtype) -> tuple[str, Callable | None]:
+        """Cache key and copy transform for ``dtype`` on this device."""
+        split = self.options.split_bias and self.device.type == "cuda" and dtype is not torch.float32
+        if split:
+            return self.fingerprint + "+split-bias", split_conv_bias
+        return self.fingerprint, None
+
     def _module(self, dtype: torch.dtype) -> torch.nn.Module:
         module = self._ready.get(dtype)
         if module is None:
-            module = self._place(self.cache.module(self.descriptor.model, self.fingerprint, dtype))
+            key, transform = self._variant(dtype)
+            module = self._place(self.cache.module(self.descriptor.model, key, dtype, transform))
             self._ready[dtype] = module
         return module
 
@@ -513,8 +529,9 @@ class Upscaler:
         module = self._module(dtype)
         if eager or dtype is not self.dtype or not self.backend.startswith("compiled"):
             return self._call_fn(module, x)
+        key, transform = self._variant(dtype)
         fn = self.cache.compiled(
-            self.descriptor.model, self.fingerprint, dtype, tuple(x.shape), self.options.compile_mode
+            self.descriptor.model, key, dtype, tuple(x.shape), self.options.compile_mode, transform
         )
         if fn is None:
             return self._call_fn(module, x)
@@ -528,6 +545,6 @@ class Upscaler:
                 raise
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             logger.warning("upscale: torch.compile failed (%s); falling back to eager for this model", reason)
-            self.cache.mark_compile_failed(self.fingerprint, dtype, reason)
+            self.cache.mark_compile_failed(key, dtype, reason)
             self.backend, self.backend_reason = "eager", f"compile failed: {reason}"
             return self._call_fn(module, x)

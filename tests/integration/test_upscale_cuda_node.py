@@ -26,6 +26,7 @@ def test_schema_has_tooltips_on_every_input_and_output(comfy_server):
         "tile_size",
         "overlap",
         "enable_compile",
+        "compile_mode",
         "optimization_level",
         "batch_size",
     ]
@@ -64,6 +65,7 @@ def _run_and_compare(comfy_server):
                 "tile_size": 32,
                 "overlap": 24,
                 "enable_compile": "enable",  # no CUDA here: falls back to eager with a log line
+                "compile_mode": "regional",
                 "optimization_level": "balanced",
                 "batch_size": 0,
             },

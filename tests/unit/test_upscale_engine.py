@@ -522,3 +522,28 @@ def test_repeated_blocks_finds_the_trunk_of_rrdb():
     rrdb = load("esrgan_x4_nf16_nb2").model
     assert len(repeated_blocks(rrdb, min_repeats=2)) == 2
     assert repeated_blocks(load("compact_x4_nc4").model) == []  # bare convs: compiled whole
+
+
+def test_split_conv_bias_is_the_same_function():
+    import copy
+
+    from speedkit.upscale_cuda.cache import split_conv_bias
+
+    for name in ("compact_x4_nc4", "esrgan_x4_nf16_nb2"):
+        desc = load(name)
+        split = copy.deepcopy(desc.model)
+        changed = split_conv_bias(split)
+        assert changed == sum(1 for m in desc.model.modules() if isinstance(m, torch.nn.Conv2d) and m.bias is not None)
+        x = torch.rand(1, 3, 20, 24)
+        with torch.inference_mode():
+            torch.testing.assert_close(split(x), desc.model(x), atol=1e-5, rtol=0)
+        assert all(type(m) is torch.nn.Conv2d for m in desc.model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+@pytest.mark.gpu
+def test_split_bias_on_gpu_matches_plain_convs():
+    desc = load("esrgan_x4_nf16_nb2")
+    images = torch.rand(2, 48, 64, 3)
+    plain, _ = Upscaler(desc, UpscaleOptions(precision="fp16", split_bias=False), device="cuda").upscale(images)
+    split, _ = Upscaler(desc, UpscaleOptions(precision="fp16", split_bias=True), device="cuda").upscale(images)
+    assert float((plain - split).abs().mean()) <= 2e-4 and float((plain - split).abs().max()) <= 2e-2
