@@ -324,6 +324,26 @@ ISOLATION_SCRIPT = textwrap.dedent(
         "attrs": sorted(a for a in vars(shared) if not a.startswith("__")),
         "sys_path_same": sys.path == path_before,
     }
+    # A wrapper-style diffusion model (what Nunchaku installs): an nn.Module that is not a
+    # UNet and ignores transformer_options patches. The node must only go through comfy.sample.
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.dtype = inner.dtype  # ComfyUI's BaseModel asks its diffusion model for this
+            self.calls = 0
+
+        def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **extra):
+            self.calls += 1
+            return self.inner(x, timesteps, context=context, y=y, transformer_options=transformer_options)
+
+    wrapper = Wrapper(model.model.diffusion_model)
+    wrapped = model.clone()
+    wrapped.add_object_patch("diffusion_model", wrapper)
+    out_w = node.PREPARE_CLASS_CLONE({"hidden_inputs": {}}).execute(**dict(kw, model=wrapped)).args[0]
+    result["wrapper_calls"] = wrapper.calls
+    result["wrapper_shape"] = list(out_w.shape)
+    result["wrapper_finite"] = bool(torch.isfinite(out_w).all())
     # Bad input through the real node: conditioning batch 3 for an image batch of 2, no VAE.
     bad = dict(kw, upscaled_image=torch.rand(2, 64, 128, 3), positive=[[pos[0][0].repeat(3, 1, 1), pos[0][1]]])
     try:
@@ -341,7 +361,7 @@ ISOLATION_SCRIPT = textwrap.dedent(
 )
 
 
-def test_isolation_planted_modules_package_is_untouched_and_bad_input_errors(usdu_models, tmp_path):
+def test_isolation_wrapper_model_and_bad_input_in_process(usdu_models, tmp_path):
     """Run the node in a ComfyUI process where another extension owns ``modules.shared``."""
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     pack = tmp_path / "ComfyUI-SpeedKit"
@@ -361,5 +381,6 @@ def test_isolation_planted_modules_package_is_untouched_and_bad_input_errors(usd
     assert result["same_modules"] and result["same_shared"] and result["data"]
     assert result["attrs"] == ["batch", "sd_upscalers"]
     assert result["sys_path_same"]
+    assert result["wrapper_calls"] > 0 and result["wrapper_shape"] == [1, 64, 128, 3] and result["wrapper_finite"]
     assert "positive: conditioning 0 has batch 3 but the image batch is 2" in result["batch_error"]
     assert result["vae_error"].startswith("vae: no VAE connected")
