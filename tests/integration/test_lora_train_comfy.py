@@ -147,7 +147,13 @@ def checkpoints(comfy_server):
         [python, "-c", BUILD, *args], cwd=comfy_server.root, env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return paths
+    yield paths
+    # the server is shared by the whole session: leave no checkpoint or LoRA behind, or other
+    # tests' combo lists (ckpt_name, lora_name) would suddenly contain our files
+    for path in paths.values():
+        path.unlink(missing_ok=True)
+    for path in (comfy_server.models_dir / "loras").glob("speedkit_test_*.safetensors"):
+        path.unlink()
 
 
 @pytest.fixture(scope="module")
