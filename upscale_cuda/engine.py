@@ -373,12 +373,17 @@ class Upscaler:
         self._done = 0  # frames finished; an out-of-memory retry resumes here
         try:
             while self._done < b:
+                oom: BaseException | None = None
                 try:
                     self._frames(images, plan, batch, self._done, reader, writer, report, progress, check_cancel)
                 except Exception as exc:
                     if not is_oom_error(exc):
                         raise
-                    plan, batch = self._shrink(plan, batch, exc)
+                    # Drop the traceback: its frames hold the failed call's activations, which
+                    # must be freed before retrying with a smaller tile.
+                    oom = exc.with_traceback(None)
+                if oom is not None:
+                    plan, batch = self._shrink(plan, batch, oom)
                     report.oom_retries += 1
         finally:
             writer.close()
