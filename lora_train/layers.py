@@ -95,8 +95,34 @@ class LoRALayer(nn.Module):
                 c = self.lora_down
                 delta = F.conv2d(F.conv2d(x, down, None, c.stride, c.padding, c.dilation), up)
             else:
-                delta = F.linear(F.linear(x, down), up)
+                delta = _LowRankLinear.apply(x, down, up)
         return torch.add(out, delta.to(out.dtype), alpha=self.scale * self.multiplier)
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``x @ down.T @ up.T`` as one autograd node with a hand-written backward.
+
+    Same math as two ``F.linear`` calls, but about half the dispatched ops and one graph node
+    instead of several: on a fast GPU the LoRA step is bound by per-op CPU overhead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        hidden = torch.mm(flat, down.t())
+        ctx.save_for_backward(flat, hidden, down, up)
+        ctx.x_shape = x.shape
+        return torch.mm(hidden, up.t()).view(*x.shape[:-1], up.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        flat, hidden, down, up = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        g_hidden = torch.mm(g, up)
+        grad_x = torch.mm(g_hidden, down).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_down = torch.mm(g_hidden.t(), flat) if ctx.needs_input_grad[1] else None
+        grad_up = torch.mm(g.t(), hidden) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_down, grad_up
 
 
 @dataclass

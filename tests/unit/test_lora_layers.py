@@ -129,3 +129,23 @@ def test_kohya_keys_round_trip(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="missing"):
         fresh.load_state_dict({k: v for k, v in tensors.items() if "attn1_to_q.lora_up" not in k})
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (2, 7, 12)])
+def test_linear_lora_gradients_match_autograd_reference(shape):
+    base = nn.Linear(12, 10).requires_grad_(False)
+    layer = layers.LoRALayer(base, rank=3, alpha=6.0, name="g")
+    with torch.no_grad():
+        layer.lora_up.weight.normal_()
+    x = torch.randn(*shape, requires_grad=True)
+    weight = torch.randn(*shape[:-1], 10)
+    (layer(x) * weight).sum().backward()
+    got = (x.grad.clone(), layer.lora_down.weight.grad.clone(), layer.lora_up.weight.grad.clone())
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    down = layer.lora_down.weight.detach().clone().requires_grad_(True)
+    up = layer.lora_up.weight.detach().clone().requires_grad_(True)
+    ref = base(x_ref) + 2.0 * (x_ref @ down.T @ up.T)
+    (ref * weight).sum().backward()
+    for a, b in zip(got, (x_ref.grad, down.grad, up.grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
