@@ -90,6 +90,8 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
     options = patched.model_options["transformer_options"]
     if HOLDER_KEY in options:
         logger.warning("First Block Cache: the model already had a First Block Cache; its settings are replaced.")
+        for wrapper_type in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.DIFFUSION_MODEL, pe.WrappersMP.APPLY_MODEL):
+            patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
     options[HOLDER_KEY] = holder
 
     if family.kind == "unet":

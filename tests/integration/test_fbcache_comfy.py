@@ -63,6 +63,9 @@ SCRIPT = textwrap.dedent(
             "dpmpp_2m_finite": bool(torch.isfinite(run(cached, "dpmpp_2m")).all()),
             "input_untouched": "speedkit_fbcache" not in mp.model_options["transformer_options"],
             "base_again_identical": bool(torch.equal(run(mp), base)),
+            "chained_twice_identical_to_once": bool(torch.equal(
+                run(adapter.apply_first_block_cache(forced_half, fbc.FBCacheHolder(0.5, force_pattern=[False, True]))),
+                half)),
         }
     try:
         node.execute(mp, -1.0)
@@ -104,6 +107,7 @@ def test_cached_runs_complete_with_every_sampler(report, family):
     r = report["data"][family]
     assert r["half_differs"] and r["half_finite"] and r["cached_finite"]
     assert r["per_block_heun_finite"] and r["dpmpp_2m_finite"]
+    assert r["chained_twice_identical_to_once"]  # a second node replaces the first, no double hooks
 
 
 def test_report_in_log_and_attach_messages(report):
