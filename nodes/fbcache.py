@@ -62,7 +62,14 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         text = holder.summary_text()
-        logger.info(text)
+        if not holder.stats:
+            text = (
+                f"First Block Cache was attached ({holder.description}) but its hooks never ran: this model did "
+                "not call them, so nothing was cached. Please report the model type."
+            )
+            logger.warning(text)
+        else:
+            logger.info(text)
         _send_ui_text(holder.report_node_id, text)
         holder.reset()
         holder.active = False

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import comfyui_root
-
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent(
@@ -84,7 +82,10 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    root = comfyui_root()
+    root_env = os.environ.get("COMFYUI_ROOT")
+    if not root_env or not (Path(root_env) / "main.py").is_file():
+        pytest.skip("integration tests need COMFYUI_ROOT pointing at a ComfyUI v0.19.3 checkout")
+    root = Path(root_env)
     env = dict(os.environ, PYTHONPATH=str(root), PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(REPO)], cwd=root, env=env, capture_output=True, text=True, timeout=600
@@ -126,8 +127,15 @@ def test_node_schema_on_the_server(comfy_server):
     info = comfy_server.object_info()["SpeedKit_FirstBlockCache"]
     assert info["category"] == "SpeedKit/model_patches"
     required = info["input"]["required"]
-    for name in ("model", "residual_diff_threshold", "start_percent", "end_percent", "max_consecutive_hits",
-                 "cache_mode", "verbose"):
+    for name in (
+        "model",
+        "residual_diff_threshold",
+        "start_percent",
+        "end_percent",
+        "max_consecutive_hits",
+        "cache_mode",
+        "verbose",
+    ):
         assert name in required, name
         assert required[name][1].get("tooltip"), f"{name} has no tooltip"
     assert required["cache_mode"][1]["default"] == "tail"
