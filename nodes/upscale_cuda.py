@@ -84,7 +84,7 @@ class UpscaleImageCUDA(io.ComfyNode):
                     options=["disable", "enable"],
                     default="disable",
                     tooltip=(
-                        "enable: torch.compile the model (1.3-1.5x faster per frame for RRDB models; the first "
+                        "enable: torch.compile the model (1.1-1.5x faster per frame; the first "
                         "run of each model and frame size compiles, 3-50 s depending on compile_mode; a "
                         "restarted ComfyUI reuses the on-disk cache). Worth it for videos and repeated sizes. "
                         "Needs CUDA and triton; otherwise the normal path runs and the report says why."
@@ -96,8 +96,8 @@ class UpscaleImageCUDA(io.ComfyNode):
                     default=COMPILE_MODES[0],
                     tooltip=(
                         "Only with enable_compile. regional: compile the repeated blocks once (quick: "
-                        "RRDB 12 s first time, 6.5 s after a restart, frames up to 10 % slower than whole). "
-                        "default: compile the whole model (fastest frames, RRDB ~50 s first time). "
+                        "RRDB 10 s the first time, 6 s after a restart, frames up to 10 % slower than whole). "
+                        "default: compile the whole model (fastest frames, RRDB ~48 s the first time). "
                         "max-autotune-no-cudagraphs: whole model with kernel autotuning (minutes)."
                     ),
                     advanced=True,

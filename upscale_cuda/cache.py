@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 COMPILE_MODES: tuple[str, ...] = ("regional", "default", "max-autotune-no-cudagraphs")
 """How the engine compiles (first = default). ``regional``: only the repeated blocks (RRDB's
-23 blocks compile once and are reused: on an H100 first compile 12 s instead of 52 s, a
-restarted process 6.5 s instead of 13.6 s, frames 0-10 % slower); models without repeated
+23 blocks compile once and are reused: on an H100 first compile 10 s instead of 48 s, a
+restarted process 6.2 s instead of 13.9 s, frames 0-10 % slower); models without repeated
 blocks are compiled whole. ``default``: the whole model. ``max-autotune-no-cudagraphs``:
 the whole model with autotuned kernels (slow to compile).
 cudagraph modes are not offered: they would pin every tile buffer."""
