@@ -33,7 +33,8 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ComfyUI-SpeedKit", description="ComfyUI-SpeedKit tools")
+    pack = __package__.rsplit(".", 1)[0] if __package__ and "." in __package__ else "ComfyUI-SpeedKit"
+    parser = argparse.ArgumentParser(prog=f"python -m {pack}", description="ComfyUI-SpeedKit tools")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser(
         "upscale",
