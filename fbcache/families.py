@@ -59,7 +59,8 @@ def resolve_family(diffusion_model: object) -> Family:
             "First Block Cache only patches diffusion models (connect a checkpoint/UNet loader's MODEL)."
         )
     module = type(diffusion_model).__module__.lower()
-    if any(hint in module or hint in name.lower() for hint in _WRAPPER_HINTS):
+    wrapper_like = name.startswith("Comfy") and name.endswith("Wrapper")  # ComfyUI-nunchaku's naming
+    if wrapper_like or any(hint in module or hint in name.lower() for hint in _WRAPPER_HINTS):
         return Family(
             "step",
             name,

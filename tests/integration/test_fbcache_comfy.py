@@ -50,13 +50,16 @@ SCRIPT = textwrap.dedent(
         cached = node.execute(mp, 0.3, 0.0, 1.0, -1, "tail", False).args[0]
         per_block = node.execute(mp, 0.3, 0.0, 1.0, 2, "per_block", False).args[0]
         half = run(forced_half)
+        cached_a = run(cached)
+        run(cached, "heun")  # another prompt in between
         report[fam] = {
             "off_is_input": off is mp,
             "threshold0_identical": bool(torch.equal(run(off), base)),
             "all_computed_identical": bool(torch.equal(run(forced_miss), base)),
             "half_differs": not bool(torch.equal(half, base)),
             "half_finite": bool(torch.isfinite(half).all()),
-            "cached_finite": bool(torch.isfinite(run(cached)).all()),
+            "cached_finite": bool(torch.isfinite(cached_a).all()),
+            "cached_rerun_identical": bool(torch.equal(run(cached), cached_a)),
             "per_block_heun_finite": bool(torch.isfinite(run(per_block, "heun")).all()),
             "dpmpp_2m_finite": bool(torch.isfinite(run(cached, "dpmpp_2m")).all()),
             "input_untouched": "speedkit_fbcache" not in mp.model_options["transformer_options"],
@@ -107,6 +110,7 @@ def test_threshold_zero_and_all_computed_give_identical_latents(report, family):
 def test_cached_runs_complete_with_every_sampler(report, family):
     r = report["data"][family]
     assert r["half_differs"] and r["half_finite"] and r["cached_finite"]
+    assert r["cached_rerun_identical"]  # A/B/A: nothing is kept between sampling runs
     assert r["per_block_heun_finite"] and r["dpmpp_2m_finite"]
     assert r["chained_twice_identical_to_once"]  # a second node replaces the first, no double hooks
 

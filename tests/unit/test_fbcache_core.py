@@ -484,6 +484,8 @@ def test_family_resolution():
     assert unknown.kind == "step" and "Lumina" in unknown.reason
     nunchaku_cls = type("ComfyFluxWrapper", (nn.Module,), {"__module__": "nunchaku_wrappers.flux"})
     assert resolve_family(nunchaku_cls()).kind == "step"
+    qwen_wrapper = type("ComfyQwenImageWrapper", (nn.Module,), {"__module__": "custom_nodes.some_pack.wrappers"})
+    assert "ignores ComfyUI's block hooks" in resolve_family(qwen_wrapper()).reason
     with pytest.raises(ValueError, match="not a torch module"):
         resolve_family(object())
 
