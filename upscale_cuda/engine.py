@@ -37,6 +37,7 @@ from .cache import (
 )
 from .host_io import ChunkReader, FrameWriter
 from .planning import (
+    MEMORY_SHARE,
     OPTIMIZATION_LEVELS,
     ModelTraits,
     TilePlan,
@@ -254,14 +255,20 @@ class Upscaler:
         """Device bytes a whole-frame pass would like: weights + activations + output.
 
         Used to ask the host application to unload other models before we start; the
-        actual tile plan is then made from whatever is free.
+        actual tile plan is then made from whatever is free. Capped at the
+        optimization level's share of the device, so a large frame does not evict every
+        other model when tiles would do.
         """
         elem = torch.tensor([], dtype=self.dtype).element_size()
         weights = sum(p.numel() for p in self.descriptor.model.parameters()) * elem
         s = self.traits.scale
         act = height * width * bytes_per_pixel(self.traits, elem)
         out = height * width * s * s * 4 * (self.traits.out_channels + 1)
-        return int(weights + act + out)
+        wanted = int(weights + act + out)
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            wanted = min(wanted, int(total * MEMORY_SHARE[self.options.optimization_level]))
+        return wanted
 
     def plan(self, height: int, width: int, batch: int = 1) -> TilePlan:
         """The tile plan a frame of ``height x width`` gets with the current options."""

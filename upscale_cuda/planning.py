@@ -26,7 +26,7 @@ OPTIMIZATION_LEVELS: tuple[str, ...] = ("balanced", "speed", "memory")
 """Node/CLI choices; the first is the default."""
 
 # Share of the free device memory one model call may plan to use.
-_MEMORY_SHARE = {"speed": 0.85, "balanced": 0.7, "memory": 0.35}
+MEMORY_SHARE = {"speed": 0.85, "balanced": 0.7, "memory": 0.35}
 # Upper bound of LR pixels per model call (tiles x tile pixels or frames x frame pixels)
 # when batching: beyond ~2 MP a call already saturates a large GPU, so more only costs memory.
 _MAX_BATCH_PIXELS = {"speed": 4 * 1024 * 1024, "balanced": 2 * 1024 * 1024, "memory": 512 * 512}
@@ -147,11 +147,11 @@ def choose_tile(
     Returns 0 ("whole frame") when the whole frame fits, which also covers arches that
     prefer not to be tiled (``discouraged``) and must not be (``internal``).
     """
-    if level not in _MEMORY_SHARE:
+    if level not in MEMORY_SHARE:
         raise ValueError(f"optimization_level: unknown value {level!r}; choose one of {', '.join(OPTIMIZATION_LEVELS)}")
     if traits.tiling == "internal":
         return 0
-    budget = free_bytes * _MEMORY_SHARE[level]
+    budget = free_bytes * MEMORY_SHARE[level]
     per_px = bytes_per_pixel(traits, element_size)
     # Output accumulators (fp32 value + weight) live on the device too.
     out_per_px = 4 * (traits.out_channels + 1) * traits.scale**2

@@ -547,3 +547,11 @@ def test_split_bias_on_gpu_matches_plain_convs():
     plain, _ = Upscaler(desc, UpscaleOptions(precision="fp16", split_bias=False), device="cuda").upscale(images)
     split, _ = Upscaler(desc, UpscaleOptions(precision="fp16", split_bias=True), device="cuda").upscale(images)
     assert float((plain - split).abs().mean()) <= 2e-4 and float((plain - split).abs().max()) <= 2e-2
+
+
+def test_memory_estimate_grows_with_the_frame():
+    up = Upscaler(load("compact_x4_nc4"), UpscaleOptions(), device="cpu")
+    small, big = up.memory_estimate(64, 64), up.memory_estimate(1080, 1920)
+    assert 0 < small < big
+    weights = sum(p.numel() for p in up.descriptor.model.parameters()) * 4
+    assert small > weights
