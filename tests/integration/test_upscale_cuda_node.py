@@ -3,6 +3,11 @@ stock model loader, and the same picture as ComfyUI's own "Upscale Image (using 
 
 from __future__ import annotations
 
+import shutil
+import time
+import uuid
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +88,54 @@ def _run_and_compare(comfy_server):
     # 8-bit PNGs of the same picture: at most one level of rounding apart.
     assert int(np.abs(a - b).max()) <= 1
     assert "compile unavailable" in comfy_server.log_text()
+
+
+EMBEDDED = Path(__file__).resolve().parents[2] / "upscale_cuda" / "models" / "realesr-animevideov3-x4.safetensors"
+
+
+def test_cancel_stops_a_long_batch_quickly(comfy_server):
+    folder = comfy_server.models_dir / "upscale_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file = folder / "speedkit_cancel_test.safetensors"
+    shutil.copy(EMBEDDED, model_file)
+    Image.fromarray(np.full((256, 256, 3), 100, np.uint8)).save(comfy_server.input_dir / "cancel_in.png")
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "cancel_in.png"}},
+        "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 64}},
+        "3": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model_file.name}},
+        "4": {
+            "class_type": NODE,
+            "inputs": {
+                "upscale_model": ["3", 0],
+                "image": ["2", 0],
+                "use_autocast": "enable",
+                "precision": "auto",
+                "tile_size": 64,
+                "overlap": 16,
+                "enable_compile": "disable",
+                "compile_mode": "regional",
+                "optimization_level": "balanced",
+                "batch_size": 1,
+            },
+        },
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+    }
+    try:
+        prompt_id = comfy_server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
+        time.sleep(4.0)  # well inside the minutes this batch needs on a CPU
+        assert not comfy_server.get(f"/history/{prompt_id}"), "the batch finished before it could be cancelled"
+        comfy_server.interrupt()
+        stopped = time.monotonic()
+        entry = None
+        while time.monotonic() - stopped < 30:
+            entry = comfy_server.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                break
+            time.sleep(0.1)
+        took = time.monotonic() - stopped
+        assert entry is not None, "the prompt never ended after the interrupt"
+        messages = [m[0] for m in entry["status"].get("messages", [])]
+        assert "execution_interrupted" in messages, messages
+        assert took < 3.0, f"cancel took {took:.1f} s"
+    finally:
+        model_file.unlink()

@@ -555,3 +555,39 @@ def test_memory_estimate_grows_with_the_frame():
     assert 0 < small < big
     weights = sum(p.numel() for p in up.descriptor.model.parameters()) * 4
     assert small > weights
+
+
+class _SquareOnlyNet(torch.nn.Module):
+    """Nearest x2 that refuses non-square or too-small inputs (like some windowed arches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != x.shape[-2] or x.shape[-1] % 8 or x.shape[-1] < 24:
+            raise RuntimeError(f"got {tuple(x.shape)}, needs square multiples of 8, >= 24")
+        return torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest") * self.gain
+
+
+@pytest.mark.parametrize("tile", [0, 32])
+def test_square_and_multiple_of_requirements_with_a_model(tile, device):
+    net = _SquareOnlyNet()
+    desc = ImageModelDescriptor(
+        net,
+        net.state_dict(),
+        load("compact_x2_nc8").architecture,
+        purpose="SR",
+        tags=[],
+        supports_half=True,
+        supports_bfloat16=True,
+        scale=2,
+        input_channels=3,
+        output_channels=3,
+        size_requirements=SizeRequirements(minimum=24, multiple_of=8, square=True),
+    )
+    images = torch.rand(2, 20, 70, 3)
+    out, _ = Upscaler(desc, fp32_options(tile_size=tile, overlap=8), device=device).upscale(images)
+    want = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), scale_factor=2).permute(0, 2, 3, 1)
+    assert out.shape == (2, 40, 140, 3)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
