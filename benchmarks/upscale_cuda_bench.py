@@ -315,7 +315,8 @@ def probe(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", type=Path, default=REPO / ".models")
+    default_models = REPO / ".models" if (REPO / ".models").is_dir() else REPO.parent / "shared" / "models"
+    ap.add_argument("--models", type=Path, default=default_models, help="folder with the real weights")
     ap.add_argument("--cases", default="rrdb_1080p,rrdb_540p_x100,compact_1080p")
     ap.add_argument("--compile-mode", default="regional,default", help="comma-separated: regional,default,...")
     ap.add_argument("--no-compile", action="store_true")
