@@ -339,14 +339,19 @@ class Trainer:
                     if should_stop is not None and should_stop():
                         cancelled = True
                         break
-        except BaseException:
-            if self.step > saved_step:
+        except BaseException as exc:
+            # a cancel can also arrive inside a step (ComfyUI checks it in every layer): keep the
+            # last completed step as <name>.safetensors and its resume state
+            if self.step > 0:
                 try:
                     self._save(final, info)
-                    self.save_state(state_base)
-                    logger.warning("training failed at step %d; LoRA and state saved to %s", self.step, final)
+                    if self.step > saved_step:
+                        self.save_state(state_base)
+                    logger.warning(
+                        "training stopped at step %d (%s); LoRA saved to %s", self.step, type(exc).__name__, final
+                    )
                 except Exception:  # keep the original error; the save failure is logged
-                    logger.exception("could not save the LoRA after the training error")
+                    logger.exception("could not save the LoRA after the training stopped")
             raise
         path = self._save(final, info)
         if cancelled or cfg.save_every:

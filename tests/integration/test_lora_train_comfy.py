@@ -375,15 +375,13 @@ def test_cancel_saves_and_resume_continues(comfy_server, checkpoints, dataset):
 
     name = "speedkit_test_cancel"
     ckpt = checkpoints["sd15"].name
-    log_start = len(comfy_server.log_text())
-    answer = comfy_server.post(
-        "/prompt", {"prompt": train_prompt(ckpt, dataset, name, steps=5000), "client_id": uuid.uuid4().hex}
-    )
+    state_file = comfy_server.output_dir / "speedkit_lora_state" / f"{name}-state.json"
+    prompt = train_prompt(ckpt, dataset, name, steps=5000, save_every=1, keep_last=1)
+    answer = comfy_server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
     deadline = time.monotonic() + 600
-    while "LoRA dataset:" not in comfy_server.log_text()[log_start:]:
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.5)
-    time.sleep(4)  # a few training steps
+    while not state_file.is_file():  # written after the first step: training is under way
+        assert time.monotonic() < deadline, "training never started:\n" + comfy_server.log_text()[-3000:]
+        time.sleep(0.2)
     comfy_server.interrupt()
     while True:
         entry = comfy_server.get(f"/history/{answer['prompt_id']}").get(answer["prompt_id"])
@@ -392,13 +390,17 @@ def test_cancel_saves_and_resume_continues(comfy_server, checkpoints, dataset):
         assert time.monotonic() < deadline, "the interrupted prompt never finished"
         time.sleep(0.5)
     assert entry["status"]["status_str"] == "error", "an interrupted run must not report success"
-    state_file = comfy_server.output_dir / "speedkit_lora_state" / f"{name}-state.json"
+    messages = json.dumps(entry["status"].get("messages"))
+    assert "execution_interrupted" in messages, messages[-2000:]
     state = json.loads(state_file.read_text())
     assert 0 < state["step"] < 5000
-    assert (comfy_server.models_dir / "loras" / f"{name}.safetensors").is_file()
-
-    comfy_server.run_prompt(train_prompt(ckpt, dataset, name, steps=state["step"] + 2, resume_from=name))
+    final = comfy_server.models_dir / "loras" / f"{name}.safetensors"
     from safetensors import safe_open
 
-    with safe_open(str(comfy_server.models_dir / "loras" / f"{name}.safetensors"), "pt") as f:
+    with safe_open(str(final), "pt") as f:
+        assert f.metadata()["ss_steps"] == str(state["step"]), "the cancelled LoRA is the state's step"
+    assert len(list((comfy_server.models_dir / "loras").glob(f"{name}-step*.safetensors"))) == 1, "keep_last=1"
+
+    comfy_server.run_prompt(train_prompt(ckpt, dataset, name, steps=state["step"] + 2, resume_from=name))
+    with safe_open(str(final), "pt") as f:
         assert f.metadata()["ss_steps"] == str(state["step"] + 2)

@@ -246,3 +246,23 @@ def test_fp16_uses_loss_scaling(tmp_path):
     assert all(torch.isfinite(torch.tensor(result.losses)))
     scale = json.loads((tmp_path / "test_lora-state.json").read_text())["grad_scale"]
     assert isinstance(scale, float) and scale > 0, "the loss scale is part of the resume state"
+
+
+def test_cancel_inside_a_step_keeps_the_last_completed_step(tmp_path):
+    """ComfyUI raises its interrupt from inside the model's layers, i.e. in the middle of a step."""
+    tr, *_ = make_run(steps=10, save_every=2)
+    denoise = tr.denoise
+
+    def interrupted_at_step_5(x, t, cond):
+        if tr.step == 4:  # the 5th step is under way
+            raise KeyboardInterrupt
+        return denoise(x, t, cond)
+
+    tr.denoise = interrupted_at_step_5
+    with pytest.raises(KeyboardInterrupt):
+        tr.run(tmp_path, info())
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "test_lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "4"
+    assert json.loads((tmp_path / "test_lora-state.json").read_text())["step"] == 4
