@@ -381,21 +381,24 @@ def _make_model_fn(upscale_model):
         size = sum(p.numel() * p.element_size() for p in inner.parameters())
         mm.free_memory(size + 512 * 512 * 3 * 4 * max(scale, 1) * 384 + image.nelement() * 4, device)
         half = device.type == "cuda" and getattr(upscale_model, "supports_half", False)
-        dtypes = [torch.float16, torch.float32] if half else [torch.float32]
+
+        def upscale_in(dtype: torch.dtype) -> torch.Tensor:
+            inner.to(device=device, dtype=dtype)
+
+            def call(x: torch.Tensor) -> torch.Tensor:
+                return upscale_model(x.to(device=device, dtype=dtype)).float()
+
+            return upscale.model_upscale(image.to(device), call, scale, check_cancel=throw_if_interrupted)
+
         try:
-            for dtype in dtypes:
-                inner.to(device=device, dtype=dtype)
-
-                def call(x: torch.Tensor, dtype=dtype) -> torch.Tensor:
-                    return upscale_model(x.to(device=device, dtype=dtype)).float()
-
-                out = upscale.model_upscale(image.to(device), call, scale, check_cancel=throw_if_interrupted)
-                if bool(torch.isfinite(out).all()) or dtype is dtypes[-1]:
+            if half:
+                out = upscale_in(torch.float16)
+                if bool(torch.isfinite(out).all()):
                     return out
                 logger.warning("USDU: the upscale model overflowed in fp16; running it again in fp32")
+            return upscale_in(torch.float32)
         finally:
             inner.to(device=orig_device, dtype=orig_dtype)
-        raise AssertionError("unreachable")
 
     return run
 

@@ -23,7 +23,7 @@ Passes (the upstream node's modes, same geometry, our own code):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MODE_TYPES: tuple[str, ...] = ("Linear", "Chess", "None")
 SEAM_FIX_MODES: tuple[str, ...] = ("None", "Band Pass", "Half Tile", "Half Tile + Intersections")
@@ -107,7 +107,6 @@ class PlanSettings:
     seam_fix_mask_blur: float = 8
     seam_fix_padding: int = 16
     force_uniform_tiles: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def grid_shape(width: int, height: int, tile_width: int, tile_height: int) -> tuple[int, int]:

@@ -204,7 +204,8 @@ def test_main_node_upscales_and_redraws(usdu_models):
 
 
 def test_no_upscale_node_keeps_size(usdu_models):
-    entry = usdu_models.run_prompt(graph("SpeedKit_UltimateSDUpscaleNoUpscale", {}, "usdu_noup"))
+    extra = {"tiled_decode": True, "normalize": "percentile", "force_uniform_tiles": False}
+    entry = usdu_models.run_prompt(graph("SpeedKit_UltimateSDUpscaleNoUpscale", extra, "usdu_noup"))
     assert saved_image(usdu_models, entry).shape == (80, 64, 3)
 
 
