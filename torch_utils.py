@@ -44,8 +44,11 @@ def bchw_to_bhwc(image: torch.Tensor) -> torch.Tensor:
     return image.permute(0, 2, 3, 1)
 
 
-def check_image(image: torch.Tensor, name: str = "image", channels: Sequence[int] | None = None) -> None:
-    """Validate a ComfyUI IMAGE: a floating ``[B,H,W,C]`` tensor with finite values.
+def check_image(
+    image: torch.Tensor, name: str = "image", channels: Sequence[int] | None = None, finite: bool = True
+) -> None:
+    """Validate a ComfyUI IMAGE: a floating ``[B,H,W,C]`` tensor, optionally with given channel
+    counts, and (when ``finite``) no NaN/Inf values.
 
     Raises ``ValueError`` naming the input, what was wrong and how to fix it.
     """
@@ -57,15 +60,17 @@ def check_image(image: torch.Tensor, name: str = "image", channels: Sequence[int
             "connect an IMAGE output (e.g. Load Image), not a MASK or LATENT"
         )
     if not image.dtype.is_floating_point:
-        raise ValueError(f"{name}: expected a float IMAGE in [0, 1], got dtype {image.dtype}")
+        raise ValueError(f"{name}: expected float values in [0, 1], got dtype {image.dtype}; convert with /255")
     if channels is not None and image.shape[-1] not in channels:
+        fix = "drop the alpha channel first" if image.shape[-1] == 4 else "convert the image to RGB first"
         raise ValueError(
-            f"{name}: expected {' or '.join(map(str, channels))} channels in the last dimension, "
-            f"got {image.shape[-1]} (shape {tuple(image.shape)})"
+            f"{name}: expected {' or '.join(map(str, channels))}-channel images, got {image.shape[-1]} channels "
+            f"(shape {tuple(image.shape)}); {fix}"
         )
     if image.numel() == 0:
-        raise ValueError(f"{name}: the image is empty (shape {tuple(image.shape)})")
-    check_finite(image, name)
+        raise ValueError(f"{name}: the batch is empty (shape {tuple(image.shape)})")
+    if finite:
+        check_finite(image, name)
 
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..torch_utils import dtype_name, free_memory_bytes, is_oom_error, pick_device, pick_dtype
+from ..torch_utils import check_image, dtype_name, free_memory_bytes, is_oom_error, pick_device, pick_dtype
 from .cache import (
     COMPILE_MODES,
     ModelCache,
@@ -352,23 +352,8 @@ class Upscaler:
             yield
 
     def _check_images(self, images: torch.Tensor) -> None:
-        if not isinstance(images, torch.Tensor):
-            raise ValueError(f"image: expected an IMAGE tensor, got {type(images).__name__}")
-        if images.ndim != 4:
-            raise ValueError(
-                f"image: expected a [batch, height, width, channels] IMAGE, got shape {tuple(images.shape)}; "
-                "connect an IMAGE output (e.g. Load Image), not a MASK or LATENT"
-            )
-        if not images.dtype.is_floating_point:
-            raise ValueError(f"image: expected float values in [0, 1], got dtype {images.dtype}; convert with /255")
-        if images.shape[-1] != self.traits.in_channels:
-            raise ValueError(
-                f"image: this model takes {self.traits.in_channels}-channel images, got {images.shape[-1]} channels "
-                f"(shape {tuple(images.shape)}); "
-                + ("drop the alpha channel first" if images.shape[-1] == 4 else "convert the image to RGB first")
-            )
-        if images.numel() == 0:
-            raise ValueError(f"image: the batch is empty (shape {tuple(images.shape)})")
+        # NaN/Inf are checked per frame while streaming, so the error can name the frame.
+        check_image(images, "image", channels=(self.traits.in_channels,), finite=False)
 
     def _run(self, images, out, report: RunReport, progress, check_cancel) -> None:
         b, h, w, _ = images.shape
