@@ -295,6 +295,74 @@ def _decode(vae, samples: torch.Tensor, tiled: bool) -> torch.Tensor:
     return vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=tile // 8)
 
 
+TILE_ADM_KEY = "speedkit_usdu_tile_adm"
+"""Key of the sampler wrapper that gives every tile of a batch its own SDXL size vector."""
+
+
+def _with_tile_adm(model, sizes: list[dict], images: int):
+    """A clone of ``model`` whose sampler rebuilds each conditioning entry's encoded vector
+    (``y``: SDXL's pooled prompt + size/crop embeddings) per tile of the batch.
+
+    ComfyUI encodes ``y`` once per entry from scalar ``width``/``crop_w``/... values and
+    repeats it over the batch, so all tiles of one call would share the first tile's
+    crop. The wrapper (on ComfyUI's ``calc_cond_batch``, before ControlNets and the model
+    see ``y``) re-encodes every entry with each tile's values through the model's own
+    ``encode_adm`` and stacks the rows job-major (``usdu.cond.per_tile_rows``). It first
+    re-encodes the entry with the values it carries and leaves the entry alone unless
+    that reproduces ComfyUI's ``y`` bit for bit (e.g. unCLIP entries, whose encoding
+    needs the sampler's seed), so it can only make a batch match one-by-one sampling.
+    The user's MODEL is not modified.
+    """
+    import comfy.conds
+    import comfy.patcher_extension as pe
+
+    prompt_types = ("positive", "negative")
+    memo: dict = {}
+
+    def rebuild(base, entry: dict, prompt_type: str, device) -> dict:
+        y_cond = entry.get("model_conds", {}).get("y")
+        current = getattr(y_cond, "cond", None)
+        if not isinstance(current, torch.Tensor) or not hasattr(base, "encode_adm"):
+            return entry
+        key = entry.get("uuid", id(entry))
+        if key not in memo:
+            params = {k: v for k, v in entry.items() if k not in ("model_conds", "uuid")}
+            params.setdefault("prompt_type", prompt_type)
+            params["device"] = device
+
+            def encode(p: dict):
+                return base.encode_adm(**p)
+
+            rows = None
+            mine = encode(params)
+            if (
+                isinstance(mine, torch.Tensor)
+                and mine.shape == current.shape
+                and torch.equal(mine.to(current), current)
+            ):
+                rows = usdu_cond.per_tile_rows(encode, params, sizes, images)
+            else:
+                logger.warning("USDU: could not rebuild the conditioning vector per tile; the batch shares tile 1's")
+            memo[key] = None if rows is None else comfy.conds.CONDRegular(rows.to(current))
+        if memo[key] is None:
+            return entry
+        out = dict(entry)
+        out["model_conds"] = {**entry["model_conds"], "y": memo[key]}
+        return out
+
+    def wrapper(executor, base, conds, x_in, timestep, model_options):
+        if x_in.shape[0] == len(sizes) * images:
+            conds = [
+                None if c is None else [rebuild(base, e, prompt_types[min(i, 1)], x_in.device) for e in c]
+                for i, c in enumerate(conds)
+            ]
+        return executor(base, conds, x_in, timestep, model_options)
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, TILE_ADM_KEY, wrapper)
+    return patched
+
+
 def _make_process(s: _Sampling, canvas_w: int, canvas_h: int, source_w: int, source_h: int, factor: int):
     import comfy.sample
 
@@ -325,13 +393,16 @@ def _make_process(s: _Sampling, canvas_w: int, canvas_h: int, source_w: int, sou
         ]
         positive = usdu_cond.crop_conditioning(s.positive, geoms, images)
         negative = usdu_cond.crop_conditioning(s.negative, geoms, images)
+        model = s.model
+        if len(geoms) > 1:
+            model = _with_tile_adm(model, usdu_cond.tile_size_values(geoms), images)
         latent = s.vae.encode(batch.pixels[..., :3])
-        latent = comfy.sample.fix_empty_latent_channels(s.model, latent)
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = _tile_noise(latent, batch.seeds, images)
         if s.custom_sampler is not None and s.custom_sigmas is not None:
             fraction = 1.0 if batch.pass_name == "redraw" else batch.denoise
             samples = comfy.sample.sample_custom(
-                s.model,
+                model,
                 noise,
                 s.cfg,
                 s.custom_sampler,
@@ -345,7 +416,7 @@ def _make_process(s: _Sampling, canvas_w: int, canvas_h: int, source_w: int, sou
             )
         else:
             samples = comfy.sample.sample(
-                s.model,
+                model,
                 noise,
                 s.steps,
                 s.cfg,

@@ -19,15 +19,24 @@ tensors and tuples; ControlNet objects are handled by duck typing: ``copy()``,
   = the tile's real (unpadded) size.
 
 With several tiles in one sampler call, tensor-valued entries (hints, masks, reference
-latents) are stacked along the batch, one slice per tile; scalar entries cannot differ
-per batch item, so :func:`needs_single_tiles` tells the caller when to split a batch.
+latents) are stacked along the batch, one slice per tile. Scalar entries cannot differ
+per batch item in a CONDITIONING:
+
+- SDXL size conditioning: the entry carries the first tile's values (what the model's
+  conditioning encoder reads); :func:`per_tile_rows` then rebuilds the encoded vector
+  (ComfyUI's ``y``/ADM) once per tile with the model's own encoder and stacks the rows,
+  one per sample, so every tile of the batch gets its own crop/size values (the adapter
+  does this inside the sampler, where the encoded vectors exist);
+- areas and GLIGEN boxes change which part of the latent the model sees, not a vector,
+  so they cannot be given per sample: :func:`needs_single_tiles` tells the caller to
+  sample such tiles one by one.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -282,3 +291,36 @@ def sdxl_size_values(g: TileGeometry) -> dict[str, int]:
         "target_width": g.crop.w,
         "target_height": g.crop.h,
     }
+
+
+def tile_size_values(geoms: Sequence[TileGeometry]) -> list[dict[str, int]]:
+    """:func:`sdxl_size_values` of every tile of a batch, in batch order."""
+    return [sdxl_size_values(g) for g in geoms]
+
+
+def per_tile_rows(
+    encode: Callable[[dict], torch.Tensor | None],
+    entry: dict,
+    sizes: Sequence[dict],
+    images: int,
+) -> torch.Tensor | None:
+    """Per-sample rows of an encoded conditioning vector for tiles sampled together.
+
+    ``encode(params)`` is the model's encoder of one conditioning entry (ComfyUI's
+    ``encode_adm``); it is called with ``entry`` updated by each tile's ``sizes`` and its
+    rows are repeated to ``images`` per tile, job-major (all images of tile 0 first), the
+    layout of the latent batch. So row ``k * images + i`` is exactly the row that image
+    ``i`` would get if tile ``k`` were sampled on its own.
+
+    Returns None when there is nothing to do: the encoder returns None (no such vector)
+    or the same vector for every tile (the model ignores the sizes).
+    """
+    rows = []
+    for s in sizes:
+        y = encode({**entry, **s})
+        if not isinstance(y, torch.Tensor):
+            return None
+        rows.append(y)
+    if not rows or all(r.shape == rows[0].shape and torch.equal(r, rows[0]) for r in rows[1:]):
+        return None
+    return torch.cat([_batch_of(r, images) for r in rows], dim=0)

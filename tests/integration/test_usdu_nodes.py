@@ -385,3 +385,117 @@ def test_isolation_wrapper_model_and_bad_input_in_process(usdu_models, tmp_path)
     assert result["wrapper_calls"] > 0 and result["wrapper_shape"] == [1, 64, 128, 3] and result["wrapper_finite"]
     assert "positive: conditioning 0 has batch 3 but the image batch is 2" in result["batch_error"]
     assert result["vae_error"].startswith("vae: no VAE connected")
+
+
+SDXL_BATCH_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from comfy.cli_args import args
+    args.cpu = True
+    import utils.extra_config  # noqa: F401  (before `nodes`, see the integration notes)
+    import torch
+    import comfy.model_patcher, comfy.sd, comfy.supported_models
+    import nodes
+
+    assert asyncio.run(nodes.load_custom_node(sys.argv[1]))
+    node = nodes.NODE_CLASS_MAPPINGS["SpeedKit_UltimateSDUpscaleNoUpscale"]
+    vae = comfy.sd.load_checkpoint_guess_config(sys.argv[2])[2]
+
+    # A tiny SDXL-shaped UNet built by ComfyUI's own SDXL model class, so the conditioning
+    # encoder is the real one (pooled prompt + six size/crop embeddings -> `y`, 2816 wide).
+    unet_config = dict(
+        comfy.supported_models.SDXL.unet_config, model_channels=32, transformer_depth=[0, 1],
+        transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=0, channel_mult=[1, 2],
+        num_res_blocks=[1, 1], context_dim=64, in_channels=4, out_channels=4, image_size=32,
+        use_spatial_transformer=True, legacy=False, num_head_channels=16, num_classes="sequential",
+    )
+    base = comfy.supported_models.SDXL(unet_config).get_model({})
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in base.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05 if p.ndim > 1 else torch.zeros(p.shape))
+    model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+    # A model-level patch of the DiffSynth / Z-Image kind (lives in transformer_options, not
+    # in the conditioning; the UNet ignores it): it must reach the model untouched.
+    class ModelPatch:
+        pass
+
+    model_patch = ModelPatch()
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+            self.dtype = m.dtype
+
+        def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kw):
+            patches = transformer_options.get("patches", {}).get("double_block", [])
+            seen.append((y.detach().clone(), any(p is model_patch for p in patches)))
+            return self.m(x, timesteps, context=context, y=y, control=control,
+                          transformer_options=transformer_options, **kw)
+
+    spied = model.clone()
+    spied.add_object_patch("diffusion_model", Spy(base.diffusion_model))
+    spied.set_model_double_block_patch(model_patch)
+    options_before = repr(spied.model_options)
+
+    def cond(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [[torch.randn(1, 4, 64, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+
+    # 128x96 in 64x48 tiles, no padding and no feather: the four crops do not overlap, so
+    # sampling them together must give what sampling them one by one gives.
+    kw = dict(upscaled_image=torch.rand(1, 96, 128, 3, generator=gen), model=spied, positive=cond(1),
+              negative=cond(2), vae=vae, seed=3, steps=2, cfg=3.0, sampler_name="euler", scheduler="normal",
+              denoise=0.5, mode_type="Linear", tile_width=64, tile_height=48, mask_blur=0, tile_padding=0,
+              seam_fix_mode="None", seam_fix_denoise=0.0, seam_fix_width=16, seam_fix_mask_blur=4,
+              seam_fix_padding=8, force_uniform_tiles=True, tiled_decode=False, batch_size=1,
+              normalize="off", tile_seed="per tile")
+    run = lambda **k: node.PREPARE_CLASS_CLONE({"hidden_inputs": {}}).execute(**dict(kw, **k)).args[0]
+    one = run(batch_size=1)
+    calls_one = list(seen)
+    seen.clear()
+    many = run(batch_size=4)
+    calls_many = list(seen)
+    # One by one: 4 tiles x 2 steps, each call = [positive, negative] rows (batch 1 each).
+    # Batched: 2 calls of 8 rows = positive rows of tiles 0..3, then negative rows of tiles 0..3.
+    alone = [calls_one[2 * k][0] for k in range(4)]
+    rows = calls_many[0][0]
+    result = {
+        "calls": [len(calls_one), len(calls_many)],
+        "rows": list(rows.shape),
+        "rows_match": all(torch.equal(rows[half * 4 + k], alone[k][half]) for half in (0, 1) for k in range(4)),
+        "tiles_differ": len({tuple(a[0, 1280:].tolist()) for a in alone}),
+        "max_diff": float((one - many).detach().abs().max()),
+        "patch_seen": all(flag for _, flag in calls_one + calls_many),
+        "options_same": repr(spied.model_options) == options_before,
+    }
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def test_sdxl_tile_batch_gives_each_tile_its_own_crop_conditioning(usdu_models, tmp_path):
+    """batch_size 4 on a tiny SDXL model: each sample's `y` (pooled + size/crop embeddings)
+    is bit-identical to the one that tile gets when sampled alone, and the picture matches;
+    a model-level patch in transformer_options reaches the model unchanged."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    pack = tmp_path / "ComfyUI-SpeedKit"
+    pack.symlink_to(REPO_ROOT, target_is_directory=True)
+    proc = subprocess.run(
+        [python, "-c", SDXL_BATCH_SCRIPT, str(pack), str(usdu_models.models_dir / "checkpoints" / CKPT)],
+        cwd=usdu_models.root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT") :])
+    assert result["calls"] == [8, 2] and result["rows"] == [8, 2816]
+    assert result["tiles_differ"] == 4  # four crops, four different size/crop vectors
+    assert result["rows_match"]
+    assert result["max_diff"] < 1e-4
+    assert result["patch_seen"] and result["options_same"]

@@ -118,3 +118,54 @@ def test_conditioning_batch_must_match_images():
         cond.check_batch([[torch.rand(3, 77, 768), {}]], 2, "positive")
     with pytest.raises(ValueError, match="negative: entry 0"):
         cond.check_batch([torch.rand(1, 77, 768)], 1, "negative")
+
+
+def sdxl_like_encode(calls: list):
+    """Stand-in for a model's conditioning encoder: pooled prompt + the six size values
+    (what SDXL's does, with the values themselves instead of their embeddings)."""
+
+    def encode(params: dict) -> torch.Tensor:
+        calls.append(dict(params))
+        sizes = torch.tensor([[float(params[k]) for k in ("height", "width", "crop_h", "crop_w")]])
+        targets = torch.tensor([[float(params["target_height"]), float(params["target_width"])]])
+        pooled = params["pooled_output"]
+        return torch.cat([pooled, sizes.expand(pooled.shape[0], -1), targets.expand(pooled.shape[0], -1)], dim=1)
+
+    return encode
+
+
+def one_call_rows(encode, entry: dict, images: int) -> torch.Tensor:
+    """What one sampler call gives every sample: the entry encoded once, repeated to the batch."""
+    y = encode(entry)
+    return y.expand(images, -1) if y.shape[0] == 1 else y
+
+
+@pytest.mark.parametrize("pooled_batch", [1, 2])
+def test_batched_tiles_get_the_rows_each_tile_gets_alone(pooled_batch):
+    images = 2
+    geoms = [
+        cond.TileGeometry(Box(x, y, x + 576, y + 576), 2048, 2048, 1024, 1024, 576, 576)
+        for x, y in ((0, 0), (736, 0), (0, 736))
+    ]
+    positive = [[torch.rand(1, 77, 2048), {"pooled_output": torch.rand(pooled_batch, 8)}]]
+    calls: list = []
+    encode = sdxl_like_encode(calls)
+    batched = cond.crop_conditioning(positive, geoms, images)
+    rows = cond.per_tile_rows(encode, batched[0][1], cond.tile_size_values(geoms), images)
+    assert rows.shape == (len(geoms) * images, 14)
+    assert [c["crop_w"] for c in calls] == [0, 736, 0] and [c["crop_h"] for c in calls] == [0, 0, 736]
+    for k, g in enumerate(geoms):  # sample k * images + i = image i of tile k, sampled alone
+        alone = cond.crop_conditioning(positive, [g], images)[0][1]
+        assert torch.equal(rows[k * images : (k + 1) * images], one_call_rows(encode, alone, images))
+    # without the per-tile rows every sample would carry tile 0's crop
+    shared = one_call_rows(encode, batched[0][1], images)
+    assert not torch.equal(rows[images : 2 * images], shared)
+
+
+def test_per_tile_rows_is_none_when_the_encoder_ignores_sizes_or_has_no_vector():
+    geoms = [G, cond.TileGeometry(Box(0, 0, 576, 576), 2048, 2048, 1024, 1024, 576, 576)]
+    sizes = cond.tile_size_values(geoms)
+    pooled = torch.rand(1, 8)
+    assert cond.per_tile_rows(lambda p: pooled, {"pooled_output": pooled}, sizes, 1) is None
+    assert cond.per_tile_rows(lambda p: None, {}, sizes, 1) is None
+    assert sizes[1]["crop_w"] == 0 and sizes[0]["crop_w"] == 480
