@@ -162,6 +162,9 @@ class FBCacheHolder:
         self._labels: dict[Hashable, str] = {}
         self._warned: set[str] = set()
         self.resets = 0
+        self.control_computes = 0  # model calls computed because ControlNet residuals were present
+        # DiT hooks: whether blocks may write into their input tensor (None = not known yet: copy).
+        self.copy_inputs: bool | None = None
         self.call: _Call | None = None
 
     def _soft_reset(self, reason: str) -> None:
@@ -277,6 +280,26 @@ class FBCacheHolder:
             )
         return hit
 
+    def compute_uncached(self, transformer_options: dict, reason: str) -> None:
+        """Count a model call that runs in full outside the cache (e.g. a UNet call with ControlNet).
+
+        The call neither uses nor refreshes the cache, so every cached residual is dropped: the
+        next call without ``reason`` computes a fresh reference instead of reusing one that is
+        older than this call. Logs ``reason`` once per run. Leaves no call open (the hooks that
+        run inside the network see no active call and stay out of the way).
+        """
+        call = self.begin_call(transformer_options)
+        keys = call.keys or ("all",)
+        for key in keys:
+            st = self.stats.setdefault(key, KeyStats())
+            st.computed += 1
+            st.consecutive_hits = 0
+        self.control_computes += 1
+        self._complete.clear()
+        self._stores.clear()
+        self.warn_once(reason)
+        self.end_call()
+
     # ------------------------------------------------------------------ residual store
     def _composition(self) -> tuple[Hashable, ...]:
         return self.call.keys if self.call is not None else ("all",)
@@ -334,15 +357,22 @@ class FBCacheHolder:
             "hit_rate": skipped / total if total else 0.0,
             "estimated_speedup": total / computed if computed else 1.0,
             "resets": self.resets,
+            "control_computes": self.control_computes,
         }
 
     def summary_text(self) -> str:
         s = self.summary()
         parts = [f"{k}: {v['computed']} computed / {v['skipped']} skipped" for k, v in s["per_conditioning"].items()]
+        control = (
+            f"; {s['control_computes']} model calls computed in full because ControlNet was active"
+            if s["control_computes"]
+            else ""
+        )
         return (
             f"First Block Cache{(' [' + self.description + ']') if self.description else ''}: "
             f"{'; '.join(parts) or 'no model calls'}; hit rate {s['hit_rate']:.0%}, "
             f"estimated speedup {s['estimated_speedup']:.2f}x (threshold {self.threshold}, mode {self.cache_mode})"
+            f"{control}"
         )
 
     def memory_bytes(self) -> int:

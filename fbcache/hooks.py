@@ -21,11 +21,14 @@ import), so they are unit-testable with stand-in networks of the same structure:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from .holder import HOLDER_KEY, FBCacheHolder
+
+logger = logging.getLogger(__name__)
 
 STREAMS = ("img", "txt")
 
@@ -48,6 +51,20 @@ def _active_holder(transformer_options: dict | None) -> FBCacheHolder | None:
 
 
 # ---------------------------------------------------------------------------------------- UNet
+UNET_CONTROL_MESSAGE = (
+    "ControlNet/T2I-Adapter residuals are present: a UNet step that uses them is always computed (no skipping "
+    "while the ControlNet is active). They enter the skipped blocks' skip connections and pass through the "
+    "output blocks, so a cached residual cannot carry the current step's ControlNet signal."
+)
+
+
+def _has_control(control) -> bool:
+    """True when ``control`` (ComfyUI's {'input'|'middle'|'output': [tensor|None, ...]}) adds anything."""
+    if not isinstance(control, dict):
+        return False
+    return any(t is not None for value in control.values() if isinstance(value, (list, tuple)) for t in value)
+
+
 def unet_input_block_patch(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
     """``input_block_patch``: remember conv-in's output, decide after the first ResBlock."""
     holder = _active_holder(transformer_options)
@@ -77,6 +94,9 @@ def unet_diffusion_wrapper(executor, *args, **kwargs):
         transformer_options = args[5]
     holder = _active_holder(transformer_options)
     if holder is None:
+        return executor(*args, **kwargs)
+    if _has_control(_find_control(args, kwargs)):
+        holder.compute_uncached(transformer_options, UNET_CONTROL_MESSAGE)
         return executor(*args, **kwargs)
     unet = executor.class_obj
     x = args[0] if args else kwargs["x"]
@@ -115,6 +135,44 @@ def _residuals(before: dict, after: dict) -> dict[str, torch.Tensor | None] | No
     return out
 
 
+def _shape_message(where: str) -> str:
+    return (
+        f"block {where} changes the shape of its streams, so no residual can stand in for it: every step is "
+        "computed (no speedup)"
+    )
+
+
+def _inputs_for_residual(holder: FBCacheHolder, args: dict, keys: tuple[str, ...]) -> tuple[dict, bool]:
+    """The block inputs a residual is taken against, copied while blocks may write into their input.
+
+    Some networks' blocks update their input tensor in place and return it (LTXV's
+    ``x += attn(...)``), so ``output - input`` read after the block would be zero. Until a whole
+    call has shown that no block does that (``holder.copy_inputs`` False), the inputs are cloned.
+    """
+    if holder.copy_inputs is False:
+        return args, False
+    return {k: (v.clone() if isinstance(v := args.get(k), torch.Tensor) else v) for k in keys if k in args}, True
+
+
+def _note_aliasing(holder: FBCacheHolder, kind: str, index: int, args: dict, out: dict, copied: bool) -> bool:
+    """True when a block returned (a view of) its input tensor; switches input copying on for the run."""
+    for key, value in out.items():
+        base = args.get(key)
+        if not isinstance(value, torch.Tensor) or not isinstance(base, torch.Tensor):
+            continue
+        if value is base or value.untyped_storage().data_ptr() == base.untyped_storage().data_ptr():
+            if holder.copy_inputs is not True:
+                holder.copy_inputs = True
+                logger.info(
+                    "First Block Cache: block %s %d updates its input in place; block inputs are copied before "
+                    "residuals are taken.",
+                    kind,
+                    index,
+                )
+            return True
+    return False
+
+
 def _inject(args: dict, residual: dict[str, torch.Tensor | None]) -> dict:
     return {k: (None if r is None else args[k] + r) for k, r in residual.items()}
 
@@ -149,8 +207,10 @@ def make_block_replacement(
             return compute(args, extra)
         if is_first:
             holder.begin_call(args["transformer_options"])
+            before, copied = _inputs_for_residual(holder, args, ("img",))
             out = compute(args, extra)
-            holder.decide(out["img"] - args["img"])
+            _note_aliasing(holder, kind, index, args, out, copied)
+            holder.decide(out["img"] - before["img"])
             return out
         call = holder.call
         if call is None or call.hit is None:  # block 0 did not run through us: stay out of the way
@@ -164,32 +224,38 @@ def make_block_replacement(
                 return _inject(args, holder.cached((kind, "tail")))
             return {k: args.get(k) for k in holder.cached((kind, "keys"))}
 
-        out = compute(args, extra)
         scratch = call.scratch
+        needs_input = holder.cache_mode == "per_block" or index == span_start
+        before, copied = _inputs_for_residual(holder, args, STREAMS) if needs_input else (args, False)
+        out = compute(args, extra)
+        if _note_aliasing(holder, kind, index, args, out, copied) and needs_input and not copied:
+            scratch["no_cache"] = (
+                f"block {kind} {index} overwrote its input in place before it was copied; this step's residuals "
+                "are not used (later steps copy the inputs)"
+            )
         if holder.cache_mode == "per_block":
-            res = _residuals(args, out)
+            res = _residuals(before, out)
             if res is None:
-                scratch["unsupported"] = f"{kind} {index}"
+                scratch.setdefault("no_cache", _shape_message(f"{kind} {index}"))
             else:
                 holder.store((kind, index), res)
         elif index >= span_start:
             if index == span_start:
-                scratch[kind] = {k: args.get(k) for k in out}
+                scratch[kind] = {k: before.get(k) for k in out}
                 holder.store((kind, "keys"), dict.fromkeys(out))
             if is_last_of_kind:
                 res = _residuals(scratch.pop(kind, {}), out)
                 if res is None:
-                    scratch["unsupported"] = f"{kind} stack"
+                    scratch.setdefault("no_cache", _shape_message(f"{kind} stack"))
                 else:
                     holder.store((kind, "tail"), res)
         if is_final:
-            if "unsupported" in scratch:
-                holder.warn_once(
-                    f"block {scratch['unsupported']} changes the shape of its streams, so no residual can stand "
-                    "in for it: every step is computed (no speedup)"
-                )
+            if "no_cache" in scratch:
+                holder.warn_once(scratch["no_cache"])
             else:
                 holder.finish_compute()
+            if holder.copy_inputs is None:
+                holder.copy_inputs = False  # a whole call ran without any block writing into its input
             holder.end_call()
         return out
 
@@ -206,7 +272,12 @@ def _find_control(args: tuple, kwargs: dict):
 
 
 def dit_diffusion_wrapper(executor, *args, **kwargs):
-    """``DIFFUSION_MODEL`` wrapper of block-hooked DiTs: switch tail to per_block under ControlNet.
+    """Wrapper of block-hooked DiTs: switch tail to per_block under ControlNet.
+
+    The adapter registers it as an ``APPLY_MODEL`` wrapper (``apply_model(x, t, c_concat,
+    c_crossattn, control, transformer_options)``), which every family passes through; SD3's
+    MMDiT has no ``DIFFUSION_MODEL`` wrapper point. It also accepts the ``DIFFUSION_MODEL``
+    argument order (``control`` is found by its shape).
 
     A tail residual would carry the reference step's ControlNet residuals of the skipped blocks,
     and the model adds the current step's on top; per-block residuals exclude them, so every
@@ -215,12 +286,18 @@ def dit_diffusion_wrapper(executor, *args, **kwargs):
     holder = _active_holder(kwargs.get("transformer_options"))
     if holder is None:
         holder = next((_active_holder(a) for a in reversed(args) if isinstance(a, dict) and HOLDER_KEY in a), None)
-    if holder is not None and holder.cache_mode == "tail" and _find_control(args, kwargs) is not None:
+    if holder is not None and holder.cache_mode == "tail" and _has_control(_find_control(args, kwargs)):
         holder.switch_mode("per_block", "ControlNet residuals present")
     return executor(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------- step
+STEP_CONTROL_MESSAGE = (
+    "ControlNet residuals are present: whole-step caching computes every call that uses them (a reused "
+    "prediction would carry an older step's ControlNet signal)."
+)
+
+
 def step_apply_model_wrapper(executor, *args, **kwargs):
     """``APPLY_MODEL`` wrapper for networks without block hooks: skip whole calls.
 
@@ -232,6 +309,9 @@ def step_apply_model_wrapper(executor, *args, **kwargs):
         transformer_options = args[5]
     holder = _active_holder(transformer_options)
     if holder is None:
+        return executor(*args, **kwargs)
+    if _has_control(_find_control(args, kwargs)):
+        holder.compute_uncached(transformer_options, STEP_CONTROL_MESSAGE)
         return executor(*args, **kwargs)
     x = args[0]
     sigma = args[1]

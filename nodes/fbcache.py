@@ -125,7 +125,8 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
                 fn._speedkit_fbcache = True
                 fn._speedkit_previous = previous
                 patched.set_model_patch_replace(fn, "dit", kind, i)
-        patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, dit_diffusion_wrapper)
+        # APPLY_MODEL: every family passes through it with ``control`` (SD3's MMDiT has no DIFFUSION_MODEL hook).
+        patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, dit_diffusion_wrapper)
         blocks = ", ".join(f"{n} {k}s" for k, n in family.stacks)
         holder.description = f"{family.name}: {blocks}, {holder.cache_mode} residuals"
     else:

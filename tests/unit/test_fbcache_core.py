@@ -8,6 +8,7 @@ and single blocks, ``cat(txt, img)`` in between) do.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -37,6 +38,15 @@ class _Executor:
         return self.fn(*args, **kwargs)
 
 
+def _apply_control(h, control, name):
+    """ComfyUI's order: each block takes the last entry of ``control[name]`` (None = nothing to add)."""
+    if control is not None and control.get(name):
+        add = control[name].pop()
+        if add is not None:
+            h = h + add
+    return h
+
+
 class UNetModel(nn.Module):
     """Conv in, ResBlock-like block, downsample, deep block, upsample output blocks with skip concat, out."""
 
@@ -56,19 +66,20 @@ class UNetModel(nn.Module):
         for i, block in enumerate(self.input_blocks):
             transformer_options["block"] = ("input", i)
             h = block(h) if i != 1 else h + torch.tanh(block(h) + t.view(-1, 1, 1, 1))
+            h = _apply_control(h, control, "input")
             for p in patches.get("input_block_patch", []):
                 h = p(h, transformer_options)
             hs.append(h)
         self.calls["middle"] += 1
-        h = self.middle_block(h)
+        h = _apply_control(self.middle_block(h), control, "middle")
         h = nn.functional.interpolate(h, scale_factor=2)
         hs.pop()
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], 1))
+            h = block(torch.cat([h, _apply_control(hs.pop(), control, "output")], 1))
         return self.out(h)
 
-    def forward(self, x, t, transformer_options, wrapper=None):
-        args = (x, t, None, None, None, transformer_options)
+    def forward(self, x, t, transformer_options, wrapper=None, control=None):
+        args = (x, t, None, None, control, transformer_options)
         if wrapper is None:
             return self._forward(*args)
         return wrapper(_Executor(self._forward, self), *args)
@@ -269,10 +280,12 @@ def test_controlnet_switches_tail_to_per_block_for_the_run():
     to = {HOLDER_KEY: holder}
     ran = []
     executor = _Executor(lambda *a, **k: ran.append(1) or "out", None)
-    assert dit_diffusion_wrapper(executor, "x", "t", "ctx", None, None, None, None, to) == "out"
+    # APPLY_MODEL order: x, t, c_concat, c_crossattn, control, transformer_options
+    assert dit_diffusion_wrapper(executor, "x", "t", None, "ctx", None, to) == "out"
+    dit_diffusion_wrapper(executor, "x", "t", None, "ctx", {"input": [], "output": [None]}, to)  # adds nothing
     assert holder.cache_mode == "tail"
-    dit_diffusion_wrapper(executor, "x", "t", "ctx", None, None, None, {"input": [], "output": []}, to)
-    assert holder.cache_mode == "per_block" and len(ran) == 2
+    dit_diffusion_wrapper(executor, "x", "t", None, "ctx", {"input": [torch.ones(1)], "output": []}, to)
+    assert holder.cache_mode == "per_block" and len(ran) == 3
 
 
 class _UNetRun:
@@ -280,10 +293,10 @@ class _UNetRun:
         self.holder = holder
         self.to = {HOLDER_KEY: holder, "patches": {"input_block_patch": [unet_input_block_patch]}} if holder else {}
 
-    def __call__(self, model, x, sigma, keys=(0,)):
+    def __call__(self, model, x, sigma, keys=(0,), control=None):
         to = call_options(self.to, sigma, keys)
         t = torch.full((x.shape[0],), sigma / 10)
-        return model(x, t, to, unet_diffusion_wrapper if self.holder else None)
+        return model(x, t, to, unet_diffusion_wrapper if self.holder else None, control)
 
 
 @torch.no_grad()
@@ -518,3 +531,140 @@ def test_inactive_holder_changes_nothing(flux, flux_inputs):
     base = run_flux(flux, None, *flux_inputs)
     assert all(torch.equal(a, b) for a, b in zip(outs, base, strict=True))
     assert holder.summary()["computed"] == 0
+
+
+# ------------------------------------------------------------------------------------ ControlNet on a UNet
+
+
+def _unet_control(scale):
+    """A control dict of ComfyUI's shape for the stand-in UNet (middle 4x4, skip connections 8x8)."""
+    return {
+        "input": [],
+        "middle": [torch.full((1, 8, 4, 4), 0.3 * scale)],
+        "output": [torch.full((1, 8, 8, 8), 0.2 * scale), None],
+    }
+
+
+@torch.no_grad()
+def test_unet_computes_every_call_with_controlnet_and_drops_the_cache(caplog):
+    torch.manual_seed(0)
+    model = UNetModel().eval()
+    x = torch.randn(1, 4, 8, 8)
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True]))  # would skip every second call
+    run = _UNetRun(holder)
+    sigmas = [9.0, 7.0, 5.0, 3.0, 2.0, 1.0]
+    controls = [None, 1, 2, None, None, None]  # ControlNet active on calls 1 and 2 only
+    inputs = [x * (1 - 0.05 * k) for k in range(len(sigmas))]
+    with caplog.at_level(logging.INFO, logger="speedkit.fbcache"):
+        outs = [
+            run(model, inputs[k], s, control=None if c is None else _unet_control(c))
+            for k, (s, c) in enumerate(zip(sigmas, controls, strict=True))
+        ]
+    # calls 1, 2: computed with their ControlNet; call 3 would be a hit but the cache was dropped
+    # (its residuals predate the ControlNet calls); call 4 computes (pattern), call 5 is a hit.
+    assert model.calls["middle"] == 5
+    for k in (1, 2):
+        expected = model(inputs[k], torch.full((1,), sigmas[k] / 10), {}, control=_unet_control(controls[k]))
+        assert torch.equal(outs[k], expected)  # exactly the unpatched model with the current control
+    messages = [
+        r.getMessage() for r in caplog.records if "ControlNet/T2I-Adapter residuals are present" in r.getMessage()
+    ]
+    assert len(messages) == 1  # once per run
+    summary = holder.summary()
+    assert summary["control_computes"] == 2 and summary["skipped"] == 1 and summary["computed"] == 5
+    assert "2 model calls computed in full because ControlNet was active" in holder.summary_text()
+
+
+@torch.no_grad()
+def test_unet_empty_control_dict_does_not_block_caching():
+    torch.manual_seed(0)
+    model = UNetModel().eval()
+    x = torch.randn(1, 4, 8, 8)
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    run = _UNetRun(holder)
+    for k, s in enumerate((5.0, 4.0)):
+        run(model, x * (1 - 0.05 * k), s, control={"input": [], "middle": [None], "output": [None, None]})
+    assert model.calls["middle"] == 1 and holder.summary()["control_computes"] == 0
+
+
+def test_step_mode_computes_calls_with_controlnet():
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    calls = []
+
+    def apply_model(x, sigma, c_concat, c_crossattn, control, to):
+        calls.append(control is not None)
+        return x * 0.5
+
+    executor = _Executor(apply_model, None)
+    x = torch.ones(1, 4, 2, 2)
+    control = {"input": [], "middle": [torch.ones(1)], "output": []}
+    for k, s in enumerate((9.0, 7.0, 5.0, 3.0)):
+        to = call_options({HOLDER_KEY: holder}, s)
+        step_apply_model_wrapper(
+            executor, x * (1 + 0.01 * k), torch.tensor([s]), None, None, control if k == 1 else None, to
+        )
+    # call 1 (ControlNet) computed although the pattern asked for a hit; call 2 computes a fresh
+    # reference (cache dropped), call 3 is a hit
+    assert len(calls) == 3 and holder.summary()["control_computes"] == 1
+
+
+# ------------------------------------------------------------------------------------ in-place DiT blocks
+
+
+class InPlaceDiT(nn.Module):
+    """LTXV-like: every block adds to its input tensor in place and returns that same tensor."""
+
+    def __init__(self, n=3, dim=8):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(dim, dim) for _ in range(n)])
+
+    def forward(self, x, vec, transformer_options):
+        replace = transformer_options.get("patches_replace", {}).get("dit", {})
+        x = x.clone()  # the network's own activation, like the output of patchify/proj_in
+        for i, b in enumerate(self.blocks):
+
+            def wrap(a, b=b):
+                h = a["img"]
+                h += torch.tanh(b(h) + a["vec"])
+                return {"img": h}
+
+            args = {"img": x, "txt": None, "vec": vec, "transformer_options": transformer_options}
+            x = (
+                replace[("double_block", i)](args, {"original_block": wrap})
+                if ("double_block", i) in replace
+                else wrap(args)
+            )["img"]
+        return x
+
+
+@pytest.mark.parametrize("mode", ["tail", "per_block"])
+@torch.no_grad()
+def test_blocks_that_update_their_input_in_place_get_true_residuals(mode, caplog):
+    torch.manual_seed(0)
+    model = InPlaceDiT().eval()
+    x = torch.randn(1, 5, 8)
+    holder = active(FBCacheHolder(0.5, cache_mode=mode, force_pattern=[False, True]))
+    to = dit_options(holder, stacks=(("double_block", 3),))
+    vecs = [torch.full((1, 1, 8), s / 10) for s in (9.0, 7.0)]
+    with caplog.at_level(logging.INFO, logger="speedkit.fbcache"):
+        model(x, vecs[0], call_options(to, 9.0))
+        x1 = x * 0.95
+        hit = model(x1, vecs[1], call_options(to, 7.0))
+    assert holder.summary()["skipped"] == 1
+    assert any("updates its input in place" in r.getMessage() for r in caplog.records)
+
+    def block(i, h, vec):
+        return h + torch.tanh(model.blocks[i](h) + vec)
+
+    r0 = block(0, x, vecs[0])
+    tail = block(2, block(1, r0, vecs[0]), vecs[0]) - r0
+    expected = block(0, x1, vecs[1]) + tail
+    torch.testing.assert_close(hit, expected, rtol=1e-5, atol=1e-6)
+    assert tail.abs().mean() > 1e-3  # the residual is real, not input - input
+    # the first-block distance is measured on true residuals, not on input - input = 0
+    holder2 = active(FBCacheHolder(0.5, cache_mode=mode, verbose=True))
+    to2 = dit_options(holder2, stacks=(("double_block", 3),))
+    model(x, vecs[0], call_options(to2, 9.0))
+    model(x * 0.5, vecs[1], call_options(to2, 7.0))
+    diffs = [d for st in holder2.stats.values() for d in st.diffs]
+    assert diffs and all(d > 1e-3 for d in diffs)
