@@ -18,7 +18,7 @@ SCRIPTS = sorted((REPO / "web" / "js").glob("*.js"))
 def test_module_parses_and_registers_an_extension(path: Path):
     source = path.read_text()
     imports = re.findall(r"^import .* from [\"']([^\"']+)[\"'];?$", source, re.MULTILINE)
-    assert imports and all(i.startswith("../../scripts/") for i in imports), imports
+    assert imports and all(i.startswith("../../../scripts/") for i in imports), imports
     assert source.count("app.registerExtension(") == 1
     node = shutil.which("node")
     if node is None:

@@ -4,8 +4,8 @@
 // PromptServer.send_sync: {node, step, total, loss} (at most ~10 per second, always the last
 // step). This extension adds a canvas to the node and redraws the raw loss (light) and its
 // moving average (dark) against the step as they arrive. A new run (step going down) clears it.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const EVENT = "speedkit.lora_train.loss";
 const NODE_TYPE = "SpeedKit_TrainLoRA";

@@ -3,8 +3,8 @@
 // The Python adapter (nodes/musubi.py) sends "speedkit.musubi.log" events through
 // PromptServer.send_sync: {node, reset?, summary?, lines?}. This extension adds a read-only
 // log box to those nodes and appends the lines as they arrive (last MAX_LINES kept).
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const EVENT = "speedkit.musubi.log";
 const MAX_LINES = 400;
