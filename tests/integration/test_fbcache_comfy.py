@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-SCRIPT = textwrap.dedent(
+SCRIPT_PRELUDE = textwrap.dedent(
     """
     import json, sys, types, logging
     import torch
@@ -30,6 +30,12 @@ SCRIPT = textwrap.dedent(
     fbc, adapter = fm.import_pack()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
     node = adapter.FirstBlockCache
+    """
+)
+"""Start of every subprocess script: ComfyUI and the pack imported, ``fm``, ``fbc``, ``adapter``, ``node``."""
+
+SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
+    """
     dev = torch.device("cpu")
     report = {}
     for fam in ("sd15", "flux"):
@@ -83,20 +89,29 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
+def run_comfy_script(script: str, timeout: int = 600) -> dict:
+    """Run ``script`` (starting with :data:`SCRIPT_PRELUDE`) in a subprocess with ComfyUI importable.
+
+    The script gets the repository root as ``sys.argv[1]`` and prints one ``FBCACHE_REPORT <json>``
+    line. Returns ``{"data": <that json>, "log": <stderr>}``; skips without ``COMFYUI_ROOT``.
+    """
     root_env = os.environ.get("COMFYUI_ROOT")
     if not root_env or not (Path(root_env) / "main.py").is_file():
         pytest.skip("integration tests need COMFYUI_ROOT pointing at a ComfyUI v0.19.3 checkout")
     root = Path(root_env)
     env = dict(os.environ, PYTHONPATH=str(root), PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(REPO)], cwd=root, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script, str(REPO)], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
     )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FBCACHE_REPORT ")), None)
     if line is None:
         pytest.fail(f"subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return {"data": json.loads(line.split(" ", 1)[1]), "log": proc.stderr}
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return run_comfy_script(SCRIPT)
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
