@@ -307,10 +307,10 @@ def _with_tile_adm(model, sizes: list[dict], images: int):
     repeats it over the batch, so all tiles of one call would share the first tile's
     crop. The wrapper (on ComfyUI's ``calc_cond_batch``, before ControlNets and the model
     see ``y``) re-encodes every entry with each tile's values through the model's own
-    ``encode_adm`` and stacks the rows job-major (``usdu.cond.per_tile_rows``). It first
-    re-encodes the entry with the values it carries and leaves the entry alone unless
-    that reproduces ComfyUI's ``y`` bit for bit (e.g. unCLIP entries, whose encoding
-    needs the sampler's seed), so it can only make a batch match one-by-one sampling.
+    ``encode_adm`` and stacks the rows job-major (``usdu.cond.per_tile_rows``): only the
+    elements that depend on the sizes are replaced, and only when ComfyUI's ``y`` agrees
+    with the re-encoded entry on all of them (otherwise, e.g. for unCLIP entries whose
+    encoding needs the sampler's seed, the entry is left alone).
     The user's MODEL is not modified.
     """
     import comfy.conds
@@ -324,25 +324,16 @@ def _with_tile_adm(model, sizes: list[dict], images: int):
         current = getattr(y_cond, "cond", None)
         if not isinstance(current, torch.Tensor) or not hasattr(base, "encode_adm"):
             return entry
-        key = entry.get("uuid", id(entry))
+        # ComfyUI copies positive area entries into the negative list with the negative's
+        # vector (same uuid, other `y`): key on both.
+        key = (entry.get("uuid", id(entry)), id(y_cond))
         if key not in memo:
             params = {k: v for k, v in entry.items() if k not in ("model_conds", "uuid")}
             params.setdefault("prompt_type", prompt_type)
             params["device"] = device
-
-            def encode(p: dict):
-                return base.encode_adm(**p)
-
-            rows = None
-            mine = encode(params)
-            if (
-                isinstance(mine, torch.Tensor)
-                and mine.shape == current.shape
-                and torch.equal(mine.to(current), current)
-            ):
-                rows = usdu_cond.per_tile_rows(encode, params, sizes, images)
-            else:
-                logger.warning("USDU: could not rebuild the conditioning vector per tile; the batch shares tile 1's")
+            rows = usdu_cond.per_tile_rows(lambda p: base.encode_adm(**p), params, sizes, images, current)
+            if rows is None:
+                logger.debug("USDU: conditioning vector not rebuilt per tile (model ignores sizes, or not exact)")
             memo[key] = None if rows is None else comfy.conds.CONDRegular(rows.to(current))
         if memo[key] is None:
             return entry
@@ -373,24 +364,28 @@ def _make_process(s: _Sampling, canvas_w: int, canvas_h: int, source_w: int, sou
 
     def process(batch: runner.TileBatch) -> torch.Tensor:
         images = batch.images
-        if single and len(batch.jobs) > 1:
-            parts = []
-            for k, job in enumerate(batch.jobs):
-                sub = runner.TileBatch(
-                    [job],
-                    batch.pixels[k * images : (k + 1) * images],
-                    [batch.seeds[k]],
-                    batch.denoise,
-                    batch.pass_name,
-                    images,
-                )
-                parts.append(process(sub))
-            return torch.cat(parts, dim=0)
         th, tw = batch.pixels.shape[1:3]
         geoms = [
             usdu_cond.TileGeometry(job.crop, canvas_w, canvas_h, source_w, source_h, tw, th, factor)
             for job in batch.jobs
         ]
+        if single and len(batch.jobs) > 1:
+            # Areas / GLIGEN boxes apply to a whole sampler call: only tiles on which they
+            # crop identically share one; the batch is split into such runs.
+            runs = usdu_cond.split_by_scalars([s.positive, s.negative], geoms)
+            if len(runs) > 1:
+                parts = []
+                for a, b in runs:
+                    sub = runner.TileBatch(
+                        batch.jobs[a:b],
+                        batch.pixels[a * images : b * images],
+                        batch.seeds[a:b],
+                        batch.denoise,
+                        batch.pass_name,
+                        images,
+                    )
+                    parts.append(process(sub))
+                return torch.cat(parts, dim=0)
         positive = usdu_cond.crop_conditioning(s.positive, geoms, images)
         negative = usdu_cond.crop_conditioning(s.negative, geoms, images)
         model = s.model

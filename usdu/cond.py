@@ -28,8 +28,8 @@ per batch item in a CONDITIONING:
   one per sample, so every tile of the batch gets its own crop/size values (the adapter
   does this inside the sampler, where the encoded vectors exist);
 - areas and GLIGEN boxes change which part of the latent the model sees, not a vector,
-  so they cannot be given per sample: :func:`needs_single_tiles` tells the caller to
-  sample such tiles one by one.
+  so they cannot be given per sample: tiles share a call only when these crop to the
+  same values for all of them (:func:`split_by_scalars`); others are sampled apart.
 """
 
 from __future__ import annotations
@@ -217,22 +217,55 @@ def _crop_controlnet(control, geoms: Sequence[TileGeometry], images: int, memo: 
 
 
 def check_batch(cond: list, images: int, name: str) -> None:
-    """Raise ``ValueError`` when a conditioning's batch cannot pair with ``images`` images."""
+    """Raise ``ValueError`` when a conditioning is empty or its batch (the prompt tensor
+    or the pooled prompt) cannot pair with ``images`` images."""
+    if not cond:
+        raise ValueError(f"{name}: the CONDITIONING is empty; connect a text encoder output (e.g. CLIP Text Encode)")
     for i, entry in enumerate(cond):
         if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[1], dict):
             raise ValueError(f"{name}: entry {i} is not a [tensor, dict] pair; connect a CONDITIONING output")
-        t = entry[0]
-        if isinstance(t, torch.Tensor) and t.shape[0] not in (1, images):
-            raise ValueError(
-                f"{name}: conditioning {i} has batch {t.shape[0]} but the image batch is {images}; "
-                f"encode the prompt once (batch 1) or once per image ({images})"
-            )
+        for what, t in (("", entry[0]), (" pooled_output", entry[1].get("pooled_output"))):
+            if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] not in (1, images):
+                raise ValueError(
+                    f"{name}: conditioning {i}{what} has batch {t.shape[0]} but the image batch is {images}; "
+                    f"encode the prompt once (batch 1) or once per image ({images})"
+                )
 
 
 def needs_single_tiles(cond: list) -> bool:
-    """True when an entry holds a per-tile *scalar* (area, GLIGEN boxes): such tiles
-    cannot share one sampler call because ComfyUI applies those to the whole batch."""
+    """True when an entry holds a per-tile *scalar* (area, GLIGEN boxes): ComfyUI applies
+    those to the whole batch, so tiles share one sampler call only when these crop to the
+    same values for all of them (see :func:`scalar_signature`, :func:`split_by_scalars`)."""
     return any("area" in d or "gligen" in d for _, d in cond)
+
+
+def scalar_signature(cond: list, g: TileGeometry) -> tuple:
+    """What the whole-batch entries of ``cond`` (areas, GLIGEN boxes) become for tile ``g``;
+    tiles with equal signatures can be sampled in one call exactly."""
+    sig = []
+    for _, d in cond:
+        area = crop_area(d["area"], g) if "area" in d else ()
+        boxes: tuple | None = ()
+        if "gligen" in d:
+            gl = crop_gligen(d["gligen"], g)
+            boxes = None if gl is None else tuple((id(b[0]), *b[1:]) for b in gl[2])
+        sig.append((area, boxes))
+    return tuple(sig)
+
+
+def split_by_scalars(conds: Sequence[list], geoms: Sequence[TileGeometry]) -> list[tuple[int, int]]:
+    """``[start, end)`` runs of consecutive tiles whose areas / GLIGEN boxes (in every
+    conditioning of ``conds``) crop identically: each run can share one sampler call."""
+    if not any(needs_single_tiles(c) for c in conds):
+        return [(0, len(geoms))] if geoms else []
+    sigs = [tuple(scalar_signature(c, g) for c in conds) for g in geoms]
+    runs: list[tuple[int, int]] = []
+    for k, sig in enumerate(sigs):
+        if runs and sigs[runs[-1][0]] == sig:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    return runs
 
 
 def crop_conditioning(cond: list, geoms: Sequence[TileGeometry], images: int, *, sdxl_sizes: bool = True) -> list:
@@ -242,7 +275,12 @@ def crop_conditioning(cond: list, geoms: Sequence[TileGeometry], images: int, *,
         raise ValueError("crop_conditioning needs at least one tile")
     first = geoms[0]
     if len(geoms) > 1 and needs_single_tiles(cond):
-        raise ValueError("conditioning with area or GLIGEN boxes must be cropped one tile at a time")
+        first_sig = scalar_signature(cond, first)
+        if any(scalar_signature(cond, g) != first_sig for g in geoms[1:]):
+            raise ValueError(
+                "conditioning areas or GLIGEN boxes crop differently for these tiles; "
+                "crop them one tile at a time (see split_by_scalars)"
+            )
     memo: dict = {}
     out = []
     for tensor, d in cond:
@@ -303,24 +341,44 @@ def per_tile_rows(
     entry: dict,
     sizes: Sequence[dict],
     images: int,
+    current: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Per-sample rows of an encoded conditioning vector for tiles sampled together.
 
     ``encode(params)`` is the model's encoder of one conditioning entry (ComfyUI's
-    ``encode_adm``); it is called with ``entry`` updated by each tile's ``sizes`` and its
-    rows are repeated to ``images`` per tile, job-major (all images of tile 0 first), the
-    layout of the latent batch. So row ``k * images + i`` is exactly the row that image
-    ``i`` would get if tile ``k`` were sampled on its own.
+    ``encode_adm``); it is called with ``entry`` as it is (the reference) and updated by
+    each tile's ``sizes``. The elements that change between the reference and a tile are
+    the size-dependent ones; tile ``k``'s row takes those from its own encoding and every
+    other element from ``current`` (the vector the sampler already holds for the entry;
+    default: the reference encoding). Rows are repeated to ``images`` per tile,
+    job-major (all images of tile 0 first), the layout of the latent batch, so row
+    ``k * images + i`` is the row image ``i`` gets when tile ``k`` is sampled alone.
 
-    Returns None when there is nothing to do: the encoder returns None (no such vector)
-    or the same vector for every tile (the model ignores the sizes).
+    ``current`` may come from another entry than ``entry`` (ComfyUI gives the negative
+    prompt copies of positive area entries that keep the negative's vector): that is
+    fine as long as it agrees with the reference on every size-dependent element, which
+    is checked. Returns None when there is nothing to do or it cannot be done exactly:
+    the encoder returns None, the same vector for every tile (the model ignores the
+    sizes), vectors of another shape than ``current``, or ``current`` disagrees with the
+    reference on a size-dependent element.
     """
-    rows = []
+    ref = encode(dict(entry))
+    if not isinstance(ref, torch.Tensor) or not sizes:
+        return None
+    base = ref if current is None else current.to(device=ref.device, dtype=ref.dtype)
+    if base.shape != ref.shape:
+        return None
+    encoded = []
     for s in sizes:
         y = encode({**entry, **s})
-        if not isinstance(y, torch.Tensor):
+        if not isinstance(y, torch.Tensor) or y.shape != ref.shape:
             return None
-        rows.append(y)
-    if not rows or all(r.shape == rows[0].shape and torch.equal(r, rows[0]) for r in rows[1:]):
+        encoded.append(y)
+    changed = [y != ref for y in encoded]
+    sized = torch.stack(changed).any(dim=0)
+    if not bool(sized.any()):
         return None
+    if bool((sized & (base != ref)).any()):
+        return None
+    rows = [torch.where(c, y, base) for c, y in zip(changed, encoded, strict=True)]
     return torch.cat([_batch_of(r, images) for r in rows], dim=0)

@@ -296,7 +296,7 @@ ISOLATION_SCRIPT = textwrap.dedent(
               seed=1, steps=1, cfg=2.0, sampler_name="euler", scheduler="normal", denoise=0.3, mode_type="Linear",
               tile_width=64, tile_height=64, mask_blur=4, tile_padding=8, seam_fix_mode="Half Tile",
               seam_fix_denoise=0.2, seam_fix_width=16, seam_fix_mask_blur=4, seam_fix_padding=8,
-              force_uniform_tiles=True, tiled_decode=False, batch_size=1, normalize="minmax", tile_seed="same")
+              force_uniform_tiles=True, tiled_decode=False, batch_size=2, normalize="minmax", tile_seed="same")
     run = lambda: node.PREPARE_CLASS_CLONE({"hidden_inputs": {}}).execute(**kw)
     run()  # warm-up: lazy imports of ComfyUI's own sampling modules happen here
 
@@ -412,8 +412,11 @@ SDXL_BATCH_SCRIPT = textwrap.dedent(
     base = comfy.supported_models.SDXL(unet_config).get_model({})
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in base.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05 if p.ndim > 1 else torch.zeros(p.shape))
+        for name, p in base.diffusion_model.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            else:  # norms pass their input, biases are 0
+                p.copy_(torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape))
     model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
     # A model-level patch of the DiffSynth / Z-Image kind (lives in transformer_options, not
@@ -472,6 +475,18 @@ SDXL_BATCH_SCRIPT = textwrap.dedent(
         "patch_seen": all(flag for _, flag in calls_one + calls_many),
         "options_same": repr(spied.model_options) == options_before,
     }
+    # An area prompt over the top half: tiles 0 and 1 (top row) get the whole-tile area,
+    # tiles 2 and 3 lose it, so the batch of 4 is sampled as two calls of 2.
+    area = cond(4)
+    area[0][1].update(area=(6, 16, 0, 0), strength=1.0)
+    seen.clear()
+    area_one = run(batch_size=1, positive=cond(1) + area)
+    calls_area_one = len(seen)
+    seen.clear()
+    area_many = run(batch_size=4, positive=cond(1) + area)
+    result["area_calls"] = [calls_area_one, len(seen)]
+    result["area_max_diff"] = float((area_one - area_many).detach().abs().max())
+    result["area_effect"] = float((area_one - one).detach().abs().max())
     print("RESULT" + json.dumps(result))
     """
 )
@@ -480,7 +495,8 @@ SDXL_BATCH_SCRIPT = textwrap.dedent(
 def test_sdxl_tile_batch_gives_each_tile_its_own_crop_conditioning(usdu_models, tmp_path):
     """batch_size 4 on a tiny SDXL model: each sample's `y` (pooled + size/crop embeddings)
     is bit-identical to the one that tile gets when sampled alone, and the picture matches;
-    a model-level patch in transformer_options reaches the model unchanged."""
+    with an area prompt the batch is split where the area crops differently and still
+    matches; a model-level patch in transformer_options reaches the model unchanged."""
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     pack = tmp_path / "ComfyUI-SpeedKit"
     pack.symlink_to(REPO_ROOT, target_is_directory=True)
@@ -497,5 +513,9 @@ def test_sdxl_tile_batch_gives_each_tile_its_own_crop_conditioning(usdu_models, 
     assert result["calls"] == [8, 2] and result["rows"] == [8, 2816]
     assert result["tiles_differ"] == 4  # four crops, four different size/crop vectors
     assert result["rows_match"]
-    assert result["max_diff"] < 1e-4
+    assert result["max_diff"] < 1e-4  # tile 0's crop for all four: 0.56 (checked by hand)
     assert result["patch_seen"] and result["options_same"]
+    # area prompt: split into the runs where it crops alike, still what one by one gives
+    assert result["area_calls"] == [8, 4]
+    assert result["area_effect"] > 0.05  # the area prompt does change the picture
+    assert result["area_max_diff"] < 1e-4

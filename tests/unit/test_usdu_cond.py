@@ -103,8 +103,9 @@ def test_whole_conditioning_is_cropped_without_touching_the_input():
 def test_area_entries_need_single_tiles_and_missing_areas_are_dropped():
     c = [[torch.rand(1, 77, 768), {"area": (8, 8, 0, 0)}], [torch.rand(1, 77, 768), {}]]
     assert cond.needs_single_tiles(c)
+    corner = cond.TileGeometry(Box(0, 0, 576, 576), 2048, 2048, 1024, 1024, 576, 576)
     with pytest.raises(ValueError, match="one tile at a time"):
-        cond.crop_conditioning(c, [G, G], images=1)
+        cond.crop_conditioning(c, [G, corner], images=1)  # the area hits the corner tile only
     out = cond.crop_conditioning(c, [G], images=1)
     assert len(out) == 1 and "area" not in out[0][1]
     only_area = cond.crop_conditioning(c[:1], [G], images=1)
@@ -118,6 +119,12 @@ def test_conditioning_batch_must_match_images():
         cond.check_batch([[torch.rand(3, 77, 768), {}]], 2, "positive")
     with pytest.raises(ValueError, match="negative: entry 0"):
         cond.check_batch([torch.rand(1, 77, 768)], 1, "negative")
+    pooled3 = [[torch.rand(1, 77, 2048), {"pooled_output": torch.rand(3, 1280)}]]
+    with pytest.raises(ValueError, match="positive: conditioning 0 pooled_output has batch 3 but the image batch is 2"):
+        cond.check_batch(pooled3, 2, "positive")
+    cond.check_batch(pooled3, 3, "positive")
+    with pytest.raises(ValueError, match="negative: the CONDITIONING is empty; connect a text encoder"):
+        cond.check_batch([], 1, "negative")
 
 
 def sdxl_like_encode(calls: list):
@@ -153,7 +160,8 @@ def test_batched_tiles_get_the_rows_each_tile_gets_alone(pooled_batch):
     batched = cond.crop_conditioning(positive, geoms, images)
     rows = cond.per_tile_rows(encode, batched[0][1], cond.tile_size_values(geoms), images)
     assert rows.shape == (len(geoms) * images, 14)
-    assert [c["crop_w"] for c in calls] == [0, 736, 0] and [c["crop_h"] for c in calls] == [0, 0, 736]
+    # the entry as it is (carrying tile 0's values), then once per tile
+    assert [c["crop_w"] for c in calls] == [0, 0, 736, 0] and [c["crop_h"] for c in calls] == [0, 0, 0, 736]
     for k, g in enumerate(geoms):  # sample k * images + i = image i of tile k, sampled alone
         alone = cond.crop_conditioning(positive, [g], images)[0][1]
         assert torch.equal(rows[k * images : (k + 1) * images], one_call_rows(encode, alone, images))
@@ -169,3 +177,37 @@ def test_per_tile_rows_is_none_when_the_encoder_ignores_sizes_or_has_no_vector()
     assert cond.per_tile_rows(lambda p: pooled, {"pooled_output": pooled}, sizes, 1) is None
     assert cond.per_tile_rows(lambda p: None, {}, sizes, 1) is None
     assert sizes[1]["crop_w"] == 0 and sizes[0]["crop_w"] == 480
+
+
+def test_tiles_share_a_call_only_where_areas_and_gligen_crop_alike():
+    # Canvas 2048 from a 1024 source; tiles of 512 along the top row.
+    row = [cond.TileGeometry(Box(x, 0, x + 512, 512), 2048, 2048, 1024, 1024, 512, 512) for x in range(0, 2048, 512)]
+    # area over the left half of the source: 64 latents wide = 1024 canvas px = tiles 0 and 1
+    left = [[torch.rand(1, 77, 768), {"area": (128, 64, 0, 0), "strength": 1.0}]]
+    assert cond.split_by_scalars([left, []], row) == [(0, 2), (2, 4)]
+    together = cond.crop_conditioning(left, row[:2], images=1)
+    assert [d["area"] for _, d in together] == [(64, 64, 0, 0)]  # whole tile, the same for both
+    outside = cond.crop_conditioning(left, row[2:], images=1)
+    assert all("area" not in d for _, d in outside)
+    # GLIGEN box on tile 1 only splits 0 | 1 | 2..3
+    pooled = torch.rand(1, 768)
+    gl = [[torch.rand(1, 77, 768), {"gligen": ("position", object(), [(pooled, 8, 8, 0, 40)])}]]
+    assert cond.split_by_scalars([[], gl], row) == [(0, 1), (1, 2), (2, 4)]
+    assert cond.split_by_scalars([[[torch.rand(1, 77, 768), {}]]], row) == [(0, 4)]
+
+
+def test_per_tile_rows_keeps_the_samplers_vector_outside_the_size_elements():
+    # ComfyUI's copy of a positive area entry in the negative list: the positive's params,
+    # the negative's encoded vector. Only the size elements may come from the re-encoding.
+    geoms = [G, cond.TileGeometry(Box(0, 0, 576, 576), 2048, 2048, 1024, 1024, 576, 576)]
+    encode = sdxl_like_encode([])
+    pos = cond.crop_conditioning([[torch.rand(1, 77, 2048), {"pooled_output": torch.rand(1, 8)}]], geoms, 1)[0][1]
+    neg = dict(pos, pooled_output=torch.rand(1, 8))
+    rows = cond.per_tile_rows(encode, pos, cond.tile_size_values(geoms), 1, current=encode(neg))
+    for k, g in enumerate(geoms):
+        alone_neg = dict(neg, **cond.sdxl_size_values(g))
+        assert torch.equal(rows[k], encode(alone_neg)[0])
+    # a vector encoded with other sizes cannot be patched exactly: left alone
+    other = encode(dict(neg, crop_w=8))
+    assert cond.per_tile_rows(encode, pos, cond.tile_size_values(geoms), 1, current=other) is None
+    assert cond.per_tile_rows(encode, pos, cond.tile_size_values(geoms), 1, current=torch.rand(1, 3)) is None
