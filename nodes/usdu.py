@@ -319,7 +319,7 @@ def _with_tile_adm(model, sizes: list[dict], images: int):
     prompt_types = ("positive", "negative")
     memo: dict = {}
 
-    def rebuild(base, entry: dict, prompt_type: str, device) -> dict:
+    def rebuild(base, entry: dict, prompt_type: str, x_in: torch.Tensor) -> dict:
         y_cond = entry.get("model_conds", {}).get("y")
         current = getattr(y_cond, "cond", None)
         if not isinstance(current, torch.Tensor) or not hasattr(base, "encode_adm"):
@@ -330,8 +330,15 @@ def _with_tile_adm(model, sizes: list[dict], images: int):
         if key not in memo:
             params = {k: v for k, v in entry.items() if k not in ("model_conds", "uuid")}
             params.setdefault("prompt_type", prompt_type)
-            params["device"] = device
-            rows = usdu_cond.per_tile_rows(lambda p: base.encode_adm(**p), params, sizes, images, current)
+            params["device"] = x_in.device
+            params.setdefault("noise", x_in)
+            try:
+                rows = usdu_cond.per_tile_rows(lambda p: base.encode_adm(**p), params, sizes, images, current)
+            except Exception as exc:  # noqa: BLE001 - a model's encoder we cannot call: keep ComfyUI's vector
+                logger.warning(
+                    "USDU: could not re-encode the conditioning per tile (%s); the batch shares tile 1's", exc
+                )
+                rows = None
             if rows is None:
                 logger.debug("USDU: conditioning vector not rebuilt per tile (model ignores sizes, or not exact)")
             memo[key] = None if rows is None else comfy.conds.CONDRegular(rows.to(current))
@@ -344,7 +351,7 @@ def _with_tile_adm(model, sizes: list[dict], images: int):
     def wrapper(executor, base, conds, x_in, timestep, model_options):
         if x_in.shape[0] == len(sizes) * images:
             conds = [
-                None if c is None else [rebuild(base, e, prompt_types[min(i, 1)], x_in.device) for e in c]
+                None if c is None else [rebuild(base, e, prompt_types[min(i, 1)], x_in) for e in c]
                 for i, c in enumerate(conds)
             ]
         return executor(base, conds, x_in, timestep, model_options)
