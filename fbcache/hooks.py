@@ -9,11 +9,14 @@ import), so they are unit-testable with stand-in networks of the same structure:
   (a ``DIFFUSION_MODEL`` wrapper) turns into ``out(h1 + cached residual)``. No forward code is
   copied: every other patch, ControlNet residual and wrapper runs untouched on computed steps.
   UNet blocks change shape and take skip concatenations, so the UNet always uses one (tail)
-  residual from ``input_blocks[1]``'s output to the input of ``out``.
+  residual from ``input_blocks[1]``'s output to the input of ``out``. A call that carries
+  ControlNet residuals is computed in full: they enter the skipped blocks' skip connections and
+  pass through the output blocks, so no cached residual can stand in for the current ones.
 - DiTs: :func:`make_block_replacement` builds a ``patches_replace["dit"]`` entry for each block.
   Block 0 always runs and decides; on a hit later blocks return ``input + cached residual``
   (``per_block``) or pass their input through with the stack's single residual added at its
-  last block (``tail``).
+  last block (``tail``). Blocks that add into their input tensor and return it (ComfyUI's Flux
+  and LTXV blocks) are detected, and their inputs are copied before a residual is taken.
 - Anything else (Nunchaku wrappers, unknown families): :func:`step_apply_model_wrapper` (an
   ``APPLY_MODEL`` wrapper) skips whole model calls, comparing the model input with the last
   computed one and reusing that call's noise/velocity prediction.

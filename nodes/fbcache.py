@@ -152,7 +152,8 @@ class FirstBlockCache(io.ComfyNode):
                 "one of the last fully computed step. When the relative change is below the threshold, the other "
                 "blocks are skipped and their cached residual is added back. Works on SD1.5/SDXL UNets and on "
                 "Flux, Chroma, SD3, Wan, HunyuanVideo, LTXV and Qwen-Image; other models (e.g. Nunchaku) skip "
-                "whole steps. Put it after LoRA loaders. The log and this node report steps computed/skipped."
+                "whole steps. On UNets, steps that use a ControlNet are always computed. Put it after LoRA "
+                "loaders. The log and this node report steps computed/skipped."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to speed up (after any LoRA loaders)."),
