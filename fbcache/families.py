@@ -27,6 +27,14 @@ DIT_STACKS: dict[str, tuple[tuple[str, str], ...]] = {
 # handled one level up until someone verifies them.
 STEP_ONLY = {"LTXAVModel": "its block replacements carry separate audio and video streams"}
 
+# Subclasses that add something computed from the current step between blocks (VACE hints, audio
+# injection). A tail residual would carry the reference step's additions and the model adds the
+# current ones on top; per-block residuals exclude them, so these run per_block.
+PER_BLOCK_ONLY = {
+    "VaceWanModel": "VACE adds its hints between blocks",
+    "WanModel_S2V": "its audio injector runs between blocks",
+}
+
 # Wrappers (Nunchaku) that run their own fused kernels and ignore transformer_options.
 _WRAPPER_HINTS = ("nunchaku",)
 
@@ -37,13 +45,15 @@ class Family:
 
     kind: ``unet`` (input_block_patch + DIFFUSION_MODEL wrapper), ``dit`` (block replacements)
     or ``step`` (whole model step skipped at APPLY_MODEL level). ``stacks``: (kind, count) in
-    execution order for ``dit``. ``reason``: why a network is handled at step level.
+    execution order for ``dit``. ``reason``: why a network is handled at step level, or (``dit``)
+    why it must use ``per_block`` residuals.
     """
 
     kind: str
     name: str
     stacks: tuple[tuple[str, int], ...] = ()
     reason: str = ""
+    per_block_only: bool = False
 
 
 def _mro_names(obj: object) -> list[str]:
@@ -84,7 +94,10 @@ def resolve_family(diffusion_model: object) -> Family:
             else:
                 stacks = [s for s in stacks if s[1] > 0]
                 if stacks and sum(n for _, n in stacks) >= 2:
-                    return Family("dit", name, tuple(stacks))
+                    per_block = next(
+                        (PER_BLOCK_ONLY[c] for c in _mro_names(diffusion_model) if c in PER_BLOCK_ONLY), ""
+                    )
+                    return Family("dit", name, tuple(stacks), reason=per_block, per_block_only=bool(per_block))
     return Family(
         "step",
         name,

@@ -157,6 +157,7 @@ def _inputs_for_residual(holder: FBCacheHolder, args: dict, keys: tuple[str, ...
     return {k: (v.clone() if isinstance(v := args.get(k), torch.Tensor) else v) for k in keys if k in args}, True
 
 
+@torch.compiler.disable  # reads storage pointers: host-side bookkeeping, like the holder's decision
 def _note_aliasing(holder: FBCacheHolder, kind: str, index: int, args: dict, out: dict, copied: bool) -> bool:
     """True when a block returned (a view of) its input tensor; switches input copying on for the run."""
     for key, value in out.items():

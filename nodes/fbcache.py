@@ -115,6 +115,9 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
         patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, unet_diffusion_wrapper)
         holder.description = f"{family.name}: first ResBlock, tail residual"
     elif family.kind == "dit":
+        if family.per_block_only and holder.cache_mode != "per_block":
+            logger.info("First Block Cache: %s: %s, so per_block residuals are used.", family.name, family.reason)
+            holder.cache_mode = "per_block"
         existing = options.get("patches_replace", {}).get("dit", {})
         for kind, count in family.stacks:
             for i in range(count):

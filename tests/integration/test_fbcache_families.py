@@ -73,6 +73,10 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
             "num_layers": 3, "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": 32,
             "axes_dims_rope": (4, 6, 6), "dtype": F32}),
             (1, 16, 1, 16, 16), cond((1, 8, 32))),
+        "wan_vace": lambda: (sm.WAN21_Vace({"image_model": "wan2.1", "model_type": "vace", "patch_size": (1, 2, 2),
+            "in_dim": 16, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 16, "num_heads": 4,
+            "num_layers": 4, "vace_layers": 2, "vace_in_dim": 96, "dtype": F32}),
+            (1, 16, 3, 8, 8), cond((1, 8, 32))),
         "flux": lambda: (sm.Flux(fm.flux_config(True, F32)), (1, 16, 16, 16),
             fm.conditioning("flux", True, 1, dev, 128, 128)),
         "auraflow": lambda: (sm.AuraFlow({"cond_seq_dim": 32, "in_channels": 4, "out_channels": 4, "patch_size": 2,
@@ -190,7 +194,10 @@ def controlnet() -> dict:
     return run_comfy_script(CONTROLNET_SCRIPT)
 
 
-@pytest.mark.parametrize("family", [*DIT_FAMILIES, "auraflow"])
+ALL = [*DIT_FAMILIES, "wan_vace", "auraflow"]
+
+
+@pytest.mark.parametrize("family", ALL)
 def test_no_op_and_all_computed_are_bit_identical(families, family):
     r = families["data"][family]
     assert r["base_finite"]
@@ -207,7 +214,7 @@ def test_dit_family_is_block_hooked(families, family):
     assert f"First Block Cache attached to {cls}: {stacks}, tail residuals" in families["log"]
 
 
-@pytest.mark.parametrize("family", [*DIT_FAMILIES, "auraflow"])
+@pytest.mark.parametrize("family", ALL)
 def test_forced_hits_stay_finite_and_modes_agree(families, family):
     r = families["data"][family]
     assert r["half_finite"] and r["half_differs"]
@@ -215,7 +222,7 @@ def test_forced_hits_stay_finite_and_modes_agree(families, family):
     assert r["half_tail_vs_per_block"] <= 1e-4 * max(r["scale"], 1.0), r
 
 
-@pytest.mark.parametrize("family", [*DIT_FAMILIES, "auraflow"])
+@pytest.mark.parametrize("family", ALL)
 def test_threshold_run_measures_real_changes_and_skips(families, family):
     r = families["data"][family]
     assert r["low_finite"]
@@ -245,3 +252,12 @@ def test_unet_with_controlnet_is_computed_while_the_controlnet_is_active(control
     log = controlnet["log"]
     assert log.count("ControlNet/T2I-Adapter residuals are present") == 3  # once per cached run
     assert "model calls computed in full because ControlNet was active" in log
+
+
+def test_wan_vace_uses_per_block_residuals(families):
+    # VACE adds hints between blocks: a tail residual would carry the reference step's hints
+    assert families["data"]["wan_vace"]["class"] == "VaceWanModel"
+    log = families["log"]
+    assert "VaceWanModel: VACE adds its hints between blocks, so per_block residuals are used" in log
+    assert "First Block Cache attached to VaceWanModel: 4 double_blocks, per_block residuals" in log
+    assert "attached to VaceWanModel: 4 double_blocks, tail residuals" not in log

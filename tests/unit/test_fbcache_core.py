@@ -488,7 +488,9 @@ def test_family_resolution():
     class VaceWanModel(WanModel):
         pass
 
-    assert resolve_family(VaceWanModel()).stacks == (("double_block", 4),)
+    vace = resolve_family(VaceWanModel())
+    assert vace.stacks == (("double_block", 4),) and vace.per_block_only and "VACE" in vace.reason
+    assert not resolve_family(WanModel()).per_block_only
 
     class Lumina(nn.Module):
         pass
