@@ -283,10 +283,11 @@ class FBCacheHolder:
     def compute_uncached(self, transformer_options: dict, reason: str) -> None:
         """Count a model call that runs in full outside the cache (e.g. a UNet call with ControlNet).
 
-        The call neither uses nor refreshes the cache, so every cached residual is dropped: the
-        next call without ``reason`` computes a fresh reference instead of reusing one that is
-        older than this call. Logs ``reason`` once per run. Leaves no call open (the hooks that
-        run inside the network see no active call and stay out of the way).
+        The call neither uses nor refreshes the cache, so the cached residuals of its
+        conditionings are dropped: their next call without ``reason`` computes a fresh reference
+        instead of reusing one older than this call. Other conditionings (an uncond that ComfyUI
+        runs separately without the ControlNet) keep theirs. Logs ``reason`` once per run. Leaves
+        no call open (the hooks inside the network see no active call and stay out of the way).
         """
         call = self.begin_call(transformer_options)
         keys = call.keys or ("all",)
@@ -295,8 +296,9 @@ class FBCacheHolder:
             st.computed += 1
             st.consecutive_hits = 0
         self.control_computes += 1
-        self._complete.clear()
-        self._stores.clear()
+        for composition in (tuple(keys), ("all",)):
+            self._complete.discard(composition)
+            self._stores.pop(composition, None)
         self.warn_once(reason)
         self.end_call()
 

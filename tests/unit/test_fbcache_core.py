@@ -578,6 +578,21 @@ def test_unet_computes_every_call_with_controlnet_and_drops_the_cache(caplog):
 
 
 @torch.no_grad()
+def test_unet_uncond_without_controlnet_keeps_its_cache_when_run_separately():
+    torch.manual_seed(0)
+    model = UNetModel().eval()
+    x = torch.randn(1, 4, 8, 8)
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    run = _UNetRun(holder)
+    for k, s in enumerate((9.0, 7.0, 5.0, 3.0)):
+        run(model, x * (1 - 0.05 * k), s, keys=(0,), control=_unet_control(1))  # cond: ControlNet
+        run(model, x * (1 - 0.05 * k), s, keys=(1,))  # uncond: none
+    per_key = holder.summary()["per_conditioning"]
+    assert per_key["cond"] == {"computed": 4, "skipped": 0}
+    assert per_key["uncond"] == {"computed": 2, "skipped": 2}
+
+
+@torch.no_grad()
 def test_unet_empty_control_dict_does_not_block_caching():
     torch.manual_seed(0)
     model = UNetModel().eval()
