@@ -53,6 +53,19 @@ def _active_holder(transformer_options: dict | None) -> FBCacheHolder | None:
     return holder
 
 
+def _call_state(args: tuple, kwargs: dict, control_message: str) -> tuple[dict | None, FBCacheHolder | None]:
+    """``(transformer_options, holder)`` of a wrapped model call; the holder is None when this
+    call must simply run (cache off, or ControlNet residuals present, which are logged)."""
+    transformer_options = kwargs.get("transformer_options")
+    if transformer_options is None and len(args) > 5:
+        transformer_options = args[5]  # positional in UNetModel._forward / BaseModel._apply_model
+    holder = _active_holder(transformer_options)
+    if holder is not None and _has_control(_find_control(args, kwargs)):
+        holder.compute_uncached(transformer_options, control_message)
+        holder = None
+    return transformer_options, holder
+
+
 # ---------------------------------------------------------------------------------------- UNet
 UNET_CONTROL_MESSAGE = (
     "ControlNet/T2I-Adapter residuals are present: a UNet step that uses them is always computed (no skipping "
@@ -92,14 +105,8 @@ def _register_pre_hook(module: torch.nn.Module, fn):
 
 def unet_diffusion_wrapper(executor, *args, **kwargs):
     """``DIFFUSION_MODEL`` wrapper of ``UNetModel``: per-call state and the skip path."""
-    transformer_options = kwargs.get("transformer_options")
-    if transformer_options is None and len(args) > 5:
-        transformer_options = args[5]
-    holder = _active_holder(transformer_options)
+    transformer_options, holder = _call_state(args, kwargs, UNET_CONTROL_MESSAGE)
     if holder is None:
-        return executor(*args, **kwargs)
-    if _has_control(_find_control(args, kwargs)):
-        holder.compute_uncached(transformer_options, UNET_CONTROL_MESSAGE)
         return executor(*args, **kwargs)
     unet = executor.class_obj
     x = args[0] if args else kwargs["x"]
@@ -308,14 +315,8 @@ def step_apply_model_wrapper(executor, *args, **kwargs):
     The compared "first block residual" is the model input itself; on a hit the last computed
     call's ``(x - denoised) / sigma`` (the noise or velocity prediction) is reused.
     """
-    transformer_options = kwargs.get("transformer_options")
-    if transformer_options is None and len(args) > 5:
-        transformer_options = args[5]
-    holder = _active_holder(transformer_options)
+    transformer_options, holder = _call_state(args, kwargs, STEP_CONTROL_MESSAGE)
     if holder is None:
-        return executor(*args, **kwargs)
-    if _has_control(_find_control(args, kwargs)):
-        holder.compute_uncached(transformer_options, STEP_CONTROL_MESSAGE)
         return executor(*args, **kwargs)
     x = args[0]
     sigma = args[1]
