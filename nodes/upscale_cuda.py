@@ -15,6 +15,10 @@ from .comfy_bridge import progress_bar, throw_if_interrupted
 class UpscaleImageCUDA(io.ComfyNode):
     """ComfyUI's "Upscale Image (using Model)", the same picture, many times faster."""
 
+    # UPSCALE_MODEL objects are spandrel descriptors: without spandrel the registry skips this
+    # node with a warning naming the package, instead of failing when it runs.
+    REQUIRES = ("spandrel",)
+
     # The one long-lived object of this node: our own copies of recently used models and
     # their compiled graphs (bounded LRU, parked on the CPU between runs). Explicit and
     # bounded rather than a hidden global; see upscale_cuda/cache.py.
