@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from ..lora_train import checkpoint, data, layers, optim
+from ..lora_train import checkpoint, data, layers, optim, text_cache
 from ..lora_train.chart import loss_chart
 from ..lora_train.naming import ldm_to_diffusers_path
 from ..lora_train.prepare import build_samples
@@ -39,6 +39,13 @@ LOSS_EVENT = "speedkit.lora_train.loss"
 CHECKPOINT_BLOCKS = ("BasicTransformerBlock", "ResBlock")
 STATE_SUBDIR = "speedkit_lora_state"
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TEXT_CACHE_SUBDIR = "text_encoder"  # inside <dataset>/_latent_cache
+TEXT_LAYOUTS = {
+    "sd15": text_cache.Layout("sd15", context_dim=768),
+    "sdxl": text_cache.Layout("sdxl", context_dim=2048, pooled_dim=1280),
+}
+# encoded once per run to fingerprint the CLIP as it will really encode (patches, clip skip, dtype)
+TEXT_CACHE_PROBE = "speedkit text cache probe, a photo of a red cube on a table"
 
 
 @dataclass(frozen=True)
@@ -409,7 +416,10 @@ class TrainLoRA(io.ComfyNode):
                 io.Boolean.Input(
                     "cache_latents_to_disk",
                     default=False,
-                    tooltip="Also keep the VAE latents in <dataset>/_latent_cache so the next run skips encoding.",
+                    tooltip="Also keep the VAE latents in <dataset>/_latent_cache, and (text encoder frozen, "
+                    "captions not shuffled) the text-encoder outputs in <dataset>/_latent_cache/text_encoder, "
+                    "so the next run loads them instead of encoding. Entries are checked against the image, "
+                    "caption text and model fingerprint; stale or corrupt ones are re-encoded.",
                     advanced=True,
                 ),
             ],
@@ -552,20 +562,48 @@ class _Run:
         self.vae = vae
         self.config = config
 
-    def _encoder(self, device: torch.device):
-        base_model = self.patcher.model
+    def _encode_text(self, caption: str) -> dict[str, torch.Tensor]:
+        """The raw text-encoder outputs for one caption (what the on-disk text cache stores)."""
         clip = self.clip
+        out = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True, return_dict=True)
+        result = {"cond": out["cond"]}
+        if self.family.name == "sdxl":
+            result["pooled"] = out["pooled_output"]
+        return result
+
+    def _text_cache(self, cache_dir: Path | None) -> text_cache.TextEncoderCache | None:
+        """The on-disk text-encoder cache, when it applies: a disk cache was asked for, the text
+        encoder is frozen and captions are not shuffled (shuffling makes a new text almost every
+        step: one file per step would cost more disk and I/O than it saves)."""
+        config = self.config
+        if cache_dir is None or config.train_te:
+            return None
+        if config.shuffle_captions:
+            logger.info("Train LoRA: shuffled captions vary per step; text-encoder outputs are not cached on disk")
+            return None
+        with torch.no_grad():
+            probe = self._encode_text(TEXT_CACHE_PROBE)
+        stage = self.clip.cond_stage_model
+        extra = f"{self.family.name}|{type(stage).__name__}|{type(self.clip.tokenizer).__name__}|{self.clip.layer_idx}"
+        fingerprint = text_cache.encoder_fingerprint(stage.state_dict().items(), probe, extra)
+        return text_cache.TextEncoderCache(
+            cache_dir / TEXT_CACHE_SUBDIR, self._encode_text, fingerprint, TEXT_LAYOUTS[self.family.name]
+        )
+
+    def _encoder(self, device: torch.device, cache: text_cache.TextEncoderCache | None = None):
+        base_model = self.patcher.model
         sdxl = self.family.name == "sdxl"
+        encode_text = cache.get if cache is not None else self._encode_text
 
         def encode(captions, samples):
             parts = []
             for caption, sample in zip(captions, samples, strict=True):
-                out = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True, return_dict=True)
+                out = encode_text(caption)
                 cond = {"context": out["cond"].to(device, torch.float32)}
                 if sdxl:
                     oh, ow, top, left, th, tw = sample.time_ids
                     y = base_model.encode_adm(
-                        pooled_output=out["pooled_output"],
+                        pooled_output=out["pooled"],
                         height=oh,
                         width=ow,
                         crop_h=top,
@@ -618,11 +656,20 @@ class _Run:
             config = self.config
             models = [self.patcher]
             cond_cache = None
+            disk_text = self._text_cache(cache_dir)
+            encode = self._encoder(device, disk_text)
             if not config.train_te and config.caption_dropout == 0 and not config.shuffle_captions:
                 # every caption is fixed: encode them all now, then the text encoders may leave the GPU
-                cond_cache = precompute_conditioning(self._encoder(device), samples)
+                cond_cache = precompute_conditioning(encode, samples)
             else:
                 models.append(self.clip.patcher)
+            if disk_text is not None:
+                logger.info(
+                    "Train LoRA: text-encoder disk cache %s: %d loaded, %d encoded",
+                    disk_text.folder,
+                    disk_text.hits,
+                    disk_text.misses,
+                )
             mm.load_models_gpu(models, force_full_load=True)
             unet = self.patcher.model.diffusion_model
             _materialize_inference_tensors(unet)
@@ -647,7 +694,7 @@ class _Run:
                     lora,
                     samples,
                     denoise,
-                    self._encoder(device),
+                    encode,
                     device,
                     checkpoint_blocks=blocks,
                     text_modules=self._text_models() if config.train_te else (),

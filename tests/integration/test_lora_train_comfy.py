@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -404,3 +405,45 @@ def test_cancel_saves_and_resume_continues(comfy_server, checkpoints, dataset):
     comfy_server.run_prompt(train_prompt(ckpt, dataset, name, steps=state["step"] + 2, resume_from=name))
     with safe_open(str(final), "pt") as f:
         assert f.metadata()["ss_steps"] == str(state["step"] + 2)
+
+
+def test_disk_cache_reuses_text_encoder_outputs(comfy_server, checkpoints, dataset, tmp_path):
+    """cache_latents_to_disk with a frozen text encoder: the second run loads the SDXL CLIP outputs
+    from <dataset>/_latent_cache/text_encoder instead of encoding, trains the identical LoRA, and a
+    corrupt entry is re-encoded."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "data"
+    shutil.copytree(dataset, folder)  # its own cache folder
+    ckpt = checkpoints["sdxl"].name
+
+    def run(name: str) -> str:
+        start = len(comfy_server.log_text())
+        prompt = train_prompt(ckpt, folder, name, steps=2, cache_latents_to_disk=True)
+        comfy_server.run_prompt(prompt, timeout=1200)
+        return comfy_server.log_text()[start:]
+
+    first = run("speedkit_test_tecache_a")
+    assert "0 loaded, 4 encoded" in first, first[-2000:]
+    files = sorted((folder / "_latent_cache" / "text_encoder").glob("te-*.safetensors"))
+    assert len(files) == 4  # one per distinct caption
+    with safe_open(str(files[0]), "pt") as f:
+        assert list(f.get_slice("cond").get_shape()) == [1, 77, 2048]
+        assert list(f.get_slice("pooled").get_shape()) == [1, 1280]
+        assert f.metadata()["layout"] == "sdxl|cond:2048|pooled:1280"
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    second = run("speedkit_test_tecache_b")
+    assert "4 loaded, 0 encoded" in second, second[-2000:]
+    assert [f.stat().st_mtime_ns for f in files] == stamps, "a valid entry must not be rewritten"
+    loras = comfy_server.models_dir / "loras"
+    a = load_file(str(loras / "speedkit_test_tecache_a.safetensors"))
+    b = load_file(str(loras / "speedkit_test_tecache_b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "cached outputs must train the same"
+
+    files[0].write_bytes(b"not a safetensors file")
+    third = run("speedkit_test_tecache_c")
+    assert "3 loaded, 1 encoded" in third, third[-2000:]
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata()["format"].startswith("speedkit-lora-te-cache")
