@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from comfy_api.latest import io
 
 from ..upscale_cuda.cache import COMPILE_MODES, ModelCache
@@ -23,6 +24,9 @@ class UpscaleImageCUDA(io.ComfyNode):
     # their compiled graphs (bounded LRU, parked on the CPU between runs). Explicit and
     # bounded rather than a hidden global; see upscale_cuda/cache.py.
     cache: ClassVar[ModelCache] = ModelCache(max_models=2)
+    # With keep_model_loaded: the ComfyUI ModelPatcher that registers our kept copies with
+    # ComfyUI's model management (at most one; see _register_kept). Holds no shared model.
+    kept: ClassVar[list] = []
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -35,7 +39,8 @@ class UpscaleImageCUDA(io.ComfyNode):
                 "SwinIR, ...) loaded by 'Load Upscale Model'. Same result as ComfyUI's 'Upscale Image (using "
                 "Model)' (outputs are only clamped to 0..1, never rescaled), many times faster: half precision "
                 "where the architecture supports it, whole frames or large tiles on the GPU, optional "
-                "torch.compile, overlapped transfers. The model is not modified and leaves the GPU afterwards."
+                "torch.compile, overlapped transfers. The model is not modified and leaves the GPU afterwards "
+                "unless keep_model_loaded is on."
             ),
             inputs=[
                 io.UpscaleModel.Input("upscale_model", tooltip="The model from 'Load Upscale Model'."),
@@ -127,6 +132,19 @@ class UpscaleImageCUDA(io.ComfyNode):
                     ),
                     advanced=True,
                 ),
+                io.Boolean.Input(
+                    "keep_model_loaded",
+                    default=False,
+                    tooltip=(
+                        "Off: our copy of the model goes back to the CPU after the run (GPU free for the next "
+                        "node). On: it stays on the GPU (costs its weights' VRAM, e.g. 33 MB for RealESRGAN_x4plus "
+                        "in fp16, 2x for compile_mode regional) and the next run skips the upload: helps when "
+                        "the node runs again and again (video chunks, batches of prompts). ComfyUI can still "
+                        "unload it like its own models when another model needs the memory. The loaded "
+                        "'Load Upscale Model' model itself is never moved."
+                    ),
+                    advanced=True,
+                ),
             ],
             outputs=[
                 io.Image.Output(tooltip="The upscaled images, values in [0, 1], on ComfyUI's usual device."),
@@ -150,6 +168,7 @@ class UpscaleImageCUDA(io.ComfyNode):
         compile_mode: str = "regional",
         optimization_level: str = "balanced",
         batch_size: int = 0,
+        keep_model_loaded: bool = False,
     ) -> io.NodeOutput:
         import comfy.model_management as mm
 
@@ -162,6 +181,7 @@ class UpscaleImageCUDA(io.ComfyNode):
             compile_mode=compile_mode,
             optimization_level=optimization_level,
             batch_size=batch_size,
+            keep_loaded=bool(keep_model_loaded),
         )
         device = mm.get_torch_device()
         upscaler = Upscaler(upscale_model, options, device=device, cache=cls.cache)
@@ -169,14 +189,46 @@ class UpscaleImageCUDA(io.ComfyNode):
             # Let ComfyUI unload other models first (it only frees what it must).
             mm.free_memory(upscaler.memory_estimate(image.shape[1], image.shape[2]), device)
         pbar = progress_bar(1)
-        out, report = upscaler.upscale(
-            image,
-            out_device=mm.intermediate_device(),
-            out_dtype=mm.intermediate_dtype(),
-            progress=lambda done, total: pbar.update_absolute(done, total),
-            check_cancel=throw_if_interrupted,
-        )
+        try:
+            out, report = upscaler.upscale(
+                image,
+                out_device=mm.intermediate_device(),
+                out_dtype=mm.intermediate_dtype(),
+                progress=lambda done, total: pbar.update_absolute(done, total),
+                check_cancel=throw_if_interrupted,
+            )
+        finally:
+            # Runs on success, error and cancel alike, so ComfyUI's view matches where our copies are.
+            cls._register_kept(device)
         return io.NodeOutput(out, report.text())
+
+    @classmethod
+    def _register_kept(cls, device) -> None:
+        """Tell ComfyUI's model management about the copies a run left on ``device``.
+
+        They are wrapped (our own copies only, in a fresh container module) in a plain
+        ``ModelPatcher`` and loaded through ``load_models_gpu``: they then count as a loaded
+        model, so ``free_memory`` (another model loading, the 'Unload models' button,
+        ``unload_all_models``) can evict them, which moves them to the CPU where our cache
+        expects them. A previous registration is dropped first; with nothing kept (the option
+        off) nothing is registered.
+        """
+        import comfy.model_management as mm
+        import comfy.model_patcher
+
+        for old in cls.kept:
+            for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+                if mm.current_loaded_models[i].model is old:
+                    mm.current_loaded_models.pop(i).model_unload()
+        cls.kept.clear()
+        resident = cls.cache.kept_modules()
+        if not resident:
+            return
+        holder = torch.nn.ModuleList(resident)
+        patcher = comfy.model_patcher.ModelPatcher(holder, load_device=device, offload_device=torch.device("cpu"))
+        # The copies are already on the device: this full load moves nothing and registers them.
+        mm.load_models_gpu([patcher], force_full_load=True)
+        cls.kept.append(patcher)
 
 
 NODES: list[type[io.ComfyNode]] = [UpscaleImageCUDA]

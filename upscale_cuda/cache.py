@@ -7,7 +7,10 @@ nothing is stored in module globals.
 
 Entries hold *our own copies* of the model's module (the spandrel descriptor ComfyUI
 passes around is shared and must never be cast or moved by us). Copies are parked on the
-CPU between runs so the GPU is free for other nodes.
+CPU between runs so the GPU is free for other nodes, unless a run asks to keep its copy
+loaded (``UpscaleOptions.keep_loaded``): then that copy stays on the device until a later
+run without the option, :meth:`ModelCache.offload`, or the host's memory manager (which
+the ComfyUI adapter registers it with) moves it back.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +153,9 @@ class _Entry:
     compile_failed: str | None = None
     regional: torch.nn.Module | None = None  # a second copy whose repeated blocks are compiled
 
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.module, self.regional) if m is not None]
+
 
 class ModelCache:
     """Bounded LRU of prepared model copies (per fingerprint and dtype) and their
@@ -166,6 +172,7 @@ class ModelCache:
         self.cache_dir = cache_dir or default_cache_dir()
         self._entries: OrderedDict[tuple[str, torch.dtype], _Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self._kept: list[torch.nn.Module] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -173,6 +180,7 @@ class ModelCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._kept = []
 
     def module(
         self,
@@ -212,7 +220,11 @@ class ModelCache:
         with self._lock:
             self._entries[key] = entry
             while len(self._entries) > self.max_models:
-                dropped, _ = self._entries.popitem(last=False)
+                dropped, old = self._entries.popitem(last=False)
+                # A copy kept on the GPU must not stay there through a reference held elsewhere
+                # (e.g. the host's memory manager): park it before letting it go.
+                for m in old.modules():
+                    m.to("cpu")
                 logger.info("upscale model cache full: dropped model %s (%s)", dropped[0], dropped[1])
         return entry
 
@@ -259,10 +271,21 @@ class ModelCache:
             entry.compile_failed = reason
             entry.compiled.clear()
 
-    def offload(self) -> None:
-        """Move every cached copy to the CPU (frees the GPU for other nodes)."""
+    def offload(self, keep: Iterable[torch.nn.Module] = ()) -> None:
+        """Move every cached copy to the CPU (frees the GPU for other nodes), except the
+        modules in ``keep`` (the copies a run was asked to keep loaded), which
+        :meth:`kept_modules` then lists until the next call."""
+        keep = list(keep)
+        kept = {id(m) for m in keep}
         with self._lock:
             for entry in self._entries.values():
-                entry.module.to("cpu")
-                if entry.regional is not None:
-                    entry.regional.to("cpu")
+                for m in entry.modules():
+                    if id(m) not in kept:
+                        m.to("cpu")
+            self._kept = keep
+
+    def kept_modules(self) -> list[torch.nn.Module]:
+        """The cached copies the last run kept loaded on its device (still in the cache)."""
+        with self._lock:
+            live = {id(m) for entry in self._entries.values() for m in entry.modules()}
+            return [m for m in self._kept if id(m) in live]

@@ -72,6 +72,9 @@ class UpscaleOptions:
     batch_size: int = 0
     cudnn_benchmark: bool = True  # autotune cuDNN algorithms for the run's (few) shapes
     split_bias: bool = True  # CUDA fp16/bf16: conv bias as a separate add (see cache.split_conv_bias)
+    # Leave this run's model copy on the compute device afterwards (saves the host->device
+    # weight upload on the next run); other cached copies are still parked on the CPU.
+    keep_loaded: bool = False
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -325,9 +328,11 @@ class Upscaler:
             with self._numerics():
                 self._run(images, out, report, progress, check_cancel)
         finally:
-            # Leave the GPU to the next node: our copies go back to the CPU.
+            # Leave the GPU to the next node: our copies go back to the CPU, except this run's
+            # own copies when the caller asked to keep them loaded.
+            used = [m for m in self._ready.values() if isinstance(m, torch.nn.Module)]
             self._ready.clear()
-            self.cache.offload()
+            self.cache.offload(keep=used if self.options.keep_loaded else ())
         report.seconds = time.perf_counter() - start
         logger.info("upscale: %s", report.text().replace("\n", "; "))
         return out, report

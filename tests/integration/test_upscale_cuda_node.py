@@ -34,6 +34,7 @@ def test_schema_has_tooltips_on_every_input_and_output(comfy_server):
         "compile_mode",
         "optimization_level",
         "batch_size",
+        "keep_model_loaded",
     ]
     for name, spec in inputs.items():
         assert spec[1].get("tooltip"), f"input {name} has no tooltip"
@@ -73,6 +74,7 @@ def _run_and_compare(comfy_server):
                 "compile_mode": "regional",
                 "optimization_level": "balanced",
                 "batch_size": 0,
+                "keep_model_loaded": False,
             },
         },
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "speedkit_up"}},
@@ -116,6 +118,7 @@ def test_cancel_stops_a_long_batch_quickly(comfy_server):
                 "compile_mode": "regional",
                 "optimization_level": "balanced",
                 "batch_size": 1,
+                "keep_model_loaded": False,
             },
         },
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
@@ -137,5 +140,59 @@ def test_cancel_stops_a_long_batch_quickly(comfy_server):
         messages = [m[0] for m in entry["status"].get("messages", [])]
         assert "execution_interrupted" in messages, messages
         assert took < 3.0, f"cancel took {took:.1f} s"
+    finally:
+        model_file.unlink()
+
+
+def test_keep_model_loaded_registers_with_comfyui_and_survives_unload(comfy_server):
+    """keep_model_loaded hands our copy to ComfyUI's model management (it logs the load),
+    ComfyUI's own 'Unload models' evicts it, and the next run works and gives the same picture."""
+    torch.manual_seed(1)
+    net = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2)
+    folder = comfy_server.models_dir / "upscale_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file = folder / "tiny_keep_x2.safetensors"
+    save_file(net.state_dict(), str(model_file))
+    rng = np.random.default_rng(1)
+    Image.fromarray((rng.random((24, 32, 3)) * 255).astype(np.uint8)).save(comfy_server.input_dir / "keep_in.png")
+
+    def prompt(level: str, prefix: str) -> dict:
+        return {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "keep_in.png"}},
+            "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model_file.name}},
+            "3": {
+                "class_type": NODE,
+                "inputs": {
+                    "upscale_model": ["2", 0],
+                    "image": ["1", 0],
+                    "use_autocast": "disable",
+                    "precision": "auto",
+                    "tile_size": 0,
+                    "overlap": 0,
+                    "enable_compile": "disable",
+                    "compile_mode": "regional",
+                    "optimization_level": level,  # differs per run so ComfyUI re-executes the node
+                    "batch_size": 0,
+                    "keep_model_loaded": True,
+                },
+            },
+            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
+        }
+
+    def picture(entry: dict) -> np.ndarray:
+        name = entry["outputs"]["4"]["images"][0]["filename"]
+        return np.asarray(Image.open(comfy_server.output_dir / name), dtype=np.int16)
+
+    marker = "Requested to load ModuleList"  # ComfyUI's log line for our registered copy
+    try:
+        before = comfy_server.log_text().count(marker)
+        first = picture(comfy_server.run_prompt(prompt("balanced", "speedkit_keep_a")))
+        assert comfy_server.log_text().count(marker) == before + 1
+        comfy_server.post("/free", {"unload_models": True})
+        time.sleep(2.0)  # the prompt worker applies the flag between prompts
+        second = picture(comfy_server.run_prompt(prompt("speed", "speedkit_keep_b")))
+        assert comfy_server.log_text().count(marker) == before + 2
+        assert first.shape == second.shape == (48, 64, 3)
+        assert int(np.abs(first - second).max()) == 0  # fp32, whole frame both times
     finally:
         model_file.unlink()

@@ -591,3 +591,66 @@ def test_square_and_multiple_of_requirements_with_a_model(tile, device):
     want = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), scale_factor=2).permute(0, 2, 3, 1)
     assert out.shape == (2, 40, 140, 3)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
+
+
+# -- keep_loaded: our copy stays on the device between runs only when asked ------------------
+
+
+def _params_device(module: torch.nn.Module) -> set[str]:
+    return {p.device.type for p in module.parameters()}
+
+
+def test_keep_loaded_keeps_only_this_runs_copy_and_a_later_run_parks_it(device):
+    a, b = load("compact_x2_nc8", seed=1), load("compact_x4_nc4", seed=2)
+    cache = ModelCache(max_models=2)
+    images = torch.rand(1, 16, 16, 3)
+    up_a = Upscaler(a, fp32_options(keep_loaded=True), device=device, cache=cache)
+    out_kept, _ = up_a.upscale(images)
+    copy_a = cache.module(a.model, up_a.fingerprint, up_a.dtype)
+    assert cache.kept_modules() == [copy_a]
+    assert _params_device(copy_a) == {torch.device(device).type}
+    # The next run reuses the kept copy (no new copy) and gives the same picture.
+    again, _ = Upscaler(a, fp32_options(keep_loaded=True), device=device, cache=cache).upscale(images)
+    assert cache.module(a.model, up_a.fingerprint, up_a.dtype) is copy_a
+    torch.testing.assert_close(again, out_kept, atol=0, rtol=0)
+    # Another model kept: only that one stays, the first goes back to the CPU.
+    up_b = Upscaler(b, fp32_options(keep_loaded=True), device=device, cache=cache)
+    up_b.upscale(images)
+    copy_b = cache.module(b.model, up_b.fingerprint, up_b.dtype)
+    assert cache.kept_modules() == [copy_b]
+    assert _params_device(copy_a) == {"cpu"}
+    # A run without the option parks everything and keeps nothing.
+    Upscaler(a, fp32_options(), device=device, cache=cache).upscale(images)
+    assert cache.kept_modules() == []
+    assert _params_device(copy_a) == _params_device(copy_b) == {"cpu"}
+    # The shared descriptors were never moved or cast.
+    assert _params_device(a.model) == _params_device(b.model) == {"cpu"}
+    assert {p.dtype for p in a.model.parameters()} == {torch.float32}
+
+
+def test_keep_loaded_copy_leaves_the_cache_when_it_is_evicted_or_cleared(device):
+    a, b = load("compact_x2_nc8", seed=1), load("compact_x2_nc8", seed=2)
+    cache = ModelCache(max_models=1)
+    images = torch.rand(1, 16, 16, 3)
+    up_a = Upscaler(a, fp32_options(keep_loaded=True), device=device, cache=cache)
+    up_a.upscale(images)
+    copy_a = cache.kept_modules()[0]
+    # A second model with the option off evicts the kept copy (max_models=1) and parks it first.
+    Upscaler(b, fp32_options(), device=device, cache=cache).upscale(images)
+    assert cache.kept_modules() == [] and _params_device(copy_a) == {"cpu"}
+    Upscaler(b, fp32_options(keep_loaded=True), device=device, cache=cache).upscale(images)
+    assert len(cache.kept_modules()) == 1
+    cache.clear()
+    assert cache.kept_modules() == []
+
+
+@pytest.mark.gpu
+def test_keep_loaded_on_gpu_leaves_the_copy_in_vram_until_offload():
+    desc = load("compact_x4_nc4")
+    cache = ModelCache(max_models=2)
+    up = Upscaler(desc, UpscaleOptions(keep_loaded=True), device="cuda", cache=cache)
+    up.upscale(torch.rand(1, 32, 32, 3))
+    (kept,) = cache.kept_modules()
+    assert _params_device(kept) == {"cuda"}
+    cache.offload()
+    assert _params_device(kept) == {"cpu"} and cache.kept_modules() == []
