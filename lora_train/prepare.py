@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +21,34 @@ def _cache_file(folder: Path, item: data.Item, placement: data.Placement, encode
     stat = item.image.stat()
     key = f"{item.image.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{placement}|{encoder_id}"
     return folder / f"{item.image.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def _load_latent(path: Path) -> torch.Tensor | None:
+    """The cached latent, or ``None`` (logged) when the file is unreadable: it is then re-encoded."""
+    from safetensors.torch import load_file
+
+    try:
+        latent = load_file(str(path))["latent"]
+    except Exception as exc:  # truncated/corrupt/foreign file of any kind: re-encode and rewrite
+        logger.warning("LoRA latent cache: ignoring unreadable %s (%s); re-encoding", path.name, exc)
+        return None
+    if latent.ndim != 3:
+        logger.warning("LoRA latent cache: %s holds shape %s; re-encoding", path.name, list(latent.shape))
+        return None
+    return latent
+
+
+def _save_latent(path: Path, latent: torch.Tensor) -> None:
+    """Write through a temporary file and rename, so an interrupted write leaves no partial entry."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        save_file({"latent": latent}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:  # the cache is optional: a full or read-only disk must not stop training
+        logger.warning("LoRA latent cache: could not write %s (%s); continuing without it", path, exc)
+        tmp.unlink(missing_ok=True)
 
 
 def build_samples(
@@ -40,8 +70,6 @@ def build_samples(
     With ``cache_dir`` the latents are also stored as safetensors files keyed by the image's path,
     mtime, size, placement and ``encoder_id``, so the next run skips the VAE.
     """
-    from safetensors.torch import load_file, save_file
-
     buckets = data.make_buckets(resolution, min_bucket, max_bucket, bucket_step)
     samples = []
     if cache_dir is not None:
@@ -50,12 +78,11 @@ def build_samples(
         image = data.load_image(item.image)
         placement = data.place(image.size, buckets, bucket_step, no_upscale)
         cached = _cache_file(cache_dir, item, placement, encoder_id) if cache_dir is not None else None
-        if cached is not None and cached.is_file():
-            latent = load_file(str(cached))["latent"]
-        else:
+        latent = _load_latent(cached) if cached is not None and cached.is_file() else None
+        if latent is None:
             latent = encode_image(data.render(image, placement)).detach().to("cpu", torch.float32).contiguous()
             if cached is not None:
-                save_file({"latent": latent}, str(cached))
+                _save_latent(cached, latent)
         samples.append(
             Sample(latent=latent, caption=item.caption, time_ids=placement.time_ids, bucket=placement.bucket)
         )

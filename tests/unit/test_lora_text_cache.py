@@ -210,3 +210,55 @@ def test_trainer_conditioning_through_the_cache(tmp_path):
     for caption in ["", *CAPTIONS, ""]:
         encode([caption], samples[:1])
     assert dropout_clip.calls == [""]
+
+
+def _image_dataset(folder):
+    from PIL import Image
+
+    from speedkit.lora_train import data
+
+    for i, color in enumerate([(200, 20, 20), (20, 200, 20)]):
+        Image.new("RGB", (64 + 32 * i, 64), color).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"caption {i}")
+    return data.scan_folder(folder)
+
+
+def test_latent_disk_cache_reuse_and_corruption(tmp_path):
+    """The latent half of the disk cache: reused bit-identically, corrupt entries re-encoded, atomic."""
+    from speedkit.lora_train.prepare import build_samples
+
+    items = _image_dataset(tmp_path)
+    cache_dir = tmp_path / "_latent_cache"
+    calls = []
+
+    def encode_image(pixels):
+        calls.append(pixels.shape)
+        return torch.nn.functional.avg_pool2d(pixels.permute(2, 0, 1), 8)[:, :, :] * 3 - 1
+
+    def build():
+        return build_samples(
+            items,
+            resolution=64,
+            min_bucket=64,
+            max_bucket=128,
+            bucket_step=64,
+            no_upscale=False,
+            encode_image=encode_image,
+            cache_dir=cache_dir,
+            encoder_id="vae",
+        )
+
+    first = build()
+    assert len(calls) == 2
+    files = sorted(cache_dir.glob("*.safetensors"))
+    assert len(files) == 2 and not list(cache_dir.glob(".*.tmp"))
+    second = build()
+    assert len(calls) == 2, "the second run must load, not encode"
+    assert all(torch.equal(a.latent, b.latent) for a, b in zip(first, second, strict=True))
+
+    files[0].write_bytes(files[0].read_bytes()[:20])  # truncated by a crash or a full disk
+    third = build()
+    assert len(calls) == 3
+    assert all(torch.equal(a.latent, b.latent) for a, b in zip(first, third, strict=True))
+    build()
+    assert len(calls) == 3, "the corrupt entry was rewritten"
