@@ -212,6 +212,9 @@ class Upscaler:
             raise ValueError("precision: bf16 was chosen but this GPU has no bf16 support; use auto, fp16 or fp32")
         self._call_fn: Callable = getattr(descriptor, "_call_fn", None) or (lambda model, image: model(image))
         self._fingerprint: str | None = None
+        # Run reduced-precision calls under autocast (see _call): from the start for the
+        # architectures spandrel keeps out of fp16 (attention families).
+        self._mixed = not bool(descriptor.supports_half)
         self._ready: dict = {}  # dtype / compiled key -> copy already on the device this run
         self._done = 0
         self.backend, self.backend_reason = self._choose_backend()
@@ -530,18 +533,18 @@ class Upscaler:
     def _forward(self, x: torch.Tensor, dtype: torch.dtype, eager: bool = False) -> torch.Tensor:
         module = self._module(dtype)
         if eager or dtype is not self.dtype or not self.backend.startswith("compiled"):
-            return self._call_fn(module, x)
+            return self._call(module, x, dtype)
         key, transform = self._variant(dtype)
         fn = self.cache.compiled(
             self.descriptor.model, key, dtype, tuple(x.shape), self.options.compile_mode, transform
         )
         if fn is None:
-            return self._call_fn(module, x)
+            return self._call(module, x, dtype)
         if ("compiled", x.shape) not in self._ready:
             self._place(fn)  # regional mode compiles a second copy, which must move too
             self._ready[("compiled", x.shape)] = fn
         try:
-            return self._call_fn(fn, x)
+            return self._call(fn, x, dtype)
         except Exception as exc:
             if is_oom_error(exc) or isinstance(exc, ValueError):
                 raise
@@ -549,4 +552,39 @@ class Upscaler:
             logger.warning("upscale: torch.compile failed (%s); falling back to eager for this model", reason)
             self.cache.mark_compile_failed(key, dtype, reason)
             self.backend, self.backend_reason = "eager", f"compile failed: {reason}"
-            return self._call_fn(module, x)
+            return self._call(module, x, dtype)
+
+    def _call(self, fn: Callable, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """One model call in ``dtype``; under autocast where the architecture needs it.
+
+        Some transformer ports (SwinIR, Swin2SR, DRCT, ATD in spandrel) build their attention
+        mask in fp32 when the input size differs from their training size, so with bf16
+        weights ``attn @ v`` meets a float32 operand and fails. Autocast casts such operands
+        to the compute dtype (a no-op for the weights, which already are). It is used from the
+        start for architectures that cannot run fp16 (the attention families), and switched on
+        for the rest of the run when another architecture fails the same way.
+        """
+        if dtype is torch.float32:
+            return self._call_fn(fn, x)
+        if self._mixed:
+            with torch.autocast(self.device.type, dtype=dtype):
+                return self._call_fn(fn, x)
+        try:
+            return self._call_fn(fn, x)
+        except RuntimeError as exc:
+            if not _is_dtype_mismatch(exc):
+                raise
+            logger.warning(
+                "upscale: %s mixes dtypes inside (%s); running it under autocast %s",
+                self.traits.arch,
+                str(exc).splitlines()[0],
+                dtype_name(dtype),
+            )
+            self._mixed = True
+            with torch.autocast(self.device.type, dtype=dtype):
+                return self._call_fn(fn, x)
+
+
+def _is_dtype_mismatch(exc: BaseException) -> bool:
+    text = str(exc)
+    return "same dtype" in text or "scalar type" in text or "dtype mismatch" in text.lower()
