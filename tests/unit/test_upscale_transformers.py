@@ -29,14 +29,23 @@ from spandrel.architectures.Swin2SR import Swin2SR
 from speedkit.upscale_cuda.engine import UpscaleOptions, Upscaler
 
 # How close a tiled result must be to the whole-frame one (mean, 99th percentile of |diff|),
-# with 32 px tiles and 16 px overlap (8 px of context per side) on random weights:
-# - "local": a CNN whose receptive field fits in the context: equal up to float rounding;
+# with 32 px tiles and 16 px overlap (8 px of context per side) on random weights, about 2-3x
+# what this seed measures (the measured value in brackets), so that a worse tiling fails:
+# 16 px tiles with 4 px overlap give means of 3e-3 .. 4e-2 for the same models.
+# - "local": a CNN whose receptive field fits in the context: equal up to float rounding
+#   (PLKSR 9e-8);
 # - "window": window attention whose windows line up with the tile grid, plus averaged
-#   channel statistics (HAT, DAT): nearly equal (measured mean ~2e-5);
-# - "global": shifted windows wider than the context, global pooling or grid attention
-#   across the whole image (OmniSR, SAFMN, DRCT, Swin2SR, RGT, ATD): close, not equal
-#   (measured means 3e-4 .. 1.2e-2; random weights exaggerate what real ones do).
-TOLERANCE = {"local": (1e-6, 1e-5), "window": (1e-4, 1e-3), "global": (3e-2, 0.2)}
+#   channel statistics (HAT, DAT: 9e-6, q99 2.3e-4);
+# - "attention": shifted/rectangular windows or token categories wider than the context
+#   (RGT, ATD, Swin2SR: up to 6.1e-4, q99 5.7e-3);
+# - "global": pooling or grid attention across the whole image, dense window stacks
+#   (OmniSR, SAFMN, DRCT: up to 2.7e-3, q99 6.1e-2).
+TOLERANCE = {
+    "local": (1e-6, 1e-5),
+    "window": (3e-5, 1e-3),
+    "attention": (2e-3, 1.5e-2),
+    "global": (6e-3, 0.12),
+}
 
 VARIANTS = {
     "hat_x2_w8": (
@@ -70,7 +79,7 @@ VARIANTS = {
     ),
     "rgt_x2": (
         lambda: RGT(upscale=2, embed_dim=12, depth=[2], num_heads=[2], mlp_ratio=2.0, split_size=[4, 8], img_size=32),
-        "global",
+        "attention",
     ),
     "drct_x2_w8": (
         lambda: DRCT(
@@ -84,14 +93,14 @@ VARIANTS = {
             upscale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8, category_size=32, num_tokens=8,
             reducted_dim=4, mlp_ratio=1.0, upsampler="pixelshuffledirect", img_size=32,
         ),
-        "global",
+        "attention",
     ),
     "swin2sr_x2_w8": (
         lambda: Swin2SR(
             upscale=2, embed_dim=12, depths=[2], num_heads=[2], window_size=8, mlp_ratio=2.0,
             upsampler="pixelshuffledirect", img_size=32,
         ),
-        "global",
+        "attention",
     ),
     "safmn_x2": (lambda: SAFMN(dim=8, n_blocks=2, upscaling_factor=2), "global"),
     "plksr_x2_k9": (lambda: PLKSR(dim=8, n_blocks=2, upscaling_factor=2, kernel_size=9), "local"),
