@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -11,6 +12,8 @@ from ..upscale_cuda.cache import COMPILE_MODES, ModelCache
 from ..upscale_cuda.engine import PRECISIONS, UpscaleOptions, Upscaler
 from ..upscale_cuda.planning import OPTIMIZATION_LEVELS
 from .comfy_bridge import progress_bar, throw_if_interrupted
+
+logger = logging.getLogger(__name__)
 
 
 class UpscaleImageCUDA(io.ComfyNode):
@@ -199,7 +202,14 @@ class UpscaleImageCUDA(io.ComfyNode):
             )
         finally:
             # Runs on success, error and cancel alike, so ComfyUI's view matches where our copies are.
-            cls._register_kept(device)
+            try:
+                cls._register_kept(device)
+            except Exception:
+                # Never leave a copy on the GPU that ComfyUI does not know about.
+                logger.warning("upscale: could not register the kept model with ComfyUI; moving it to the CPU",
+                               exc_info=True)  # fmt: skip
+                cls.cache.offload()
+                cls.kept.clear()
         return io.NodeOutput(out, report.text())
 
     @classmethod
