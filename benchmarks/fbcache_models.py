@@ -7,7 +7,6 @@ Needs ComfyUI importable (run with ``PYTHONPATH=$COMFYUI_ROOT``). Not part of th
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
@@ -192,28 +191,9 @@ def prepare_comfy() -> None:
     ``comfy_api.latest`` imports PyAV for its video types at import time; these benchmarks never
     touch video, so an empty stand-in module is enough where the wheel is not installed.
     """
-    import importlib.util
-    import types
+    from bench_env import stub_pyav
 
-    if importlib.util.find_spec("av") is None:
-
-        class _Stub(types.ModuleType):
-            def __getattr__(self, name):
-                if name.startswith("__"):
-                    raise AttributeError(name)
-                return type(name, (), {})
-
-        for name in (
-            "av",
-            "av.container",
-            "av.subtitles",
-            "av.subtitles.stream",
-            "av.video",
-            "av.video.frame",
-            "av.audio",
-            "av.audio.frame",
-        ):
-            sys.modules.setdefault(name, _Stub(name))
+    stub_pyav()
     if not torch.cuda.is_available():
         from comfy.cli_args import args as comfy_args
 
@@ -223,11 +203,8 @@ def prepare_comfy() -> None:
 def import_pack():
     """Import the pack as ``speedkit`` from the repository root, like tests/conftest.py does."""
     import importlib
-    import types
-    from pathlib import Path
 
-    if "speedkit" not in sys.modules:
-        pkg = types.ModuleType("speedkit")
-        pkg.__path__ = [str(Path(__file__).resolve().parents[1])]
-        sys.modules["speedkit"] = pkg
+    from bench_env import register_pack
+
+    register_pack()
     return importlib.import_module("speedkit.fbcache"), importlib.import_module("speedkit.nodes.fbcache")

@@ -23,16 +23,11 @@ import math
 import os
 import sys
 import time
-import types
-from pathlib import Path
 
 import torch
+from bench_env import register_pack, stub_pyav
 
-REPO = Path(__file__).resolve().parents[1]
-if "speedkit" not in sys.modules:  # benchmark script: import the pack folder under a fixed name
-    _pkg = types.ModuleType("speedkit")
-    _pkg.__path__ = [str(REPO)]
-    sys.modules["speedkit"] = _pkg
+REPO = register_pack()
 if os.environ.get("COMFYUI_ROOT") and os.environ["COMFYUI_ROOT"] not in sys.path:
     sys.path.insert(0, os.environ["COMFYUI_ROOT"])  # benchmark script only; the pack never edits sys.path
 
@@ -278,29 +273,6 @@ def run_comfy(patcher, family, data, args, results) -> None:
     results.append(row)
     emit(json.dumps(row))
     reset_peak()
-
-
-def stub_pyav() -> None:
-    """ComfyUI's comfy_api imports PyAV at module level (video inputs); TrainLoraNode needs none of
-    it. When PyAV is missing (a bare benchmark box) register inert stand-ins so the import works."""
-    import importlib.util
-
-    if importlib.util.find_spec("av") is not None and not os.environ.get("SPEEDKIT_STUB_AV"):
-        return
-
-    def make(name: str) -> types.ModuleType:
-        module = types.ModuleType(name)
-
-        def missing(attr: str, _n: str = name):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-            return type(attr, (), {"__module__": _n})
-
-        module.__getattr__ = missing
-        return module
-
-    for name in ("av", "av.container", "av.subtitles", "av.subtitles.stream"):
-        sys.modules[name] = make(name)
 
 
 def main() -> None:

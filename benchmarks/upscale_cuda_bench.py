@@ -29,16 +29,12 @@ import resource
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
+from bench_env import register_pack
 
-REPO = Path(__file__).resolve().parents[1]
-if "speedkit" not in sys.modules:  # benchmark script: import the pack folder under a fixed name
-    _pkg = types.ModuleType("speedkit")
-    _pkg.__path__ = [str(REPO)]
-    sys.modules["speedkit"] = _pkg
+REPO = register_pack()
 
 from speedkit.upscale_cuda.cache import ModelCache  # noqa: E402
 from speedkit.upscale_cuda.engine import UpscaleOptions, Upscaler  # noqa: E402

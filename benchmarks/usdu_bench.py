@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_env import stub_pyav
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -160,25 +162,6 @@ def test_picture(size: int):
     return img[None].contiguous()
 
 
-def stand_in_for_pyav() -> None:
-    """``comfy_api.latest`` imports PyAV (video types) at import time; this benchmark never
-    touches video, so where PyAV is not installed, placeholder modules let ComfyUI import."""
-    import importlib.util
-    import types
-
-    if importlib.util.find_spec("av") is not None:
-        return
-
-    class Placeholder(types.ModuleType):
-        def __getattr__(self, name: str):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return type(name, (), {})
-
-    for name in ("av", "av.container", "av.subtitles", "av.subtitles.stream", "av.video", "av.audio"):
-        sys.modules.setdefault(name, Placeholder(name))
-
-
 def load_packs(baseline: Path | None):
     import nodes
 
@@ -236,7 +219,7 @@ def main() -> int:
     if a.tiny:
         comfy_args.cpu = True
         a.size, a.steps, a.tile = min(a.size, 64), min(a.steps, 2), min(a.tile, 64)
-    stand_in_for_pyav()
+    stub_pyav()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import comfy.model_management as mm
     import spandrel
