@@ -35,7 +35,8 @@ from .cache import (
     model_fingerprint,
     split_conv_bias,
 )
-from .host_io import ChunkReader, FrameWriter
+from .fused_rrdb import fuse_dense_blocks
+from .host_io import ChunkReader, FrameWriter, host_output
 from .planning import (
     MEMORY_SHARE,
     OPTIMIZATION_LEVELS,
@@ -72,6 +73,7 @@ class UpscaleOptions:
     batch_size: int = 0
     cudnn_benchmark: bool = True  # autotune cuDNN algorithms for the run's (few) shapes
     split_bias: bool = True  # CUDA fp16/bf16: conv bias as a separate add (see cache.split_conv_bias)
+    fuse_blocks: bool = True  # CUDA fp16/bf16: ESRGAN dense blocks regrouped into wide convs (fused_rrdb)
     # Leave this run's model copy on the compute device afterwards (saves the host->device
     # weight upload on the next run); other cached copies are still parked on the CPU.
     keep_loaded: bool = False
@@ -236,10 +238,19 @@ class Upscaler:
 
     def _variant(self, dtype: torch.dtype) -> tuple[str, Callable | None]:
         """Cache key and copy transform for ``dtype`` on this device."""
-        split = self.options.split_bias and self.device.type == "cuda" and dtype is not torch.float32
-        if split:
-            return self.fingerprint + "+split-bias", split_conv_bias
-        return self.fingerprint, None
+        fast = self.device.type == "cuda" and dtype is not torch.float32
+        split = self.options.split_bias and fast
+        fuse = self.options.fuse_blocks and fast
+        if not (split or fuse):
+            return self.fingerprint, None
+
+        def transform(module: torch.nn.Module) -> None:
+            if fuse:
+                fuse_dense_blocks(module)  # before split_conv_bias: it reads plain Conv2d blocks
+            if split:
+                split_conv_bias(module)
+
+        return self.fingerprint + ("+fused" if fuse else "") + ("+split-bias" if split else ""), transform
 
     def _module(self, dtype: torch.dtype) -> torch.nn.Module:
         module = self._ready.get(dtype)
@@ -325,7 +336,7 @@ class Upscaler:
             in_size=(h, w),
             out_size=(h * s, w * s),
         )
-        out = torch.empty((b, h * s, w * s, self.traits.out_channels), dtype=out_dtype, device=out_device)
+        out = host_output((b, h * s, w * s, self.traits.out_channels), out_dtype, out_device, self.device)
         start = time.perf_counter()
         try:
             with self._numerics():
