@@ -45,6 +45,7 @@ def profile(
     per_block: bool,
     tiny: bool = False,
     compile_only: bool = False,
+    profile_hits: Path | None = None,
 ) -> dict:
     import comfy.sample
     import fbcache_models as fm
@@ -66,28 +67,29 @@ def profile(
         "build_s": round(time.perf_counter() - t0, 1),
     }
 
-    def sampler(model):
+    def sampler(model, n=steps):
         return lambda: comfy.sample.sample(
-            model, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=0, disable_pbar=True
+            model, noise, n, cfg, "euler", "normal", pos, neg, latent, seed=0, disable_pbar=True
         )
 
     def measure(cases: dict) -> dict:
         """Warm every case once, then time them round-robin so clock/thermal drift hits all alike."""
         cuda = torch.cuda.is_available()
         outs, times, peaks = {}, {n: [] for n in cases}, {}
-        for name, model in cases.items():
+        cases = {n: (m if isinstance(m, tuple) else (m, steps)) for n, m in cases.items()}
+        for name, (model, n) in cases.items():
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated() if cuda else 0
-            outs[name] = sampler(model)()
+            outs[name] = sampler(model, n)()
             _sync()
             peaks[name] = (torch.cuda.max_memory_allocated() - base_mem) if cuda else 0
         for _ in range(repeats):
-            for name, model in cases.items():
+            for name, (model, n) in cases.items():
                 _sync()
                 t0 = time.perf_counter()
-                sampler(model)()
+                sampler(model, n)()
                 _sync()
                 times[name].append(time.perf_counter() - t0)
         for name in cases:
@@ -110,6 +112,9 @@ def profile(
         "fbcache_all_computed": patched([False]),
         "fbcache_50pct_tail": patched([False, True]),
         "fbcache_all_hits_tail": patched([False] + [True] * (steps - 1)),
+        # Twice the steps: differences cancel the run's fixed cost (conditioning setup etc.).
+        "unpatched_2x_steps": (mp, 2 * steps),
+        "fbcache_all_hits_tail_2x_steps": (patched([False] + [True] * (2 * steps - 1)), 2 * steps),
     }
     if per_block and family != "sdxl":
         cases["fbcache_50pct_per_block"] = patched([False, True], "per_block")
@@ -119,9 +124,17 @@ def profile(
     full_step = res["fbcache_all_computed"]["median_s"] / steps
     base_step = res["unpatched"]["median_s"] / steps
     hit_step = (res["fbcache_all_hits_tail"]["median_s"] - full_step) / (steps - 1)
+    step_full = (res["unpatched_2x_steps"]["median_s"] - res["unpatched"]["median_s"]) / steps
+    step_hit = (res["fbcache_all_hits_tail_2x_steps"]["median_s"] - res["fbcache_all_hits_tail"]["median_s"]) / steps
     res["summary"] = {
+        # per-step costs from runs of n and 2n steps: the sampler's fixed per-run cost cancels
+        "full_step_ms": round(step_full * 1e3, 2),
+        "hit_step_ms": round(step_hit * 1e3, 2),
+        "hit_step_fraction_of_full": round(step_hit / step_full, 4),
+        "run_fixed_cost_ms": round((res["unpatched"]["median_s"] - steps * step_full) * 1e3, 1),
         "speedup_50pct_tail": round(res["unpatched"]["median_s"] / res["fbcache_50pct_tail"]["median_s"], 3),
-        "hit_step_fraction_of_full": round(hit_step / base_step, 4),
+        # the older estimate: charges the whole run's fixed cost to the n-1 hit steps
+        "hit_step_fraction_incl_run_cost": round(hit_step / base_step, 4),
         "overhead_computed_steps_pct": round(100 * (full_step / base_step - 1), 2),
         "extra_peak_MiB_50pct_tail": round(
             res["fbcache_50pct_tail"]["peak_extra_MiB"] - res["unpatched"]["peak_extra_MiB"], 1
@@ -155,11 +168,54 @@ def profile(
     _sync()
     res["summary"]["decision_ms"] = round((time.perf_counter() - t0) / 50 * 1e3, 3)
 
+    if profile_hits:
+        _profile_hits(res, mp, patched, sampler, steps, profile_hits)
     if compile_too:
         _compile_case(res, mp, patched, measure, sampler)
     del mp
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return res
+
+
+def _profile_hits(res, mp, patched, sampler, steps: int, trace_dir: Path) -> dict:
+    """Where a hit step's time goes: GPU busy time vs wall time of an all-hits run and of an
+    unpatched run (torch.profiler), the top host-side ops, and a Chrome trace per run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    runs = {"unpatched": mp, "all_hits_tail": patched([False] + [True] * (steps - 1))}
+    for name, model in runs.items():
+        sampler(model)()  # warm
+        _sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            sampler(model)()
+            _sync()
+            wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+        res[f"profile_{name}"] = {
+            "wall_ms": round(wall * 1e3, 2),
+            "gpu_busy_ms": round(gpu_us / 1e3, 2),
+            "gpu_idle_ms": round(wall * 1e3 - gpu_us / 1e3, 2),
+            "steps": steps,
+        }
+        logger.info("profile %s: %s", name, res[f"profile_{name}"])
+        logger.info(
+            "top ops by device time:\n%s",
+            events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60),
+        )
+        logger.info(
+            "top ops by host time:\n%s",
+            events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60),
+        )
+        prof.export_chrome_trace(str(trace_dir / f"{res['family']}_{name}.json"))
+    un, hits = res["profile_unpatched"], res["profile_all_hits_tail"]
+    gpu_hit = (hits["gpu_busy_ms"] - un["gpu_busy_ms"] / steps) / (steps - 1)
+    res.setdefault("summary", {})["hit_step_gpu_ms"] = round(gpu_hit, 2)
+    if un["gpu_busy_ms"] > 0:  # 0 on a CPU run
+        res["summary"]["hit_step_gpu_fraction_of_full"] = round(gpu_hit / (un["gpu_busy_ms"] / steps), 4)
     return res
 
 
@@ -226,6 +282,12 @@ def main() -> None:
     ap.add_argument("--compile", default="sdxl", help="comma list of families to also run with torch.compile")
     ap.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test of the script)")
     ap.add_argument("--compile-only", action="store_true", help="only the torch.compile cases")
+    ap.add_argument(
+        "--profile-hits",
+        type=Path,
+        default=None,
+        help="also profile an all-hits run (GPU busy time per hit step); traces go here",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -249,6 +311,7 @@ def main() -> None:
             per_block=True,
             tiny=args.tiny,
             compile_only=args.compile_only,
+            profile_hits=args.profile_hits,
         )
         args.out.write_text(json.dumps(results, indent=1))
         logger.info("%s summary: %s", family, results[family].get("summary"))
