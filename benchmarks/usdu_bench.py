@@ -209,6 +209,9 @@ def main() -> int:
     ap.add_argument("--batch-sizes", default="1,4,8", help="our tile batch sizes to time")
     ap.add_argument("--baseline-batch-sizes", default="1", help="the baseline's batch sizes to time")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--eager-batch-sizes", default="1", help="our batch sizes to also time with cuda_graphs off (same-run diff)"
+    )
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny SD1.5-shaped model, 64 -> 128")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -308,7 +311,9 @@ def run(a, comfy_args, mm, spandrel, torch) -> int:
             results.append({"node": name, "batch_size": bs, "error": f"{type(exc).__name__}: {exc}"})
             return
         record(name, bs, out, times)
+        outs[(name, bs)] = out
 
+    outs: dict = {}
     if not a.no_baseline:
         theirs = classes["UltimateSDUpscale"]()
         for bs in [int(b) for b in a.baseline_batch_sizes.split(",") if b]:
@@ -316,16 +321,26 @@ def run(a, comfy_args, mm, spandrel, torch) -> int:
                 "ssitu UltimateSDUpscale", bs, lambda bs=bs: theirs.upscale(image=image, batch_size=bs, **common)[0]
             )
     ours = classes["SpeedKit_UltimateSDUpscale"]
-    for bs in [int(b) for b in a.batch_sizes.split(",") if b]:
+    runs = [(int(b), True) for b in a.batch_sizes.split(",") if b]
+    runs += [(int(b), False) for b in a.eager_batch_sizes.split(",") if b]
+    for bs, graphs in runs:
         attempt(
-            "SpeedKit UltimateSDUpscale",
+            "SpeedKit UltimateSDUpscale" + ("" if graphs else " (no graphs)"),
             bs,
-            lambda bs=bs: (
+            lambda bs=bs, graphs=graphs: (
                 ours.PREPARE_CLASS_CLONE({"hidden_inputs": {}})
-                .execute(image=image, batch_size=bs, normalize="off", tile_seed="same", **common)
+                .execute(image=image, batch_size=bs, normalize="off", tile_seed="same", cuda_graphs=graphs, **common)
                 .args[0]
             ),
         )
+        eager = outs.get(("SpeedKit UltimateSDUpscale (no graphs)", bs))
+        graphed = outs.get(("SpeedKit UltimateSDUpscale", bs))
+        if eager is not None and graphed is not None:
+            diff = (eager.float() - graphed.float()).abs()
+            say(
+                f"  cuda_graphs on vs off, batch {bs}: max |diff| {diff.max().item():.2e}, mean {diff.mean().item():.2e}"
+            )
+            results[-1]["graphs_vs_eager_max_abs"] = diff.max().item()
 
     # Where the time goes: the upscale stage alone (ComfyUI's node + PIL-free resize vs ours).
     from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel

@@ -181,6 +181,7 @@ def test_nodes_are_registered_with_upstream_inputs(usdu_models):
     order = main["input_order"]["required"]
     assert order[:6] == ["image", "model", "positive", "negative", "vae", "upscale_by"]
     assert order[-2:] == ["normalize", "tile_seed"]
+    assert "cuda_graphs" in main["input"]["optional"]  # optional: prompts saved before it stay valid
     custom = info["SpeedKit_UltimateSDUpscaleCustomSample"]["input"]
     assert {"upscale_model", "custom_sampler", "custom_sigmas"} <= set(custom["optional"])
     no_up = info["SpeedKit_UltimateSDUpscaleNoUpscale"]["input"]["required"]

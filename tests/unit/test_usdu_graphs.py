@@ -1,0 +1,114 @@
+"""CUDA-graph replay of repeated denoiser calls: same results as eager, and every doubt
+(weights moved, capture failure, odd arguments, CPU tensors) falls back to eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speedkit.usdu.graphs import GraphRunner
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.lin = torch.nn.Linear(16, 8)
+
+    def forward(self, x, t, context=None, scale=1.0):
+        h = self.conv(x) * scale + self.lin(context).mean(1)[:, :, None, None] + t[:, None, None, None]
+        return torch.nn.functional.silu(h)
+
+
+def _runner(net: torch.nn.Module) -> GraphRunner:
+    return GraphRunner(lambda: list(net.parameters()) + list(net.buffers()))
+
+
+def test_cpu_tensors_always_run_eagerly():
+    net = _Net()
+    g = _runner(net)
+    x, t, c = torch.rand(1, 4, 8, 8), torch.rand(1), torch.rand(1, 3, 16)
+    for _ in range(3):
+        assert torch.equal(g(net, x, t, context=c), net(x, t, context=c))
+    assert g.captures == 0 and g.replays == 0 and g.eager_calls == 3 and g.disabled is None
+
+
+def test_unhashable_argument_disables_graphs_but_still_computes():
+    net = _Net()
+    g = _runner(net)
+    x, t, c = torch.rand(1, 4, 8, 8), torch.rand(1), torch.rand(1, 3, 16)
+    out = g(lambda x, t, context, extra: net(x, t, context=context), x, t, context=c, extra=[1, 2])
+    assert torch.equal(out, net(x, t, context=c))
+    assert g.disabled is not None and "extra" in g.disabled
+
+
+@pytest.mark.gpu
+def test_replay_matches_eager_and_follows_new_inputs():
+    torch.manual_seed(0)
+    net = _Net().cuda().eval()
+    g = _runner(net)
+    with torch.inference_mode():
+        for step in range(6):
+            x = torch.rand(2, 4, 16, 16, device="cuda")
+            t = torch.full((2,), float(step), device="cuda")
+            c = torch.rand(2, 3, 16, device="cuda")
+            got = g(net, x, t, context=c, scale=0.5)
+            want = net(x, t, context=c, scale=0.5)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert g.captures == 1 and g.replays == 5 and g.eager_calls == 1  # eager, capture(+replay), 4 replays
+    # The output is a copy: a later replay must not change an earlier result.
+    with torch.inference_mode():
+        a = g(net, x, t, context=c, scale=0.5)
+        a_copy = a.clone()
+        g(net, torch.rand_like(x), t, context=c, scale=0.5)
+    assert torch.equal(a, a_copy)
+
+
+@pytest.mark.gpu
+def test_new_shape_or_scalar_gets_its_own_graph_and_cap_is_respected():
+    net = _Net().cuda().eval()
+    g = GraphRunner(lambda: list(net.parameters()), max_graphs=1)
+    t = torch.zeros(1, device="cuda")
+    c = torch.rand(1, 3, 16, device="cuda")
+    with torch.inference_mode():
+        for _ in range(3):
+            g(net, torch.rand(1, 4, 8, 8, device="cuda"), t, context=c)
+        for _ in range(3):  # a second shape: over the cap, stays eager
+            x = torch.rand(1, 4, 12, 8, device="cuda")
+            torch.testing.assert_close(g(net, x, t, context=c), net(x, t, context=c), rtol=0, atol=1e-6)
+    assert g.captures == 1
+
+
+@pytest.mark.gpu
+def test_moved_weights_disable_replay():
+    net = _Net().cuda().eval()
+    g = _runner(net)
+    x, t, c = torch.rand(1, 4, 8, 8, device="cuda"), torch.zeros(1, device="cuda"), torch.rand(1, 3, 16, device="cuda")
+    with torch.no_grad():
+        g(net, x, t, context=c)
+        g(net, x, t, context=c)
+        assert g.captures == 1
+        # What an offload/re-patch does: new storage for a weight.
+        net.conv.weight = torch.nn.Parameter(net.conv.weight.detach().clone() * 2, requires_grad=False)
+        got = g(net, x, t, context=c)
+    assert g.disabled is not None and "moved" in g.disabled
+    with torch.no_grad():
+        torch.testing.assert_close(got, net(x, t, context=c))
+
+
+@pytest.mark.gpu
+def test_host_sync_inside_the_model_falls_back_to_eager():
+    net = _Net().cuda().eval()
+    g = _runner(net)
+
+    def syncing(x, t, context):
+        if float(t.sum()) > -1:  # a host read: not capturable
+            return net(x, t, context=context)
+        return x
+
+    x, t, c = torch.rand(1, 4, 8, 8, device="cuda"), torch.zeros(1, device="cuda"), torch.rand(1, 3, 16, device="cuda")
+    with torch.inference_mode():
+        outs = [g(syncing, x, t, context=c) for _ in range(3)]
+    assert g.disabled is not None and "capture failed" in g.disabled
+    for o in outs:
+        torch.testing.assert_close(o, net(x, t, context=c))
