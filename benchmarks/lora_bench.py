@@ -137,7 +137,9 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def bench_ours(patcher, family, data, rank, steps, warmup, blocks_kind, autocast=False, compile=False) -> dict:
+def bench_ours(
+    patcher, family, data, rank, steps, warmup, blocks_kind, autocast=False, compile=False, graphs=True
+) -> dict:
     device = patcher.load_device
     unet = patcher.model.diffusion_model
     dtype = patcher.model.get_dtype_inference()
@@ -170,7 +172,16 @@ def bench_ours(patcher, family, data, rank, steps, warmup, blocks_kind, autocast
         steps=steps + warmup, rank=rank, alpha=rank, unet_lr=1e-4, precision="bf16", grad_checkpointing=bool(blocks)
     )
     trainer = Trainer(
-        config, lora, samples, denoise, no_encode, device, cond_cache=cache, autocast=autocast, compile_blocks=compile
+        config,
+        lora,
+        samples,
+        denoise,
+        no_encode,
+        device,
+        cond_cache=cache,
+        autocast=autocast,
+        compile_blocks=compile,
+        cuda_graphs=graphs,
     )
     try:
         with checkpointed(blocks, checkpoint=blocks_kind != "none", compile=compile):
@@ -196,6 +207,7 @@ def bench_ours(patcher, family, data, rank, steps, warmup, blocks_kind, autocast
         "autocast": autocast,
         "compile": compile,
         "warmup_s": warmup_s,
+        **trainer.graph_stats,
     }
 
 
@@ -245,21 +257,24 @@ def bench_comfy(patcher, data, rank, steps_small, steps_large) -> dict:
     return {"it_s": 1.0 / per_step, "peak_gib": peak_gib(), "setup_s": t_small - steps_small * per_step}
 
 
-# (checkpointed blocks, autocast, torch.compile). The node's default is ("transformer", no autocast
-# for a bf16 model, no compile); with gradient_checkpointing off it is the "none" row.
-# The ComfyUI baseline runs before the last row (compile, which is skipped past the deadline).
+# (checkpointed blocks, autocast, torch.compile, CUDA graphs). The node's default is the first
+# row ("resblock+transformer", no autocast for a bf16 model, CUDA graphs); with
+# gradient_checkpointing off it is the "none" row. The ComfyUI baseline runs before the last row
+# (compile, which is skipped past the deadline).
 PLANS = {
     "sdxl": [
-        ("resblock+transformer", False, False),
-        ("transformer", False, False),
-        ("resblock+transformer", True, False),
-        ("transformer", False, True),
+        ("resblock+transformer", False, False, True),
+        ("transformer", False, False, True),
+        ("resblock+transformer", False, False, False),
+        ("transformer", False, False, False),
+        ("transformer", False, True, False),
     ],
     "sd15": [
-        ("resblock+transformer", False, False),
-        ("none", False, False),
-        ("transformer", True, False),
-        ("none", False, True),
+        ("resblock+transformer", False, False, True),
+        ("none", False, False, True),
+        ("resblock+transformer", False, False, False),
+        ("none", False, False, False),
+        ("none", False, True, False),
     ],
 }
 
@@ -308,14 +323,16 @@ def main() -> None:
     for family in args.family:
         patcher = build_model(family)
         data = conditioning(patcher, family, 4)
-        plan = PLANS[family] if not args.checkpointing else [(k, False, False) for k in args.checkpointing]
-        for index, (kind, autocast, compile) in enumerate(plan):
+        plan = PLANS[family] if not args.checkpointing else [(k, False, False, True) for k in args.checkpointing]
+        for index, (kind, autocast, compile, graphs) in enumerate(plan):
             if index == len(plan) - 1 and not args.no_comfy:
                 run_comfy(patcher, family, data, args, results)
             if compile and (args.no_compile or time.monotonic() > deadline):
                 continue
             try:
-                row = bench_ours(patcher, family, data, args.rank, args.steps, args.warmup, kind, autocast, compile)
+                row = bench_ours(
+                    patcher, family, data, args.rank, args.steps, args.warmup, kind, autocast, compile, graphs
+                )
             except Exception as exc:  # report and go on: one failed variant must not hide the others
                 row = {"it_s": float("nan"), "peak_gib": float("nan"), "checkpointing": kind, "compile": compile}
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -330,13 +347,13 @@ def main() -> None:
         label = r["trainer"]
         if "checkpointing" in r:
             label += f" (ckpt {r['checkpointing']}{', autocast' if r.get('autocast') else ''}"
-            label += f"{', compile' if r.get('compile') else ''})"
-        emit(f"{r['family']:6}  {r['resolution']:4}  {label:40} {r['it_s']:6.2f}  {r['peak_gib']:8.2f}")
+            label += f"{', compile' if r.get('compile') else ''}{', CUDA graphs' if r.get('cuda_graphs') else ''})"
+        emit(f"{r['family']:6}  {r['resolution']:4}  {label:58} {r['it_s']:6.2f}  {r['peak_gib']:8.2f}")
     for family in args.family:
         ours = [r for r in results if r["family"] == family and r["trainer"] == "speedkit"]
         comfy = [r for r in results if r["family"] == family and r["trainer"] != "speedkit"]
         if ours and comfy:
-            default = next((r for r in ours if r["checkpointing"] == "transformer" and not r.get("autocast")), ours[0])
+            default = ours[0]  # the node's default settings
             best = max((r for r in ours if r["it_s"] == r["it_s"]), key=lambda r: r["it_s"], default=default)
             base = comfy[0]["it_s"]
             emit(

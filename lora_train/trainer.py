@@ -31,6 +31,7 @@ from torch import nn
 
 from . import checkpoint, optim, schedule
 from .data import process_caption
+from .graphed import GraphedMicroStep
 from .layers import LoRASet
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ class Trainer:
         cond_cache: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None,
         autocast: bool | None = None,
         compile_blocks: bool = False,
+        cuda_graphs: bool = True,
+        graph_weights: Callable[[], list[torch.Tensor]] | None = None,
     ) -> None:
         config.validate()
         if not samples:
@@ -166,6 +169,7 @@ class Trainer:
         # model training in bf16 it would just add casts around every norm (CPU-bound on fast GPUs)
         self.use_autocast = config.precision != "fp32" if autocast is None else autocast
         self.compile_blocks = compile_blocks
+        self._graphed = self._make_graphed(cuda_graphs, graph_weights)
         self.acp = schedule.alphas_cumprod().to(self.device)
         self.losses: list[float] = []
         self.step = 0
@@ -182,6 +186,32 @@ class Trainer:
         lora.reset(config.seed)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.started_at = time.time()
+
+    def _make_graphed(self, wanted: bool, weights) -> GraphedMicroStep | None:
+        """The CUDA-graph micro-step when this run can use it (see :mod:`.graphed`), else None."""
+        cfg = self.config
+        reason = None
+        if not wanted:
+            return None
+        if self.device.type != "cuda":
+            reason = "not a CUDA device"
+        elif cfg.precision == "fp16":
+            reason = "fp16 needs a GradScaler, whose overflow checks read values on the host"
+        elif cfg.train_te:
+            reason = "the text encoders train (their inputs are tokenized on the host every step)"
+        elif self.compile_blocks:
+            reason = "torch.compile was requested instead"
+        if reason is not None:
+            logger.info("LoRA training: CUDA graphs not used: %s", reason)
+            return None
+        return GraphedMicroStep(self._loss, self.lora.parameters("unet"), weights)
+
+    @property
+    def graph_stats(self) -> dict[str, Any]:
+        g = self._graphed
+        if g is None:
+            return {"cuda_graphs": False}
+        return {"cuda_graphs": g.disabled is None, "captures": g.captures, "replays": g.replays, "off": g.disabled}
 
     # ----- resume -------------------------------------------------------------------------
     def load_state(self, base: str | Path) -> None:
@@ -250,7 +280,17 @@ class Trainer:
         if self.config.precision == "fp32" or not self.use_autocast:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        # no cast cache: a CUDA graph must not keep casts from its recording
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=self._graphed is None)
+
+    def _loss(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]):
+        """The weighted fp32 training loss of one micro-batch (graph-capturable: no host reads)."""
+        cfg = self.config
+        noisy = schedule.add_noise(x0, noise, t, self.acp)
+        with self._autocast():
+            pred = self.denoise(noisy, t, cond)
+        per_sample = schedule.mse_per_sample(pred, schedule.target(x0, noise, t, self.acp, cfg.prediction))
+        return (per_sample * schedule.min_snr_weights(t, self.acp, cfg.min_snr_gamma, cfg.prediction)).mean()
 
     def _micro_step(self, step: int, micro: int) -> float:
         cfg = self.config
@@ -266,12 +306,11 @@ class Trainer:
             noise = noise + cfg.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen)
         noise = noise.to(self.device)
         t = torch.randint(0, schedule.NUM_TIMESTEPS, (x0.shape[0],), generator=gen).to(self.device)
-        noisy = schedule.add_noise(x0, noise, t, self.acp)
         with self._autocast():
             cond = self._conditioning(indices, captions)
-            pred = self.denoise(noisy, t, cond)
-        per_sample = schedule.mse_per_sample(pred, schedule.target(x0, noise, t, self.acp, cfg.prediction))
-        loss = (per_sample * schedule.min_snr_weights(t, self.acp, cfg.min_snr_gamma, cfg.prediction)).mean()
+        if self._graphed is not None:
+            return float(self._graphed(x0, noise, t, cond, scale=1.0 / cfg.grad_accum))
+        loss = self._loss(x0, noise, t, cond)
         self.scaler.scale(loss / cfg.grad_accum).backward()
         return float(loss.detach())
 
@@ -285,7 +324,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        # graphed steps add into existing .grad tensors: zero them instead of freeing them
+        self.optimizer.zero_grad(set_to_none=self._graphed is None)
         self.scheduler.step()
         self.step += 1
         if not math.isfinite(loss):
@@ -478,7 +518,9 @@ class checkpointed(contextlib.AbstractContextManager):
             def run(*args, _f=original, **kwargs):
                 if not torch.is_grad_enabled():
                     return _f(*args, **kwargs)
-                return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+                # No RNG state round trip: the UNet runs in eval mode (no dropout), and reading the
+                # CUDA RNG state is not allowed while a CUDA graph records the step.
+                return checkpoint(_f, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
             block.forward = run
         return self

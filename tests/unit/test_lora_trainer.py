@@ -23,9 +23,11 @@ def _one_thread():
 
 
 def make_run(naming="diffusers", preset="attention", *, train_te=False, adm=False, **overrides):
+    device = torch.device(overrides.pop("device", "cpu"))
+    cuda_graphs = overrides.pop("cuda_graphs", True)
     torch.manual_seed(0)
-    unet = toy.TinyUNet(naming, dim=16, context_dim=16, adm_dim=22 if adm else 0).requires_grad_(False)
-    te = toy.TinyTextEncoder(16).requires_grad_(False)
+    unet = toy.TinyUNet(naming, dim=16, context_dim=16, adm_dim=22 if adm else 0).requires_grad_(False).to(device)
+    te = toy.TinyTextEncoder(16).requires_grad_(False).to(device)
     latents = [torch.randn(4, 4, 4) for _ in CAPTIONS]
     samples = [
         trainer.Sample(lat, cap, (64 + i, 64, 0, i, 32, 32), (32, 32))
@@ -33,7 +35,7 @@ def make_run(naming="diffusers", preset="attention", *, train_te=False, adm=Fals
     ]
     lora = layers.LoRASet()
     rank = overrides.pop("rank", 8)
-    lora.add(unet, layers.find_unet_targets(unet, preset), rank=rank, alpha=rank, prefix="lora_unet")
+    lora.add(unet, layers.find_unet_targets(unet, preset), rank=rank, alpha=rank, prefix="lora_unet", device=device)
     if train_te:
         lora.add(te, layers.find_te_targets(te), rank=4, alpha=4, prefix="lora_te1", group="te")
 
@@ -41,7 +43,7 @@ def make_run(naming="diffusers", preset="attention", *, train_te=False, adm=Fals
         hidden, pooled = te(captions)
         cond = {"context": hidden}
         if adm:
-            ids = torch.tensor([s.time_ids for s in batch], dtype=torch.float32) / 64
+            ids = torch.tensor([s.time_ids for s in batch], dtype=torch.float32, device=pooled.device) / 64
             cond["y"] = torch.cat([pooled, ids], dim=1)
         return cond
 
@@ -56,7 +58,15 @@ def make_run(naming="diffusers", preset="attention", *, train_te=False, adm=Fals
     cfg = trainer.TrainConfig(**settings)
     blocks = [m for m in unet.modules() if isinstance(m, toy.BasicTransformerBlock)]
     tr = trainer.Trainer(
-        cfg, lora, samples, denoise, encode, torch.device("cpu"), checkpoint_blocks=blocks, text_modules=[te]
+        cfg,
+        lora,
+        samples,
+        denoise,
+        encode,
+        device,
+        checkpoint_blocks=blocks,
+        text_modules=[te],
+        cuda_graphs=cuda_graphs,
     )
     return tr, unet, te, latents
 
@@ -266,3 +276,39 @@ def test_cancel_inside_a_step_keeps_the_last_completed_step(tmp_path):
     with safe_open(str(tmp_path / "test_lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_steps"] == "4"
     assert json.loads((tmp_path / "test_lora-state.json").read_text())["step"] == 4
+
+
+def test_cuda_graphs_are_not_used_on_cpu(tmp_path):
+    tr, *_ = make_run(steps=2)
+    tr.run(tmp_path, info())
+    assert tr.graph_stats == {"cuda_graphs": False}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "precision,checkpointing,accum,adm",
+    [("fp32", True, 1, False), ("bf16", True, 2, True), ("fp32", False, 1, True)],
+)
+def test_cuda_graphs_train_the_same_lora_as_eager(tmp_path, precision, checkpointing, accum, adm):
+    """Graph replay computes the same steps: same losses, same LoRA weights, and it really replays."""
+    common = dict(
+        steps=8, precision=precision, grad_checkpointing=checkpointing, grad_accum=accum, adm=adm, device="cuda"
+    )
+    eager, *_ = make_run(cuda_graphs=False, **common)
+    graphed, *_ = make_run(cuda_graphs=True, **common)
+    eager.run(tmp_path / "a", info())
+    graphed.run(tmp_path / "b", info())
+    stats = graphed.graph_stats
+    assert stats["cuda_graphs"] and stats["captures"] == 1 and stats["replays"] >= 8 * accum - 2, stats
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    assert graphed.losses == pytest.approx(eager.losses, rel=tol["rtol"] * 10)
+    for p, q in zip(eager.lora.parameters(), graphed.lora.parameters(), strict=True):
+        torch.testing.assert_close(q, p, **tol)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_step_aside_for_fp16_and_text_encoder_training(tmp_path):
+    fp16, *_ = make_run(steps=2, precision="fp16", device="cuda")
+    te, *_ = make_run(steps=2, train_te=True, device="cuda")
+    assert fp16.graph_stats == {"cuda_graphs": False} and te.graph_stats == {"cuda_graphs": False}
+    te.run(tmp_path, info())
