@@ -393,6 +393,8 @@ class Trainer:
                 except Exception:  # keep the original error; the save failure is logged
                     logger.exception("could not save the LoRA after the training stopped")
             raise
+        if self._graphed is not None:
+            logger.info("LoRA training: %s", self.graph_stats)
         path = self._save(final, info)
         if cancelled or cfg.save_every:
             self.save_state(state_base)

@@ -701,6 +701,9 @@ class _Run:
                     cond_cache=cond_cache,
                     # a model already in the compute dtype runs natively, as ComfyUI samples it
                     autocast=dtype != PRECISION_DTYPES[config.precision],
+                    # weights streamed by ComfyUI's dynamic VRAM manager move between calls
+                    cuda_graphs=not getattr(self.patcher, "is_dynamic", lambda: False)(),
+                    graph_weights=lambda: list(unet.parameters()),
                 )
                 if resume_from is not None:
                     trainer.load_state(resume_from)
