@@ -217,6 +217,7 @@ class Upscaler:
         # Run reduced-precision calls under autocast (see _call): from the start for the
         # architectures spandrel keeps out of fp16 (attention families).
         self._mixed = not bool(descriptor.supports_half)
+        self._fp32_fallback = False  # set when reduced precision fails even under autocast
         self._ready: dict = {}  # dtype / compiled key -> copy already on the device this run
         self._done = 0
         self.backend, self.backend_reason = self._choose_backend()
@@ -577,9 +578,25 @@ class Upscaler:
         """
         if dtype is torch.float32:
             return self._call_fn(fn, x)
+        if self._fp32_fallback:
+            return self._call_fn(self._module(torch.float32), x.float()).to(dtype)
         if self._mixed:
-            with torch.autocast(self.device.type, dtype=dtype):
-                return self._call_fn(fn, x)
+            try:
+                with torch.autocast(self.device.type, dtype=dtype):
+                    return self._call_fn(fn, x)
+            except RuntimeError as exc:
+                if not _is_dtype_mismatch(exc):
+                    raise
+                # Some ports still meet an op autocast does not cover (ATD on CUDA in bf16):
+                # a correct fp32 result beats a failed run.
+                logger.warning(
+                    "upscale: %s cannot run in %s even under autocast (%s); running it in fp32",
+                    self.traits.arch,
+                    dtype_name(dtype),
+                    str(exc).splitlines()[0],
+                )
+                self._fp32_fallback = True
+                return self._call_fn(self._module(torch.float32), x.float()).to(dtype)
         try:
             return self._call_fn(fn, x)
         except RuntimeError as exc:
@@ -598,4 +615,10 @@ class Upscaler:
 
 def _is_dtype_mismatch(exc: BaseException) -> bool:
     text = str(exc)
-    return "same dtype" in text or "scalar type" in text or "dtype mismatch" in text.lower()
+    lower = text.lower()
+    return (
+        "same dtype" in text
+        or "scalar type" in text
+        or "dtype mismatch" in lower
+        or ("expected" in lower and "to have type" in lower)
+    )

@@ -145,7 +145,10 @@ def test_whole_frame_and_tiles_match_spandrel(name, device):
     odd = torch.rand(1, 13, 19, 3)
     out, rep = Upscaler(desc, fp32(), device=device).upscale(odd)
     assert rep.tile == "whole frame" and out.shape == (1, 13 * s, 19 * s, 3)
-    torch.testing.assert_close(out, reference(desc, odd), atol=5e-5, rtol=0)
+    # fp32 on CUDA vs spandrel on the CPU: ATD's token-dictionary softmax amplifies the
+    # kernels' rounding differences (5.4e-4 measured on an H100); the rest agree to 5e-5.
+    atol = 1e-3 if str(device).startswith("cuda") and name.startswith("atd") else 5e-5
+    torch.testing.assert_close(out, reference(desc, odd), atol=atol, rtol=0)
 
     images = torch.rand(1, 40, 48, 3)
     whole = reference(desc, images)
