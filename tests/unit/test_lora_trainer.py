@@ -312,3 +312,16 @@ def test_cuda_graphs_step_aside_for_fp16_and_text_encoder_training(tmp_path):
     te, *_ = make_run(steps=2, train_te=True, device="cuda")
     assert fp16.graph_stats == {"cuda_graphs": False} and te.graph_stats == {"cuda_graphs": False}
     te.run(tmp_path, info())
+
+
+@pytest.mark.gpu
+def test_adamw8bit_trains_with_bitsandbytes_on_gpu(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    tr, *_ = make_run(steps=20, optimizer="AdamW8bit", device="cuda")
+    assert type(tr.optimizer).__name__ == "AdamW8bit"
+    result = tr.run(tmp_path, info())
+    assert result.steps_done == 20 and all(torch.isfinite(torch.tensor(result.losses)))
+    # lora_up starts at zero: any non-zero entry was written by the 8-bit optimizer
+    ups = [layer.lora_up.weight for layer in tr.lora.layers.values()]
+    assert all(float(u.abs().sum()) > 0 for u in ups)
+    assert (tmp_path / "test_lora.safetensors").is_file()
