@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -336,3 +336,52 @@ def pad_to_multiple(image: torch.Tensor, multiple: int, mode: str = "reflect") -
     if mode == "reflect" and (ph >= h or pw >= w):
         mode = "replicate"
     return torch.nn.functional.pad(image, (0, pw, 0, ph), mode=mode), ph, pw
+
+
+class GraphBook:
+    """Bookkeeping shared by the CUDA-graph replayers (USDU's denoiser calls, the LoRA
+    trainer's micro-steps): graphs per input key, keys seen once, one memory pool, a cap, the
+    storage addresses of the weights the graphs read, and the switch that sends the rest of
+    a run back to eager execution.
+
+    A key is recorded only the second time it occurs (:meth:`wants_capture`), so one-off
+    shapes cost no recording. Subclasses do the recording and replaying.
+    """
+
+    def __init__(self, weights: Callable[[], Iterable[torch.Tensor]], max_graphs: int, label: str) -> None:
+        self._weights = weights
+        self.max_graphs = max_graphs
+        self.label = label
+        self._graphs: dict[Hashable, object] = {}
+        self._seen: set[Hashable] = set()
+        self._pool = None
+        self.disabled: str | None = None
+        self.captures = 0
+        self.replays = 0
+
+    def weight_ptrs(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in self._weights())
+
+    def pool(self):
+        """The memory pool every graph of this book records into."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def wants_capture(self, key: Hashable) -> bool:
+        """True when ``key`` occurred before, graphs are on and the cap is not reached (marks it seen)."""
+        seen = key in self._seen
+        self._seen.add(key)
+        return seen and self.disabled is None and len(self._graphs) < self.max_graphs
+
+    def close(self) -> None:
+        """Drop every graph (their memory returns to the caching allocator)."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
+
+    def disable(self, reason: str) -> None:
+        if self.disabled is None:
+            self.disabled = reason
+            logger.info("%s: CUDA graphs off for the rest of the run: %s", self.label, reason)
+        self.close()

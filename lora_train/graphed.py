@@ -26,10 +26,12 @@ text encoders).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from ..torch_utils import GraphBook
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class _Graph:
     weights: tuple[int, ...]
 
 
-class GraphedMicroStep:
+class GraphedMicroStep(GraphBook):
     """``step(x0, noise, t, cond, scale)`` -> detached loss; adds ``scale * dloss/dparam`` into
     each ``param.grad`` (which must exist: the trainer zeroes grads without freeing them)."""
 
@@ -57,30 +59,10 @@ class GraphedMicroStep:
         weights: Callable[[], list[torch.Tensor]] | None = None,
         max_graphs: int = 4,
     ) -> None:
+        extra = weights or (lambda: [])
+        super().__init__(lambda: [*params, *extra()], max_graphs, "LoRA training")
         self.loss_fn = loss_fn
         self.params = params
-        self._weights = weights or (lambda: [])
-        self.max_graphs = max_graphs
-        self._graphs: dict[Hashable, _Graph] = {}
-        self._seen: set[Hashable] = set()
-        self._pool = None
-        self.disabled: str | None = None
-        self.captures = 0
-        self.replays = 0
-
-    def _ptrs(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for t in (*self.params, *self._weights()))
-
-    def close(self) -> None:
-        self._graphs.clear()
-        self._seen.clear()
-        self._pool = None
-
-    def disable(self, reason: str) -> None:
-        if self.disabled is None:
-            self.disabled = reason
-            logger.info("LoRA training: CUDA graphs off for the rest of the run: %s", reason)
-        self.close()
 
     def _accumulate(self, grads: list[torch.Tensor | None], scale: float) -> None:
         pairs = [(p.grad, g) for p, g in zip(self.params, grads, strict=True) if g is not None]
@@ -106,20 +88,14 @@ class GraphedMicroStep:
         key = tuple((tuple(v.shape), v.dtype, v.stride()) for v in tensors) + (tuple(keys),)
         entry = self._graphs.get(key)
         if entry is None:
-            eager = (
-                self.disabled is not None
-                or key not in self._seen
-                or len(self._graphs) >= self.max_graphs
-                or any(v.device.type != "cuda" for v in tensors)
-            )
-            self._seen.add(key)
-            if not eager:
+            on_cuda = all(v.device.type == "cuda" for v in tensors)
+            if self.wants_capture(key) and on_cuda:
                 entry = self._capture(key, x0, noise, t, cond, keys)
             if entry is None:
                 loss, grads = self._compute(x0, noise, t, cond)
                 self._accumulate(grads, scale)
                 return loss
-        elif entry.weights != self._ptrs():
+        elif entry.weights != self.weight_ptrs():
             self.disable("the model's weights moved since the graph was recorded")
             return self(x0, noise, t, cond, scale)
         for static, value in zip(entry.inputs, tensors, strict=True):
@@ -133,17 +109,15 @@ class GraphedMicroStep:
         statics = [v.clone() for v in (x0, noise, t, *(cond[k] for k in keys))]
         s_cond = dict(zip(keys, statics[3:], strict=True))
         graph = torch.cuda.CUDAGraph()
-        ptrs = self._ptrs()
+        ptrs = self.weight_ptrs()
         try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self.pool()):
                 loss, grads = self._compute(statics[0], statics[1], statics[2], s_cond)
         except Exception as exc:  # anything not capturable: the run continues eagerly
             torch.cuda.synchronize()
             self.disable(f"capture failed ({type(exc).__name__}: {str(exc)[:200]})")
             return None
-        if ptrs != self._ptrs():
+        if ptrs != self.weight_ptrs():
             self.disable("the model's weights moved while recording")
             return None
         entry = _Graph(graph, statics, keys, loss, grads, ptrs)

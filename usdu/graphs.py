@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..torch_utils import GraphBook
+
 logger = logging.getLogger(__name__)
 
 
@@ -74,7 +76,7 @@ def _clone_output(out: Any) -> Any:
     raise TypeError(f"graph output of type {type(out).__name__} is not supported")
 
 
-class GraphRunner:
+class GraphRunner(GraphBook):
     """Runs ``fn(*args, **kwargs)`` through CUDA graphs keyed by the arguments' layout.
 
     ``weights`` yields the tensors whose addresses the captured kernels read (the model's
@@ -89,31 +91,9 @@ class GraphRunner:
         max_graphs: int = 4,
         passthrough: tuple[str, ...] = (),
     ) -> None:
-        self._weights = weights
-        self.max_graphs = max_graphs
+        super().__init__(weights, max_graphs, "USDU")
         self.passthrough = passthrough
-        self._graphs: dict[Hashable, _Graph] = {}
-        self._seen: set[Hashable] = set()
-        self._pool = None
-        self.disabled: str | None = None
-        self.replays = 0
-        self.captures = 0
         self.eager_calls = 0
-
-    def _weight_ptrs(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for t in self._weights())
-
-    def close(self) -> None:
-        """Drop every graph (their memory returns to the caching allocator)."""
-        self._graphs.clear()
-        self._seen.clear()
-        self._pool = None
-
-    def disable(self, reason: str) -> None:
-        if self.disabled is None:
-            self.disabled = reason
-            logger.info("CUDA graphs off for the rest of this run: %s", reason)
-        self.close()
 
     def __call__(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         if self.disabled is not None:
@@ -130,7 +110,7 @@ class GraphRunner:
             return fn(*args, **kwargs, **passed)
         entry = self._graphs.get(key)
         if entry is not None:
-            if entry.weights != self._weight_ptrs():
+            if entry.weights != self.weight_ptrs():
                 self.disable("the model's weights moved since the graphs were recorded (offloaded or re-patched)")
                 return fn(*args, **kwargs, **passed)
             for static, value in zip(entry.inputs, tensors, strict=True):
@@ -138,8 +118,7 @@ class GraphRunner:
             entry.graph.replay()
             self.replays += 1
             return _clone_output(entry.output)
-        if key not in self._seen or len(self._graphs) >= self.max_graphs:
-            self._seen.add(key)
+        if not self.wants_capture(key):
             self.eager_calls += 1
             return fn(*args, **kwargs, **passed)
         return self._capture(key, fn, args, kwargs, tensors, passed)
@@ -148,7 +127,7 @@ class GraphRunner:
         device = tensors[0].device
         statics = [t.clone() for t in tensors]
         s_args, s_kwargs = _rebuild(args, kwargs, statics)
-        weights = self._weight_ptrs()
+        weights = self.weight_ptrs()
         graph = torch.cuda.CUDAGraph()
         try:
             side = torch.cuda.Stream(device)
@@ -156,9 +135,7 @@ class GraphRunner:
             with torch.cuda.stream(side):
                 fn(*s_args, **s_kwargs, **passed)  # warm-up on the capture stream (lazy inits)
             torch.cuda.current_stream(device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self.pool()):
                 output = fn(*s_args, **s_kwargs, **passed)
             _clone_output(output)  # checks the output type before it is trusted
         except Exception as exc:  # any capture failure: this run stays eager
@@ -166,7 +143,7 @@ class GraphRunner:
             torch.cuda.synchronize(device)
             self.disable(f"capture failed ({type(exc).__name__}: {str(exc)[:200]})")
             return fn(*args, **kwargs, **passed)
-        if weights != self._weight_ptrs():
+        if weights != self.weight_ptrs():
             self.disable("the model's weights moved while recording")
             return fn(*args, **kwargs, **passed)
         self._graphs[key] = _Graph(graph, statics, output, weights)
