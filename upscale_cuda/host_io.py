@@ -35,8 +35,12 @@ def host_output(
     device and it is small enough (see :data:`PINNED_OUTPUT_MAX_BYTES`)."""
     out_device = torch.device(out_device)
     nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
-    pin = out_device.type == "cpu" and compute.type == "cuda" and nbytes <= PINNED_OUTPUT_MAX_BYTES
-    return torch.empty(shape, dtype=dtype, device=out_device, pin_memory=pin)
+    if out_device.type == "cpu" and compute.type == "cuda" and nbytes <= PINNED_OUTPUT_MAX_BYTES:
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError as exc:  # page-locked memory exhausted or refused: pageable is fine
+            logger.debug("upscale: pinned output not available (%s); using pageable memory", exc)
+    return torch.empty(shape, dtype=dtype, device=out_device)
 
 
 class FrameWriter:
