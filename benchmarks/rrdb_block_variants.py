@@ -53,6 +53,27 @@ def timed(fn, x: torch.Tensor, iters: int) -> float:
     return times[len(times) // 2]
 
 
+def first_call_and_steady(fn, x: torch.Tensor, flops: float, iters: int, ref: torch.Tensor | None):
+    """(first-call seconds, steady ms, TFLOP/s, max |diff| to ``ref``, reference) of ``fn(x)``;
+    the first variant measured becomes the reference of the rest."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        y = fn(x)
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    ref = y.float() if ref is None else ref
+    diff = (y.float() - ref).abs().max().item()
+    ms = timed(fn, x, iters)
+    return first, ms, flops / ms / 1e9, diff, ref
+
+
+def log_table(title: str, rows: list[tuple], ms_digits: int) -> None:
+    log.info("\n%s", title)
+    log.info("%-28s %9s %9s %9s %10s", "variant", "ms", "TFLOP/s", "first s", "max|diff|")
+    for name, first, ms, tf, diff in rows:
+        log.info("%-28s %9.*f %9.1f %9.1f %10.2e", name, ms_digits, ms, tf, first, diff)
+
+
 def build_model():
     from spandrel.architectures.ESRGAN import ESRGANArch  # noqa: F401  (checks spandrel present)
     from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet
@@ -116,20 +137,9 @@ def main() -> None:
         )
         fns["fused max-autotune"] = torch.compile(variants["fused"], mode="max-autotune-no-cudagraphs", dynamic=False)
     for name, fn in fns.items():
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            y = fn(x)
-            torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        if ref is None:
-            ref = y.float()
-        diff = (y.float() - ref).abs().max().item()
-        ms = timed(fn, x, args.iters)
-        rows.append((name, ms, flops / ms / 1e9, first, diff))
-    log.info("\none RDB at %dx%d (%.1f GFLOP):", w, h, flops / 1e9)
-    log.info("%-28s %9s %9s %9s %10s", "variant", "ms", "TFLOP/s", "first s", "max|diff|")
-    for name, ms, tf, first, diff in rows:
-        log.info("%-28s %9.3f %9.1f %9.1f %10.2e", name, ms, tf, first, diff)
+        *row, ref = first_call_and_steady(fn, x, flops, args.iters, ref)
+        rows.append((name, *row))
+    log_table(f"one RDB at {w}x{h} ({flops / 1e9:.1f} GFLOP):", rows, 3)
 
     if args.skip_model:
         return
@@ -160,22 +170,11 @@ def main() -> None:
         else:
             for block in repeated_blocks(m):
                 block.compile(dynamic=False)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            y = m(inp)
-            torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        if ref is None:
-            ref = y.float()
-        diff = (y.float() - ref).abs().max().item()
-        ms = timed(m, inp, max(3, args.iters // 3))
-        rows.append((name, ms, total / ms / 1e9, first, diff))
+        *row, ref = first_call_and_steady(m, inp, total, max(3, args.iters // 3), ref)
+        rows.append((name, *row))
         del m
         torch.cuda.empty_cache()
-    log.info("\nwhole RRDBNet x4 at %dx%d (%.1f TFLOP), GPU compute only:", w, h, total / 1e12)
-    log.info("%-28s %9s %9s %9s %10s", "variant", "ms", "TFLOP/s", "first s", "max|diff|")
-    for name, ms, tf, first, diff in rows:
-        log.info("%-28s %9.1f %9.1f %9.1f %10.2e", name, ms, tf, first, diff)
+    log_table(f"whole RRDBNet x4 at {w}x{h} ({total / 1e12:.1f} TFLOP), GPU compute only:", rows, 1)
 
 
 if __name__ == "__main__":
