@@ -291,8 +291,10 @@ def main() -> None:
             torch.cuda.synchronize()
         return torch.cat(outs), time.perf_counter() - t0, counter["full"]
 
-    def ours(th, start=0.0, end=1.0, max_hits=-1, mode="tail"):
-        return adapter.apply_first_block_cache(patcher, fbc.FBCacheHolder(th, start, end, max_hits, mode))
+    def ours(th, start=0.0, end=1.0, max_hits=-1, mode="tail", hit_residual="reuse"):
+        return adapter.apply_first_block_cache(
+            patcher, fbc.FBCacheHolder(th, start, end, max_hits, mode, hit_residual=hit_residual)
+        )
 
     def easycache(th):
         m = patcher.clone()
@@ -307,6 +309,15 @@ def main() -> None:
     methods = [("ours", th, lambda th=th: ours(th)) for th in (0.003, 0.006, 0.01, 0.015, 0.02, 0.03, 0.05)]
     methods += [("ours_maxhits2", th, lambda th=th: ours(th, max_hits=2)) for th in (0.01, 0.03, 0.08, 0.2)]
     methods += [("ours_maxhits1", th, lambda th=th: ours(th, max_hits=1)) for th in (0.02, 0.1, 0.5)]
+    for hits in (1, 2, -1):
+        methods += [
+            (
+                f"ours_extrap_maxhits{hits}" if hits > 0 else "ours_extrap",
+                th,
+                lambda th=th, hits=hits: ours(th, max_hits=hits, hit_residual="extrapolate"),
+            )
+            for th in (0.01, 0.02, 0.05, 0.5)
+        ]
     methods += [("easycache", th, lambda th=th: easycache(th)) for th in (0.025, 0.05, 0.1, 0.2, 0.3)]
     started = time.perf_counter()
     saved: dict[str, torch.Tensor] = {}

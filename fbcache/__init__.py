@@ -4,7 +4,7 @@ Pure logic: no comfy, folder_paths or server import (see tests/unit/test_core_is
 """
 
 from .families import Family, resolve_family
-from .holder import CACHE_MODES, HOLDER_KEY, FBCacheHolder, validate_settings
+from .holder import CACHE_MODES, HIT_RESIDUALS, HOLDER_KEY, FBCacheHolder, validate_settings
 from .hooks import (
     SkipRemainingBlocks,
     dit_diffusion_wrapper,
@@ -16,6 +16,7 @@ from .hooks import (
 
 __all__ = [
     "CACHE_MODES",
+    "HIT_RESIDUALS",
     "HOLDER_KEY",
     "FBCacheHolder",
     "Family",

@@ -33,6 +33,17 @@ CACHE_MODES = ("tail", "per_block")
 """``tail``: one residual spans all blocks after the first (per block stack). ``per_block``:
 every skipped block adds back its own residual from the last computed step."""
 
+HIT_RESIDUALS = ("reuse", "extrapolate")
+"""What a skipped block (span) adds on a hit. ``reuse``: the residual of the last computed
+step, as stored. ``extrapolate``: a first-order prediction in sigma from the residuals of the
+last two computed steps, ``r1 + w (r1 - r0)`` with ``w = (sigma - s1) / (s1 - s0)`` clamped
+to ``[0, MAX_EXTRAPOLATION]`` (the residual drifts smoothly along the schedule, so the
+prediction tracks it better than a frozen copy; costs one extra residual of memory)."""
+
+MAX_EXTRAPOLATION = 2.0
+"""Largest extrapolation weight ``w`` (two computed-step spacings ahead): beyond that a linear
+prediction is a guess, and ``max_consecutive_hits`` normally stops long runs of hits anyway."""
+
 HOLDER_KEY = "speedkit_fbcache"
 """Key of the holder in ``transformer_options``."""
 
@@ -45,6 +56,7 @@ def validate_settings(
     end_percent: float,
     max_consecutive_hits: int,
     cache_mode: str,
+    hit_residual: str = "reuse",
 ) -> None:
     """Raise ``ValueError`` naming the bad input, its value, the constraint and the fix."""
     if not math.isfinite(residual_diff_threshold) or residual_diff_threshold < 0:
@@ -66,6 +78,8 @@ def validate_settings(
         )
     if cache_mode not in CACHE_MODES:
         raise ValueError(f"cache_mode={cache_mode!r} is not one of {CACHE_MODES}.")
+    if hit_residual not in HIT_RESIDUALS:
+        raise ValueError(f"hit_residual={hit_residual!r} is not one of {HIT_RESIDUALS}.")
 
 
 @dataclass
@@ -91,10 +105,22 @@ class _Reference:
 
 
 @dataclass
+class _Stored:
+    """Residual(s) of one slot from the last computed call, and from the one before it when
+    extrapolating (``previous`` is None otherwise: nothing older is kept)."""
+
+    tensors: dict[str, torch.Tensor | None]
+    sigma: float | None
+    previous: dict[str, torch.Tensor | None] | None = None
+    previous_sigma: float | None = None
+
+
+@dataclass
 class _Call:
     keys: tuple[Hashable, ...]
     sigma: torch.Tensor | float | None
     hit: bool | None = None
+    sigma_value: float | None = None  # host copy of the call's sigma, set by decide()
     scratch: dict = field(default_factory=dict)  # per-call tensors of the hooks (anchors, block-0 input)
 
 
@@ -110,8 +136,12 @@ class FBCacheHolder:
         cache_mode: str = "tail",
         verbose: bool = False,
         force_pattern: Sequence[bool] | None = None,
+        hit_residual: str = "reuse",
     ) -> None:
-        validate_settings(residual_diff_threshold, start_percent, end_percent, max_consecutive_hits, cache_mode)
+        validate_settings(
+            residual_diff_threshold, start_percent, end_percent, max_consecutive_hits, cache_mode, hit_residual
+        )
+        self.hit_residual = hit_residual
         self.threshold = float(residual_diff_threshold)
         self.start_percent = float(start_percent)
         self.end_percent = float(end_percent)
@@ -139,6 +169,7 @@ class FBCacheHolder:
             self.cache_mode,
             self.verbose,
             self.force_pattern,
+            self.hit_residual,
         )
         new.description = self.description
         new.report_node_id = self.report_node_id
@@ -154,7 +185,7 @@ class FBCacheHolder:
     def reset(self) -> None:
         """Drop every cached tensor and counter (run start/end, shape/dtype/device change, sigma up)."""
         self._refs: dict[Hashable, _Reference] = {}
-        self._stores: dict[tuple[Hashable, ...], dict[Hashable, dict[str, torch.Tensor | None]]] = {}
+        self._stores: dict[tuple[Hashable, ...], dict[Hashable, _Stored]] = {}
         self._complete: set[tuple[Hashable, ...]] = set()
         self._signature: tuple | None = None
         self._last_sigma: float | None = None
@@ -242,6 +273,7 @@ class FBCacheHolder:
                 diffs = {}
         if sigma_value is not None:
             self._last_sigma = sigma_value
+        call.sigma_value = sigma_value
 
         in_window = sigma_value is None or (self.end_sigma < sigma_value <= self.start_sigma * (1 + _SIGMA_RTOL))
         hit = bool(keys) and in_window and tuple(keys) in self._complete
@@ -308,17 +340,46 @@ class FBCacheHolder:
 
     def store(self, slot: Hashable, tensors: dict[str, torch.Tensor | None]) -> None:
         """Keep the residual(s) of ``slot`` (a block or a block span) from this computed call."""
-        self._stores.setdefault(self._composition(), {})[slot] = tensors
+        slots = self._stores.setdefault(self._composition(), {})
+        sigma = self.call.sigma_value if self.call is not None else None
+        entry = _Stored(tensors, sigma)
+        old = slots.get(slot)
+        if (
+            self.hit_residual == "extrapolate"
+            and old is not None
+            and sigma is not None
+            and old.sigma is not None
+            and old.sigma != sigma
+        ):
+            entry.previous, entry.previous_sigma = old.tensors, old.sigma
+        slots[slot] = entry
 
     def cached(self, slot: Hashable) -> dict[str, torch.Tensor | None]:
-        """The residual(s) of ``slot`` from the last computed call of this batch composition."""
+        """The residual(s) of ``slot`` for this hit: the last computed call's of this batch
+        composition, or (``hit_residual="extrapolate"``) their linear prediction at this call's sigma."""
         try:
-            return self._stores[self._composition()][slot]
+            entry = self._stores[self._composition()][slot]
         except KeyError as exc:
             raise RuntimeError(
                 f"First Block Cache: no cached residual for {slot!r}; the model's block layout changed "
                 "between steps. Please report this with the model type."
             ) from exc
+        sigma = self.call.sigma_value if self.call is not None else None
+        if entry.previous is None or sigma is None or entry.sigma is None:
+            return entry.tensors
+        weight = (sigma - entry.sigma) / (entry.sigma - entry.previous_sigma)
+        weight = min(max(weight, 0.0), MAX_EXTRAPOLATION)
+        if weight == 0.0:
+            return entry.tensors
+        out: dict[str, torch.Tensor | None] = {}
+        for key, r1 in entry.tensors.items():
+            r0 = entry.previous.get(key)
+            if r1 is None or r0 is None or r0.shape != r1.shape:
+                out[key] = r1
+            else:
+                # r1 + w (r1 - r0) in one kernel
+                out[key] = torch.lerp(r0, r1, 1.0 + weight)
+        return out
 
     def finish_compute(self) -> None:
         """The computed call ran to the end: its residuals may now serve hits."""
@@ -373,7 +434,8 @@ class FBCacheHolder:
         return (
             f"First Block Cache{(' [' + self.description + ']') if self.description else ''}: "
             f"{'; '.join(parts) or 'no model calls'}; hit rate {s['hit_rate']:.0%}, "
-            f"estimated speedup {s['estimated_speedup']:.2f}x (threshold {self.threshold}, mode {self.cache_mode})"
+            f"estimated speedup {s['estimated_speedup']:.2f}x (threshold {self.threshold}, mode {self.cache_mode}, "
+            f"hit residual {self.hit_residual})"
             f"{control}"
         )
 
@@ -394,9 +456,10 @@ class FBCacheHolder:
         for ref in self._refs.values():
             add(ref.residual)
         for slots in self._stores.values():
-            for tensors in slots.values():
-                for t in tensors.values():
-                    add(t)
+            for entry in slots.values():
+                for tensors in (entry.tensors, entry.previous or {}):
+                    for t in tensors.values():
+                        add(t)
         return total
 
 

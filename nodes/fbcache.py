@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..fbcache import (
     CACHE_MODES,
+    HIT_RESIDUALS,
     HOLDER_KEY,
     FBCacheHolder,
     dit_diffusion_wrapper,
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 WRAPPER_KEY = "speedkit_fbcache"
 DEFAULT_MODE = "tail"  # benchmarks/fbcache_cost.py: same speed as per_block, 15x less extra memory
 DEFAULT_MAX_HITS = 2  # benchmarks/fbcache_quality.py: bounded runs of hits win at <= 2x
+DEFAULT_HIT_RESIDUAL = "reuse"
 
 
 def _send_ui_text(node_id: str | None, text: str) -> None:
@@ -212,6 +214,19 @@ class FirstBlockCache(io.ComfyNode):
                     ),
                     advanced=True,
                 ),
+                io.Combo.Input(
+                    "hit_residual",
+                    options=list(HIT_RESIDUALS),
+                    default=DEFAULT_HIT_RESIDUAL,
+                    tooltip=(
+                        "What a skipped step adds back. reuse: the residual of the last computed step (classic "
+                        "First Block Cache). extrapolate: a straight-line prediction along the noise schedule "
+                        "from the last two computed steps (closer to the real residual at the same speed; "
+                        "one more cached residual of GPU memory)."
+                    ),
+                    optional=True,
+                    advanced=True,
+                ),
                 io.Boolean.Input(
                     "verbose",
                     default=False,
@@ -235,13 +250,22 @@ class FirstBlockCache(io.ComfyNode):
         max_consecutive_hits: int = DEFAULT_MAX_HITS,
         cache_mode: str = DEFAULT_MODE,
         verbose: bool = False,
+        hit_residual: str = DEFAULT_HIT_RESIDUAL,
     ) -> io.NodeOutput:
-        validate_settings(residual_diff_threshold, start_percent, end_percent, max_consecutive_hits, cache_mode)
+        validate_settings(
+            residual_diff_threshold, start_percent, end_percent, max_consecutive_hits, cache_mode, hit_residual
+        )
         if residual_diff_threshold == 0 or max_consecutive_hits == 0:
             logger.info("First Block Cache is off (threshold 0 or max_consecutive_hits 0): model returned unchanged.")
             return io.NodeOutput(model)
         holder = FBCacheHolder(
-            residual_diff_threshold, start_percent, end_percent, max_consecutive_hits, cache_mode, verbose
+            residual_diff_threshold,
+            start_percent,
+            end_percent,
+            max_consecutive_hits,
+            cache_mode,
+            verbose,
+            hit_residual=hit_residual,
         )
         holder.report_node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         return io.NodeOutput(apply_first_block_cache(model, holder))

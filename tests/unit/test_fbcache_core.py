@@ -299,6 +299,75 @@ class _UNetRun:
         return model(x, t, to, unet_diffusion_wrapper if self.holder else None, control)
 
 
+def _lerp_trace(t0: dict, t1: dict, w: float) -> dict:
+    return {k: t1[k] + w * (t1[k] - t0[k]) for k in t1}
+
+
+@pytest.mark.parametrize("mode", ["tail", "per_block"])
+@torch.no_grad()
+def test_extrapolated_hit_residual_formula(flux, flux_inputs, mode):
+    """hit_residual="extrapolate": a hit adds r1 + w (r1 - r0) of the last two computed calls,
+    w = (sigma - s1) / (s1 - s0); the first block still runs on the new input."""
+    img, txt = flux_inputs
+    holder = active(FBCacheHolder(0.5, cache_mode=mode, force_pattern=[False, False, True], hit_residual="extrapolate"))
+    outs = run_flux(flux, holder, img, txt)
+    reuse = active(FBCacheHolder(0.5, cache_mode=mode, force_pattern=[False, False, True]))
+    outs_reuse = run_flux(flux, reuse, img, txt)
+    for k in (2, 5):  # hits; calls k-2 and k-1 computed
+        traces = []
+        for c in (k - 2, k - 1):
+            vec_c = torch.full((1, 1, 8), SIGMAS[c] / 10)
+            traces.append(_trace_flux(flux, img + 0.02 * c, txt, vec_c))
+        w = (SIGMAS[k] - SIGMAS[k - 1]) / (SIGMAS[k - 1] - SIGMAS[k - 2])
+        vec = torch.full((1, 1, 8), SIGMAS[k] / 10)
+        expected = _manual_flux_hit(flux, img + 0.02 * k, txt, vec, _lerp_trace(traces[0], traces[1], w))
+        torch.testing.assert_close(outs[k], expected, rtol=1e-5, atol=1e-5)
+        plain = _manual_flux_hit(flux, img + 0.02 * k, txt, vec, traces[1])
+        torch.testing.assert_close(outs_reuse[k], plain, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(outs[k], outs_reuse[k])  # the prediction really differs from reuse
+    assert holder.summary()["skipped"] == 2
+
+
+def test_extrapolation_weight_is_clamped_and_needs_two_computed_calls():
+    from speedkit.fbcache.holder import MAX_EXTRAPOLATION
+
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True], hit_residual="extrapolate"))
+    r0, r1 = torch.zeros(1, 4), torch.ones(1, 4)
+
+    def computed(sigma, r):
+        holder.begin_call({"cond_or_uncond": [0], "sigmas": torch.tensor([sigma])})
+        holder.call.sigma_value = sigma
+        holder.store("tail", {"h": r, "none": None})
+
+    def hit(sigma):
+        holder.begin_call({"cond_or_uncond": [0], "sigmas": torch.tensor([sigma])})
+        holder.call.sigma_value = sigma
+        return holder.cached("tail")
+
+    computed(10.0, r0)
+    assert torch.equal(hit(9.0)["h"], r0)  # one computed call: nothing to extrapolate from
+    computed(9.0, r1)
+    assert torch.equal(hit(8.5)["h"], torch.full((1, 4), 1.5))  # w = 0.5
+    assert torch.equal(hit(0.0)["h"], torch.full((1, 4), 1.0 + MAX_EXTRAPOLATION))  # w = 9 clamped
+    assert torch.equal(hit(9.5)["h"], r1)  # sigma back above s1: w < 0 clamped to 0
+    assert hit(8.0)["none"] is None
+    assert holder.memory_bytes() == 2 * r1.untyped_storage().nbytes()
+
+    plain = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    for sigma, r in ((10.0, r0), (9.0, r1)):
+        plain.begin_call({"cond_or_uncond": [0]})
+        plain.call.sigma_value = sigma
+        plain.store("tail", {"h": r})
+    plain.call.sigma_value = 8.0
+    assert plain.cached("tail")["h"] is r1
+    assert plain.memory_bytes() == r1.untyped_storage().nbytes()  # reuse keeps no older residual
+
+
+def test_hit_residual_is_validated():
+    with pytest.raises(ValueError, match="hit_residual"):
+        FBCacheHolder(0.1, hit_residual="quadratic")
+
+
 @torch.no_grad()
 def test_unet_tail_injection_formula_and_skip():
     torch.manual_seed(0)
