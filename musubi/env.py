@@ -166,8 +166,20 @@ def resolve_env(
     return MusubiEnv(root=root_path, python=py_path, extra_env=env)
 
 
-def validate_env(env: MusubiEnv, scripts: tuple[str, ...] = (), check_accelerate: bool = False) -> None:
-    """Raise a ``ValueError`` naming what is wrong and how to fix it."""
+INSTALL_HINTS = {
+    "accelerate": "run `pip install -e .` in the musubi-tuner checkout (it installs accelerate)",
+    "lycoris": "run `pip install lycoris-lora` (musubi's merge-only mode saves the merged DiT only through LyCORIS)",
+}
+"""How to install a module musubi's venv lacks, per module name."""
+
+
+def validate_env(
+    env: MusubiEnv, scripts: tuple[str, ...] = (), check_accelerate: bool = False, modules: tuple[str, ...] = ()
+) -> None:
+    """Raise a ``ValueError`` naming what is wrong and how to fix it.
+
+    ``modules``: packages that must import in musubi's venv (``check_accelerate`` adds accelerate).
+    """
     if not env.root.is_dir():
         raise ValueError(
             f"musubi_root {str(env.root)!r} is not a folder: clone it with "
@@ -190,24 +202,29 @@ def validate_env(env: MusubiEnv, scripts: tuple[str, ...] = (), check_accelerate
                 f"script {name}.py is missing from {str(env.root)!r}: this musubi-tuner checkout is too old or "
                 "incomplete; update it with `git pull` (SpeedKit targets musubi-tuner v0.3.x)"
             )
-    if check_accelerate:
-        try:
-            proc = subprocess.run(
-                [str(env.python), "-c", "import accelerate"],
-                cwd=str(env.root),
-                capture_output=True,
-                text=True,
-                timeout=120,
-                env={**os.environ, **env.run_env()},
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ValueError(f"python {str(env.python)!r} could not be started: {exc}") from exc
-        if proc.returncode != 0:
-            raise ValueError(
-                f"accelerate is not installed in {str(env.python)!r}: activate musubi's venv and run "
-                f"`pip install -e .` in {str(env.root)!r} (it installs accelerate). Python said: "
-                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
-            )
+    for module in (("accelerate",) if check_accelerate else ()) + tuple(modules):
+        _require_module(env, module)
+
+
+def _require_module(env: MusubiEnv, module: str) -> None:
+    try:
+        proc = subprocess.run(
+            [str(env.python), "-c", f"import {module}"],
+            cwd=str(env.root),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **env.run_env()},
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ValueError(f"python {str(env.python)!r} could not be started: {exc}") from exc
+    if proc.returncode != 0:
+        hint = INSTALL_HINTS.get(module, f"run `pip install {module}`")
+        raise ValueError(
+            f"{module} is not installed in {str(env.python)!r}: activate musubi's venv and {hint} "
+            f"(checkout {str(env.root)!r}). Python said: "
+            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+        )
 
 
 def native_path(path: str | os.PathLike) -> str:

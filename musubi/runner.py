@@ -176,6 +176,18 @@ def _kill_tree_windows(proc: subprocess.Popen, grace_s: float) -> None:
         proc.wait(5.0)
 
 
+# Coarse file-system clocks (FAT: 2 s, some network shares) may stamp a fresh file a little early.
+MTIME_SLACK_S = 2.0
+
+
+def _written_since(path: Path, started: float) -> bool:
+    """Whether ``path`` exists and was modified after ``started`` (a ``time.time()``)."""
+    try:
+        return path.stat().st_mtime >= started - MTIME_SLACK_S
+    except OSError:
+        return False
+
+
 def format_command(argv: Sequence[str]) -> str:
     """A copy-pasteable rendering of ``argv`` for logs (never executed)."""
     if IS_WINDOWS:
@@ -198,12 +210,17 @@ def run_command(
     grace_s: float = 3.0,
     poll_s: float = 0.1,
     what: str = "musubi-tuner",
+    done_line: str = "",
 ) -> RunResult:
     """Run ``argv`` in ``cwd`` to completion and return its :class:`RunResult`.
 
     ``env`` holds extra variables on top of this process's environment.
-    Success means exit code 0 *and* every path in ``expected_outputs`` exists; anything
-    else raises :class:`MusubiRunError` with the code, the last lines and the log path.
+    Success means exit code 0 *and* every path in ``expected_outputs`` was written during
+    this run (an older file of the same name does not count: a script that exits 0 without
+    saving must not pass on a stale file); anything else raises :class:`MusubiRunError` with
+    the code, the last lines and the log path. ``done_line``: for scripts that crash *after*
+    finishing their job (musubi's merge-only modes of some generate scripts), a non-zero exit
+    still counts as success once a line containing this text was printed and the outputs exist.
     An exception raised by ``on_line``/``on_event`` (e.g. ComfyUI's interrupt) or a true
     ``should_cancel()`` kills the process tree, then re-raises / raises
     :class:`MusubiCancelled`. Files the run already wrote are kept and named in the log.
@@ -221,6 +238,8 @@ def run_command(
     state = ProgressState()
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     lines: queue.Queue = queue.Queue()
+    done_seen = False
+    started = time.time()
     logger.info("%s: running %s", what, format_command(argv))
     try:
         proc = subprocess.Popen(
@@ -265,6 +284,7 @@ def run_command(
             if line is None:
                 break
             if line:
+                done_seen = done_seen or bool(done_line and done_line in line)
                 event = state.feed(line)
                 # Every tqdm redraw is a line; the log keeps one line per step, not per redraw.
                 is_redraw = event is not None and event.kind in ("steps", "count")
@@ -322,13 +342,18 @@ def run_command(
 
     rc = proc.returncode
     outputs = [Path(p) for p in expected_outputs]
-    missing = [p for p in outputs if not p.exists()]
-    if rc != 0 or missing:
+    missing = [p for p in outputs if not _written_since(p, started)]
+    if rc != 0 and done_seen and outputs and not missing:
+        logger.warning(
+            "%s exited with code %s after it printed %r and wrote %s: counted as done (see %s)",
+            what, rc, done_line, ", ".join(map(str, outputs)), log,
+        )  # fmt: skip
+    elif rc != 0 or missing:
         saved = [p for p in state.kept_checkpoints if Path(p).exists()]
         why = (
             f"exited with code {rc}"
             if rc != 0
-            else f"exited with code 0 but did not write {', '.join(map(str, missing))}"
+            else f"exited with code 0 but did not write {', '.join(map(str, missing))} (missing, or older than this run)"
         )
         msg = [f"{what} {why}."]
         if saved:

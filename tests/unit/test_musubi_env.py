@@ -95,6 +95,24 @@ def test_fake_accelerate_passes_the_check(tmp_path):
     validate_env(MusubiEnv(make_checkout(tmp_path), Path(sys.executable), {"PYTHONPATH": str(FAKE_SITE)}), (), True)
 
 
+def test_missing_lycoris_names_the_package_to_install(tmp_path):
+    """Merge LoRA needs LyCORIS in musubi's venv for most architectures (see commands.MERGE_SPECS)."""
+    root = make_checkout(tmp_path)
+    site = tmp_path / "site"
+    e = MusubiEnv(root, Path(sys.executable), {"PYTHONPATH": str(site)})
+    try:
+        import lycoris  # noqa: F401
+
+        pytest.skip("lycoris is installed in this interpreter")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match=r"lycoris is not installed in .*pip install lycoris-lora"):
+        validate_env(e, modules=("lycoris",))
+    (site / "lycoris").mkdir(parents=True)
+    (site / "lycoris" / "__init__.py").write_text("")
+    validate_env(e, modules=("lycoris",))
+
+
 def test_accelerate_command_is_explicit(tmp_path):
     e = MusubiEnv(make_checkout(tmp_path), Path("/venv/bin/python"))
     cmd = e.accelerate_cmd("wan_train_network", "fp16", "1")

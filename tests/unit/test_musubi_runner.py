@@ -102,6 +102,38 @@ def test_exit_zero_without_the_final_file_is_a_failure(root, tmp_path):
     assert "lora-000002.safetensors" in str(info.value)  # says what was saved before
 
 
+def test_a_file_left_from_an_earlier_run_does_not_count(root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lora.safetensors").write_bytes(b"from yesterday")
+    os.utime(out / "lora.safetensors", (time.time() - 3600, time.time() - 3600))
+    with pytest.raises(MusubiRunError, match="did not write .*lora.safetensors \\(missing, or older than this run\\)"):
+        run_command(train_argv(root, out), cwd=root, env=fake_env({"FAKE_MUSUBI_MODE": "no_output"}),
+                    expected_outputs=[out / "lora.safetensors"])  # fmt: skip
+    # the same run that does write it passes
+    run_command(train_argv(root, out), cwd=root, env=fake_env(), expected_outputs=[out / "lora.safetensors"])
+
+
+def test_done_line_lets_a_crash_after_the_job_count(tmp_path):
+    target = tmp_path / "merged.safetensors"
+    code = (
+        f"open({str(target)!r}, 'wb').write(b'x'); print('INFO:Merged model saved', flush=True); "
+        "raise TypeError('main() went on without a model')"
+    )
+    argv = [sys.executable, "-c", code]
+    result = run_command(argv, cwd=tmp_path, expected_outputs=[target], done_line="Merged model saved")
+    assert result.returncode == 1 and result.outputs == [target]
+    with pytest.raises(MusubiRunError, match="exited with code 1"):
+        run_command(argv, cwd=tmp_path, expected_outputs=[target])  # without done_line a crash is a failure
+    no_line = [sys.executable, "-c", f"open({str(target)!r}, 'wb').write(b'x'); raise SystemExit(1)"]
+    with pytest.raises(MusubiRunError, match="exited with code 1"):
+        run_command(no_line, cwd=tmp_path, expected_outputs=[target], done_line="Merged model saved")
+    with pytest.raises(MusubiRunError, match="exited with code 1"):  # the line alone, without the file
+        run_command(
+            argv, cwd=tmp_path, expected_outputs=[tmp_path / "other.safetensors"], done_line="Merged model saved"
+        )
+
+
 def test_missing_interpreter_is_a_clear_error(tmp_path):
     with pytest.raises(MusubiRunError, match="could not start"):
         run_command([str(tmp_path / "nope" / "python")], cwd=tmp_path)
