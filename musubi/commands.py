@@ -9,6 +9,7 @@ musubi's own argparse definitions.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -451,6 +452,180 @@ def merge_lora_argv(
     argv += ["--lora_weight", *[str(p) for p, _ in loras], "--lora_multiplier", *[_num(m) for _, m in loras]]
     argv += ["--save_merged_model", str(output)]
     _flag(argv, "--device", device)
+    return argv
+
+
+MERGE_MODELS = ("vae", "text_encoder1", "text_encoder2", "image_encoder")
+"""MergeJob fields for the models a generate script loads before it merges (node input names)."""
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """How one architecture's script merges LoRAs into its DiT and saves it (musubi v0.3.x).
+
+    Apart from HunyuanVideo (``merge_lora.py``) the merge is the generate script's
+    ``--save_merged_model`` mode, read from its ``main()``: it still loads and runs the text
+    encoders (and some the VAE / image encoder) before the DiT, so those paths are required.
+    """
+
+    script: str
+    flags: Mapping[str, str]  # MergeJob model field -> the script's flag, for models it loads first
+    lycoris: bool = False  # only the script's --lycoris path writes the file (kohya-ss/musubi-tuner PR #594)
+    prompt_file: bool = False  # batch mode (--from_file): needs no input image, exits cleanly after saving
+    exits_nonzero_after_save: bool = False  # main() goes on into generation with no model and crashes
+    fixed: tuple[str, ...] = ()  # flags main() needs before the merge, with harmless values
+
+
+MERGE_SAVED_LINE = "Merged model saved"
+"""musubi's log line once the merged file is fully written (``merge_lora_weights``)."""
+
+MERGE_SPECS: dict[str, MergeSpec] = {
+    "hunyuan_video": MergeSpec("merge_lora", {}),
+    # T5 always; VAE (+ CLIP for Wan2.1) for i2v tasks and VAE for Fun-Control: see merge_models()
+    "wan": MergeSpec("wan_generate_video", {"text_encoder1": "--t5", "vae": "--vae", "image_encoder": "--clip"},
+                     lycoris=True, prompt_file=True),
+    "framepack": MergeSpec(
+        "fpack_generate_video",
+        {"vae": "--vae", "text_encoder1": "--text_encoder1", "text_encoder2": "--text_encoder2",
+         "image_encoder": "--image_encoder"},
+        lycoris=True,
+    ),
+    "flux_kontext": MergeSpec(
+        "flux_kontext_generate_image", {"vae": "--vae", "text_encoder1": "--text_encoder1",
+                                        "text_encoder2": "--text_encoder2"}, prompt_file=True,
+    ),
+    "qwen_image": MergeSpec("qwen_image_generate_image", {"vae": "--vae", "text_encoder1": "--text_encoder"},
+                            lycoris=True, exits_nonzero_after_save=True),
+    "zimage": MergeSpec("zimage_generate_image", {"text_encoder1": "--text_encoder"}, lycoris=True,
+                        exits_nonzero_after_save=True),
+    # the DiT is built as t2v (no --image_path): i2v checkpoints have the same parameters
+    "hunyuan_video_1_5": MergeSpec("hv_1_5_generate_video", {"text_encoder1": "--text_encoder", "text_encoder2": "--byt5"},
+                                   lycoris=True, fixed=("--video_length", "1")),
+}  # fmt: skip
+"""Architectures whose LoRAs the Merge LoRA node can merge, and how."""
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """Merge ``loras`` (path, multiplier) into ``dit`` and save the result as ``output``."""
+
+    arch: str
+    dit: str
+    loras: tuple[tuple[str, float], ...]
+    output: str
+    device: str = "cpu"
+    task: str = ""  # Wan: the DiT's task; Wan2.2 A14B: one run per DiT (low- and high-noise)
+    vae: str = ""
+    text_encoder1: str = ""
+    text_encoder2: str = ""
+    image_encoder: str = ""
+    include_pattern: str = ""  # regex; kept LoRA modules must match (applied to every LoRA)
+    exclude_pattern: str = ""  # regex; LoRA modules matching it are dropped (every LoRA)
+    prompt_file: str = ""  # one-line prompt file for scripts run in batch mode (see MergeSpec.prompt_file)
+
+
+def merge_spec(arch: str) -> MergeSpec:
+    """The merge recipe of ``arch`` or a ValueError that names the ``architecture`` input."""
+    try:
+        return MERGE_SPECS[arch]
+    except KeyError:
+        raise ValueError(
+            f"architecture={arch!r} has no LoRA merge in musubi-tuner: choose one of {', '.join(MERGE_SPECS)}"
+        ) from None
+
+
+def merge_models(job: MergeJob) -> tuple[str, ...]:
+    """MergeJob model fields the script loads (and so requires) before merging, for ``job``'s arch/task."""
+    spec = merge_spec(job.arch)
+    if job.arch != "wan":
+        return tuple(spec.flags)
+    # wan_generate_video.py batch mode: T5 always; "i2v" tasks load the VAE and (Wan2.1) CLIP;
+    # Fun-Control t2v tasks load the VAE.
+    task = job.task or "t2v-14B"
+    need = ["text_encoder1"]
+    if "i2v" in task or task.endswith("-FC"):
+        need.append("vae")
+    if "i2v" in task and task not in WAN22_TASKS:
+        need.append("image_encoder")
+    return tuple(need)
+
+
+def _check_pattern(value: str, name: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{name}={value!r} is not a valid regular expression: {exc}") from exc
+
+
+def merge_argv(env: MusubiEnv, job: MergeJob) -> list[str]:
+    """The command that merges ``job.loras`` into ``job.dit`` for ``job.arch`` and saves it.
+
+    HunyuanVideo runs ``merge_lora.py``; the others their generate script with
+    ``--save_merged_model`` (see :class:`MergeSpec` for what each one needs).
+    """
+    spec = merge_spec(job.arch)
+    if not job.loras:
+        raise ValueError("connect at least one LoRA (lora_1) to merge")
+    if not job.dit:
+        raise ValueError("dit is empty: give the path of the base DiT checkpoint")
+    if not job.output:
+        raise ValueError("output_path is empty: give the .safetensors path for the merged DiT")
+    for name in ("include_pattern", "exclude_pattern"):
+        if getattr(job, name):
+            _check_pattern(getattr(job, name), name)
+    if job.arch == "hunyuan_video":
+        if job.include_pattern or job.exclude_pattern:
+            raise ValueError(
+                "include_pattern / exclude_pattern are not supported by merge_lora.py (HunyuanVideo): clear them"
+            )
+        given = [n for n in MERGE_MODELS if getattr(job, n)]
+        if given or job.task:
+            raise ValueError(
+                f"HunyuanVideo merging (merge_lora.py) loads only the DiT: clear {', '.join(given or ['task'])}"
+            )
+        return merge_lora_argv(env, job.dit, job.loras, job.output, job.device)
+    label = ARCHS[job.arch].label
+    if job.task and job.arch != "wan":
+        raise ValueError(f"task is a Wan input; {label} has none: clear it")
+    need = merge_models(job)
+    missing = [n for n in need if not getattr(job, n)]
+    if missing:
+        raise ValueError(
+            f"{label} merging runs {spec.script}.py, which loads {', '.join(missing)} before it merges: "
+            "fill those inputs"
+        )
+    unused = [n for n in MERGE_MODELS if getattr(job, n) and n not in need]
+    if unused:
+        raise ValueError(f"{label} merging does not use {', '.join(unused)}: clear those inputs")
+    argv = env.python_cmd(spec.script)
+    if job.arch == "wan":
+        task = job.task or "t2v-14B"
+        if task not in ARCHS["wan"].tasks:
+            raise ValueError(f"task={task!r} must be one of {', '.join(ARCHS['wan'].tasks)}")
+        argv += ["--task", task]
+    argv += ["--dit", str(job.dit)]
+    for name in need:
+        argv += [spec.flags[name], str(getattr(job, name))]
+    argv += ["--lora_weight", *[str(p) for p, _ in job.loras]]
+    argv += ["--lora_multiplier", *[_num(m) for _, m in job.loras]]
+    # musubi applies the i-th pattern to the i-th LoRA (merge_lora_weights): repeat it for every LoRA
+    if job.include_pattern:
+        argv += ["--include_patterns", *[job.include_pattern] * len(job.loras)]
+    if job.exclude_pattern:
+        argv += ["--exclude_patterns", *[job.exclude_pattern] * len(job.loras)]
+    if spec.lycoris:
+        argv.append("--lycoris")
+    argv += ["--save_merged_model", str(job.output)]
+    if spec.prompt_file:
+        if not job.prompt_file:
+            raise ValueError(f"{label} merging runs in batch mode: prompt_file is empty")
+        argv += ["--from_file", str(job.prompt_file)]
+    else:
+        argv += ["--prompt", "merge"]  # required by the script's parser checks; only encoded, never sampled
+    argv += list(spec.fixed)
+    # --save_path is required by the parser; merge-only runs write nothing there
+    argv += ["--save_path", str(Path(job.output).parent)]
+    _flag(argv, "--device", job.device)
     return argv
 
 

@@ -110,7 +110,7 @@ def _send(node_id, payload: dict) -> None:
         logger.debug("live log message not sent: %s", exc)
 
 
-def _run(argv, e: env.MusubiEnv, *, node_id, log_path, expected=(), what="musubi-tuner"):
+def _run(argv, e: env.MusubiEnv, *, node_id, log_path, expected=(), what="musubi-tuner", done_line=""):
     """Run with ComfyUI's progress bar, interrupt and the node's live log."""
     import comfy.model_management as mm
     import comfy.utils
@@ -151,6 +151,7 @@ def _run(argv, e: env.MusubiEnv, *, node_id, log_path, expected=(), what="musubi
             on_event=on_event,
             should_cancel=mm.processing_interrupted,
             what=what,
+            done_line=done_line,
         )
     except Exception as exc:
         flush(f"failed: {type(exc).__name__}")
@@ -1332,17 +1333,22 @@ class ConvertLoRA(io.ComfyNode):
 class MergeLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        # New inputs go after `device` and are optional: saved workflows store widget values by
+        # position, and API prompts saved before them do not name them.
         return io.Schema(
             node_id="MusubiTuner_MergeLoRA",
             display_name="Musubi Merge LoRA into DiT",
             category="MusubiTuner/lora",
-            description="Merges up to three LoRAs with multipliers into a DiT checkpoint with musubi's merge_lora.py "
-            "(musubi's script loads HunyuanVideo DiTs).",
+            description="Merges up to three LoRAs with multipliers into a DiT checkpoint. HunyuanVideo: musubi's "
+            "merge_lora.py (DiT only). Other architectures: their generate script's --save_merged_model mode, which "
+            "also loads the text encoder(s) (and for some the VAE / image encoder) before merging, so those paths "
+            "are needed; Wan, FramePack, Qwen-Image, Z-Image and HunyuanVideo 1.5 save only through LyCORIS "
+            "(`pip install lycoris-lora` in musubi's venv).",
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=[
                 ENV_IN(),
-                _s("dit", "Base DiT checkpoint."),
+                _s("dit", "Base DiT checkpoint (.safetensors; HunyuanVideo also the original .pt)."),
                 _s("lora_1", "LoRA path or name in models/loras."),
                 _f("strength_1", "Multiplier of lora_1.", 1.0, -10.0, 10.0),
                 _s("lora_2", "Optional second LoRA."),
@@ -1350,15 +1356,56 @@ class MergeLoRA(io.ComfyNode):
                 _s("lora_3", "Optional third LoRA."),
                 _f("strength_3", "Multiplier of lora_3.", 1.0, -10.0, 10.0),
                 _s("output_path", "Merged checkpoint path (.safetensors)."),
-                _c("device", "Where the merge is computed.", ("cpu", "cuda")),
+                _c("device", "Where the merge (and the text encoder run before it) is computed.", ("cpu", "cuda")),
+                _c(
+                    "architecture",
+                    "Model family of the DiT and LoRAs. hunyuan_video runs merge_lora.py; the others their "
+                    "generate script in merge-only mode.",
+                    tuple(commands.MERGE_SPECS),
+                    optional=True,
+                ),
+                _c(
+                    "task",
+                    "Wan only: the DiT's task. Wan2.2 A14B: merge the low-noise and the high-noise DiT in two runs, "
+                    "each with its own LoRAs.",
+                    archs.ARCHS["wan"].tasks,
+                    optional=True,
+                ),
+                _s(
+                    "vae",
+                    "VAE path: Wan i2v / Fun-Control, FramePack, FLUX.1 Kontext (AE), Qwen-Image. Else empty.",
+                    optional=True,
+                ),
+                _s(
+                    "text_encoder1",
+                    "Text encoder the script loads before merging: Wan T5; FramePack LLM (llava); Kontext T5; "
+                    "Qwen-Image Qwen2.5-VL; Z-Image Qwen3; HunyuanVideo 1.5 Qwen2.5-VL. Empty for HunyuanVideo.",
+                    optional=True,
+                ),
+                _s("text_encoder2", "FramePack / Kontext: CLIP-L; HunyuanVideo 1.5: byT5. Else empty.", optional=True),
+                _s("image_encoder", "FramePack: SigLIP; Wan2.1 i2v tasks: CLIP. Else empty.", optional=True),
+                _s(
+                    "include_pattern",
+                    "Regex: merge only LoRA modules whose name matches (every LoRA); empty = all. Not for HunyuanVideo.",
+                    optional=True,
+                    advanced=True,
+                ),
+                _s(
+                    "exclude_pattern",
+                    "Regex: skip LoRA modules whose name matches (every LoRA); empty = none. Not for HunyuanVideo.",
+                    optional=True,
+                    advanced=True,
+                ),
             ],
             outputs=[io.String.Output(display_name="model_path", tooltip="The merged DiT.")],
         )
 
     @classmethod
-    def execute(cls, dit, output_path, device, musubi_env=None, **kw):
-        e = _env(musubi_env, ("merge_lora",))
-        dit_path = commands.require_paths({"dit": dit})["dit"]
+    def execute(cls, dit, output_path, device, architecture="hunyuan_video", task="t2v-14B", vae="",
+                text_encoder1="", text_encoder2="", image_encoder="", include_pattern="", exclude_pattern="",
+                musubi_env=None, **kw):  # fmt: skip
+        spec = commands.merge_spec(architecture)
+        e = _env(musubi_env, (spec.script,))
         loras = []
         for i in (1, 2, 3):
             if kw[f"lora_{i}"].strip():
@@ -1368,8 +1415,28 @@ class MergeLoRA(io.ComfyNode):
         out = Path(env.native_path(output_path))
         if not output_path.strip() or out.suffix != ".safetensors":
             raise ValueError(f"output_path={output_path!r} must be a .safetensors file path")
-        argv = commands.merge_lora_argv(e, dit_path, loras, str(out), device)
-        _run(argv, e, node_id=cls.hidden.unique_id, log_path=out.with_suffix(".log"), expected=[out], what="LoRA merge")
+        models = {"vae": vae, "text_encoder1": text_encoder1, "text_encoder2": text_encoder2,
+                  "image_encoder": image_encoder}  # fmt: skip
+        paths = commands.require_paths({"dit": dit, **models}, optional=tuple(models))
+        job = commands.MergeJob(
+            arch=architecture, dit=paths.pop("dit"), loras=tuple(loras), output=str(out), device=device,
+            task=task if architecture == "wan" else "", include_pattern=include_pattern.strip(),
+            exclude_pattern=exclude_pattern.strip(), prompt_file=str(out.with_suffix(".prompt.txt")), **paths,
+        )  # fmt: skip
+        argv = commands.merge_argv(e, job)  # checks the inputs before musubi's venv is started
+        if spec.lycoris:
+            env.validate_env(e, modules=("lycoris",))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prompt_file = Path(job.prompt_file)
+        if spec.prompt_file:
+            # batch mode needs a prompt: it is text-encoded (musubi does that before merging), never sampled
+            prompt_file.write_text("merge\n", encoding="utf-8")
+        try:
+            _run(argv, e, node_id=cls.hidden.unique_id, log_path=out.with_suffix(".log"), expected=[out],
+                 what="LoRA merge", done_line=commands.MERGE_SAVED_LINE if spec.exits_nonzero_after_save else "")  # fmt: skip
+        finally:
+            if spec.prompt_file:
+                prompt_file.unlink(missing_ok=True)
         return io.NodeOutput(str(out))
 
     @classmethod

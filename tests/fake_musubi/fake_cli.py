@@ -11,6 +11,11 @@ behaviour follows the script name. Environment switches for the tests:
 - ``FAKE_MUSUBI_PIDFILE``: append this process's (and the child's) pid, one per line.
 - ``FAKE_MUSUBI_STEPS_PER_EPOCH`` (default 4), ``FAKE_MUSUBI_STEP_SLEEP`` seconds (default 0).
 - ``FAKE_MUSUBI_ARGV``: write the received argv (JSON) to this file.
+
+Merge-only runs (``--save_merged_model`` on a generate script) follow musubi v0.3.4: the
+file is written only on the ``--lycoris`` path (Wan, FramePack, Qwen-Image, Z-Image,
+HunyuanVideo 1.5; without it they exit 0 having saved nothing), and Qwen-Image / Z-Image
+crash after saving (their ``main()`` goes on into generation without a model).
 """
 
 import argparse
@@ -160,6 +165,34 @@ def generate(args):
     out(f"INFO:musubi_tuner:Saved to {args.save_path}")
 
 
+# generate scripts that save a merged DiT only through LyCORIS, and those that crash afterwards
+MERGE_NEEDS_LYCORIS = (
+    "wan_generate_video", "fpack_generate_video", "qwen_image_generate_image", "zimage_generate_image",
+    "hv_1_5_generate_video",
+)  # fmt: skip
+MERGE_CRASHES_AFTER_SAVE = ("qwen_image_generate_image", "zimage_generate_image")
+
+
+def merge_only(args):
+    if args.from_file is not None:
+        with open(args.from_file, encoding="utf-8") as f:
+            if not [line for line in f if line.strip()]:
+                sys.exit("fake musubi: the prompt file is empty")
+    out("INFO:musubi_tuner:Loading text encoder")
+    if MODE == "fail":
+        fail()
+    if SCRIPT in MERGE_NEEDS_LYCORIS and not args.lycoris:
+        out("INFO:musubi_tuner:Loading DiT model")  # merged at load time, then nothing is saved
+        return
+    out(f"INFO:musubi_tuner:Saving merged model to {args.save_merged_model}")
+    if MODE != "no_output":
+        write_safetensors(args.save_merged_model, ["blocks.0.self_attn.q.weight"])
+    out("INFO:musubi_tuner:Merged model saved")
+    if SCRIPT in MERGE_CRASHES_AFTER_SAVE:
+        sys.stderr.write("Traceback (most recent call last):\nTypeError: 'NoneType' object is not subscriptable\n")
+        sys.exit(1)
+
+
 def copy_file(src, dst):
     with open(src, "rb") as f:
         data = f.read()
@@ -184,8 +217,10 @@ def main():
         "--output",
         "--save_merged_model",
         "--output_file",
+        "--from_file",
     ):
         p.add_argument(flag)
+    p.add_argument("--lycoris", action="store_true")
     for flag in ("--max_train_epochs", "--save_every_n_epochs", "--infer_steps", "--video_length", "--seed"):
         p.add_argument(flag, type=int)
     p.add_argument("--video_size", type=int, nargs=2)
@@ -195,6 +230,8 @@ def main():
         train(args)
     elif "cache" in SCRIPT:
         cache(args)
+    elif "generate" in SCRIPT and args.save_merged_model:
+        merge_only(args)
     elif "generate" in SCRIPT:
         generate(args)
     elif SCRIPT == "convert_lora":

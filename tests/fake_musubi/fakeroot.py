@@ -8,6 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FAKE_SITE = HERE / "site"
+LYCORIS_SITE = HERE / "lycoris_site"  # an importable stand-in for lycoris-lora (Merge LoRA checks for it)
 
 SCRIPTS = (
     "cache_latents",
@@ -22,6 +23,10 @@ SCRIPTS = (
     "fpack_cache_text_encoder_outputs",
     "fpack_train_network",
     "fpack_generate_video",
+    "flux_kontext_generate_image",
+    "qwen_image_generate_image",
+    "zimage_generate_image",
+    "hv_1_5_generate_video",
     "convert_lora",
     "merge_lora",
     "lora_post_hoc_ema",

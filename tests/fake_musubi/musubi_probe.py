@@ -141,11 +141,17 @@ class _Parsed(Exception):
 
 
 def check_argv(script, argv):
-    """Run musubi's parser for ``script`` on ``argv``: None if accepted, else the error."""
+    """Run musubi's parser for ``script`` on ``argv``: None if accepted, else the error.
+
+    Where the script has a module-level ``parse_args()`` (the generate scripts), that function
+    runs to its end, so its checks after parsing (e.g. "Either --prompt, --from_file ... must
+    be specified", "install lycoris") are musubi's verdict too; ``main()`` stops when it returns.
+    """
     module = importlib.import_module(f"musubi_tuner.{script}")
     original = argparse.ArgumentParser.parse_args
     err = io.StringIO()
     result = {}
+    wrapper_active = {"on": False}
 
     def parse_args(self, args=None, namespace=None):
         real_err, sys.stderr = sys.stderr, err
@@ -154,21 +160,43 @@ def check_argv(script, argv):
         finally:
             sys.stderr = real_err
         result["namespace"] = {k: v for k, v in vars(ns).items() if isinstance(v, (str, int, float, bool, list))}
+        if wrapper_active["on"]:
+            return ns  # the module's parse_args() goes on with its own checks
+        raise _Parsed()
+
+    module_parse = getattr(module, "parse_args", None)
+    if not isinstance(module_parse, types.FunctionType) or module_parse.__module__ != module.__name__:
+        module_parse = None
+
+    def module_parse_args(*args, **kwargs):
+        wrapper_active["on"] = True
+        try:
+            module_parse(*args, **kwargs)
+        finally:
+            wrapper_active["on"] = False
         raise _Parsed()
 
     argparse.ArgumentParser.parse_args = parse_args
+    if module_parse is not None:
+        module.parse_args = module_parse_args
     old_argv = sys.argv
     sys.argv = [f"{script}.py", *argv]
     try:
         module.main()
         return {"ok": False, "error": "main() returned without parsing arguments"}
     except _Parsed:
-        return {"ok": True, "namespace": result["namespace"]}
+        return {"ok": True, "namespace": result["namespace"], "validated": module_parse is not None}
     except SystemExit as exc:
         lines = err.getvalue().strip().splitlines()
         return {"ok": False, "error": lines[-1] if lines else f"SystemExit({exc.code})"}
+    except (ValueError, AssertionError) as exc:
+        if "namespace" not in result:
+            raise
+        return {"ok": False, "error": f"after parsing: {type(exc).__name__}: {exc}"}
     finally:
         argparse.ArgumentParser.parse_args = original
+        if module_parse is not None:
+            module.parse_args = module_parse
         sys.argv = old_argv
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from fake_musubi.fakeroot import FAKE_SITE, make_fake_root
+from fake_musubi.fakeroot import FAKE_SITE, LYCORIS_SITE, make_fake_root
 from PIL import Image
 
 pytestmark = pytest.mark.integration
@@ -264,6 +266,63 @@ def test_convert_lora_auto_direction_and_not_a_lora(comfy_server, fake_setup, tm
     prompt["2"]["inputs"]["lora"] = str(ckpt)
     with pytest.raises(RuntimeError, match="is not a LoRA"):
         comfy_server.run_prompt(prompt, timeout=60)
+
+
+def test_merge_lora_per_architecture(comfy_server, fake_setup, tmp_path):
+    root, _, models = fake_setup
+    info = comfy_server.object_info()
+    from fake_musubi.fake_cli import LORA_KEYS, write_safetensors
+
+    lora = tmp_path / "mine.safetensors"
+    write_safetensors(str(lora), LORA_KEYS)
+    argv_file = tmp_path / "argv.json"
+    paths = f"{FAKE_SITE}{os.pathsep}{LYCORIS_SITE}"
+    env_node = {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+        info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
+        extra_env=f"PYTHONPATH={paths}\nFAKE_MUSUBI_ARGV={argv_file}")}  # fmt: skip
+    # a prompt saved before `architecture` existed: only the old inputs, HunyuanVideo's merge_lora.py runs
+    old = {k: v for k, v in widgets(info, "MusubiTuner_MergeLoRA").items()
+           if k in ("dit", "lora_1", "strength_1", "lora_2", "strength_2", "lora_3", "strength_3", "output_path",
+                    "device")}  # fmt: skip
+    out = tmp_path / "merged" / "hv.safetensors"
+    old.update(dit=str(models / "dit.safetensors"), lora_1=str(lora), strength_1=0.8, output_path=str(out))
+    prompt = {"1": env_node, "2": {"class_type": "MusubiTuner_MergeLoRA", "inputs": {**old, "musubi_env": ["1", 0]}}}
+    comfy_server.run_prompt(prompt, timeout=60)
+    argv = json.loads(argv_file.read_text())
+    assert argv[0] == "merge_lora" and argv[argv.index("--lora_multiplier") + 1] == "0.8" and out.is_file()
+
+    # Wan2.2 i2v: T5 + VAE, batch mode with a prompt file (removed afterwards), LyCORIS path
+    out = tmp_path / "merged" / "wan.safetensors"
+    node = {**old, "musubi_env": ["1", 0], "architecture": "wan", "task": "i2v-A14B", "output_path": str(out),
+            "text_encoder1": str(models / "t5.pth"), "vae": str(models / "vae.safetensors"),
+            "include_pattern": "self_attn"}  # fmt: skip
+    prompt["2"] = {"class_type": "MusubiTuner_MergeLoRA", "inputs": node}
+    comfy_server.run_prompt(prompt, timeout=60)
+    argv = json.loads(argv_file.read_text())
+    assert argv[0] == "wan_generate_video" and "--lycoris" in argv and argv[argv.index("--task") + 1] == "i2v-A14B"
+    assert argv[argv.index("--include_patterns") + 1] == "self_attn"
+    assert out.is_file() and not Path(argv[argv.index("--from_file") + 1]).exists()
+
+    # Qwen-Image: musubi crashes after "Merged model saved" (v0.3.4); the merge still counts
+    out = tmp_path / "merged" / "qwen.safetensors"
+    prompt["2"]["inputs"] = {**old, "musubi_env": ["1", 0], "architecture": "qwen_image", "output_path": str(out),
+                             "text_encoder1": str(models / "t5.pth"), "vae": str(models / "vae.safetensors")}  # fmt: skip
+    comfy_server.run_prompt(prompt, timeout=60)
+    assert json.loads(argv_file.read_text())[0] == "qwen_image_generate_image" and out.is_file()
+
+    # bad input: the text encoder Wan loads before merging is missing -> named, nothing is run
+    argv_file.unlink()
+    prompt["2"]["inputs"] = {**node, "text_encoder1": "", "output_path": str(tmp_path / "merged" / "x.safetensors")}
+    with pytest.raises(RuntimeError, match="loads text_encoder1 before it merges: fill those inputs"):
+        comfy_server.run_prompt(prompt, timeout=60)
+    assert not argv_file.exists()
+
+    # no LyCORIS in musubi's venv: said before musubi starts, with the package to install
+    prompt["1"]["inputs"]["extra_env"] = f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_ARGV={argv_file}"
+    prompt["2"]["inputs"] = {**node, "output_path": str(tmp_path / "merged" / "y.safetensors")}
+    with pytest.raises(RuntimeError, match="lycoris is not installed .*pip install lycoris-lora"):
+        comfy_server.run_prompt(prompt, timeout=60)
+    assert not argv_file.exists()
 
 
 def test_dataset_loader_rejects_unknown_keys_and_viewer_reports(comfy_server, fake_setup, tmp_path):

@@ -17,16 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from speedkit.musubi import dataset
+from speedkit.musubi import commands, dataset
 from speedkit.musubi.commands import (
     CacheOptions,
     GenerateJob,
+    MergeJob,
     TrainJob,
     TrainModels,
     cache_latents_argv,
     cache_text_encoder_argv,
     convert_lora_argv,
     generate_argv,
+    merge_argv,
     merge_lora_argv,
     post_hoc_ema_argv,
     train_argv,
@@ -335,9 +337,35 @@ def all_commands(env: MusubiEnv, tmp: Path) -> list[tuple[str, list[str]]]:
     cmds.append(("convert", convert_lora_argv(env, "a.safetensors", "b.safetensors", "other", "diffusion_model")))
     cmds.append(("convert back", convert_lora_argv(env, "a.safetensors", "b.safetensors", "default")))
     cmds.append(("merge", merge_lora_argv(env, "dit", [("a", 1.0), ("b", 0.7)], "out.safetensors", "cuda")))
+    cmds += merge_commands(env, tmp)
     cmds.append(("ema", post_hoc_ema_argv(env, ["a", "b", "c"], "o.safetensors", 0.9, 0.99, 0.0, True)))
     cmds.append(("ema sigma", post_hoc_ema_argv(env, ["a", "b"], "o.safetensors", sigma_rel=0.2)))
     return cmds
+
+
+def merge_commands(env: MusubiEnv, tmp: Path) -> list[tuple[str, list[str]]]:
+    """Merge LoRA for every architecture (and every Wan task's model set)."""
+    loras = (("a.safetensors", 1.0), ("b.safetensors", 0.7))
+    base = dict(dit="dit.safetensors", loras=loras, output=str(tmp / "merged.safetensors"), device="cuda")
+    pf = str(tmp / "merge.prompt.txt")
+    jobs = {
+        "merge hv": MergeJob(arch="hunyuan_video", **base),
+        "merge fpack": MergeJob(arch="framepack", vae="v", text_encoder1="llava", text_encoder2="clip",
+                                image_encoder="siglip", include_pattern=r"single_blocks_\d+", **base),
+        "merge kontext": MergeJob(arch="flux_kontext", vae="ae", text_encoder1="t5", text_encoder2="clip",
+                                  prompt_file=pf, exclude_pattern="img_mod", **base),
+        "merge qwen": MergeJob(arch="qwen_image", vae="v", text_encoder1="qwen_vl", **base),
+        "merge zimage": MergeJob(arch="zimage", text_encoder1="qwen3", include_pattern="attn", exclude_pattern="x",
+                                 **base),
+        "merge hv1.5": MergeJob(arch="hunyuan_video_1_5", text_encoder1="qwen_vl", text_encoder2="byt5", **base),
+    }  # fmt: skip
+    for task in ("t2v-14B", "i2v-14B", "t2v-1.3B-FC", "flf2v-14B", "i2v-A14B", "t2v-A14B"):
+        models = {"text_encoder1": "t5", "vae": "v", "image_encoder": "clip"}
+        need = commands.merge_models(MergeJob(arch="wan", task=task, **base))
+        jobs[f"merge wan {task}"] = MergeJob(
+            arch="wan", task=task, prompt_file=pf, **{k: v for k, v in models.items() if k in need}, **base
+        )
+    return [(name, merge_argv(env, j)) for name, j in jobs.items()]
 
 
 def test_every_generated_argv_is_accepted_by_musubis_parser(env, tmp_path):
@@ -359,11 +387,34 @@ def test_every_generated_argv_is_accepted_by_musubis_parser(env, tmp_path):
     assert parsed["wan2.2 train"]["timestep_boundary"] == 900 and parsed["wan2.2 train"]["task"] == "i2v-A14B"
     assert parsed["hv train full"]["blocks_to_swap"] == 20 and parsed["hv train full"]["network_alpha"] == 16.0
     assert parsed["fpack gen"]["video_size"] == [480, 832] and parsed["ema"]["path"] == ["a", "b", "c"]
+    merges = {name: res for (name, _), res in zip(cmds, answer["argv"], strict=True) if name.startswith("merge ")}
+    assert len(merges) == 12
+    for name, res in merges.items():
+        ns = res["namespace"]
+        assert ns["save_merged_model"] == str(tmp_path / "merged.safetensors"), name
+        assert ns["lora_weight"] == ["a.safetensors", "b.safetensors"] and ns["lora_multiplier"] == [1.0, 0.7], name
+        assert ns["device"] == "cuda", name
+        if name != "merge hv":
+            # generate scripts: musubi's own post-parse checks ran too (prompt / from_file, lycoris installed)
+            assert res["validated"], name
+            assert ns["lycoris"] == (name != "merge kontext"), name  # Kontext saves without LyCORIS
+    assert merges["merge wan i2v-A14B"]["namespace"]["task"] == "i2v-A14B"
+    assert merges["merge wan i2v-14B"]["namespace"]["clip"] == "clip"
+    assert merges["merge kontext"]["namespace"]["exclude_patterns"] == ["img_mod", "img_mod"]
+    assert merges["merge hv1.5"]["namespace"]["video_length"] == 1
 
 
 def test_musubi_parser_rejects_a_wrong_flag(env):
     answer = probe(env, {"argv_checks": [{"script": "wan_train_network", "argv": ["--fp8_scaled_typo"]}]})
     assert not answer["argv"][0]["ok"] and "unrecognized arguments" in answer["argv"][0]["error"]
+
+
+def test_musubi_post_parse_checks_run_too(env):
+    """A generate script's parse_args() checks after parsing: a merge without --prompt is refused."""
+    argv = ["--dit", "d", "--text_encoder", "q", "--lora_weight", "a", "--save_merged_model", "o", "--save_path", "s"]
+    answer = probe(env, {"argv_checks": [{"script": "zimage_generate_image", "argv": argv}]})
+    assert not answer["argv"][0]["ok"]
+    assert "Either --prompt, --from_file or --interactive must be specified" in answer["argv"][0]["error"]
 
 
 GOOD_CONFIGS = {
