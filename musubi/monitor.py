@@ -30,22 +30,94 @@ def loss_from_log(path: str | os.PathLike) -> list[tuple[int, float]]:
     return state.loss_history
 
 
-def scalars_from_tensorboard(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series in the event files under ``logdir`` (needs the ``tensorboard`` package)."""
-    if importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("reading TensorBoard logs needs the tensorboard package: `pip install tensorboard`")
+EVENT_GLOB = "events.out.tfevents.*"
+EPOCH_TAGS = ("loss/epoch",)
+"""musubi logs these with step = the 1-based epoch number (trainer_base.py), not the optimizer step."""
+
+
+def _run_key(logdir: Path, folder: Path) -> str:
+    """The run an event-file folder belongs to: its first folder below ``logdir`` ('' = ``logdir`` itself).
+
+    musubi writes ``<logging_dir>/<log_prefix><timestamp>/network_train/events...`` (plus an
+    hparams-only sub-folder), so under the trainer's ``logs`` folder each top-level folder is one run.
+    """
+    parts = folder.relative_to(logdir).parts
+    return parts[0] if parts else ""
+
+
+def _read_scalars(folder: Path) -> dict[str, list]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    series: dict[str, list[tuple[int, float]]] = {}
-    files = sorted(Path(logdir).rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(folder))  # keeps up to 10000 points per tag, always the last one
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags().get("scalars", [])}
+
+
+@dataclass
+class TensorBoardLog:
+    """The scalars of one run under a TensorBoard log folder."""
+
+    runs: list[str]  # runs with scalars under the folder, oldest first ('' = the folder itself)
+    run: str  # the run the series come from
+    series: dict[str, list[tuple[int, float]]]  # tag -> (step, value), sorted by step
+
+
+def read_tensorboard(logdir: str | os.PathLike, run: str | None = None) -> TensorBoardLog:
+    """Scalar series of one run under ``logdir`` (default: the newest; needs the ``tensorboard`` package).
+
+    Runs are never mixed: the trainer's ``logs`` folder collects one sub-folder per training
+    run and their steps restart at 1. A step logged twice (a resumed run) keeps its last value.
+    """
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ValueError(
+            "reading TensorBoard logs needs the tensorboard package in ComfyUI's Python: `pip install tensorboard`"
+        )
+    root = Path(logdir)
+    files = sorted(root.rglob(EVENT_GLOB)) if root.is_dir() else []
     if not files:
-        raise ValueError(f"no TensorBoard event files under {str(logdir)!r}: train with log_tensorboard on")
+        raise ValueError(
+            f"tensorboard_dir {str(logdir)!r} holds no TensorBoard event files: train with log_tensorboard on "
+            "and give its <output_dir>/logs folder"
+        )
+    by_run: dict[str, dict[str, list]] = {}
+    written: dict[str, float] = {}
     for folder in sorted({f.parent for f in files}):
-        acc = EventAccumulator(str(folder))
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            series.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return series
+        scalars = _read_scalars(folder)
+        if not scalars:  # e.g. accelerate's hparams-only sub-folder
+            continue
+        key = _run_key(root, folder)
+        for tag, items in scalars.items():
+            by_run.setdefault(key, {}).setdefault(tag, []).extend(items)
+        stamp = max(f.stat().st_mtime for f in folder.glob(EVENT_GLOB))
+        written[key] = max(written.get(key, 0.0), stamp)
+    runs = sorted(written, key=lambda k: (written[k], k))
+    if not runs:
+        raise ValueError(
+            f"tensorboard_dir {str(logdir)!r} has event files but no scalars yet: wait for the first steps"
+        )
+    run = runs[-1] if run is None else run
+    if run not in by_run:
+        raise ValueError(f"run {run!r} has no scalars under {str(logdir)!r}; runs: {', '.join(runs)}")
+    series = {}
+    for tag, items in by_run[run].items():
+        last: dict[int, float] = {}
+        for e in sorted(items, key=lambda e: (e.step, e.wall_time)):
+            last[e.step] = e.value
+        series[tag] = sorted(last.items())
+    return TensorBoardLog(runs=runs, run=run, series=series)
+
+
+def scalars_from_tensorboard(logdir: str | os.PathLike, run: str | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of one run under ``logdir`` (see :func:`read_tensorboard`)."""
+    return read_tensorboard(logdir, run).series
+
+
+def split_epoch_series(
+    series: dict[str, list[tuple[int, float]]],
+) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, float]]]]:
+    """(per-step series, per-epoch series): they cannot share a step axis in one plot."""
+    per_epoch = {k: v for k, v in series.items() if k in EPOCH_TAGS}
+    return {k: v for k, v in series.items() if k not in EPOCH_TAGS}, per_epoch
 
 
 def plot_series(series: dict[str, list[tuple[int, float]]], width: int = 768, height: int = 384) -> np.ndarray:

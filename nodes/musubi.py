@@ -1597,7 +1597,12 @@ class TrainingMonitor(io.ComfyNode):
             not_idempotent=True,
             inputs=[
                 _s("log_path", "A trainer's log_path output (<name>_train.log)."),
-                _s("tensorboard_dir", "Optional: <output_dir>/logs of a run with log_tensorboard.", advanced=True),
+                _s(
+                    "tensorboard_dir",
+                    "Optional: <output_dir>/logs of a run with log_tensorboard (needs the tensorboard package). "
+                    "Several runs there: the newest is plotted.",
+                    advanced=True,
+                ),
                 _i("width", "Plot width in pixels.", 768, 128, 4096),
                 _i("height", "Plot height in pixels.", 384, 128, 4096),
             ],
@@ -1611,13 +1616,19 @@ class TrainingMonitor(io.ComfyNode):
     def execute(cls, log_path, tensorboard_dir, width, height):
         import numpy as np
 
+        notes = []
         if tensorboard_dir.strip():
-            series = monitor.scalars_from_tensorboard(env.native_path(tensorboard_dir))
+            tb = monitor.read_tensorboard(env.native_path(tensorboard_dir))
+            series, per_epoch = monitor.split_epoch_series(tb.series)
+            if len(tb.runs) > 1:
+                notes.append(f"run {tb.run} (the newest of {len(tb.runs)} under {tensorboard_dir.strip()})")
+            # musubi logs these at step = epoch number, not on the optimizer-step axis of the plot
+            notes += [f"{k}: last {v[-1][1]:.5g} at epoch {v[-1][0]}" for k, v in per_epoch.items() if v]
         else:
             series = {"avr_loss": monitor.loss_from_log(env.native_path(log_path))}
         img = monitor.plot_series(series, width, height)
         summary = "\n".join(
-            f"{k}: {len(v)} points, last {v[-1][1]:.5g} at step {v[-1][0]}" for k, v in series.items() if v
+            [f"{k}: {len(v)} points, last {v[-1][1]:.5g} at step {v[-1][0]}" for k, v in series.items() if v] + notes
         )
         return io.NodeOutput(_frames_to_image(img[np.newaxis]), summary or "no data yet")
 

@@ -325,6 +325,38 @@ def test_merge_lora_per_architecture(comfy_server, fake_setup, tmp_path):
     assert not argv_file.exists()
 
 
+def test_training_monitor_reads_tensorboard_files(comfy_server, tmp_path):
+    pytest.importorskip(
+        "tensorboard", reason="tensorboard is not installed in the test Python: cannot write event files"
+    )
+    from torch.utils.tensorboard import SummaryWriter
+
+    info = comfy_server.object_info()
+    logs = tmp_path / "tb" / "logs"
+    for name, n in (("lora_20260101120000", 9), ("lora_20260102120000", 6)):  # musubi's layout, two runs
+        writer = SummaryWriter(str(logs / name / "network_train"))
+        writer.add_hparams({"network_dim": 32}, metric_dict={})
+        for step in range(1, n + 1):
+            writer.add_scalar("loss/current", 1.0 / step, global_step=step)
+            writer.add_scalar("lr/unet", 1e-4, global_step=step)
+        writer.add_scalar("loss/epoch", 0.3, global_step=1)
+        writer.close()
+        time.sleep(0.05)
+    prompt = {
+        "1": {"class_type": "MusubiTuner_TrainingMonitor", "inputs": widgets(
+            info, "MusubiTuner_TrainingMonitor", tensorboard_dir=str(logs), width=256, height=128)},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}},
+    }  # fmt: skip
+    try:
+        entry = comfy_server.run_prompt(prompt, timeout=60)
+    except RuntimeError as exc:  # ComfyUI's Python (COMFYUI_PYTHON) may lack tensorboard: then it must say so
+        assert "needs the tensorboard package" in str(exc) and "pip install tensorboard" in str(exc)
+        return
+    summary = entry["outputs"]["2"]["text"][0]
+    assert "loss/current: 6 points, last 0.16667 at step 6" in summary  # the newest run only
+    assert "run lora_20260102120000 (the newest of 2" in summary and "loss/epoch: last 0.3 at epoch 1" in summary
+
+
 def test_dataset_loader_rejects_unknown_keys_and_viewer_reports(comfy_server, fake_setup, tmp_path):
     _, data, _ = fake_setup
     bad = tmp_path / "bad.toml"
