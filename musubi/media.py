@@ -102,7 +102,10 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: float, fmt: st
 
     codec = {"mp4": "libx264", "webm": "libvpx-vp9"}[fmt]
     h, w = frames.shape[1:3]
-    if fmt == "mp4" and (h % 2 or w % 2):
+    if fmt == "mp4":
+        # H.264 in 4:2:0 needs even sides: drop the last row/column (VP9 encodes odd sizes as they are)
+        if h < 2 or w < 2:
+            raise ValueError(f"MP4 needs frames of at least 2x2 pixels, got {w}x{h}: use webm, webp or gif")
         frames = frames[:, : h - h % 2, : w - w % 2]
     from fractions import Fraction
 

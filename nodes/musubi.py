@@ -1557,7 +1557,9 @@ class VideoOutput(io.ComfyNode):
             "subfolder": rel.parent.as_posix() if rel.parent != Path(".") else "",
             "type": "output",
         }
-        ui = {"images": [preview], "animated": [format in media.PILLOW_FORMATS]}
+        # ComfyUI's front end plays an output in a <video> element only when it is flagged animated and
+        # is not .webp/.png (like core's SaveVideo); webp/gif animate in a plain <img>.
+        ui = {"images": [preview], "animated": [format in ("mp4", "webm")]}
         return io.NodeOutput(str(path), ui=ui)
 
 

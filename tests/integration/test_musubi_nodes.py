@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fake_musubi.fakeroot import FAKE_SITE, LYCORIS_SITE, make_fake_root
 from PIL import Image
@@ -239,6 +240,35 @@ def test_generate_with_lora_and_batch_prompts_to_webp(comfy_server, fake_setup, 
     assert argv[0] == "wan_generate_video" and argv[argv.index("--lora_multiplier") + 1] == "0.8"
     assert argv[argv.index("--video_size") + 1 : argv.index("--video_size") + 3] == ["48", "64"]
     assert argv[argv.index("--prompt") + 1] in ("a red fox", "a blue bird")
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "webm", "gif", "webp"])
+def test_video_output_encodes_and_previews(comfy_server, tmp_path, fmt):
+    from speedkit.musubi import media
+
+    if fmt in ("mp4", "webm") and not media.has_pyav():
+        pytest.skip("PyAV is not installed in the test Python: the saved video cannot be decoded here")
+    info = comfy_server.object_info()
+    frames = tmp_path / "frames.webp"  # 6 frames, 48x64, each a different colour
+    src = np.stack([np.full((48, 64, 3), (40 * i, 200 - 30 * i, 90), np.uint8) for i in range(6)])
+    media.write_video(src, frames, fps=6, fmt="webp", quality=100)
+    prompt = {
+        "1": {"class_type": "MusubiTuner_VideoInput", "inputs": widgets(
+            info, "MusubiTuner_VideoInput", video_path=str(frames))},
+        "2": {"class_type": "MusubiTuner_VideoOutput", "inputs": widgets(
+            info, "MusubiTuner_VideoOutput", frames=["1", 0], fps=6.0, format=fmt, quality=90,
+            filename_prefix=f"itest/out_{fmt}")},
+    }  # fmt: skip
+    entry = comfy_server.run_prompt(prompt, timeout=120)
+    ui = _history_outputs(comfy_server, entry)["2"]
+    assert ui["images"][0]["filename"].endswith(f".{fmt}") and ui["images"][0]["type"] == "output"
+    # the front end shows a <video> only for animated outputs that are not .webp/.png
+    assert ui["animated"] == [fmt in ("mp4", "webm")]
+    saved = comfy_server.output_dir / ui["images"][0]["subfolder"] / ui["images"][0]["filename"]
+    back, fps = media.read_video(saved)
+    assert back.shape == src.shape and fps == pytest.approx(6, rel=0.05)
+    if fmt != "gif":  # GIF's palette may shift colours a little more
+        assert np.abs(back.astype(int) - src.astype(int)).mean() < 4
 
 
 def test_convert_lora_auto_direction_and_not_a_lora(comfy_server, fake_setup, tmp_path):
