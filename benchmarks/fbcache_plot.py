@@ -20,14 +20,22 @@ COLORS = {
     "ours": (31, 119, 180),
     "ours_maxhits2": (44, 160, 44),
     "ours_maxhits1": (23, 190, 207),
+    "ours_extrap": (148, 103, 189),
+    "ours_extrap_maxhits2": (255, 127, 14),
+    "ours_extrap_maxhits1": (140, 86, 75),
     "easycache": (214, 39, 40),
 }
 LABELS = {
-    "ours": "First Block Cache",
-    "ours_maxhits2": "First Block Cache, max 2 hits in a row",
-    "ours_maxhits1": "First Block Cache, max 1 hit in a row",
+    "ours": "FBCache reuse",
+    "ours_maxhits2": "FBCache reuse, max 2 hits in a row",
+    "ours_maxhits1": "FBCache reuse, max 1 hit in a row",
+    "ours_extrap": "FBCache extrapolate",
+    "ours_extrap_maxhits2": "FBCache extrapolate, max 2 hits (node default)",
+    "ours_extrap_maxhits1": "FBCache extrapolate, max 1 hit",
     "easycache": "ComfyUI EasyCache",
 }
+RESULT_KEYS = ("quality_session3", "quality_call3")
+"""Newest quality run first (the results file keeps older runs for comparison)."""
 
 
 def _font(size: int):
@@ -39,10 +47,12 @@ def _font(size: int):
     return ImageFont.load_default()
 
 
-def plot(rows: list[dict], out: Path, speed_key: str = "speedup_cost") -> None:
+def plot(rows: list[dict], out: Path, speed_key: str = "speedup_cost", max_speedup: float = 4.0) -> None:
+    """One panel per sampler; points beyond ``max_speedup`` (PSNR far below use) are left out."""
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    rows = [r for r in rows if r[speed_key] <= max_speedup]
     pw, ph, margin = 520, 380, 70
-    img = Image.new("RGB", (pw * len(samplers) + 20, ph + 150), "white")
+    img = Image.new("RGB", (pw * len(samplers) + 20, ph + 200), "white")
     d = ImageDraw.Draw(img)
     f, fs = _font(15), _font(12)
     xmax = max(r[speed_key] for r in rows) * 1.05
@@ -59,9 +69,10 @@ def plot(rows: list[dict], out: Path, speed_key: str = "speedup_cost") -> None:
             return y1 - (p - ymin) / (ymax - ymin) * (y1 - y0)
 
         d.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-        for s in range(1, int(xmax) + 1):
+        for tick in range(2, int(xmax * 2) + 1):
+            s = tick / 2
             d.line([px(s), y1, px(s), y1 + 4], fill=(0, 0, 0))
-            d.text((px(s) - 8, y1 + 6), f"{s}x", fill=(0, 0, 0), font=fs)
+            d.text((px(s) - 10, y1 + 6), f"{s:g}x", fill=(0, 0, 0), font=fs)
         for p in range(int(ymin), int(ymax) + 1, 5):
             d.line([x0 - 4, py(p), x0, py(p)], fill=(0, 0, 0))
             d.line([x0, py(p), x1, py(p)], fill=(232, 232, 232))
@@ -81,18 +92,18 @@ def plot(rows: list[dict], out: Path, speed_key: str = "speedup_cost") -> None:
                 d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
     ly = ph + 10
     for i, (method, color) in enumerate(COLORS.items()):
-        x = 30 + (i % 2) * 420
-        y = ly + (i // 2) * 22
+        x = 30 + (i % 3) * 520
+        y = ly + (i // 3) * 22
         d.rectangle([x, y + 3, x + 14, y + 15], fill=color)
         d.text((x + 20, y), LABELS[method], fill=(0, 0, 0), font=f)
     d.text(
-        (30, ly + 55),
+        (30, ly + 75),
         "PSNR vs the uncached output, same seeds; grey line: 30 dB. Trained SDXL-topology UNet, 20 steps, CFG 5.",
         fill=(60, 60, 60),
         font=fs,
     )
     d.text(
-        (30, ly + 75),
+        (30, ly + 95),
         "Speedup = model evaluations saved, a hit counted at its measured cost (H100, SDXL 1024^2).",
         fill=(60, 60, 60),
         font=fs,
@@ -126,11 +137,14 @@ def main() -> None:
     ap.add_argument("--latents", type=Path, default=None)
     ap.add_argument("--plot", type=Path, required=True)
     ap.add_argument("--samples", type=Path, default=None)
-    ap.add_argument("--picks", default="euler/baseline,euler/ours_maxhits1/0.02,euler/ours/0.01,euler/easycache/0.1")
+    ap.add_argument(
+        "--picks",
+        default="euler/baseline,euler/ours_extrap_maxhits1/0.5,euler/ours_maxhits1/0.5,euler/easycache/0.1",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     data = json.loads(args.results.read_text())
-    quality = data.get("quality_call3", data)
+    quality = next((data[k] for k in RESULT_KEYS if k in data), data)
     plot(quality["rows"], args.plot)
     if args.latents and args.samples:
         samples(torch.load(args.latents), args.samples, args.picks.split(","))

@@ -74,6 +74,48 @@ def log_table(title: str, rows: list[tuple], ms_digits: int) -> None:
         log.info("%-28s %9.*f %9.1f %9.1f %10.2e", name, ms_digits, ms, tf, first, diff)
 
 
+def triton_conv_compiled(module: torch.nn.Module):
+    """``module`` compiled with inductor's Triton conv templates as the only conv backend.
+
+    The inductor config is patched only while the first call compiles (compilation is lazy)."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(module, mode="max-autotune-no-cudagraphs", dynamic=False)
+    state = {"done": False}
+
+    def call(x):
+        if not state["done"]:
+            with inductor_config.patch(
+                max_autotune_conv_backends="TRITON", max_autotune_gemm_backends="TRITON", epilogue_fusion=True
+            ):
+                y = compiled(x)
+            state["done"] = True
+            return y
+        return compiled(x)
+
+    return call
+
+
+def profile_top_kernels(model, inp: torch.Tensor, top: int = 15) -> None:
+    """Log the GPU kernels that take the most time in one call of ``model`` (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(inp)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.device_time_total for e in events if e.device_time_total > 0)
+    log.info("\ntop GPU kernels of one call (total %.1f ms):", total / 1e3)
+    for e in sorted(events, key=lambda e: e.device_time_total, reverse=True)[:top]:
+        log.info(
+            "%8.2f ms %5.1f %%  x%-4d %s",
+            e.device_time_total / 1e3,
+            100 * e.device_time_total / total,
+            e.count,
+            e.key[:90],
+        )
+
+
 def build_model():
     from spandrel.architectures.ESRGAN import ESRGANArch  # noqa: F401  (checks spandrel present)
     from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet
@@ -92,7 +134,15 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--autotune", action="store_true", help="also try max-autotune-no-cudagraphs on one RDB")
+    parser.add_argument(
+        "--triton-conv",
+        action="store_true",
+        help="also try inductor's Triton conv templates only (max-autotune, conv epilogues fused) on one RDB",
+    )
     parser.add_argument("--skip-model", action="store_true", help="only the single-block timings")
+    parser.add_argument(
+        "--profile-model", action="store_true", help="print the whole model's top GPU kernels (torch.profiler)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
@@ -136,6 +186,9 @@ def main() -> None:
             variants["spandrel"], mode="max-autotune-no-cudagraphs", dynamic=False
         )
         fns["fused max-autotune"] = torch.compile(variants["fused"], mode="max-autotune-no-cudagraphs", dynamic=False)
+    if args.triton_conv:
+        for name in ("spandrel", "fused"):
+            fns[name + " triton-conv"] = triton_conv_compiled(variants[name])
     for name, fn in fns.items():
         *row, ref = first_call_and_steady(fn, x, flops, args.iters, ref)
         rows.append((name, *row))
@@ -172,6 +225,8 @@ def main() -> None:
                 block.compile(dynamic=False)
         *row, ref = first_call_and_steady(m, inp, total, max(3, args.iters // 3), ref)
         rows.append((name, *row))
+        if args.profile_model and name == "fused regional":
+            profile_top_kernels(m, inp)
         del m
         torch.cuda.empty_cache()
     log_table(f"whole RRDBNet x4 at {w}x{h} ({total / 1e12:.1f} TFLOP), GPU compute only:", rows, 1)

@@ -161,7 +161,7 @@ class FBCacheHolder:
     # ------------------------------------------------------------------ lifecycle
     def clone(self) -> FBCacheHolder:
         """A holder with the same settings and fresh state (one per sampling run)."""
-        new = FBCacheHolder(
+        new = type(self)(
             self.threshold,
             self.start_percent,
             self.end_percent,
