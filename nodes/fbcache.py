@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 WRAPPER_KEY = "speedkit_fbcache"
 DEFAULT_MODE = "tail"  # benchmarks/fbcache_cost.py: same speed as per_block, 15x less extra memory
 DEFAULT_MAX_HITS = 2  # benchmarks/fbcache_quality.py: bounded runs of hits win at <= 2x
-DEFAULT_HIT_RESIDUAL = "extrapolate"  # benchmarks/fbcache_quality.py: +3..9 dB PSNR at the same speedup
+DEFAULT_HIT_RESIDUAL = "extrapolate"  # benchmarks/fbcache_quality.py: ~+5 dB PSNR at the same settings
 
 
 def _send_ui_text(node_id: str | None, text: str) -> None:
@@ -221,7 +221,7 @@ class FirstBlockCache(io.ComfyNode):
                     tooltip=(
                         "What a skipped step adds back. extrapolate (default): a straight-line prediction along "
                         "the noise schedule from the residuals of the last two computed steps; in our benchmark "
-                        "3-9 dB higher PSNR than reuse at the same speedup, for one more cached residual of GPU "
+                        "about 5 dB (1.4-6.6) higher PSNR than reuse at the same settings, for one more cached residual of GPU "
                         "memory (+52 MiB on a Flux-size model, tail mode). reuse: the residual of the last "
                         "computed step as is (classic First Block Cache)."
                     ),
