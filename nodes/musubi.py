@@ -1594,8 +1594,9 @@ class TrainingMonitor(io.ComfyNode):
             node_id="MusubiTuner_TrainingMonitor",
             display_name="Musubi Training Monitor",
             category="MusubiTuner/monitor",
-            description="Plots the loss curve from a training log (avr_loss per step), or every scalar (loss, lr) "
-            "from TensorBoard event files when the tensorboard package is installed.",
+            description="Plots the loss curve from a training log (avr_loss per step), or, with tensorboard_dir, the "
+            "per-step scalars (loss/current, loss/average, lr/*) of the newest TensorBoard run there (needs the "
+            "tensorboard package); loss/epoch goes to the summary.",
             not_idempotent=True,
             inputs=[
                 _s("log_path", "A trainer's log_path output (<name>_train.log)."),
