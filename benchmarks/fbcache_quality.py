@@ -214,6 +214,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--samplers", default="euler,dpmpp_2m,heun")
+    ap.add_argument("--methods", default="", help="comma list of method names to run (default: all)")
     ap.add_argument("--hit-cost", type=float, default=None, help="hit step cost / full step (else from --cost-json)")
     ap.add_argument("--cost-json", type=Path, default=None)
     ap.add_argument("--save-model", type=Path, default=None)
@@ -316,7 +317,7 @@ def main() -> None:
                 th,
                 lambda th=th, hits=hits: ours(th, max_hits=hits, hit_residual="extrapolate"),
             )
-            for th in (0.01, 0.02, 0.05, 0.5)
+            for th in ((0.01, 0.02, 0.05, 0.1, 0.2, 0.5) if hits == 1 else (0.01, 0.02, 0.05, 0.5))
         ]
     methods += [("easycache", th, lambda th=th: easycache(th)) for th in (0.025, 0.05, 0.1, 0.2, 0.3)]
     started = time.perf_counter()
@@ -341,6 +342,8 @@ def main() -> None:
         }
         saved[f"{sampler}/baseline"] = base.cpu()
         for name, th, make in methods:
+            if args.methods and name not in args.methods.split(","):
+                continue
             if time.perf_counter() - started > args.budget_seconds:
                 logger.warning("time budget spent: skipping %s %s %s", sampler, name, th)
                 continue
