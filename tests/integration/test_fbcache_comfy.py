@@ -56,6 +56,10 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         cached = node.execute(mp, 0.3, 0.0, 1.0, -1, "tail", False).args[0]
         per_block = node.execute(mp, 0.3, 0.0, 1.0, 2, "per_block", False).args[0]
         half = run(forced_half)
+        third_reuse = run(adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False, False, True])))
+        third_extrap = run(adapter.apply_first_block_cache(
+            mp, fbc.FBCacheHolder(0.5, force_pattern=[False, False, True], hit_residual="extrapolate")))
+        default_mode = node.execute(mp, 0.3).args[0].model_options["transformer_options"]["speedkit_fbcache"]
         cached_a = run(cached)
         run(cached, "heun")  # another prompt in between
         report[fam] = {
@@ -64,6 +68,9 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
             "all_computed_identical": bool(torch.equal(run(forced_miss), base)),
             "half_differs": not bool(torch.equal(half, base)),
             "half_finite": bool(torch.isfinite(half).all()),
+            "extrapolate_finite": bool(torch.isfinite(third_extrap).all()),
+            "extrapolate_differs_from_reuse": not bool(torch.equal(third_extrap, third_reuse)),
+            "node_default_hit_residual": default_mode.hit_residual,
             "cached_finite": bool(torch.isfinite(cached_a).all()),
             "cached_rerun_identical": bool(torch.equal(run(cached), cached_a)),
             "per_block_heun_finite": bool(torch.isfinite(run(per_block, "heun")).all()),
@@ -130,6 +137,13 @@ def test_cached_runs_complete_with_every_sampler(report, family):
     assert r["chained_twice_identical_to_once"]  # a second node replaces the first, no double hooks
 
 
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_extrapolated_hit_residual_runs_and_is_the_node_default(report, family):
+    r = report["data"][family]
+    assert r["extrapolate_finite"] and r["extrapolate_differs_from_reuse"]
+    assert r["node_default_hit_residual"] == "extrapolate"
+
+
 def test_report_in_log_and_attach_messages(report):
     log = report["log"]
     assert "First Block Cache attached to UNetModel: first ResBlock, tail residual" in log
@@ -158,3 +172,5 @@ def test_node_schema_on_the_server(comfy_server):
         assert name in required, name
         assert required[name][1].get("tooltip"), f"{name} has no tooltip"
     assert required["cache_mode"][1]["default"] == "tail"
+    optional = info["input"].get("optional", {})
+    assert optional["hit_residual"][1]["default"] == "extrapolate" and optional["hit_residual"][1].get("tooltip")
