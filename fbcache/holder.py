@@ -350,6 +350,7 @@ class FBCacheHolder:
             and sigma is not None
             and old.sigma is not None
             and old.sigma != sigma
+            and any(t is not None for t in tensors.values())  # slots of key names only: nothing to predict
         ):
             entry.previous, entry.previous_sigma = old.tensors, old.sigma
         slots[slot] = entry
