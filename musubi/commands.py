@@ -307,6 +307,26 @@ def train_argv(env: MusubiEnv, job: TrainJob, prompt_file: Path | None = None) -
 # --- generation ------------------------------------------------------------------------
 
 
+WAN_LORA_TARGETS = ("dit", "dit_high_noise", "both")
+"""Which Wan DiT a LoRA is applied to. ``dit`` is Wan2.1's only DiT and Wan2.2's low-noise one;
+``both`` suits a LoRA trained on both Wan2.2 DiTs in one run (``--dit_high_noise`` in training)."""
+
+
+def split_wan_loras(
+    loras: Sequence[tuple[str, str, float, str]],
+) -> tuple[tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]]:
+    """(input name, path, multiplier, target) items -> (LoRAs for ``dit``, LoRAs for ``dit_high_noise``)."""
+    low, high = [], []
+    for name, path, multiplier, target in loras:
+        if target not in WAN_LORA_TARGETS:
+            raise ValueError(f"{name}_target={target!r} must be one of {', '.join(WAN_LORA_TARGETS)}")
+        if target in ("dit", "both"):
+            low.append((path, multiplier))
+        if target in ("dit_high_noise", "both"):
+            high.append((path, multiplier))
+    return tuple(low), tuple(high)
+
+
 @dataclass(frozen=True)
 class GenerateJob:
     """One video generation with ``<arch>_generate_video.py``."""
@@ -335,7 +355,8 @@ class GenerateJob:
     video_path: str = ""  # V2V (HunyuanVideo, Wan)
     strength: float = 0.8  # V2V strength (HunyuanVideo)
     control_path: str = ""  # Wan Fun-Control control video
-    loras: tuple[tuple[str, float], ...] = ()
+    loras: tuple[tuple[str, float], ...] = ()  # (path, multiplier); Wan2.2: applied to the low-noise `dit`
+    loras_high_noise: tuple[tuple[str, float], ...] = ()  # Wan2.2: applied to `dit_high_noise`
     attn_mode: str = "sdpa"
     fp8: bool = False
     fp8_scaled: bool = False
@@ -417,6 +438,15 @@ def generate_argv(env: MusubiEnv, job: GenerateJob) -> list[str]:
     if job.loras:
         argv += ["--lora_weight", *[p for p, _ in job.loras]]
         argv += ["--lora_multiplier", *[_num(m) for _, m in job.loras]]
+    if job.loras_high_noise:
+        # wan_generate_video.py loads --lora_weight into --dit only and these into --dit_high_noise only
+        if job.arch != "wan" or not job.dit_high_noise:
+            raise ValueError(
+                "a LoRA targets dit_high_noise, but dit_high_noise is empty (it is a Wan2.2 A14B input): give the "
+                "high-noise DiT or set that LoRA's target to dit"
+            )
+        argv += ["--lora_weight_high_noise", *[p for p, _ in job.loras_high_noise]]
+        argv += ["--lora_multiplier_high_noise", *[_num(m) for _, m in job.loras_high_noise]]
     argv += ["--attn_mode", job.attn_mode]
     _flag(argv, "--fp8", job.fp8)
     if job.fp8_scaled:

@@ -1154,12 +1154,14 @@ def _generate(cls, arch: str, kw: dict, models: dict, **job_kw):
         if kw[f"lora_{i}"].strip():
             path = _lora_path(kw[f"lora_{i}"], f"lora_{i}")
             lora_file.detect_lora_format(lora_file.read_safetensors_keys(path)[0], f"lora_{i}")
-            loras.append((path, kw[f"strength_{i}"]))
+            # workflows saved before the Wan target inputs existed apply every LoRA to `dit`
+            loras.append((f"lora_{i}", path, kw[f"strength_{i}"], kw.get(f"lora_{i}_target") or "dit"))
+    low, high = commands.split_wan_loras(loras)
     job = commands.GenerateJob(
         arch=arch, prompt=kw["prompt"], negative_prompt=kw["negative_prompt"], save_path=str(out), **paths,
         width=kw["width"], height=kw["height"], frames=kw["frames"], fps=kw["fps"], steps=kw["steps"],
         seed=kw["seed"], guidance_scale=kw["guidance_scale"], flow_shift=kw["flow_shift"], image_path=image_path, end_image_path=end_path,
-        loras=tuple(loras), attn_mode=kw["attn_mode"], fp8=kw["fp8"], fp8_text_encoder=kw["fp8_text_encoder"],
+        loras=low, loras_high_noise=high, attn_mode=kw["attn_mode"], fp8=kw["fp8"], fp8_text_encoder=kw["fp8_text_encoder"],
         blocks_to_swap=kw["blocks_to_swap"], output_type="both", extra=kw["extra_args"], **job_kw,
     )  # fmt: skip
     argv = commands.generate_argv(e, job)
@@ -1215,7 +1217,8 @@ class GenerateVideoWan(io.ComfyNode):
             node_id="MusubiTuner_GenerateVideo_Wan",
             display_name="Musubi Generate Video (Wan 2.1 / 2.2)",
             category="MusubiTuner/generate",
-            description="Text/image-to-video with musubi's wan_generate_video.py (Wan2.2 with high-noise DiT).",
+            description="Text/image-to-video with musubi's wan_generate_video.py (Wan2.2 with high-noise DiT; each LoRA "
+            "applied to the DiT its lora_N_target names).",
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=_gen_inputs(
@@ -1224,12 +1227,29 @@ class GenerateVideoWan(io.ComfyNode):
                     _c("task", "Model task.", archs.ARCHS["wan"].tasks, "t2v-1.3B"),
                     _s("t5", "T5 text encoder."),
                     _s("clip", "Wan2.1 I2V: CLIP model; else empty."),
-                    _s("dit_high_noise", "Wan2.2: high-noise DiT; empty = none.", advanced=True),
+                    _s(
+                        "dit_high_noise",
+                        "Wan2.2: high-noise DiT; empty = none. LoRAs apply to it through lora_N_target.",
+                        advanced=True,
+                    ),
                     _b("fp8_scaled", "Scaled fp8 DiT (better than plain fp8)."),
                     _s("video_path", "Video-to-video: input video path; empty = off.", advanced=True),
                     _s("control_video", "Fun-Control tasks (*-FC): control video path; empty = off.", advanced=True),
                 ],
-            ),
+            )
+            # after every older input, and optional: saved workflows keep their widget values and apply
+            # their LoRAs to `dit` as before
+            + [
+                _c(
+                    f"lora_{i}_target",
+                    f"Which DiT lora_{i} is applied to: dit (Wan2.1's DiT, Wan2.2's low-noise DiT), dit_high_noise "
+                    "(Wan2.2), or both (a LoRA trained on both Wan2.2 DiTs in one run).",
+                    commands.WAN_LORA_TARGETS,
+                    optional=True,
+                    advanced=i > 1,
+                )
+                for i in (1, 2, 3)
+            ],
             outputs=GEN_OUTPUTS(),
         )
 

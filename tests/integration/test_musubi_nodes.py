@@ -242,6 +242,58 @@ def test_generate_with_lora_and_batch_prompts_to_webp(comfy_server, fake_setup, 
     assert argv[argv.index("--prompt") + 1] in ("a red fox", "a blue bird")
 
 
+def test_wan22_generate_applies_each_lora_to_its_dit(comfy_server, fake_setup, tmp_path):
+    root, _, models = fake_setup
+    info = comfy_server.object_info()
+    from fake_musubi.fake_cli import LORA_KEYS, write_safetensors
+
+    for name in ("both", "high", "low"):
+        write_safetensors(str(tmp_path / f"{name}.safetensors"), LORA_KEYS)
+    (models / "high_dit.safetensors").write_bytes(b"x")
+    argv_file = tmp_path / "argv.json"
+    node = widgets(
+        info, "MusubiTuner_GenerateVideo_Wan", musubi_env=["1", 0], prompt="a fox", task="t2v-A14B",
+        dit=str(models / "dit.safetensors"), dit_high_noise=str(models / "high_dit.safetensors"),
+        vae=str(models / "vae.safetensors"), t5=str(models / "t5.pth"), width=64, height=48, frames=5, steps=2,
+        seed=3, lora_1=str(tmp_path / "both.safetensors"), strength_1=0.8, lora_1_target="both",
+        lora_2=str(tmp_path / "high.safetensors"), strength_2=0.6, lora_2_target="dit_high_noise",
+        lora_3=str(tmp_path / "low.safetensors"), strength_3=1.0,
+    )  # fmt: skip
+    assert node["lora_3_target"] == "dit"  # the default
+    prompt = {
+        "1": {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
+            extra_env=f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_ARGV={argv_file}")},
+        "2": {"class_type": "MusubiTuner_GenerateVideo_Wan", "inputs": node},
+    }  # fmt: skip
+    comfy_server.run_prompt(prompt, timeout=120)
+    argv = json.loads(argv_file.read_text())
+
+    def values(flag: str) -> list[str]:
+        i = argv.index(flag) + 1
+        return argv[i : next((j for j in range(i, len(argv)) if argv[j].startswith("--")), len(argv))]
+
+    assert [Path(p).stem for p in values("--lora_weight")] == ["both", "low"]
+    assert [float(m) for m in values("--lora_multiplier")] == [0.8, 1.0]
+    assert [Path(p).stem for p in values("--lora_weight_high_noise")] == ["both", "high"]
+    assert [float(m) for m in values("--lora_multiplier_high_noise")] == [0.8, 0.6]
+
+    # an API prompt saved before the target inputs existed: every LoRA on `dit`, as before
+    prompt["2"]["inputs"] = {k: v for k, v in node.items() if not k.endswith("_target")}
+    prompt["2"]["inputs"]["seed"] = 4  # a new prompt, not a cached result
+    comfy_server.run_prompt(prompt, timeout=120)
+    argv = json.loads(argv_file.read_text())
+    assert [Path(p).stem for p in values("--lora_weight")] == ["both", "high", "low"]
+    assert not any(a.startswith("--lora") and a.endswith("_high_noise") for a in argv)
+
+    # a high-noise target without the high-noise DiT: named, nothing run
+    argv_file.unlink()
+    prompt["2"]["inputs"] = {**node, "dit_high_noise": "", "task": "t2v-14B", "seed": 5}
+    with pytest.raises(RuntimeError, match="a LoRA targets dit_high_noise, but dit_high_noise is empty"):
+        comfy_server.run_prompt(prompt, timeout=60)
+    assert not argv_file.exists()
+
+
 @pytest.mark.parametrize("fmt", ["mp4", "webm", "gif", "webp"])
 def test_video_output_encodes_and_previews(comfy_server, tmp_path, fmt):
     from speedkit.musubi import media

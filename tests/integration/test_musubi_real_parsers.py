@@ -314,6 +314,22 @@ def all_commands(env: MusubiEnv, tmp: Path) -> list[tuple[str, list[str]]]:
             ),
         )
     )
+    low, high = commands.split_wan_loras(
+        [("lora_1", "both.safetensors", 0.8, "both"), ("lora_2", "high.safetensors", 0.6, "dit_high_noise"),
+         ("lora_3", "low.safetensors", 1.0, "dit")]
+    )  # fmt: skip
+    cmds.append(
+        (
+            "wan2.2 t2v high-noise loras",
+            generate_argv(
+                env,
+                GenerateJob(
+                    arch="wan", task="t2v-A14B", text_encoder1="t5", dit_high_noise="high",
+                    **{**g, "loras": low}, loras_high_noise=high,
+                ),
+            ),
+        )
+    )  # fmt: skip
     cmds.append(
         (
             "fpack gen",
@@ -387,6 +403,11 @@ def test_every_generated_argv_is_accepted_by_musubis_parser(env, tmp_path):
     assert parsed["wan2.2 train"]["timestep_boundary"] == 900 and parsed["wan2.2 train"]["task"] == "i2v-A14B"
     assert parsed["hv train full"]["blocks_to_swap"] == 20 and parsed["hv train full"]["network_alpha"] == 16.0
     assert parsed["fpack gen"]["video_size"] == [480, 832] and parsed["ema"]["path"] == ["a", "b", "c"]
+    wan22 = parsed["wan2.2 t2v high-noise loras"]
+    assert wan22["dit_high_noise"] == "high" and wan22["task"] == "t2v-A14B"
+    assert wan22["lora_weight"] == ["both.safetensors", "low.safetensors"] and wan22["lora_multiplier"] == [0.8, 1.0]
+    assert wan22["lora_weight_high_noise"] == ["both.safetensors", "high.safetensors"]
+    assert wan22["lora_multiplier_high_noise"] == [0.8, 0.6]
     merges = {name: res for (name, _), res in zip(cmds, answer["argv"], strict=True) if name.startswith("merge ")}
     assert len(merges) == 12
     for name, res in merges.items():

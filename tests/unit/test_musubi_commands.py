@@ -24,6 +24,7 @@ from speedkit.musubi.commands import (
     generate_argv,
     merge_lora_argv,
     post_hoc_ema_argv,
+    split_wan_loras,
     train_argv,
 )
 from speedkit.musubi.configs import MemoryConfig, OptimizerConfig, SamplingConfig, TrainingConfig
@@ -441,6 +442,60 @@ def test_generate_bad_inputs(kw, message):
     base = dict(arch="wan", prompt="p", save_path="s", dit="d", vae="v", text_encoder1="t", task="t2v-1.3B")
     with pytest.raises(ValueError, match=message):
         generate_argv(ENV, GenerateJob(**{**base, **kw}))
+
+
+WAN22 = dict(arch="wan", task="t2v-A14B", prompt="p", save_path="s", dit="low.safetensors", vae="v",
+             text_encoder1="t5", dit_high_noise="high.safetensors")  # fmt: skip
+
+
+def test_wan22_loras_go_to_the_dit_they_target():
+    """wan_generate_video.py loads --lora_weight into --dit and --lora_weight_high_noise into --dit_high_noise."""
+    low, high = split_wan_loras(
+        [("lora_1", "style.safetensors", 0.8, "both"), ("lora_2", "motion.safetensors", 1.0, "dit_high_noise"),
+         ("lora_3", "detail.safetensors", 0.5, "dit")]
+    )  # fmt: skip
+    assert low == (("style.safetensors", 0.8), ("detail.safetensors", 0.5))
+    assert high == (("style.safetensors", 0.8), ("motion.safetensors", 1.0))
+    f = flags(generate_argv(ENV, GenerateJob(loras=low, loras_high_noise=high, **WAN22)))
+    assert f["--dit"] == ["low.safetensors"] and f["--dit_high_noise"] == ["high.safetensors"]
+    assert f["--lora_weight"] == ["style.safetensors", "detail.safetensors"] and f["--lora_multiplier"] == [
+        "0.8",
+        "0.5",
+    ]
+    assert f["--lora_weight_high_noise"] == ["style.safetensors", "motion.safetensors"]
+    assert [float(m) for m in f["--lora_multiplier_high_noise"]] == [0.8, 1.0]
+
+
+def test_wan_lora_target_default_keeps_the_old_command():
+    """Workflows saved before the target inputs: every LoRA on `dit`, no high-noise flags (as before)."""
+    loras = (("a.safetensors", 1.0), ("b.safetensors", 0.5))
+    low, high = split_wan_loras([(f"lora_{i}", p, m, "dit") for i, (p, m) in enumerate(loras, 1)])
+    assert (low, high) == (loras, ())
+    new = generate_argv(ENV, GenerateJob(loras=low, loras_high_noise=high, **WAN22))
+    assert new == generate_argv(ENV, GenerateJob(loras=loras, **WAN22))
+    assert not any(a.endswith("_high_noise") and a.startswith("--lora") for a in new)
+    # a high-noise-only LoRA: no --lora_weight at all
+    only_high = flags(generate_argv(ENV, GenerateJob(loras_high_noise=(("m", 1.0),), **WAN22)))
+    assert "--lora_weight" not in only_high and only_high["--lora_weight_high_noise"] == ["m"]
+
+
+@pytest.mark.parametrize(
+    "job, message",
+    [
+        (dict(**{**WAN22, "dit_high_noise": ""}), "a LoRA targets dit_high_noise, but dit_high_noise is empty"),
+        (dict(**{**WAN22, "task": "t2v-14B", "dit_high_noise": ""}), "set that LoRA's target to dit"),
+        (dict(arch="framepack", prompt="p", save_path="s", dit="d", vae="v", text_encoder1="a", text_encoder2="b",
+              image_encoder="i"), "a LoRA targets dit_high_noise"),
+    ],
+)  # fmt: skip
+def test_high_noise_loras_need_the_high_noise_dit(job, message):
+    with pytest.raises(ValueError, match=message):
+        generate_argv(ENV, GenerateJob(loras_high_noise=(("m.safetensors", 1.0),), **job))
+
+
+def test_wan_lora_target_must_be_known():
+    with pytest.raises(ValueError, match="lora_2_target='high' must be one of dit, dit_high_noise, both"):
+        split_wan_loras([("lora_1", "a", 1.0, "dit"), ("lora_2", "b", 1.0, "high")])
 
 
 # --- utilities -------------------------------------------------------------------------
