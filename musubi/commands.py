@@ -357,6 +357,7 @@ class GenerateJob:
     control_path: str = ""  # Wan Fun-Control control video
     loras: tuple[tuple[str, float], ...] = ()  # (path, multiplier); Wan2.2: applied to the low-noise `dit`
     loras_high_noise: tuple[tuple[str, float], ...] = ()  # Wan2.2: applied to `dit_high_noise`
+    lycoris: bool = False  # apply the LoRAs with the LyCORIS library (see lora_file.generate_lycoris)
     attn_mode: str = "sdpa"
     fp8: bool = False
     fp8_scaled: bool = False
@@ -447,6 +448,10 @@ def generate_argv(env: MusubiEnv, job: GenerateJob) -> list[str]:
             )
         argv += ["--lora_weight_high_noise", *[p for p, _ in job.loras_high_noise]]
         argv += ["--lora_multiplier_high_noise", *[_num(m) for _, m in job.loras_high_noise]]
+    if job.lycoris:
+        if not (job.loras or job.loras_high_noise):
+            raise ValueError("lycoris applies LoRA files: connect one or switch it off")
+        argv.append("--lycoris")
     argv += ["--attn_mode", job.attn_mode]
     _flag(argv, "--fp8", job.fp8)
     if job.fp8_scaled:
@@ -552,6 +557,7 @@ class MergeJob:
     include_pattern: str = ""  # regex; kept LoRA modules must match (applied to every LoRA)
     exclude_pattern: str = ""  # regex; LoRA modules matching it are dropped (every LoRA)
     prompt_file: str = ""  # one-line prompt file for scripts run in batch mode (see MergeSpec.prompt_file)
+    lycoris: bool = False  # --lycoris also where the script saves without it (LoHa/LoKr: lora_file.merge_lycoris)
 
 
 def merge_spec(arch: str) -> MergeSpec:
@@ -608,6 +614,8 @@ def merge_argv(env: MusubiEnv, job: MergeJob) -> list[str]:
             raise ValueError(
                 "include_pattern / exclude_pattern are not supported by merge_lora.py (HunyuanVideo): clear them"
             )
+        if job.lycoris:
+            raise ValueError("merge_lora.py (HunyuanVideo) has no LyCORIS path: it merges plain LoRA only")
         given = [n for n in MERGE_MODELS if getattr(job, n)]
         if given or job.task:
             raise ValueError(
@@ -643,7 +651,7 @@ def merge_argv(env: MusubiEnv, job: MergeJob) -> list[str]:
         argv += ["--include_patterns", *[job.include_pattern] * len(job.loras)]
     if job.exclude_pattern:
         argv += ["--exclude_patterns", *[job.exclude_pattern] * len(job.loras)]
-    if spec.lycoris:
+    if spec.lycoris or job.lycoris:
         argv.append("--lycoris")
     argv += ["--save_merged_model", str(job.output)]
     if spec.prompt_file:

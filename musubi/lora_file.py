@@ -1,13 +1,44 @@
-"""Recognise a LoRA file and its key format from the safetensors header (no tensors loaded)."""
+"""Recognise a LoRA file and its key format from the safetensors header (no tensors loaded).
+
+Besides plain LoRA (``lora_down/up``, or ``lora_A/B`` in the diffusers-style "other" layout)
+musubi trains LoHa and LoKr (``--network_module networks.loha / networks.lokr``, and the
+LyCORIS library's ``lycoris.kohya`` writes the same names): ``<module>.hada_w1_a ...`` and
+``<module>.lokr_w1 ...``. What each musubi script can do with those files (v0.3.4, read from
+its code and docs/loha_lokr.md) is encoded in the ``*_lycoris`` / ``check_*`` functions below.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 MAX_HEADER = 100 * 1024 * 1024
+
+LORA_TENSORS = {
+    "lora_down.weight": "default",
+    "lora_up.weight": "default",
+    "lora_A.weight": "other",
+    "lora_B.weight": "other",
+}
+"""Plain-LoRA tensor names and the layout they belong to."""
+
+LYCORIS_TENSORS = {
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+}
+"""LoHa / LoKr tensor names (musubi's networks.loha / networks.lokr and LyCORIS)."""
+
+NOT_READ_BY_MUSUBI = ("hada_t1", "hada_t2", "lokr_w1_a", "lokr_w1_b", "lokr_t2", "dora_scale")
+"""Tensors musubi's own LoHa/LoKr loader (lora_utils + networks/loha.py, lokr.py) skips: LyCORIS's
+Tucker (CP) factors, a decomposed LoKr w1 and DoRA scales. Only the LyCORIS library applies them."""
+
+BUILTIN_LYCORIS_GENERATE = ("wan", "framepack")
+"""Generate scripts that merge musubi-layout LoHa/LoKr at load time without ``--lycoris``
+(docs/loha_lokr.md "built-in support"; HunyuanVideo and FLUX.1 Kontext need ``--lycoris``)."""
 
 
 def read_safetensors_keys(path: str | os.PathLike) -> tuple[list[str], dict]:
@@ -30,17 +61,172 @@ def read_safetensors_keys(path: str | os.PathLike) -> tuple[list[str], dict]:
     return sorted(header), meta
 
 
-def detect_lora_format(keys: list[str], name: str = "lora") -> str:
-    """``"default"`` (musubi/kohya: ``lora_unet_*.lora_down``) or ``"other"`` (``lora_A/B``).
+@dataclass(frozen=True)
+class LoraInfo:
+    """What a LoRA-like file holds, from its tensor names."""
 
-    Raises a ValueError when the keys are not a LoRA at all (e.g. a full checkpoint).
-    """
-    kohya = sum(1 for k in keys if k.endswith((".lora_down.weight", ".lora_up.weight")))
-    peft = sum(1 for k in keys if k.endswith((".lora_A.weight", ".lora_B.weight")))
-    if kohya == 0 and peft == 0:
+    name: str  # the node input it came from, for messages
+    layout: str  # "default" (musubi/kohya: lora_unet_<module>.<tensor>) or "other" (<prefix>.<module>.<tensor>)
+    kinds: frozenset[str]  # of "lora", "loha", "lokr"
+    not_read_by_musubi: tuple[str, ...] = ()  # tensor names from NOT_READ_BY_MUSUBI present in the file
+
+    @property
+    def kind(self) -> str:
+        """``lora``, ``loha``, ``lokr`` or ``mixed``."""
+        return next(iter(self.kinds)) if len(self.kinds) == 1 else "mixed"
+
+    @property
+    def label(self) -> str:
+        return {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}.get(self.kind, "mixed LoRA/LoHa/LoKr")
+
+    @property
+    def is_lycoris(self) -> bool:
+        """LoHa / LoKr tensors are present (plain-LoRA loaders ignore them)."""
+        return bool(self.kinds - {"lora"})
+
+    @property
+    def musubi_reads_all(self) -> bool:
+        """musubi's own (non-``--lycoris``) LoHa/LoKr merge reads every tensor of this file."""
+        return len(self.kinds) == 1 and not self.not_read_by_musubi
+
+
+def _tensor_kind(key: str) -> tuple[str, str] | None:
+    """(kind, layout) of one tensor name, or None for alpha, dora_scale and non-LoRA tensors."""
+    for suffix, layout in LORA_TENSORS.items():
+        if key.endswith("." + suffix):
+            return "lora", layout
+    module, _, tensor = key.rpartition(".")
+    for kind, names in LYCORIS_TENSORS.items():
+        if tensor in names:
+            # musubi/kohya names the module lora_unet_<path with underscores>; the "other" layout keeps dots
+            return kind, "default" if module.startswith("lora_") and "." not in module else "other"
+    return None
+
+
+def inspect_lora(keys: Sequence[str], name: str = "lora") -> LoraInfo:
+    """Kinds and layout of a LoRA / LoHa / LoKr file; a ValueError naming ``name`` when it is none of them."""
+    kinds: dict[str, int] = {}
+    layouts = {"default": 0, "other": 0}
+    for key in keys:
+        found = _tensor_kind(key)
+        if found:
+            kinds[found[0]] = kinds.get(found[0], 0) + 1
+            layouts[found[1]] += 1
+    if not kinds:
         sample = ", ".join(keys[:3]) or "no tensors"
         raise ValueError(
-            f"{name} is not a LoRA: none of its {len(keys)} tensors are lora_down/lora_up or lora_A/lora_B "
-            f"weights (e.g. {sample}). Pick a LoRA .safetensors file, not a model checkpoint"
+            f"{name} is not a LoRA: none of its {len(keys)} tensors are LoRA (lora_down/lora_up, lora_A/lora_B), "
+            f"LoHa (hada_w1_a ...) or LoKr (lokr_w1 ...) weights (e.g. {sample}). Pick a LoRA .safetensors file, "
+            "not a model checkpoint"
         )
-    return "default" if kohya >= peft else "other"
+    extra = tuple(sorted({k.rpartition(".")[2] for k in keys} & set(NOT_READ_BY_MUSUBI)))
+    layout = "default" if layouts["default"] >= layouts["other"] else "other"
+    return LoraInfo(name=name, layout=layout, kinds=frozenset(kinds), not_read_by_musubi=extra)
+
+
+def detect_lora_format(keys: Sequence[str], name: str = "lora") -> str:
+    """``"default"`` (musubi/kohya: ``lora_unet_*``) or ``"other"`` (diffusers style, e.g. ``lora_A/B``).
+
+    Raises a ValueError when the keys are not a LoRA, LoHa or LoKr (e.g. a full checkpoint).
+    """
+    return inspect_lora(keys, name).layout
+
+
+def _musubi_layout_only(infos: Sequence[LoraInfo], why: str) -> None:
+    for info in infos:
+        if info.is_lycoris and info.layout != "default":
+            raise ValueError(
+                f"{info.name} is a {info.label} in the diffusers-style 'other' layout ({why} reads LoHa/LoKr only "
+                "in musubi's layout, lora_unet_<module>.hada_*/lokr_*): convert it with Musubi Convert LoRA "
+                "(direction to_musubi) and use the converted file"
+            )
+
+
+def generate_lycoris(arch: str, infos: Sequence[LoraInfo]) -> bool:
+    """Whether ``<arch>``'s generate script needs ``--lycoris`` (the LyCORIS library) for these files.
+
+    Wan and FramePack merge musubi-layout LoHa/LoKr themselves; HunyuanVideo's plain path
+    ignores their tensors, and files with tensors musubi's loader skips (Tucker factors, a
+    decomposed LoKr w1, DoRA) need the library anywhere. ``--lycoris`` applies to every LoRA of
+    the run, so all of them must then be in musubi's layout.
+    """
+    lycoris = [i for i in infos if i.is_lycoris]
+    if not lycoris:
+        return False
+    _musubi_layout_only(lycoris, "generation")
+    if arch in BUILTIN_LYCORIS_GENERATE and all(i.musubi_reads_all for i in lycoris):
+        return False
+    _lycoris_needs_musubi_layout(infos)
+    return True
+
+
+def _lycoris_needs_musubi_layout(infos: Sequence[LoraInfo]) -> None:
+    # the LyCORIS library finds modules by musubi's lora_unet_* names only
+    for info in infos:
+        if info.layout != "default":
+            raise ValueError(
+                f"{info.name} is in the diffusers-style 'other' layout, but a LoHa/LoKr of this run needs musubi's "
+                "--lycoris path, which reads only musubi's layout (lora_unet_*): convert it with Musubi Convert LoRA "
+                "(direction to_musubi) first"
+            )
+
+
+def merge_lycoris(arch: str, infos: Sequence[LoraInfo], always: bool) -> bool:
+    """Whether Merge LoRA passes ``--lycoris`` for ``arch`` (``always``: the script saves only on that path).
+
+    HunyuanVideo's ``merge_lora.py`` merges plain LoRA only (docs/loha_lokr.md), so a LoHa/LoKr
+    there is an error; FLUX.1 Kontext's merge needs ``--lycoris`` for them.
+    """
+    lycoris = [i for i in infos if i.is_lycoris]
+    if lycoris:
+        _musubi_layout_only(lycoris, "merging")
+    if arch == "hunyuan_video":
+        if lycoris:
+            raise ValueError(
+                f"{lycoris[0].name} is a {lycoris[0].label}: musubi's merge_lora.py (HunyuanVideo) merges plain LoRA "
+                "only (lora_down/lora_up). Use it unmerged in Musubi Generate Video (HunyuanVideo), which applies "
+                "LoHa/LoKr through LyCORIS (--lycoris), or train a LoRA"
+            )
+        return False
+    if always or lycoris:
+        if lycoris:
+            _lycoris_needs_musubi_layout(infos)
+        return True
+    return False
+
+
+def check_convertible(info: LoraInfo) -> None:
+    """convert_lora.py converts LoRA, LoHa and LoKr tensors; other tensors it drops or garbles."""
+    if "dora_scale" in info.not_read_by_musubi:
+        raise ValueError(
+            f"{info.name} has DoRA tensors (dora_scale): musubi's convert_lora.py drops them (to_other) or writes "
+            "broken names (to_musubi), so the converted file would not be the same model. Use the file as it is"
+        )
+    if info.kind == "mixed":
+        raise ValueError(
+            f"{info.name} mixes {', '.join(sorted(info.kinds))} modules: musubi's convert_lora.py handles files of "
+            "one kind (LoRA, LoHa or LoKr). Use the file as it is"
+        )
+
+
+def check_same_tensors(checkpoints: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """lora_post_hoc_ema.py averages tensor by tensor: every checkpoint must hold the same names.
+
+    It works for LoRA, LoHa and LoKr alike, but stops with a KeyError on a name the first
+    file lacks (and silently keeps the first file's value for a name a later file lacks).
+    """
+    if not checkpoints:
+        return
+    first_name, first = checkpoints[0][0], set(checkpoints[0][1])
+    for name, keys in checkpoints[1:]:
+        diff = sorted(set(keys) ^ first)
+        if diff:
+            raise ValueError(
+                f"{name} does not have the same tensors as {first_name} ({len(diff)} differ, e.g. {diff[0]}): "
+                "post-hoc EMA averages checkpoints of one training run (same network type, dim and modules)"
+            )
+
+
+def inspect_files(paths: Mapping[str, str]) -> list[LoraInfo]:
+    """:func:`inspect_lora` for each ``{input name: path}``."""
+    return [inspect_lora(read_safetensors_keys(p)[0], name) for name, p in paths.items()]

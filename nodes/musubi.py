@@ -1153,28 +1153,27 @@ def _generate(cls, arch: str, kw: dict, models: dict, **job_kw):
     for i in (1, 2, 3):
         if kw[f"lora_{i}"].strip():
             path = _lora_path(kw[f"lora_{i}"], f"lora_{i}")
-            lora_file.detect_lora_format(lora_file.read_safetensors_keys(path)[0], f"lora_{i}")
             # workflows saved before the Wan target inputs existed apply every LoRA to `dit`
             loras.append((f"lora_{i}", path, kw[f"strength_{i}"], kw.get(f"lora_{i}_target") or "dit"))
     low, high = commands.split_wan_loras(loras)
+    # LoHa / LoKr: the script's own loader or the LyCORIS library (--lycoris), per architecture
+    lycoris = lora_file.generate_lycoris(arch, lora_file.inspect_files({n: p for n, p, _, _ in loras}))
     job = commands.GenerateJob(
         arch=arch, prompt=kw["prompt"], negative_prompt=kw["negative_prompt"], save_path=str(out), **paths,
         width=kw["width"], height=kw["height"], frames=kw["frames"], fps=kw["fps"], steps=kw["steps"],
         seed=kw["seed"], guidance_scale=kw["guidance_scale"], flow_shift=kw["flow_shift"], image_path=image_path, end_image_path=end_path,
         loras=low, loras_high_noise=high, attn_mode=kw["attn_mode"], fp8=kw["fp8"], fp8_text_encoder=kw["fp8_text_encoder"],
-        blocks_to_swap=kw["blocks_to_swap"], output_type="both", extra=kw["extra_args"], **job_kw,
+        blocks_to_swap=kw["blocks_to_swap"], output_type="both", extra=kw["extra_args"], lycoris=lycoris, **job_kw,
     )  # fmt: skip
     argv = commands.generate_argv(e, job)
+    if lycoris:
+        env.validate_env(e, modules=("lycoris",))
     _run(argv, e, node_id=cls.hidden.unique_id, log_path=out / "generate.log", what=f"{spec.label} generation")
     frames = [p for p in media.collect_frames(out) if p.name not in ("start_image.png", "end_image.png")]
     if not frames:
         raise ValueError(f"{spec.label} generation finished but wrote no frames to {out}; see {out / 'generate.log'}")
     videos = sorted(out.glob("*.mp4"))
     return io.NodeOutput(_frames_to_image(media.load_images(frames)), str(videos[0] if videos else out))
-
-    @classmethod
-    def fingerprint_inputs(cls, **kw):
-        return _train_fingerprint(kw)
 
 
 class GenerateVideoHunyuanVideo(io.ComfyNode):
@@ -1310,7 +1309,7 @@ class ConvertLoRA(io.ComfyNode):
             category="MusubiTuner/lora",
             description="Converts between musubi's format (lora_unet_*, lora_down/up) and the diffusers-style "
             "'other' format (lora_A/B) other tools and ComfyUI's HunyuanVideo loader read, with musubi's "
-            "convert_lora.py. auto picks the direction from the file's keys.",
+            "convert_lora.py; LoHa and LoKr files convert the same way. auto picks the direction from the file's keys.",
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=[
@@ -1331,8 +1330,9 @@ class ConvertLoRA(io.ComfyNode):
     def execute(cls, lora, direction, output_name, diffusers_prefix, musubi_env=None):
         e = _env(musubi_env, ("convert_lora",))
         src = Path(_lora_path(lora, "lora"))
-        keys, _ = lora_file.read_safetensors_keys(src)
-        current = lora_file.detect_lora_format(keys, "lora")
+        info = lora_file.inspect_lora(lora_file.read_safetensors_keys(src)[0], "lora")
+        lora_file.check_convertible(info)
+        current = info.layout
         target = {"to_other": "other", "to_musubi": "default"}.get(direction)
         if target is None:
             target = "other" if current == "default" else "default"
@@ -1426,12 +1426,9 @@ class MergeLoRA(io.ComfyNode):
                 musubi_env=None, **kw):  # fmt: skip
         spec = commands.merge_spec(architecture)
         e = _env(musubi_env, (spec.script,))
-        loras = []
-        for i in (1, 2, 3):
-            if kw[f"lora_{i}"].strip():
-                path = _lora_path(kw[f"lora_{i}"], f"lora_{i}")
-                lora_file.detect_lora_format(lora_file.read_safetensors_keys(path)[0], f"lora_{i}")
-                loras.append((path, kw[f"strength_{i}"]))
+        named = {f"lora_{i}": _lora_path(kw[f"lora_{i}"], f"lora_{i}") for i in (1, 2, 3) if kw[f"lora_{i}"].strip()}
+        loras = [(path, kw[f"strength_{name[-1]}"]) for name, path in named.items()]
+        lycoris = lora_file.merge_lycoris(architecture, lora_file.inspect_files(named), always=spec.lycoris)
         out = Path(env.native_path(output_path))
         if not output_path.strip() or out.suffix != ".safetensors":
             raise ValueError(f"output_path={output_path!r} must be a .safetensors file path")
@@ -1441,10 +1438,11 @@ class MergeLoRA(io.ComfyNode):
         job = commands.MergeJob(
             arch=architecture, dit=paths.pop("dit"), loras=tuple(loras), output=str(out), device=device,
             task=task if architecture == "wan" else "", include_pattern=include_pattern.strip(),
-            exclude_pattern=exclude_pattern.strip(), prompt_file=str(out.with_suffix(".prompt.txt")), **paths,
+            exclude_pattern=exclude_pattern.strip(), prompt_file=str(out.with_suffix(".prompt.txt")),
+            lycoris=lycoris and not spec.lycoris, **paths,
         )  # fmt: skip
         argv = commands.merge_argv(e, job)  # checks the inputs before musubi's venv is started
-        if spec.lycoris:
+        if lycoris:
             env.validate_env(e, modules=("lycoris",))
         out.parent.mkdir(parents=True, exist_ok=True)
         prompt_file = Path(job.prompt_file)
@@ -1495,8 +1493,10 @@ class PostHocEMA(io.ComfyNode):
     def execute(cls, checkpoints, beta, beta2, sigma_rel, no_sort, output_path, musubi_env=None):
         e = _env(musubi_env, ("lora_post_hoc_ema",))
         paths = [env.native_path(p) for p in checkpoints.splitlines() if p.strip()]
-        for i, p in enumerate(paths):
-            lora_file.detect_lora_format(lora_file.read_safetensors_keys(p)[0], f"checkpoints line {i + 1}")
+        named = [(f"checkpoints line {i + 1}", lora_file.read_safetensors_keys(p)[0]) for i, p in enumerate(paths)]
+        for name, keys in named:
+            lora_file.inspect_lora(keys, name)  # LoRA, LoHa and LoKr average alike (tensor by tensor)
+        lora_file.check_same_tensors(named)
         out = Path(env.native_path(output_path))
         if not output_path.strip() or out.suffix != ".safetensors":
             raise ValueError(f"output_path={output_path!r} must be a .safetensors file path")

@@ -294,6 +294,71 @@ def test_wan22_generate_applies_each_lora_to_its_dit(comfy_server, fake_setup, t
     assert not argv_file.exists()
 
 
+def test_loha_lokr_files_in_every_lora_node(comfy_server, fake_setup, tmp_path):
+    """LoHa/LoKr are LoRA files too; each node does what its musubi script can do with them."""
+    root, _, models = fake_setup
+    info = comfy_server.object_info()
+    from fake_musubi.fake_cli import write_safetensors
+
+    loha, lokr = tmp_path / "style_loha.safetensors", tmp_path / "style_lokr.safetensors"
+    module = "lora_unet_blocks_0_self_attn_q"
+    write_safetensors(str(loha), [f"{module}.hada_{w}" for w in ("w1_a", "w1_b", "w2_a", "w2_b")] + [f"{module}.alpha"])
+    write_safetensors(str(lokr), [f"{module}.lokr_w1", f"{module}.lokr_w2", f"{module}.alpha"])
+    argv_file = tmp_path / "argv.json"
+    with_lycoris = f"PYTHONPATH={FAKE_SITE}{os.pathsep}{LYCORIS_SITE}\nFAKE_MUSUBI_ARGV={argv_file}"
+    env_node = {
+        "class_type": "MusubiTuner_Environment",
+        "inputs": widgets(
+            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable, extra_env=with_lycoris
+        ),
+    }
+    m = {k: str(models / f) for k, f in (("dit", "dit.safetensors"), ("vae", "vae.safetensors"), ("te", "t5.pth"))}
+
+    def run(node_id: str, **inputs) -> list[str]:
+        prompt = {
+            "1": env_node,
+            "2": {"class_type": node_id, "inputs": widgets(info, node_id, musubi_env=["1", 0], **inputs)},
+        }
+        comfy_server.run_prompt(prompt, timeout=120)
+        return json.loads(argv_file.read_text())
+
+    # HunyuanVideo generation: hv_generate_video.py applies LoHa/LoKr only through LyCORIS
+    hv = dict(prompt="a fox", dit=m["dit"], vae=m["vae"], text_encoder1=m["te"], text_encoder2=m["te"], width=64,
+              height=48, frames=5, steps=2, seed=1, lora_1=str(loha))  # fmt: skip
+    argv = run("MusubiTuner_GenerateVideo_HunyuanVideo", **hv)
+    assert argv[0] == "hv_generate_video" and "--lycoris" in argv
+    # Wan: wan_generate_video.py merges musubi's LoHa/LoKr itself
+    argv = run("MusubiTuner_GenerateVideo_Wan", prompt="a fox", task="t2v-1.3B", dit=m["dit"], vae=m["vae"],
+               t5=m["te"], width=64, height=48, frames=5, steps=2, seed=1, lora_1=str(lokr))  # fmt: skip
+    assert argv[0] == "wan_generate_video" and "--lycoris" not in argv and str(lokr) in argv
+    # FLUX.1 Kontext merge: --lycoris for a LoKr (its plain path merges lora_down/up only)
+    out = tmp_path / "merged" / "kontext.safetensors"
+    argv = run("MusubiTuner_MergeLoRA", architecture="flux_kontext", dit=m["dit"], vae=m["vae"], text_encoder1=m["te"],
+               text_encoder2=m["te"], lora_1=str(lokr), output_path=str(out))  # fmt: skip
+    assert argv[0] == "flux_kontext_generate_image" and "--lycoris" in argv and out.is_file()
+    # Convert: convert_lora.py maps hada_* tensors; auto direction from the layout
+    argv = run("MusubiTuner_ConvertLoRA", lora=str(loha))
+    assert argv[0] == "convert_lora" and argv[argv.index("--target") + 1] == "other"
+
+    # refused before musubi starts, naming the input and why
+    argv_file.unlink()
+    bad = [
+        ("MusubiTuner_MergeLoRA", dict(dit=m["dit"], lora_1=str(loha), output_path=str(tmp_path / "hv.safetensors")),
+         "lora_1 is a LoHa: musubi's merge_lora.py \\(HunyuanVideo\\) merges plain LoRA only"),
+        ("MusubiTuner_PostHocEMA", dict(checkpoints=f"{loha}\n{lokr}", output_path=str(tmp_path / "e.safetensors")),
+         "checkpoints line 2 does not have the same tensors as checkpoints line 1"),
+    ]  # fmt: skip
+    for node_id, inputs, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            run(node_id, **inputs)
+        assert not argv_file.exists()
+    # no LyCORIS in musubi's venv: HunyuanVideo + LoHa says what to install
+    env_node["inputs"]["extra_env"] = f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_ARGV={argv_file}"
+    with pytest.raises(RuntimeError, match="lycoris is not installed .*pip install lycoris-lora"):
+        run("MusubiTuner_GenerateVideo_HunyuanVideo", **{**hv, "seed": 2})
+    assert not argv_file.exists()
+
+
 @pytest.mark.parametrize("fmt", ["mp4", "webm", "gif", "webp"])
 def test_video_output_encodes_and_previews(comfy_server, tmp_path, fmt):
     from speedkit.musubi import media

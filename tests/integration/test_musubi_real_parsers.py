@@ -251,6 +251,14 @@ def all_commands(env: MusubiEnv, tmp: Path) -> list[tuple[str, list[str]]]:
     )
     cmds.append(
         (
+            "hv gen loha (lycoris)",
+            generate_argv(
+                env, GenerateJob(arch="hunyuan_video", text_encoder1="a", text_encoder2="b", lycoris=True, **g)
+            ),
+        )
+    )
+    cmds.append(
+        (
             "hv v2v",
             generate_argv(
                 env,
@@ -370,6 +378,8 @@ def merge_commands(env: MusubiEnv, tmp: Path) -> list[tuple[str, list[str]]]:
                                 image_encoder="siglip", include_pattern=r"single_blocks_\d+", **base),
         "merge kontext": MergeJob(arch="flux_kontext", vae="ae", text_encoder1="t5", text_encoder2="clip",
                                   prompt_file=pf, exclude_pattern="img_mod", **base),
+        "merge kontext loha": MergeJob(arch="flux_kontext", vae="ae", text_encoder1="t5", text_encoder2="clip",
+                                       prompt_file=pf, lycoris=True, **base),
         "merge qwen": MergeJob(arch="qwen_image", vae="v", text_encoder1="qwen_vl", **base),
         "merge zimage": MergeJob(arch="zimage", text_encoder1="qwen3", include_pattern="attn", exclude_pattern="x",
                                  **base),
@@ -403,13 +413,14 @@ def test_every_generated_argv_is_accepted_by_musubis_parser(env, tmp_path):
     assert parsed["wan2.2 train"]["timestep_boundary"] == 900 and parsed["wan2.2 train"]["task"] == "i2v-A14B"
     assert parsed["hv train full"]["blocks_to_swap"] == 20 and parsed["hv train full"]["network_alpha"] == 16.0
     assert parsed["fpack gen"]["video_size"] == [480, 832] and parsed["ema"]["path"] == ["a", "b", "c"]
+    assert parsed["hv gen loha (lycoris)"]["lycoris"] is True and parsed["hv gen"]["lycoris"] is False
     wan22 = parsed["wan2.2 t2v high-noise loras"]
     assert wan22["dit_high_noise"] == "high" and wan22["task"] == "t2v-A14B"
     assert wan22["lora_weight"] == ["both.safetensors", "low.safetensors"] and wan22["lora_multiplier"] == [0.8, 1.0]
     assert wan22["lora_weight_high_noise"] == ["both.safetensors", "high.safetensors"]
     assert wan22["lora_multiplier_high_noise"] == [0.8, 0.6]
     merges = {name: res for (name, _), res in zip(cmds, answer["argv"], strict=True) if name.startswith("merge ")}
-    assert len(merges) == 12
+    assert len(merges) == 13
     for name, res in merges.items():
         ns = res["namespace"]
         assert ns["save_merged_model"] == str(tmp_path / "merged.safetensors"), name
@@ -418,7 +429,7 @@ def test_every_generated_argv_is_accepted_by_musubis_parser(env, tmp_path):
         if name != "merge hv":
             # generate scripts: musubi's own post-parse checks ran too (prompt / from_file, lycoris installed)
             assert res["validated"], name
-            assert ns["lycoris"] == (name != "merge kontext"), name  # Kontext saves without LyCORIS
+            assert ns["lycoris"] == (name != "merge kontext"), name  # Kontext saves without LyCORIS (plain LoRA)
     assert merges["merge wan i2v-A14B"]["namespace"]["task"] == "i2v-A14B"
     assert merges["merge wan i2v-14B"]["namespace"]["clip"] == "clip"
     assert merges["merge kontext"]["namespace"]["exclude_patterns"] == ["img_mod", "img_mod"]

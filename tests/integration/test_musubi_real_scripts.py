@@ -87,6 +87,59 @@ def test_post_hoc_ema_with_real_musubi(env, tmp_path):
     assert not torch.allclose(m, sa[key]) and not torch.allclose(m, sb[key])
 
 
+def lycoris_file(path: Path, kind: str, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """A small LoHa or LoKr with the names musubi's networks.loha / networks.lokr save."""
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for name in ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_1_linear1"):  # 32 x 16
+        if kind == "loha":
+            for w, shape in (("w1_a", (32, 4)), ("w1_b", (4, 16)), ("w2_a", (32, 4)), ("w2_b", (4, 16))):
+                sd[f"{name}.hada_{w}"] = torch.randn(*shape, generator=g) * scale
+        else:
+            sd[f"{name}.lokr_w1"] = torch.randn(4, 4, generator=g) * scale
+            sd[f"{name}.lokr_w2_a"] = torch.randn(8, 2, generator=g) * scale
+            sd[f"{name}.lokr_w2_b"] = torch.randn(2, 4, generator=g) * scale
+        sd[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(sd, str(path))
+    return sd
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_convert_loha_lokr_round_trip_with_real_musubi(env, tmp_path, kind):
+    """convert_lora.py (v0.3.4) maps hada_* / lokr_* tensors both ways: the Convert node accepts these files."""
+    src = tmp_path / f"{kind}.safetensors"
+    original = lycoris_file(src, kind)
+    info = lora_file.inspect_lora(lora_file.read_safetensors_keys(src)[0])
+    assert (info.kind, info.layout) == (kind, "default")
+    lora_file.check_convertible(info)
+    other = tmp_path / f"{kind}_other.safetensors"
+    run_command(convert_lora_argv(env, str(src), str(other), "other"), cwd=env.root, env=env.run_env(),
+                expected_outputs=[other])  # fmt: skip
+    info = lora_file.inspect_lora(lora_file.read_safetensors_keys(other)[0])
+    assert (info.kind, info.layout) == (kind, "other")  # auto direction: back to musubi
+    back = tmp_path / f"{kind}_back.safetensors"
+    run_command(convert_lora_argv(env, str(other), str(back), "default"), cwd=env.root, env=env.run_env(),
+                expected_outputs=[back])  # fmt: skip
+    restored = load_file(str(back))
+    assert set(restored) == set(original)
+    for key, value in original.items():
+        torch.testing.assert_close(restored[key].float(), value.float())
+
+
+def test_post_hoc_ema_of_lokr_checkpoints_with_real_musubi(env, tmp_path):
+    """lora_post_hoc_ema.py averages tensor by tensor, whatever the network type."""
+    a, b = tmp_path / "k-000001.safetensors", tmp_path / "k-000002.safetensors"
+    sa, sb = lycoris_file(a, "lokr", 1.0), lycoris_file(b, "lokr", 3.0)
+    lora_file.check_same_tensors([(str(a), list(sa)), (str(b), list(sb))])
+    out = tmp_path / "ema.safetensors"
+    argv = post_hoc_ema_argv(env, [str(a), str(b)], str(out), beta=0.5, no_sort=True)
+    run_command(argv, cwd=env.root, env=env.run_env(), log_path=tmp_path / "ema.log", expected_outputs=[out])
+    merged = load_file(str(out))
+    key = "lora_unet_single_blocks_1_linear1.lokr_w1"
+    torch.testing.assert_close(merged[key], (sa[key] + sb[key]) / 2)
+    assert lora_file.inspect_lora(list(merged)).kind == "lokr"
+
+
 def test_real_script_failure_is_reported(env, tmp_path):
     missing = tmp_path / "missing.safetensors"
     with pytest.raises(MusubiRunError) as info:
