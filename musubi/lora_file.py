@@ -142,6 +142,29 @@ def _musubi_layout_only(infos: Sequence[LoraInfo], why: str) -> None:
             )
 
 
+READS_OTHER_LAYOUT = ("framepack",)
+"""Architectures whose script converts diffusers-style ("other") LoRA keys itself
+(fpack_generate_video.py's ``convert_lora_for_framepack``, used for generation and merging)."""
+
+
+def require_musubi_layout(arch: str, infos: Sequence[LoraInfo], purpose: str) -> None:
+    """Refuse "other"-layout files where musubi would silently apply nothing.
+
+    musubi's LoRA network (and the LyCORIS library) find modules by musubi's ``lora_unet_*``
+    names; only FramePack's script converts the diffusers-style layout first. Anywhere else a
+    ``diffusion_model.<module>.lora_A/B`` file matches no module and the run "succeeds" without it.
+    """
+    if arch in READS_OTHER_LAYOUT:
+        return
+    for info in infos:
+        if info.layout != "default":
+            raise ValueError(
+                f"{info.name} is a {info.label} in the diffusers-style 'other' layout (lora_A/lora_B under module "
+                f"paths): musubi's {arch} {purpose} matches modules by its own names (lora_unet_*) and would apply "
+                "nothing from it. Convert it with Musubi Convert LoRA (direction to_musubi) and use the converted file"
+            )
+
+
 def generate_lycoris(arch: str, infos: Sequence[LoraInfo]) -> bool:
     """Whether ``<arch>``'s generate script needs ``--lycoris`` (the LyCORIS library) for these files.
 
@@ -160,14 +183,14 @@ def generate_lycoris(arch: str, infos: Sequence[LoraInfo]) -> bool:
     return True
 
 
-def _lycoris_needs_musubi_layout(infos: Sequence[LoraInfo]) -> None:
-    # the LyCORIS library finds modules by musubi's lora_unet_* names only
+def _lycoris_needs_musubi_layout(infos: Sequence[LoraInfo], why: str = "a LoHa/LoKr of this run needs") -> None:
+    # the LyCORIS library finds modules by musubi's lora_unet_* names only: other keys would merge nothing
     for info in infos:
         if info.layout != "default":
             raise ValueError(
-                f"{info.name} is in the diffusers-style 'other' layout, but a LoHa/LoKr of this run needs musubi's "
-                "--lycoris path, which reads only musubi's layout (lora_unet_*): convert it with Musubi Convert LoRA "
-                "(direction to_musubi) first"
+                f"{info.name} is in the diffusers-style 'other' layout, but {why} musubi's --lycoris path, which "
+                "reads only musubi's layout (lora_unet_*) and would silently apply nothing: convert it with Musubi "
+                "Convert LoRA (direction to_musubi) first"
             )
 
 
@@ -189,8 +212,8 @@ def merge_lycoris(arch: str, infos: Sequence[LoraInfo], always: bool) -> bool:
             )
         return False
     if always or lycoris:
-        if lycoris:
-            _lycoris_needs_musubi_layout(infos)
+        why = "a LoHa/LoKr of this run needs" if lycoris else f"merging into a {arch} DiT saves only through"
+        _lycoris_needs_musubi_layout(infos, why)
         return True
     return False
 

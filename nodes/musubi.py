@@ -1157,7 +1157,9 @@ def _generate(cls, arch: str, kw: dict, models: dict, **job_kw):
             loras.append((f"lora_{i}", path, kw[f"strength_{i}"], kw.get(f"lora_{i}_target") or "dit"))
     low, high = commands.split_wan_loras(loras)
     # LoHa / LoKr: the script's own loader or the LyCORIS library (--lycoris), per architecture
-    lycoris = lora_file.generate_lycoris(arch, lora_file.inspect_files({n: p for n, p, _, _ in loras}))
+    infos = lora_file.inspect_files({n: p for n, p, _, _ in loras})
+    lora_file.require_musubi_layout(arch, infos, "generation")
+    lycoris = lora_file.generate_lycoris(arch, infos)
     job = commands.GenerateJob(
         arch=arch, prompt=kw["prompt"], negative_prompt=kw["negative_prompt"], save_path=str(out), **paths,
         width=kw["width"], height=kw["height"], frames=kw["frames"], fps=kw["fps"], steps=kw["steps"],
@@ -1428,7 +1430,9 @@ class MergeLoRA(io.ComfyNode):
         e = _env(musubi_env, (spec.script,))
         named = {f"lora_{i}": _lora_path(kw[f"lora_{i}"], f"lora_{i}") for i in (1, 2, 3) if kw[f"lora_{i}"].strip()}
         loras = [(path, kw[f"strength_{name[-1]}"]) for name, path in named.items()]
-        lycoris = lora_file.merge_lycoris(architecture, lora_file.inspect_files(named), always=spec.lycoris)
+        infos = lora_file.inspect_files(named)
+        lora_file.require_musubi_layout(architecture, infos, "merge")
+        lycoris = lora_file.merge_lycoris(architecture, infos, always=spec.lycoris)
         out = Path(env.native_path(output_path))
         if not output_path.strip() or out.suffix != ".safetensors":
             raise ValueError(f"output_path={output_path!r} must be a .safetensors file path")

@@ -176,6 +176,27 @@ def test_merge_refuses_other_layout_loha(tmp_path):
         lora_file.merge_lycoris("qwen_image", [other], always=True)
 
 
+def test_merge_refuses_other_layout_plain_lora_where_only_lycoris_saves(tmp_path):
+    """Wan/Qwen-Image/Z-Image/HV 1.5 merges save only through --lycoris, whose loader matches
+    musubi's lora_unet_* names: a diffusers-style plain LoRA would merge nothing."""
+    other = info(tmp_path, "plain_other", other_layout(lora_sd("lora")))
+    with pytest.raises(ValueError, match="merging into a wan DiT saves only through musubi's --lycoris path"):
+        lora_file.merge_lycoris("wan", [other], always=True)
+    assert lora_file.merge_lycoris("flux_kontext", [other], always=False) is False  # plain path reads both layouts
+
+
+def test_other_layout_refused_where_musubi_would_apply_nothing(tmp_path):
+    other = info(tmp_path, "plain_other", other_layout(lora_sd("lora")), "lora_2")
+    plain = info(tmp_path, "plain", lora_sd("lora"))
+    for arch in ("wan", "hunyuan_video", "flux_kontext", "qwen_image"):
+        with pytest.raises(
+            ValueError, match=f"lora_2 is a LoRA in the diffusers-style 'other' layout .*musubi's {arch}"
+        ):
+            lora_file.require_musubi_layout(arch, [plain, other], "generation")
+    lora_file.require_musubi_layout("framepack", [plain, other], "merge")  # its script converts them itself
+    lora_file.require_musubi_layout("wan", [plain], "merge")
+
+
 def test_convert_accepts_loha_lokr_but_not_dora_or_mixed(tmp_path):
     for kind in ("loha", "lokr", "lokr_full"):
         lora_file.check_convertible(info(tmp_path, kind, lora_sd(kind), "lora"))  # convert_lora.py maps hada_/lokr_
