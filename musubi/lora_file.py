@@ -173,7 +173,8 @@ def generate_lycoris(arch: str, infos: Sequence[LoraInfo]) -> bool:
     decomposed LoKr w1, DoRA) need the library anywhere. ``--lycoris`` applies to every LoRA of
     the run, so all of them must then be in musubi's layout.
     """
-    lycoris = [i for i in infos if i.is_lycoris]
+    # LoHa/LoKr, and plain LoRAs with tensors musubi's plain loader skips (DoRA's dora_scale)
+    lycoris = [i for i in infos if i.is_lycoris or i.not_read_by_musubi]
     if not lycoris:
         return False
     _musubi_layout_only(lycoris, "generation")
@@ -203,7 +204,14 @@ def merge_lycoris(arch: str, infos: Sequence[LoraInfo], always: bool) -> bool:
     lycoris = [i for i in infos if i.is_lycoris]
     if lycoris:
         _musubi_layout_only(lycoris, "merging")
+    dora = [i for i in infos if not i.is_lycoris and i.not_read_by_musubi]
     if arch == "hunyuan_video":
+        if dora:
+            raise ValueError(
+                f"{dora[0].name} has {', '.join(dora[0].not_read_by_musubi)} tensors (DoRA), which musubi's "
+                "merge_lora.py (HunyuanVideo) ignores: the merged DiT would not match the LoRA. Use it unmerged in "
+                "Musubi Generate Video (HunyuanVideo), which applies it through LyCORIS (--lycoris)"
+            )
         if lycoris:
             raise ValueError(
                 f"{lycoris[0].name} is a {lycoris[0].label}: musubi's merge_lora.py (HunyuanVideo) merges plain LoRA "
@@ -211,6 +219,8 @@ def merge_lycoris(arch: str, infos: Sequence[LoraInfo], always: bool) -> bool:
                 "LoHa/LoKr through LyCORIS (--lycoris), or train a LoRA"
             )
         return False
+    if dora and not lycoris:
+        lycoris = dora  # the plain path would drop dora_scale; LyCORIS applies it
     if always or lycoris:
         why = "a LoHa/LoKr of this run needs" if lycoris else f"merging into a {arch} DiT saves only through"
         _lycoris_needs_musubi_layout(infos, why)

@@ -197,6 +197,18 @@ def test_other_layout_refused_where_musubi_would_apply_nothing(tmp_path):
     lora_file.require_musubi_layout("wan", [plain], "merge")
 
 
+def test_plain_lora_with_dora_tensors_goes_through_lycoris_or_is_refused(tmp_path):
+    """musubi's plain LoRA loader ignores dora_scale; LyCORIS applies it."""
+    dora = info(tmp_path, "dora", lora_sd("lora", dora=True), "lora_1")
+    plain = info(tmp_path, "plain", lora_sd("lora"))
+    assert lora_file.generate_lycoris("wan", [dora]) is True
+    assert lora_file.generate_lycoris("hunyuan_video", [dora, plain]) is True
+    assert lora_file.generate_lycoris("wan", [plain]) is False
+    assert lora_file.merge_lycoris("flux_kontext", [dora], always=False) is True
+    with pytest.raises(ValueError, match="lora_1 has dora_scale tensors \\(DoRA\\), which musubi's merge_lora.py"):
+        lora_file.merge_lycoris("hunyuan_video", [dora], always=False)
+
+
 def test_convert_accepts_loha_lokr_but_not_dora_or_mixed(tmp_path):
     for kind in ("loha", "lokr", "lokr_full"):
         lora_file.check_convertible(info(tmp_path, kind, lora_sd(kind), "lora"))  # convert_lora.py maps hada_/lokr_
