@@ -365,8 +365,15 @@ class FBCacheHolder:
                 f"First Block Cache: no cached residual for {slot!r}; the model's block layout changed "
                 "between steps. Please report this with the model type."
             ) from exc
+        if entry.previous is None:
+            return entry.tensors
+        return self._predict(entry)
+
+    @torch.compiler.disable  # reads this call's sigma on the host: traced, every new sigma would recompile
+    def _predict(self, entry: _Stored) -> dict[str, torch.Tensor | None]:
+        """``r1 + w (r1 - r0)`` of ``entry`` at this call's sigma (``hit_residual="extrapolate"``)."""
         sigma = self.call.sigma_value if self.call is not None else None
-        if entry.previous is None or sigma is None or entry.sigma is None:
+        if sigma is None or entry.sigma is None or entry.previous_sigma is None:
             return entry.tensors
         weight = (sigma - entry.sigma) / (entry.sigma - entry.previous_sigma)
         weight = min(max(weight, 0.0), MAX_EXTRAPOLATION)

@@ -754,3 +754,28 @@ def test_blocks_that_update_their_input_in_place_get_true_residuals(mode, caplog
     model(x * 0.5, vecs[1], call_options(to2, 7.0))
     diffs = [d for st in holder2.stats.values() for d in st.diffs]
     assert diffs and all(d > 1e-3 for d in diffs)
+
+
+def test_extrapolated_hits_do_not_recompile_under_torch_compile():
+    """Each hit has a new sigma; the prediction runs outside dynamo, so a compiled model (e.g.
+    ComfyUI's TorchCompileModel) is not recompiled every step."""
+    import torch._dynamo
+
+    holder = active(FBCacheHolder(0.5, hit_residual="extrapolate"))
+    r0, r1 = torch.zeros(1, 4), torch.ones(1, 4)
+    for sigma, r in ((10.0, r0), (9.0, r1)):
+        holder.begin_call({"cond_or_uncond": [0]})
+        holder.call.sigma_value = sigma
+        holder.store("tail", {"h": r})
+
+    def add_cached(x, h):
+        return x + h.cached("tail")["h"]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(add_cached, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for sigma, expected in ((8.5, 1.5), (8.0, 2.0), (7.0, 3.0)):  # w = 0.5, 1, 2 (clamped max)
+            holder.begin_call({"cond_or_uncond": [0]})
+            holder.call.sigma_value = sigma
+            assert torch.equal(compiled(torch.zeros(1, 4), holder), torch.full((1, 4), expected))
+    torch._dynamo.reset()
