@@ -238,12 +238,17 @@ def _no_sync_holder(fbc):
 
 
 def _profile_hits(res, mp, patched, sampler, steps: int, trace_dir: Path) -> dict:
-    """Where a hit step's time goes: GPU busy time vs wall time of an all-hits run and of an
-    unpatched run (torch.profiler), the top host-side ops, and a Chrome trace per run."""
+    """Where a hit step's time goes: GPU busy time vs wall time of an unpatched, an all-hits and an
+    alternating (50 %) run (torch.profiler), the top host-side ops, and a Chrome trace per run."""
     from torch.profiler import ProfilerActivity, profile
 
     trace_dir.mkdir(parents=True, exist_ok=True)
-    runs = {"unpatched": mp, "all_hits_tail": patched([False] + [True] * (steps - 1))}
+    runs = {
+        "unpatched": mp,
+        "all_hits_tail": patched([False] + [True] * (steps - 1)),
+        # alternating computed/hit: where the extra time per pair (vs a full plus a hit step) goes
+        "50pct_tail": patched([False, True]),
+    }
     for name, model in runs.items():
         sampler(model)()  # warm
         _sync()
@@ -273,6 +278,10 @@ def _profile_hits(res, mp, patched, sampler, steps: int, trace_dir: Path) -> dic
     un, hits = res["profile_unpatched"], res["profile_all_hits_tail"]
     gpu_hit = (hits["gpu_busy_ms"] - un["gpu_busy_ms"] / steps) / (steps - 1)
     res.setdefault("summary", {})["hit_step_gpu_ms"] = round(gpu_hit, 2)
+    half = res["profile_50pct_tail"]
+    res["summary"]["gpu_idle_ms_per_step_unpatched"] = round(un["gpu_idle_ms"] / steps, 2)
+    res["summary"]["gpu_idle_ms_per_step_all_hits"] = round(hits["gpu_idle_ms"] / steps, 2)
+    res["summary"]["gpu_idle_ms_per_computed_hit_pair"] = round(half["gpu_idle_ms"] / max(steps // 2, 1), 2)
     if un["gpu_busy_ms"] > 0:  # 0 on a CPU run
         res["summary"]["hit_step_gpu_fraction_of_full"] = round(gpu_hit / (un["gpu_busy_ms"] / steps), 4)
     return res
