@@ -116,7 +116,7 @@ def profile(
         nosync = adapter.apply_first_block_cache(mp, _no_sync_holder(fbc)(0.5))
         cases = {"unpatched": mp, "fbcache_all_computed": patched([False]), "fbcache_all_computed_nosync": nosync}
         # ComfyUI's EasyCache with threshold 0 never skips but reads its change rates with .item() every step
-        cases["easycache_all_computed"] = _easycache(mp, ch, 0.0)
+        cases["easycache_all_computed"] = fm.easycache_patcher(mp, ch, 0.0)
         measure(cases)
         res["summary"] = {
             f"{stat}_{name}_pct": round(100 * (res[name][f"{stat}_s"] / res["unpatched"][f"{stat}_s"] - 1), 2)
@@ -205,21 +205,6 @@ def profile(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res
-
-
-def _easycache(mp, channels: int, threshold: float):
-    """``mp`` with ComfyUI's native EasyCache attached the way its node does (default window)."""
-    import comfy_extras.nodes_easycache as ec
-    from comfy.patcher_extension import WrappersMP
-
-    m = mp.clone()
-    m.model_options["transformer_options"]["easycache"] = ec.EasyCacheHolder(
-        threshold, 0.15, 0.95, subsample_factor=8, offload_cache_diff=False, verbose=False, output_channels=channels
-    )
-    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "easycache", ec.easycache_sample_wrapper)
-    m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, "easycache", ec.easycache_calc_cond_batch_wrapper)
-    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "easycache", ec.easycache_forward_wrapper)
-    return m
 
 
 def _no_sync_holder(fbc):

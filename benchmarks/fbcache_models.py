@@ -185,6 +185,21 @@ def conditioning(family: str, tiny: bool, batch: int, device, width: int, height
     return one(), one()
 
 
+def easycache_patcher(mp, channels: int, threshold: float):
+    """``mp`` with ComfyUI's native EasyCache attached the way its node does (default window)."""
+    import comfy_extras.nodes_easycache as ec
+    from comfy.patcher_extension import WrappersMP
+
+    m = mp.clone()
+    m.model_options["transformer_options"]["easycache"] = ec.EasyCacheHolder(
+        threshold, 0.15, 0.95, subsample_factor=8, offload_cache_diff=False, verbose=False, output_channels=channels
+    )
+    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "easycache", ec.easycache_sample_wrapper)
+    m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, "easycache", ec.easycache_calc_cond_batch_wrapper)
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "easycache", ec.easycache_forward_wrapper)
+    return m
+
+
 def prepare_comfy() -> None:
     """Make ComfyUI importable on bare machines: CPU mode without CUDA, a stub for PyAV when absent.
 

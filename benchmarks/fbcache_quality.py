@@ -228,8 +228,6 @@ def main() -> None:
     import comfy.model_patcher
     import comfy.sample
     import comfy.supported_models as sm
-    import comfy_extras.nodes_easycache as ec
-    from comfy.patcher_extension import WrappersMP
 
     fbc, adapter = fm.import_pack()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -298,14 +296,7 @@ def main() -> None:
         )
 
     def easycache(th):
-        m = patcher.clone()
-        m.model_options["transformer_options"]["easycache"] = ec.EasyCacheHolder(
-            th, 0.15, 0.95, subsample_factor=8, offload_cache_diff=False, verbose=False, output_channels=4
-        )
-        m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "easycache", ec.easycache_sample_wrapper)
-        m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, "easycache", ec.easycache_calc_cond_batch_wrapper)
-        m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "easycache", ec.easycache_forward_wrapper)
-        return m
+        return fm.easycache_patcher(patcher, 4, th)
 
     methods = [("ours", th, lambda th=th: ours(th)) for th in (0.003, 0.006, 0.01, 0.015, 0.02, 0.03, 0.05)]
     methods += [("ours_maxhits2", th, lambda th=th: ours(th, max_hits=2)) for th in (0.01, 0.03, 0.08, 0.2)]
