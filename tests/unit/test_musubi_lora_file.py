@@ -182,7 +182,8 @@ def test_merge_refuses_other_layout_plain_lora_where_only_lycoris_saves(tmp_path
     other = info(tmp_path, "plain_other", other_layout(lora_sd("lora")))
     with pytest.raises(ValueError, match="merging into a wan DiT saves only through musubi's --lycoris path"):
         lora_file.merge_lycoris("wan", [other], always=True)
-    assert lora_file.merge_lycoris("flux_kontext", [other], always=False) is False  # plain path reads both layouts
+    # merge_lycoris only decides the flag; the node refuses this layout first (require_musubi_layout)
+    assert lora_file.merge_lycoris("flux_kontext", [other], always=False) is False
 
 
 def test_other_layout_refused_where_musubi_would_apply_nothing(tmp_path):
