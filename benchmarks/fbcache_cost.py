@@ -102,6 +102,16 @@ def profile(
                 "peak_extra_MiB": round(peaks[name] / 2**20, 1),
             }
             logger.info("%s %s: %.3f s (peak +%.0f MiB)", family, name, med, peaks[name] / 2**20)
+        # Paired per round (the cases of one round run back to back): host noise that lasts longer
+        # than a round slows all of its cases alike, so the per-round ratio is steadier than a
+        # ratio of medians on a shared machine.
+        base = next((n for n in cases if n.endswith("unpatched") and cases[n][1] == steps), None)
+        if base is not None:
+            for name, (_, n) in cases.items():
+                if name != base and n == steps:
+                    ratios = [b / t for b, t in zip(times[base], times[name], strict=True)]
+                    res[name]["paired_speedup_median"] = round(statistics.median(ratios), 4)
+                    res[name]["paired_speedups"] = [round(r, 4) for r in ratios]
         return outs
 
     def patched(pattern, mode="tail", base=mp, hit_residual="reuse"):
@@ -158,6 +168,11 @@ def profile(
         "hit_step_fraction_incl_run_cost": round(hit_step / base_step, 4),
         "overhead_computed_steps_pct": round(100 * (full_step / base_step - 1), 2),
         # fastest run of each case: robust where host noise (other tenants, CPU clocks) only adds time
+        "paired_speedup_50pct_tail": res["fbcache_50pct_tail"].get("paired_speedup_median"),
+        "paired_speedup_50pct_tail_extrapolate": res["fbcache_50pct_tail_extrapolate"].get("paired_speedup_median"),
+        "paired_overhead_computed_steps_pct": round(
+            100 * (1 / res["fbcache_all_computed"]["paired_speedup_median"] - 1), 2
+        ),
         "speedup_50pct_tail_min": round(res["unpatched"]["min_s"] / res["fbcache_50pct_tail"]["min_s"], 3),
         "overhead_computed_steps_pct_min": round(
             100 * (res["fbcache_all_computed"]["min_s"] / res["unpatched"]["min_s"] - 1), 2
@@ -260,6 +275,25 @@ def _profile_hits(res, mp, patched, sampler, steps: int, trace_dir: Path) -> dic
             events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60),
         )
         prof.export_chrome_trace(str(trace_dir / f"{res['family']}_{name}.json"))
+    # The same runs over a few steps with Python stacks: which host code the GPU waits on.
+    from gpu_gaps import gpu_gaps
+
+    for name in ("unpatched", "50pct_tail"):
+        model = runs[name]
+        short = min(steps, 8)
+        sampler(model, short)()
+        _sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+            sampler(model, short)()
+            _sync()
+        path = trace_dir / f"{res['family']}_{name}_stacks.json"
+        prof.export_chrome_trace(str(path))
+        gaps = gpu_gaps(path)
+        gaps["steps"] = short
+        res[f"gaps_{name}"] = gaps
+        logger.info(
+            "GPU idle by host stack, %s (%d steps, Python stacks on):\n%s", name, short, json.dumps(gaps, indent=1)
+        )
     un, hits = res["profile_unpatched"], res["profile_all_hits_tail"]
     gpu_hit = (hits["gpu_busy_ms"] - un["gpu_busy_ms"] / steps) / (steps - 1)
     res.setdefault("summary", {})["hit_step_gpu_ms"] = round(gpu_hit, 2)
