@@ -47,7 +47,9 @@ def _font(size: int):
     return ImageFont.load_default()
 
 
-def plot(rows: list[dict], out: Path, speed_key: str = "speedup_cost", max_speedup: float = 4.0) -> None:
+def plot(
+    rows: list[dict], out: Path, speed_key: str = "speedup_cost", max_speedup: float = 4.0, note: str = "20 steps"
+) -> None:
     """One panel per sampler; points beyond ``max_speedup`` (PSNR far below use) are left out."""
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     rows = [r for r in rows if r[speed_key] <= max_speedup]
@@ -98,7 +100,7 @@ def plot(rows: list[dict], out: Path, speed_key: str = "speedup_cost", max_speed
         d.text((x + 20, y), LABELS[method], fill=(0, 0, 0), font=f)
     d.text(
         (30, ly + 75),
-        "PSNR vs the uncached output, same seeds; grey line: 30 dB. Trained SDXL-topology UNet, 20 steps, CFG 5.",
+        f"PSNR vs the uncached output, same seeds; grey line: 30 dB. Trained SDXL-topology UNet, {note}, CFG 5.",
         fill=(60, 60, 60),
         font=fs,
     )
@@ -138,14 +140,28 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, required=True)
     ap.add_argument("--samples", type=Path, default=None)
     ap.add_argument(
+        "--key",
+        action="append",
+        default=None,
+        help="RUN or RUN:SAMPLER,SAMPLER - which run(s) of the results file to draw (default: the newest 20-step run)",
+    )
+    ap.add_argument("--note", default="20 steps", help="what the caption says about the runs (steps, models)")
+    ap.add_argument(
         "--picks",
         default="euler/baseline,euler/ours_extrap_maxhits1/0.5,euler/ours_maxhits1/0.5,euler/easycache/0.1",
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     data = json.loads(args.results.read_text())
-    quality = next((data[k] for k in RESULT_KEYS if k in data), data)
-    plot(quality["rows"], args.plot)
+    if args.key:
+        rows = []
+        for spec in args.key:
+            run, _, samplers = spec.partition(":")
+            keep = set(samplers.split(",")) if samplers else None
+            rows += [r for r in data[run]["rows"] if keep is None or r["sampler"] in keep]
+    else:
+        rows = next((data[k] for k in RESULT_KEYS if k in data), data)["rows"]
+    plot(rows, args.plot, note=args.note)
     if args.latents and args.samples:
         samples(torch.load(args.latents), args.samples, args.picks.split(","))
 
