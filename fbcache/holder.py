@@ -13,7 +13,12 @@ for every model call:
 
 State is kept per conditioning (``transformer_options["uuids"]``, falling back to
 ``cond_or_uncond``), whether ComfyUI batches cond and uncond into one call or runs them
-separately. The first-block reference is updated on computed calls only, so consecutive hits
+separately, and per *patch variant*: guidance nodes such as ComfyUI's Perturbed-Attention
+Guidance and Skip Layer Guidance call the model a second time per step for the same
+conditioning with other patches (a replaced attention or skipped blocks). Those calls share this
+holder but compute something else, so they get their own reference and residuals (keyed by the
+identity of the patches they run with) instead of being compared with, and skipped against, the
+normal call. The first-block reference is updated on computed calls only, so consecutive hits
 are always compared with the last computed step and drift cannot hide.
 """
 
@@ -23,6 +28,7 @@ import logging
 import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +54,46 @@ HOLDER_KEY = "speedkit_fbcache"
 """Key of the holder in ``transformer_options``."""
 
 _SIGMA_RTOL = 1e-5
+
+MAX_PATCH_VARIANTS = 4
+"""Patch variants with their own cache state in one run. A node that builds new patch functions
+for every call would otherwise add a variant (and its cached residuals) per call; beyond this,
+the least recently used variant's state is dropped (its next call is computed)."""
+
+
+class VariantKey(NamedTuple):
+    """State key of a conditioning in a model call that runs with other patches than the first
+    calls of the run (variant 0 keeps the plain key)."""
+
+    key: Hashable
+    variant: int
+
+
+def _hashable(value) -> Hashable:
+    try:
+        hash(value)
+    except TypeError:
+        return id(value)
+    return value
+
+
+def patch_fingerprint(transformer_options: dict) -> Hashable:
+    """What identifies the patch set of a call: every ``patches_replace`` entry (name, block, function)
+    and every ``patches`` list, by identity of the functions (ComfyUI copies these dicts per call,
+    but the functions a node registered stay the same objects)."""
+    parts: list = []
+    replace = transformer_options.get("patches_replace") or {}
+    for name, entries in replace.items():
+        if isinstance(entries, dict):
+            try:  # functions hash by identity; one C-level pass
+                parts.append((name, frozenset(entries.items())))
+            except TypeError:  # an unhashable patch object: fall back to identities
+                parts.append((name, frozenset((_hashable(k), id(fn)) for k, fn in entries.items())))
+    patches = transformer_options.get("patches") or {}
+    for name, fns in patches.items():
+        if isinstance(fns, (list, tuple)):
+            parts.append((name, tuple(id(fn) for fn in fns)))
+    return frozenset(parts)
 
 
 def validate_settings(
@@ -121,6 +167,7 @@ class _Call:
     sigma: torch.Tensor | float | None
     hit: bool | None = None
     sigma_value: float | None = None  # host copy of the call's sigma, set by decide()
+    variant: int = 0  # patch variant (see FBCacheHolder._variant)
     scratch: dict = field(default_factory=dict)  # per-call tensors of the hooks (anchors, block-0 input)
 
 
@@ -191,6 +238,9 @@ class FBCacheHolder:
         self._last_sigma: float | None = None
         self.stats: dict[Hashable, KeyStats] = {}
         self._labels: dict[Hashable, str] = {}
+        self._variants: dict[Hashable, int] = {}  # patch fingerprint -> variant number
+        self._variant_last_use: dict[int, int] = {}
+        self._calls = 0
         self._warned: set[str] = set()
         self.resets = 0
         self.control_computes = 0  # model calls computed because ControlNet residuals were present
@@ -213,11 +263,60 @@ class FBCacheHolder:
     def begin_call(self, transformer_options: dict) -> _Call:
         """Start one model call; keys come from ``uuids`` (or ``cond_or_uncond``), sigma from ``sigmas``."""
         cond_or_uncond = transformer_options.get("cond_or_uncond") or ()
-        keys = transformer_options.get("uuids") or cond_or_uncond
+        variant = self._variant(transformer_options)
+        keys = tuple(self._qualify(k, variant) for k in (transformer_options.get("uuids") or cond_or_uncond))
         for key, kind in zip(keys, cond_or_uncond, strict=False):
-            self._labels.setdefault(key, {0: "cond", 1: "uncond"}.get(kind, f"cond_or_uncond={kind}"))
-        self.call = _Call(keys=tuple(keys), sigma=transformer_options.get("sigmas"))
+            label = {0: "cond", 1: "uncond"}.get(kind, f"cond_or_uncond={kind}")
+            self._labels.setdefault(key, f"{label} (calls with other patches #{variant})" if variant else label)
+        self.call = _Call(keys=keys, sigma=transformer_options.get("sigmas"), variant=variant)
         return self.call
+
+    @staticmethod
+    def _qualify(key: Hashable, variant: int) -> Hashable:
+        return VariantKey(key, variant) if variant else key
+
+    def _variant(self, transformer_options: dict) -> int:
+        """Number of this call's patch set in the run (0: the set the run started with)."""
+        self._calls += 1
+        fingerprint = patch_fingerprint(transformer_options)
+        variant = self._variants.get(fingerprint)
+        if variant is None:
+            fresh = len(self._variant_last_use) < MAX_PATCH_VARIANTS
+            if fresh:
+                variant = len(self._variant_last_use)
+            else:  # reuse the least recently used number other than 0, dropping its state
+                variant = min((v for v in self._variant_last_use if v), key=self._variant_last_use.__getitem__)
+                self._drop_variant(variant)
+                self.warn_once(
+                    f"more than {MAX_PATCH_VARIANTS} different patch sets in one run (a node builds new patch "
+                    "functions per call?): the least recently used one's cache is dropped, so such calls are "
+                    "mostly computed"
+                )
+            self._variants[fingerprint] = variant
+            if variant and fresh:
+                logger.info(
+                    "First Block Cache: model calls with a different set of patches (e.g. Perturbed-Attention or "
+                    "Skip Layer Guidance) keep their own cache state (patch variant %d).",
+                    variant,
+                )
+        self._variant_last_use[variant] = self._calls
+        return variant
+
+    def _drop_variant(self, variant: int) -> None:
+        for fingerprint in [f for f, v in self._variants.items() if v == variant]:
+            del self._variants[fingerprint]
+
+        def of_variant(key) -> bool:
+            return isinstance(key, VariantKey) and key.variant == variant
+
+        for key in [k for k in self._refs if of_variant(k)]:
+            del self._refs[key]
+        for composition in [c for c in self._stores if any(of_variant(k) for k in c)]:
+            del self._stores[composition]
+        self._complete = {c for c in self._complete if not any(of_variant(k) for k in c)}
+        for key, st in self.stats.items():
+            if of_variant(key):
+                st.consecutive_hits = 0
 
     def end_call(self) -> None:
         self.call = None
@@ -227,7 +326,10 @@ class FBCacheHolder:
         if keys and residual.shape[0] % len(keys) == 0:
             return keys, residual.chunk(len(keys), dim=0)
         # The batch does not split into the announced conditionings: one state for the whole call.
-        return ("all",), (residual,)
+        return (self._all_key(),), (residual,)
+
+    def _all_key(self) -> Hashable:
+        return self._qualify("all", self.call.variant if self.call is not None else 0)
 
     @torch.compiler.disable  # host-side branch and bookkeeping: torch.compile graph-breaks here cleanly
     def decide(self, residual: torch.Tensor) -> bool:
@@ -322,13 +424,13 @@ class FBCacheHolder:
         no call open (the hooks inside the network see no active call and stay out of the way).
         """
         call = self.begin_call(transformer_options)
-        keys = call.keys or ("all",)
+        keys = call.keys or (self._all_key(),)
         for key in keys:
             st = self.stats.setdefault(key, KeyStats())
             st.computed += 1
             st.consecutive_hits = 0
         self.control_computes += 1
-        for composition in (tuple(keys), ("all",)):
+        for composition in (tuple(keys), (self._all_key(),)):
             self._complete.discard(composition)
             self._stores.pop(composition, None)
         self.warn_once(reason)
@@ -336,7 +438,7 @@ class FBCacheHolder:
 
     # ------------------------------------------------------------------ residual store
     def _composition(self) -> tuple[Hashable, ...]:
-        return self.call.keys if self.call is not None else ("all",)
+        return self.call.keys if self.call is not None and self.call.keys else (self._all_key(),)
 
     def store(self, slot: Hashable, tensors: dict[str, torch.Tensor | None]) -> None:
         """Keep the residual(s) of ``slot`` (a block or a block span) from this computed call."""
@@ -472,6 +574,8 @@ class FBCacheHolder:
 
 
 def _key_label(key: Hashable, index: int) -> str:
+    if isinstance(key, VariantKey):
+        return f"{_key_label(key.key, index)} (calls with other patches #{key.variant})"
     if key == 0:
         return "cond"
     if key == 1:

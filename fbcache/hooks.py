@@ -152,6 +152,13 @@ def _shape_message(where: str) -> str:
     )
 
 
+def _replaced_message(kind: str, index: int) -> str:
+    return (
+        f"block {kind} {index} is replaced by another node in some model calls (e.g. Skip Layer Guidance), so "
+        "those calls cannot form a tail residual and are always computed; cache_mode per_block can skip them"
+    )
+
+
 def _inputs_for_residual(holder: FBCacheHolder, args: dict, keys: tuple[str, ...]) -> tuple[dict, bool]:
     """The block inputs a residual is taken against, copied while blocks may write into their input.
 
@@ -255,12 +262,19 @@ def make_block_replacement(
                 scratch[kind] = {k: before.get(k) for k in out}
                 holder.store((kind, "keys"), dict.fromkeys(out))
             if is_last_of_kind:
-                res = _residuals(scratch.pop(kind, {}), out)
-                if res is None:
-                    scratch.setdefault("no_cache", _shape_message(f"{kind} stack"))
+                if kind not in scratch:
+                    scratch.setdefault("no_cache", _replaced_message(kind, span_start))
                 else:
-                    holder.store((kind, "tail"), res)
+                    res = _residuals(scratch.pop(kind), out)
+                    if res is None:
+                        scratch.setdefault("no_cache", _shape_message(f"{kind} stack"))
+                    else:
+                        holder.store((kind, "tail"), res)
         if is_final:
+            open_spans = [k for k, _ in stacks if k in scratch]
+            if open_spans and holder.cache_mode == "tail":
+                # a span started but its last block is another node's replacement in these calls
+                scratch.setdefault("no_cache", _replaced_message(open_spans[0], counts[open_spans[0]] - 1))
             if "no_cache" in scratch:
                 holder.warn_once(scratch["no_cache"])
             else:

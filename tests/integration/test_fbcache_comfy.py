@@ -174,3 +174,66 @@ def test_node_schema_on_the_server(comfy_server):
     assert required["cache_mode"][1]["default"] == "tail"
     optional = info["input"].get("optional", {})
     assert optional["hit_residual"][1]["default"] == "extrapolate" and optional["hit_residual"][1].get("tooltip")
+
+
+GUIDANCE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
+    """
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT, SkipLayerGuidanceDiTSimple
+    dev = torch.device("cpu")
+    report = {}
+    cases = {
+        "sd15_pag": ("sd15", lambda mp: PerturbedAttentionGuidance.execute(mp, 3.0).args[0]),
+        # the tiny Flux's double block 1 is its whole double span: in the SLG calls that span is SLG's skip
+        "flux_slg_double": ("flux", lambda mp: SkipLayerGuidanceDiT.execute(mp, 3.0, 0.0, 1.0, "1", "", 0.0).args[0]),
+        "flux_slg_single": ("flux", lambda mp: SkipLayerGuidanceDiT.execute(mp, 3.0, 0.0, 1.0, "", "0", 0.0).args[0]),
+        "flux_slg_simple": ("flux", lambda mp: SkipLayerGuidanceDiTSimple.execute(mp, 0.0, 1.0, "", "0").args[0]),
+    }
+    for name, (fam, guide) in cases.items():
+        mp = fm.build_patcher(fam, True, dev)
+        ch = 16 if fam == "flux" else 4
+        noise = torch.randn(1, ch, 16, 16, generator=torch.Generator().manual_seed(0))
+        latent = torch.zeros_like(noise)
+        pos, neg = fm.conditioning(fam, True, 1, dev, 128, 128)
+
+        def run(m, steps=8):
+            return comfy.sample.sample(m, noise, steps, 4.0, "euler", "normal", pos, neg, latent, seed=0,
+                                       disable_pbar=True)
+
+        guided = guide(mp)
+        base = run(guided)
+        # below any real change of the first block: a correct cache computes every call
+        tiny = run(node.execute(guided, 1e-7, 0.0, 1.0, -1, "tail", False).args[0])
+        half = run(adapter.apply_first_block_cache(guided, fbc.FBCacheHolder(0.5, force_pattern=[False, True])))
+        report[name] = {
+            "tiny_threshold_identical": bool(torch.equal(tiny, base)),
+            "forced_half_finite": bool(torch.isfinite(half).all()),
+            "forced_half_differs": not bool(torch.equal(half, base)),
+        }
+    print("FBCACHE_REPORT " + json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def guidance_report() -> dict:
+    return run_comfy_script(GUIDANCE_SCRIPT)
+
+
+@pytest.mark.parametrize("case", ["sd15_pag", "flux_slg_double", "flux_slg_single", "flux_slg_simple"])
+def test_guidance_nodes_that_call_the_model_again_with_other_patches(guidance_report, case):
+    """ComfyUI's Perturbed-Attention and Skip Layer Guidance run an extra model call per step for the
+    same conditioning with other patches. Cached apart from the normal calls, a threshold below any
+    real change gives exactly the uncached result (compared with the normal call's reference, those
+    calls used to be skipped and returned the wrong residual)."""
+    r = guidance_report["data"][case]
+    assert r["tiny_threshold_identical"], r
+    assert r["forced_half_finite"] and r["forced_half_differs"]
+
+
+def test_guidance_calls_are_reported_separately(guidance_report):
+    log = guidance_report["log"]
+    assert "keep their own cache state (patch variant 1)" in log
+    assert "(calls with other patches #1):" in log
+    # SLG on single block 0 (the single span's start): those calls cannot form a tail and are computed
+    assert "single_block 0 is replaced by another node" in log

@@ -779,3 +779,112 @@ def test_extrapolated_hits_do_not_recompile_under_torch_compile():
             holder.call.sigma_value = sigma
             assert torch.equal(compiled(torch.zeros(1, 4), holder), torch.full((1, 4), expected))
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------ other nodes' patches
+
+
+def _with_extra_patch(options: dict, name: str, key, fn) -> dict:
+    """What ComfyUI's ``set_model_options_patch_replace`` does for a guidance node's second call."""
+    to = dict(options)
+    to["patches_replace"] = {k: dict(v) for k, v in options.get("patches_replace", {}).items()}
+    to["patches_replace"].setdefault(name, {})[key] = fn
+    return to
+
+
+@torch.no_grad()
+def test_calls_with_other_patches_keep_their_own_cache_state(flux, flux_inputs, caplog):
+    """Perturbed-Attention / Skip Layer Guidance call the model again for the same conditioning with
+    other patches. Such a call's first block equals the normal call's, so compared with the normal
+    call's reference it would always "hit" and return the wrong residual; it must be cached on its own."""
+    img, txt = flux_inputs
+    holder = active(FBCacheHolder(1e-9))  # no genuine change is this small: nothing may be skipped
+
+    def perturbed(args, extra):  # stands in for a guidance node's replacement (PAG's attention, SLG's skip)
+        out = extra["original_block"](args)
+        return {k: v * 0.5 for k, v in out.items()}
+
+    normal = dit_options(holder)
+    variant = _with_extra_patch(normal, "dit", ("single_block", 1), perturbed)
+    ref_variant = {"patches_replace": {"dit": {("single_block", 1): perturbed}}}
+    with caplog.at_level(logging.INFO):
+        for k, s in enumerate(SIGMAS):
+            vec = torch.full((1, 1, img.shape[-1]), s / 10)
+            x = img + 0.02 * k
+            a = flux(x, txt, vec, call_options(normal, s))
+            b = flux(x, txt, vec, call_options(variant, s))
+            assert torch.equal(a, flux(x, txt, vec, call_options({}, s)))
+            assert torch.equal(b, flux(x, txt, vec, call_options(ref_variant, s)))
+    summary = holder.summary()
+    assert summary["skipped"] == 0
+    assert summary["per_conditioning"] == {
+        "cond": {"computed": len(SIGMAS), "skipped": 0},
+        "cond (calls with other patches #1)": {"computed": len(SIGMAS), "skipped": 0},
+    }
+    assert "keep their own cache state (patch variant 1)" in caplog.text
+
+
+@torch.no_grad()
+def test_patch_variants_hit_against_their_own_reference(flux, flux_inputs):
+    """With forced hits, each variant injects residuals from its own computed calls."""
+    img, txt = flux_inputs
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    normal = dit_options(holder)
+
+    def scaled(args, extra):
+        return {k: v * 0.5 for k, v in extra["original_block"](args).items()}
+
+    variant = _with_extra_patch(normal, "other", ("x", 0), scaled)  # a different patch set, same blocks
+    s0, s1 = SIGMAS[:2]
+    vec0, vec1 = (torch.full((1, 1, img.shape[-1]), s / 10) for s in (s0, s1))
+    flux(img, txt, vec0, call_options(normal, s0))
+    flux(img * 2, txt, vec0, call_options(variant, s0))  # the variant's computed call sees other inputs
+    hit_normal = flux(img + 0.01, txt, vec1, call_options(normal, s1))
+    hit_variant = flux(img * 2 + 0.01, txt, vec1, call_options(variant, s1))
+    assert holder.summary()["skipped"] == 2
+    # a hit adds the residual its own variant computed: recompute both from the cached state
+    assert not torch.equal(hit_normal, hit_variant)
+    fresh = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    only_variant = _with_extra_patch(dit_options(fresh), "other", ("x", 0), scaled)
+    flux(img * 2, txt, vec0, call_options(only_variant, s0))
+    assert torch.equal(flux(img * 2 + 0.01, txt, vec1, call_options(only_variant, s1)), hit_variant)
+
+
+def test_patch_variants_are_bounded_and_evict_their_state():
+    from speedkit.fbcache.holder import MAX_PATCH_VARIANTS, VariantKey
+
+    holder = active(FBCacheHolder(0.1))
+    base = {HOLDER_KEY: holder, "cond_or_uncond": [0], "uuids": ["c"], "sigmas": torch.ones(1)}
+    seen = []
+    for i in range(MAX_PATCH_VARIANTS + 3):
+        fn = (lambda i: lambda a, e: a)(i)  # a new function each call, as a careless node would build
+        call = holder.begin_call({**base, "patches_replace": {"attn1": {("middle", 0, 0): fn}}})
+        holder.decide(torch.randn(1, 4))
+        holder.end_call()
+        seen.append(call.variant)
+    assert max(seen) == MAX_PATCH_VARIANTS - 1
+    assert len(holder._refs) <= MAX_PATCH_VARIANTS
+    assert all(isinstance(k, VariantKey) or k == "c" for k in holder._refs)
+    # the same patch set again maps to the same variant
+    fn = lambda a, e: a  # noqa: E731
+    opts = {**base, "patches_replace": {"attn1": {("middle", 0, 0): fn}}}
+    assert holder.begin_call(opts).variant == holder.begin_call(dict(opts)).variant
+
+
+@torch.no_grad()
+def test_tail_span_whose_last_block_another_node_replaces_is_computed(flux, flux_inputs, caplog):
+    """Skip Layer Guidance replacing the last block of a stack in its calls: those calls cannot form
+    that stack's tail residual, so they must never hit (a hit would drop the stack's residual)."""
+    img, txt = flux_inputs
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    options = dit_options(holder)
+    options["patches_replace"]["dit"][("double_block", 2)] = lambda args, extra: {
+        "img": args["img"],
+        "txt": args["txt"],
+    }
+    with caplog.at_level(logging.WARNING):
+        for k, s in enumerate(SIGMAS[:4]):
+            vec = torch.full((1, 1, img.shape[-1]), s / 10)
+            flux(img + 0.02 * k, txt, vec, call_options(options, s))
+    assert holder.summary()["skipped"] == 0
+    assert "double_block 2 is replaced by another node" in caplog.text
