@@ -55,15 +55,16 @@ HOLDER_KEY = "speedkit_fbcache"
 
 _SIGMA_RTOL = 1e-5
 
-MAX_PATCH_VARIANTS = 4
-"""Patch variants with their own cache state in one run. A node that builds new patch functions
-for every call would otherwise add a variant (and its cached residuals) per call; beyond this,
-the least recently used variant's state is dropped (its next call is computed)."""
+MAX_CALL_VARIANTS = 8
+"""Call variants (patch sets x context windows) with their own cache state in one run. A node
+that builds new patch functions for every call would otherwise add a variant (and its cached
+residuals) per call; beyond this, the least recently used variant's state is dropped (its next
+call is computed)."""
 
 
 class VariantKey(NamedTuple):
-    """State key of a conditioning in a model call that runs with other patches than the first
-    calls of the run (variant 0 keeps the plain key)."""
+    """State key of a conditioning in a model call that runs with other patches, or on another
+    context window, than the first calls of the run (variant 0 keeps the plain key)."""
 
     key: Hashable
     variant: int
@@ -94,6 +95,18 @@ def patch_fingerprint(transformer_options: dict) -> Hashable:
         if isinstance(fns, (list, tuple)):
             parts.append((name, tuple(id(fn) for fn in fns)))
     return frozenset(parts)
+
+
+def context_window_key(transformer_options: dict) -> Hashable:
+    """The latent frames of this call when ComfyUI's context windows split a video (else None):
+    every window is a different part of the video, so it needs its own reference and residuals."""
+    window = transformer_options.get("context_window")
+    if window is None:
+        return None
+    indices = getattr(window, "index_list", None)
+    if indices is None:
+        return id(window)
+    return (getattr(window, "dim", None), tuple(int(i) for i in indices))
 
 
 def validate_settings(
@@ -167,7 +180,7 @@ class _Call:
     sigma: torch.Tensor | float | None
     hit: bool | None = None
     sigma_value: float | None = None  # host copy of the call's sigma, set by decide()
-    variant: int = 0  # patch variant (see FBCacheHolder._variant)
+    variant: int = 0  # patch set / context window variant (see FBCacheHolder._variant)
     scratch: dict = field(default_factory=dict)  # per-call tensors of the hooks (anchors, block-0 input)
 
 
@@ -238,8 +251,9 @@ class FBCacheHolder:
         self._last_sigma: float | None = None
         self.stats: dict[Hashable, KeyStats] = {}
         self._labels: dict[Hashable, str] = {}
-        self._variants: dict[Hashable, int] = {}  # patch fingerprint -> variant number
+        self._variants: dict[Hashable, int] = {}  # (patch fingerprint, context window) -> variant number
         self._variant_last_use: dict[int, int] = {}
+        self._variant_labels: dict[int, str] = {}
         self._calls = 0
         self._warned: set[str] = set()
         self.resets = 0
@@ -267,7 +281,7 @@ class FBCacheHolder:
         keys = tuple(self._qualify(k, variant) for k in (transformer_options.get("uuids") or cond_or_uncond))
         for key, kind in zip(keys, cond_or_uncond, strict=False):
             label = {0: "cond", 1: "uncond"}.get(kind, f"cond_or_uncond={kind}")
-            self._labels.setdefault(key, f"{label} (calls with other patches #{variant})" if variant else label)
+            self._labels.setdefault(key, f"{label} ({self._variant_labels[variant]})" if variant else label)
         self.call = _Call(keys=keys, sigma=transformer_options.get("sigmas"), variant=variant)
         return self.call
 
@@ -276,29 +290,39 @@ class FBCacheHolder:
         return VariantKey(key, variant) if variant else key
 
     def _variant(self, transformer_options: dict) -> int:
-        """Number of this call's patch set in the run (0: the set the run started with)."""
+        """Number of this call's patch set and context window in the run (0: those the run started with)."""
         self._calls += 1
-        fingerprint = patch_fingerprint(transformer_options)
+        patches, window = patch_fingerprint(transformer_options), context_window_key(transformer_options)
+        fingerprint = (patches, window)
         variant = self._variants.get(fingerprint)
         if variant is None:
-            fresh = len(self._variant_last_use) < MAX_PATCH_VARIANTS
+            fresh = len(self._variant_last_use) < MAX_CALL_VARIANTS
             if fresh:
                 variant = len(self._variant_last_use)
             else:  # reuse the least recently used number other than 0, dropping its state
                 variant = min((v for v in self._variant_last_use if v), key=self._variant_last_use.__getitem__)
                 self._drop_variant(variant)
                 self.warn_once(
-                    f"more than {MAX_PATCH_VARIANTS} different patch sets in one run (a node builds new patch "
-                    "functions per call?): the least recently used one's cache is dropped, so such calls are "
-                    "mostly computed"
+                    f"more than {MAX_CALL_VARIANTS} different patch sets / context windows in one run (a node builds "
+                    "new patch functions per call, or many context windows?): the least recently used one's cache is "
+                    "dropped, so such calls are mostly computed"
                 )
             self._variants[fingerprint] = variant
-            if variant and fresh:
-                logger.info(
-                    "First Block Cache: model calls with a different set of patches (e.g. Perturbed-Attention or "
-                    "Skip Layer Guidance) keep their own cache state (patch variant %d).",
-                    variant,
-                )
+            if variant:
+                first = next((f for f, v in self._variants.items() if v == 0), (patches, window))
+                parts = []
+                if window is not None and window != first[1]:
+                    frames = window[1] if isinstance(window, tuple) else ()
+                    parts.append(f"context window {frames[0]}-{frames[-1]}" if frames else "another context window")
+                if patches != first[0]:
+                    parts.append("calls with other patches")
+                self._variant_labels[variant] = f"{', '.join(parts) or 'another call variant'} #{variant}"
+                if fresh:
+                    logger.info(
+                        "First Block Cache: model calls with a different set of patches (e.g. Perturbed-Attention or "
+                        "Skip Layer Guidance) or on another context window keep their own cache state (%s).",
+                        self._variant_labels[variant],
+                    )
         self._variant_last_use[variant] = self._calls
         return variant
 
@@ -309,6 +333,8 @@ class FBCacheHolder:
         def of_variant(key) -> bool:
             return isinstance(key, VariantKey) and key.variant == variant
 
+        for key in [k for k in self._labels if of_variant(k)]:
+            del self._labels[key]  # relabelled by the calls that take this number next
         for key in [k for k in self._refs if of_variant(k)]:
             del self._refs[key]
         for composition in [c for c in self._stores if any(of_variant(k) for k in c)]:
@@ -575,7 +601,7 @@ class FBCacheHolder:
 
 def _key_label(key: Hashable, index: int) -> str:
     if isinstance(key, VariantKey):
-        return f"{_key_label(key.key, index)} (calls with other patches #{key.variant})"
+        return f"{_key_label(key.key, index)} (call variant #{key.variant})"
     if key == 0:
         return "cond"
     if key == 1:

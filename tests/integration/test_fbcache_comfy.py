@@ -210,6 +210,26 @@ GUIDANCE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
             "forced_half_finite": bool(torch.isfinite(half).all()),
             "forced_half_differs": not bool(torch.equal(half, base)),
         }
+    # ComfyUI's context windows over the batch of an image model (dim 0): one call per window
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
+    mp = fm.build_patcher("sd15", True, dev)
+    noise = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    latent = torch.zeros_like(noise)
+    pos, neg = fm.conditioning("sd15", True, 1, dev, 128, 128)
+    windows = ContextWindowsManualNode.execute(mp, 4, 1, "standard_static", 1, False, "pyramid", 0, False, "", False).args[0]
+
+    def run(m, steps=6):
+        return comfy.sample.sample(m, noise, steps, 4.0, "euler", "normal", pos, neg, latent, seed=0,
+                                   disable_pbar=True)
+
+    base = run(windows)
+    tiny = run(node.execute(windows, 1e-7, 0.0, 1.0, -1, "tail", False).args[0])
+    half = run(adapter.apply_first_block_cache(windows, fbc.FBCacheHolder(0.5, force_pattern=[False, True])))
+    report["sd15_context_windows"] = {
+        "tiny_threshold_identical": bool(torch.equal(tiny, base)),
+        "forced_half_finite": bool(torch.isfinite(half).all()),
+        "forced_half_differs": not bool(torch.equal(half, base)),
+    }
     print("FBCACHE_REPORT " + json.dumps(report))
     """
 )
@@ -220,7 +240,9 @@ def guidance_report() -> dict:
     return run_comfy_script(GUIDANCE_SCRIPT)
 
 
-@pytest.mark.parametrize("case", ["sd15_pag", "flux_slg_double", "flux_slg_single", "flux_slg_simple"])
+@pytest.mark.parametrize(
+    "case", ["sd15_pag", "flux_slg_double", "flux_slg_single", "flux_slg_simple", "sd15_context_windows"]
+)
 def test_guidance_nodes_that_call_the_model_again_with_other_patches(guidance_report, case):
     """ComfyUI's Perturbed-Attention and Skip Layer Guidance run an extra model call per step for the
     same conditioning with other patches. Cached apart from the normal calls, a threshold below any
@@ -233,7 +255,8 @@ def test_guidance_nodes_that_call_the_model_again_with_other_patches(guidance_re
 
 def test_guidance_calls_are_reported_separately(guidance_report):
     log = guidance_report["log"]
-    assert "keep their own cache state (patch variant 1)" in log
+    assert "keep their own cache state (calls with other patches #1)" in log
     assert "(calls with other patches #1):" in log
+    assert "(context window 2-5 #1):" in log  # 6 frames, windows of 4 overlapping by 1: 0-3 and 2-5
     # SLG on single block 0 (the single span's start): those calls cannot form a tail and are computed
     assert "single_block 0 is replaced by another node" in log

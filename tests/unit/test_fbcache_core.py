@@ -821,7 +821,7 @@ def test_calls_with_other_patches_keep_their_own_cache_state(flux, flux_inputs, 
         "cond": {"computed": len(SIGMAS), "skipped": 0},
         "cond (calls with other patches #1)": {"computed": len(SIGMAS), "skipped": 0},
     }
-    assert "keep their own cache state (patch variant 1)" in caplog.text
+    assert "keep their own cache state (calls with other patches #1)" in caplog.text
 
 
 @torch.no_grad()
@@ -851,19 +851,19 @@ def test_patch_variants_hit_against_their_own_reference(flux, flux_inputs):
 
 
 def test_patch_variants_are_bounded_and_evict_their_state():
-    from speedkit.fbcache.holder import MAX_PATCH_VARIANTS, VariantKey
+    from speedkit.fbcache.holder import MAX_CALL_VARIANTS, VariantKey
 
     holder = active(FBCacheHolder(0.1))
     base = {HOLDER_KEY: holder, "cond_or_uncond": [0], "uuids": ["c"], "sigmas": torch.ones(1)}
     seen = []
-    for i in range(MAX_PATCH_VARIANTS + 3):
+    for i in range(MAX_CALL_VARIANTS + 3):
         fn = (lambda i: lambda a, e: a)(i)  # a new function each call, as a careless node would build
         call = holder.begin_call({**base, "patches_replace": {"attn1": {("middle", 0, 0): fn}}})
         holder.decide(torch.randn(1, 4))
         holder.end_call()
         seen.append(call.variant)
-    assert max(seen) == MAX_PATCH_VARIANTS - 1
-    assert len(holder._refs) <= MAX_PATCH_VARIANTS
+    assert max(seen) == MAX_CALL_VARIANTS - 1
+    assert len(holder._refs) <= MAX_CALL_VARIANTS
     assert all(isinstance(k, VariantKey) or k == "c" for k in holder._refs)
     # the same patch set again maps to the same variant
     fn = lambda a, e: a  # noqa: E731
@@ -888,3 +888,38 @@ def test_tail_span_whose_last_block_another_node_replaces_is_computed(flux, flux
             flux(img + 0.02 * k, txt, vec, call_options(options, s))
     assert holder.summary()["skipped"] == 0
     assert "double_block 2 is replaced by another node" in caplog.text
+
+
+class _Window:
+    """ComfyUI's IndexListContextWindow as the hooks see it (``transformer_options["context_window"]``)."""
+
+    def __init__(self, start: int, length: int = 4):
+        self.index_list, self.dim = list(range(start, start + length)), 0
+
+
+@torch.no_grad()
+def test_context_windows_keep_their_own_cache_state(flux, flux_inputs, caplog):
+    """ComfyUI's context windows call the model once per window of a video with the same
+    conditioning; each window is another part of the video and must hit against its own residual."""
+    img, txt = flux_inputs
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    options = dit_options(holder)
+    s0, s1 = SIGMAS[:2]
+    vec0, vec1 = (torch.full((1, 1, img.shape[-1]), s / 10) for s in (s0, s1))
+    inputs = {0: img, 3: img * 2 - 1}  # two windows of different content
+    with caplog.at_level(logging.INFO):
+        for start, x in inputs.items():  # step 0: one call per window, each must be computed
+            to = {**call_options(options, s0), "context_window": _Window(start)}
+            assert torch.equal(flux(x, txt, vec0, to), flux(x, txt, vec0, call_options({}, s0)))
+        hits = {
+            start: flux(x + 0.01, txt, vec1, {**call_options(options, s1), "context_window": _Window(start)})
+            for start, x in inputs.items()
+        }
+    assert holder.summary()["skipped"] == 2
+    assert "context window 3-6 #1" in caplog.text
+    # window 3's hit equals what a run that only ever saw window 3 gives
+    alone = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    only = dit_options(alone)
+    flux(inputs[3], txt, vec0, {**call_options(only, s0), "context_window": _Window(3)})
+    alone_hit = flux(inputs[3] + 0.01, txt, vec1, {**call_options(only, s1), "context_window": _Window(3)})
+    assert torch.equal(hits[3], alone_hit)
