@@ -274,6 +274,7 @@ class FBCacheHolder:
             st.consecutive_hits = 0
 
     # ------------------------------------------------------------------ per call
+    @torch.compiler.disable  # host-side bookkeeping (patch fingerprints, counters): traced, it would recompile
     def begin_call(self, transformer_options: dict) -> _Call:
         """Start one model call; keys come from ``uuids`` (or ``cond_or_uncond``), sigma from ``sigmas``."""
         cond_or_uncond = transformer_options.get("cond_or_uncond") or ()

@@ -781,6 +781,29 @@ def test_extrapolated_hits_do_not_recompile_under_torch_compile():
     torch._dynamo.reset()
 
 
+def test_call_bookkeeping_does_not_recompile_under_torch_compile():
+    """begin_call (patch fingerprint, call-variant counters) runs in every model call, inside a
+    compiled model's forward too: it stays outside dynamo, so new calls do not recompile."""
+    import torch._dynamo
+
+    holder = active(FBCacheHolder(0.5))
+    block = lambda a, e: a  # noqa: E731
+
+    def start(x, to):
+        holder.begin_call(to)
+        return x * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(start, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i, window in enumerate((_Window(0), _Window(3), _Window(0))):
+            to = {"cond_or_uncond": [0], "uuids": ["c"], "sigmas": torch.ones(1), "context_window": window}
+            to["patches_replace"] = {"dit": {("double_block", 0): block}}
+            assert torch.equal(compiled(torch.ones(1), to), torch.full((1,), 2.0))
+            assert holder.call.variant == (1 if i == 1 else 0)
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------ other nodes' patches
 
 
