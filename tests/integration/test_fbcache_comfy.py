@@ -189,6 +189,17 @@ GUIDANCE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         "flux_slg_single": ("flux", lambda mp: SkipLayerGuidanceDiT.execute(mp, 3.0, 0.0, 1.0, "", "0", 0.0).args[0]),
         "flux_slg_simple": ("flux", lambda mp: SkipLayerGuidanceDiTSimple.execute(mp, 0.0, 1.0, "", "0").args[0]),
     }
+
+    def with_lora_like_patches(mp):
+        # weight patches as LoraLoader adds them (ModelPatcher.add_patches), here "diff" patches
+        m = mp.clone()
+        sd = m.model_state_dict()
+        keys = [k for k in sd if k.endswith(".weight") and sd[k].ndim == 2][:6]
+        g = torch.Generator().manual_seed(3)
+        m.add_patches({k: (torch.randn(sd[k].shape, generator=g) * 0.05,) for k in keys}, 1.0)
+        return m
+
+    cases["sd15_lora_patches"] = ("sd15", with_lora_like_patches)
     for name, (fam, guide) in cases.items():
         mp = fm.build_patcher(fam, True, dev)
         ch = 16 if fam == "flux" else 4
@@ -206,6 +217,7 @@ GUIDANCE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         tiny = run(node.execute(guided, 1e-7, 0.0, 1.0, -1, "tail", False).args[0])
         half = run(adapter.apply_first_block_cache(guided, fbc.FBCacheHolder(0.5, force_pattern=[False, True])))
         report[name] = {
+            "guide_changes_output": not bool(torch.equal(base, run(mp))),
             "tiny_threshold_identical": bool(torch.equal(tiny, base)),
             "forced_half_finite": bool(torch.isfinite(half).all()),
             "forced_half_differs": not bool(torch.equal(half, base)),
@@ -226,6 +238,7 @@ GUIDANCE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     tiny = run(node.execute(windows, 1e-7, 0.0, 1.0, -1, "tail", False).args[0])
     half = run(adapter.apply_first_block_cache(windows, fbc.FBCacheHolder(0.5, force_pattern=[False, True])))
     report["sd15_context_windows"] = {
+        "guide_changes_output": not bool(torch.equal(base, run(mp))),
         "tiny_threshold_identical": bool(torch.equal(tiny, base)),
         "forced_half_finite": bool(torch.isfinite(half).all()),
         "forced_half_differs": not bool(torch.equal(half, base)),
@@ -241,14 +254,17 @@ def guidance_report() -> dict:
 
 
 @pytest.mark.parametrize(
-    "case", ["sd15_pag", "flux_slg_double", "flux_slg_single", "flux_slg_simple", "sd15_context_windows"]
+    "case",
+    ["sd15_pag", "flux_slg_double", "flux_slg_single", "flux_slg_simple", "sd15_context_windows", "sd15_lora_patches"],
 )
 def test_guidance_nodes_that_call_the_model_again_with_other_patches(guidance_report, case):
     """ComfyUI's Perturbed-Attention and Skip Layer Guidance run an extra model call per step for the
     same conditioning with other patches. Cached apart from the normal calls, a threshold below any
     real change gives exactly the uncached result (compared with the normal call's reference, those
-    calls used to be skipped and returned the wrong residual)."""
+    calls used to be skipped and returned the wrong residual). Context windows (one call per window)
+    and LoRA-style weight patches are checked the same way."""
     r = guidance_report["data"][case]
+    assert r["guide_changes_output"], r  # the other node really acts in this setup
     assert r["tiny_threshold_identical"], r
     assert r["forced_half_finite"] and r["forced_half_differs"]
 
