@@ -13,11 +13,12 @@ for every model call:
 
 State is kept per conditioning (``transformer_options["uuids"]``, falling back to
 ``cond_or_uncond``), whether ComfyUI batches cond and uncond into one call or runs them
-separately, and per *patch variant*: guidance nodes such as ComfyUI's Perturbed-Attention
+separately, and per *call variant*: guidance nodes such as ComfyUI's Perturbed-Attention
 Guidance and Skip Layer Guidance call the model a second time per step for the same
-conditioning with other patches (a replaced attention or skipped blocks). Those calls share this
-holder but compute something else, so they get their own reference and residuals (keyed by the
-identity of the patches they run with) instead of being compared with, and skipped against, the
+conditioning with other patches (a replaced attention or skipped blocks), and ComfyUI's context
+windows call it once per window of a video. Those calls share this holder but compute something
+else, so they get their own reference and residuals (keyed by the identity of the patches they
+run with and the window's frames) instead of being compared with, and skipped against, the
 normal call. The first-block reference is updated on computed calls only, so consecutive hits
 are always compared with the last computed step and drift cannot hide.
 """
@@ -310,14 +311,7 @@ class FBCacheHolder:
                 )
             self._variants[fingerprint] = variant
             if variant:
-                first = next((f for f, v in self._variants.items() if v == 0), (patches, window))
-                parts = []
-                if window is not None and window != first[1]:
-                    frames = window[1] if isinstance(window, tuple) else ()
-                    parts.append(f"context window {frames[0]}-{frames[-1]}" if frames else "another context window")
-                if patches != first[0]:
-                    parts.append("calls with other patches")
-                self._variant_labels[variant] = f"{', '.join(parts) or 'another call variant'} #{variant}"
+                self._variant_labels[variant] = f"{self._describe_variant(patches, window)} #{variant}"
                 if fresh:
                     logger.info(
                         "First Block Cache: model calls with a different set of patches (e.g. Perturbed-Attention or "
@@ -326,6 +320,17 @@ class FBCacheHolder:
                     )
         self._variant_last_use[variant] = self._calls
         return variant
+
+    def _describe_variant(self, patches: Hashable, window: Hashable) -> str:
+        """How a call variant differs from variant 0, for the report."""
+        first_patches, first_window = next((f for f, v in self._variants.items() if v == 0), (patches, window))
+        parts = []
+        if window is not None and window != first_window:
+            frames = window[1] if isinstance(window, tuple) else ()
+            parts.append(f"context window {frames[0]}-{frames[-1]}" if frames else "another context window")
+        if patches != first_patches:
+            parts.append("calls with other patches")
+        return ", ".join(parts) or "another call variant"
 
     def _drop_variant(self, variant: int) -> None:
         for fingerprint in [f for f, v in self._variants.items() if v == variant]:
