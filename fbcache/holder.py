@@ -563,6 +563,8 @@ class FBCacheHolder:
             "estimated_speedup": total / computed if computed else 1.0,
             "resets": self.resets,
             "control_computes": self.control_computes,
+            # what the cache holds now (at the end of a run: its references and residuals, before the reset)
+            "cache_MiB": round(self.memory_bytes() / 2**20, 1),
         }
 
     def summary_text(self) -> str:
@@ -577,7 +579,7 @@ class FBCacheHolder:
             f"First Block Cache{(' [' + self.description + ']') if self.description else ''}: "
             f"{'; '.join(parts) or 'no model calls'}; hit rate {s['hit_rate']:.0%}, "
             f"estimated speedup {s['estimated_speedup']:.2f}x (threshold {self.threshold}, mode {self.cache_mode}, "
-            f"hit residual {self.hit_residual})"
+            f"hit residual {self.hit_residual}); cache memory {s['cache_MiB']:g} MiB"
             f"{control}"
         )
 

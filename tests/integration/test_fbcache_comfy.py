@@ -148,7 +148,7 @@ def test_report_in_log_and_attach_messages(report):
     log = report["log"]
     assert "First Block Cache attached to UNetModel: first ResBlock, tail residual" in log
     assert "First Block Cache attached to Flux: 2 double_blocks, 2 single_blocks" in log
-    assert "computed /" in log and "hit rate" in log and "estimated speedup" in log
+    assert "computed /" in log and "hit rate" in log and "estimated speedup" in log and "cache memory" in log
 
 
 def test_bad_input_messages(report):

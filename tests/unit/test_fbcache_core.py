@@ -946,3 +946,16 @@ def test_context_windows_keep_their_own_cache_state(flux, flux_inputs, caplog):
     flux(inputs[3], txt, vec0, {**call_options(only, s0), "context_window": _Window(3)})
     alone_hit = flux(inputs[3] + 0.01, txt, vec1, {**call_options(only, s1), "context_window": _Window(3)})
     assert torch.equal(hits[3], alone_hit)
+
+
+@torch.no_grad()
+def test_report_states_the_cache_memory(flux, flux_inputs):
+    img, txt = flux_inputs
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True], hit_residual="extrapolate"))
+    run_flux(flux, holder, img * 100, txt)  # large values: the residual storages are what is counted
+    held = holder.memory_bytes()
+    assert held > 0
+    assert holder.summary()["cache_MiB"] == round(held / 2**20, 1)
+    assert f"cache memory {round(held / 2**20, 1):g} MiB" in holder.summary_text()
+    holder.reset()
+    assert holder.summary()["cache_MiB"] == 0
