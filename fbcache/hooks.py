@@ -307,13 +307,23 @@ def dit_diffusion_wrapper(executor, *args, **kwargs):
     A tail residual would carry the reference step's ControlNet residuals of the skipped blocks,
     and the model adds the current step's on top; per-block residuals exclude them, so every
     skipped block gets exactly the current ControlNet residual.
+
+    It also closes the holder's call around every model call: the block hooks close it at the
+    final block, but when another node replaces that block in some calls (Skip Layer Guidance),
+    a call would stay open and a later call whose first block is replaced too would see it.
     """
     holder = _active_holder(kwargs.get("transformer_options"))
     if holder is None:
         holder = next((_active_holder(a) for a in reversed(args) if isinstance(a, dict) and HOLDER_KEY in a), None)
-    if holder is not None and holder.cache_mode == "tail" and _has_control(_find_control(args, kwargs)):
+    if holder is None:
+        return executor(*args, **kwargs)
+    if holder.cache_mode == "tail" and _has_control(_find_control(args, kwargs)):
         holder.switch_mode("per_block", "ControlNet residuals present")
-    return executor(*args, **kwargs)
+    holder.end_call()
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        holder.end_call()
 
 
 # ---------------------------------------------------------------------------------------- step

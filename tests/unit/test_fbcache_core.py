@@ -959,3 +959,34 @@ def test_report_states_the_cache_memory(flux, flux_inputs):
     assert f"cache memory {round(held / 2**20, 1):g} MiB" in holder.summary_text()
     holder.reset()
     assert holder.summary()["cache_MiB"] == 0
+
+
+@torch.no_grad()
+def test_calls_whose_first_or_final_block_another_node_replaces_never_share_state(flux, flux_inputs):
+    """One node replaces the final block in its calls, another the first block in theirs: the
+    first kind leaves no closed call behind for the second to pick up (the APPLY_MODEL wrapper
+    closes every call), so neither ever injects residuals it did not compute."""
+    from speedkit.fbcache import dit_diffusion_wrapper
+
+    img, txt = flux_inputs
+    holder = active(FBCacheHolder(0.5, force_pattern=[False, True]))
+    normal = dit_options(holder)
+
+    def passthrough(args, extra):  # another node's replacement (e.g. Skip Layer Guidance's skip)
+        return {k: args[k] for k in ("img", "txt") if k in args}
+
+    final_replaced = _with_extra_patch(normal, "dit", ("single_block", 2), passthrough)
+    first_replaced = _with_extra_patch(normal, "dit", ("double_block", 0), passthrough)
+    plain_final = {"patches_replace": {"dit": {("single_block", 2): passthrough}}}
+    plain_first = {"patches_replace": {"dit": {("double_block", 0): passthrough}}}
+
+    def call(options, x, vec, s):
+        to = call_options(options, s)
+        return dit_diffusion_wrapper(_Executor(lambda **kw: flux(x, txt, vec, **kw), None), transformer_options=to)
+
+    for k, s in enumerate(SIGMAS):
+        vec = torch.full((1, 1, img.shape[-1]), s / 10)
+        x = img + 0.02 * k
+        assert torch.equal(call(final_replaced, x, vec, s), flux(x, txt, vec, call_options(plain_final, s)))
+        assert torch.equal(call(first_replaced, x * 2, vec, s), flux(x * 2, txt, vec, call_options(plain_first, s)))
+        assert holder.call is None
