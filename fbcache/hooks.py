@@ -319,7 +319,6 @@ def dit_diffusion_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     if holder.cache_mode == "tail" and _has_control(_find_control(args, kwargs)):
         holder.switch_mode("per_block", "ControlNet residuals present")
-    holder.end_call()
     try:
         return executor(*args, **kwargs)
     finally:
