@@ -3,6 +3,7 @@
 Pure logic: no comfy, folder_paths or server import (see tests/unit/test_core_isolation.py).
 """
 
+from .conditioning import conditioning_on_device
 from .families import Family, resolve_family
 from .holder import CACHE_MODES, HIT_RESIDUALS, HOLDER_KEY, FBCacheHolder, validate_settings
 from .hooks import (
@@ -21,6 +22,7 @@ __all__ = [
     "FBCacheHolder",
     "Family",
     "SkipRemainingBlocks",
+    "conditioning_on_device",
     "dit_diffusion_wrapper",
     "make_block_replacement",
     "resolve_family",

@@ -11,6 +11,7 @@ from ..fbcache import (
     HIT_RESIDUALS,
     HOLDER_KEY,
     FBCacheHolder,
+    conditioning_on_device,
     dit_diffusion_wrapper,
     make_block_replacement,
     resolve_family,
@@ -78,6 +79,28 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original
 
 
+def sampler_sample_wrapper(executor, guider, *args, **kwargs):
+    """``SAMPLER_SAMPLE``: the run's conditioning stays on the model's device (see fbcache/conditioning.py).
+
+    Runs after ComfyUI built the run's own cond dicts, so the user's CONDITIONING is not touched;
+    the guider gets them back when the sampler returns.
+    """
+    original = guider.conds
+    device = guider.model_patcher.load_device
+    guider.conds, moved = conditioning_on_device(original, device)
+    if moved:
+        logger.info(
+            "First Block Cache: the conditioning (%.1f MiB) stays on %s for this run, so cached steps do not wait "
+            "for a host-side copy.",
+            moved / 2**20,
+            device,
+        )
+    try:
+        return executor(guider, *args, **kwargs)
+    finally:
+        guider.conds = original
+
+
 def apply_first_block_cache(model, holder: FBCacheHolder):
     """Clone ``model`` (a ModelPatcher) and attach ``holder`` with the hook that fits its network."""
     import comfy.patcher_extension as pe
@@ -99,7 +122,12 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
     options = patched.model_options["transformer_options"]
     if HOLDER_KEY in options:
         logger.warning("First Block Cache: the model already had a First Block Cache; its settings are replaced.")
-        for wrapper_type in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.DIFFUSION_MODEL, pe.WrappersMP.APPLY_MODEL):
+        for wrapper_type in (
+            pe.WrappersMP.OUTER_SAMPLE,
+            pe.WrappersMP.SAMPLER_SAMPLE,
+            pe.WrappersMP.DIFFUSION_MODEL,
+            pe.WrappersMP.APPLY_MODEL,
+        ):
             patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
     options[HOLDER_KEY] = holder
 
@@ -139,6 +167,7 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
         patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, step_apply_model_wrapper)
         holder.description = f"{family.name}: whole-step skip"
     patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+    patched.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, sampler_sample_wrapper)
     logger.info("First Block Cache attached to %s.", holder.description)
     return patched
 

@@ -276,3 +276,47 @@ def test_guidance_calls_are_reported_separately(guidance_report):
     assert "(context window 2-5 #1):" in log  # 6 frames, windows of 4 overlapping by 1: 0-3 and 2-5
     # SLG on single block 0 (the single span's start): those calls cannot form a tail and are computed
     assert "single_block 0 is replaced by another node" in log
+
+
+GPU_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
+    """
+    dev = torch.device("cuda")
+    report = {}
+    for fam in ("sd15", "flux"):
+        mp = fm.build_patcher(fam, True, dev)
+        ch = 16 if fam == "flux" else 4
+        noise = torch.randn(1, ch, 16, 16, generator=torch.Generator().manual_seed(0))
+        latent = torch.zeros_like(noise)
+        pos, neg = fm.conditioning(fam, True, 1, dev, 128, 128)
+
+        def run(m, sampler="euler"):
+            return comfy.sample.sample(m, noise, 6, 4.0, sampler, "normal", pos, neg, latent, seed=0,
+                                       disable_pbar=True)
+
+        base = run(mp)
+        forced_miss = adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False]))
+        tiny = node.execute(mp, 1e-9, 0.0, 1.0, -1, "tail", False).args[0]
+        half = run(adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False, True])))
+        report[fam] = {
+            "all_computed_identical": bool(torch.equal(run(forced_miss), base)),
+            "tiny_threshold_identical": bool(torch.equal(run(tiny), base)),
+            "heun_tiny_identical": bool(torch.equal(run(tiny, "heun"), run(mp, "heun"))),
+            "half_finite_and_differs": bool(torch.isfinite(half).all()) and not bool(torch.equal(half, base)),
+            "user_conditioning_still_on_cpu": pos[0][0].device.type == "cpu" and neg[0][0].device.type == "cpu",
+        }
+    print("FBCACHE_REPORT " + json.dumps(report))
+    """
+)
+
+
+def test_conditioning_kept_on_the_gpu_changes_no_value():
+    """On a GPU the cache keeps the run's conditioning on the device: latents stay bit-identical."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: the conditioning only moves when the model runs on one")
+    result = run_comfy_script(GPU_SCRIPT)
+    for fam in ("sd15", "flux"):
+        r = result["data"][fam]
+        assert all(r.values()), (fam, r)
+    assert "First Block Cache: the conditioning" in result["log"] and "stays on cuda" in result["log"]
