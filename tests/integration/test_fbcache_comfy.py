@@ -280,6 +280,7 @@ def test_guidance_calls_are_reported_separately(guidance_report):
 
 GPU_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     """
+    from comfy.patcher_extension import WrappersMP
     dev = torch.device("cuda")
     report = {}
     for fam in ("sd15", "flux"):
@@ -293,15 +294,24 @@ GPU_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
             return comfy.sample.sample(m, noise, 6, 4.0, sampler, "normal", pos, neg, latent, seed=0,
                                        disable_pbar=True)
 
+        def on_host(m):
+            m = m.clone()
+            m.remove_wrappers_with_key(WrappersMP.SAMPLER_SAMPLE, adapter.WRAPPER_KEY)
+            return m
+
+        run(mp)  # first GPU run: kernels chosen, model loaded
         base = run(mp)
         forced_miss = adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False]))
         tiny = node.execute(mp, 1e-9, 0.0, 1.0, -1, "tail", False).args[0]
-        half = run(adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False, True])))
+        half = adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False, True]))
+        half_dev = run(half)
         report[fam] = {
+            "unpatched_repeatable": bool(torch.equal(run(mp), base)),
             "all_computed_identical": bool(torch.equal(run(forced_miss), base)),
             "tiny_threshold_identical": bool(torch.equal(run(tiny), base)),
             "heun_tiny_identical": bool(torch.equal(run(tiny, "heun"), run(mp, "heun"))),
-            "half_finite_and_differs": bool(torch.isfinite(half).all()) and not bool(torch.equal(half, base)),
+            "half_finite_and_differs": bool(torch.isfinite(half_dev).all()) and not bool(torch.equal(half_dev, base)),
+            "half_same_as_conditioning_on_host": bool(torch.equal(run(on_host(half)), half_dev)),
             "user_conditioning_still_on_cpu": pos[0][0].device.type == "cpu" and neg[0][0].device.type == "cpu",
         }
     print("FBCACHE_REPORT " + json.dumps(report))
