@@ -85,8 +85,10 @@ def sampler_sample_wrapper(executor, guider, *args, **kwargs):
     Runs after ComfyUI built the run's own cond dicts, so the user's CONDITIONING is not touched;
     the guider gets them back when the sampler returns.
     """
-    original = guider.conds
-    device = guider.model_patcher.load_device
+    original = getattr(guider, "conds", None)
+    device = getattr(getattr(guider, "model_patcher", None), "load_device", None)
+    if not isinstance(original, dict) or device is None:  # a guider of another shape: leave it as it is
+        return executor(guider, *args, **kwargs)
     guider.conds, moved = conditioning_on_device(original, device)
     if moved:
         logger.info(
