@@ -30,6 +30,21 @@ SCRIPT_PRELUDE = textwrap.dedent(
     fbc, adapter = fm.import_pack()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
     node = adapter.FirstBlockCache
+
+    def tiny_case(fam, dev, frames=1):
+        # a small random `fam` model on `dev`, fixed noise, an empty latent and (pos, neg)
+        mp = fm.build_patcher(fam, True, dev)
+        ch = 16 if fam == "flux" else 4
+        noise = torch.randn(frames, ch, 16, 16, generator=torch.Generator().manual_seed(0))
+        pos, neg = fm.conditioning(fam, True, 1, dev, 128, 128)
+        return mp, noise, torch.zeros_like(noise), pos, neg
+
+    def sampler_for(noise, latent, pos, neg, steps):
+        # run(model, sampler="euler"): KSampler's code path, CFG 4, the same inputs every time
+        def run(m, sampler="euler"):
+            return comfy.sample.sample(m, noise, steps, 4.0, sampler, "normal", pos, neg, latent, seed=0,
+                                       disable_pbar=True)
+        return run
     """
 )
 """Start of every subprocess script: ComfyUI and the pack imported, ``fm``, ``fbc``, ``adapter``, ``node``."""
@@ -39,16 +54,8 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     dev = torch.device("cpu")
     report = {}
     for fam in ("sd15", "flux"):
-        mp = fm.build_patcher(fam, True, dev)
-        ch = 16 if fam == "flux" else 4
-        noise = torch.randn(1, ch, 16, 16, generator=torch.Generator().manual_seed(0))
-        latent = torch.zeros_like(noise)
-        pos, neg = fm.conditioning(fam, True, 1, dev, 128, 128)
-
-        def run(m, sampler="euler", steps=6):
-            return comfy.sample.sample(m, noise, steps, 4.0, sampler, "normal", pos, neg, latent, seed=0,
-                                       disable_pbar=True)
-
+        mp, *inputs = tiny_case(fam, dev)
+        run = sampler_for(*inputs, steps=6)
         base = run(mp)
         off = node.execute(mp, 0.0).args[0]
         forced_miss = adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False]))
@@ -201,16 +208,8 @@ GUIDANCE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
 
     cases["sd15_lora_patches"] = ("sd15", with_lora_like_patches)
     for name, (fam, guide) in cases.items():
-        mp = fm.build_patcher(fam, True, dev)
-        ch = 16 if fam == "flux" else 4
-        noise = torch.randn(1, ch, 16, 16, generator=torch.Generator().manual_seed(0))
-        latent = torch.zeros_like(noise)
-        pos, neg = fm.conditioning(fam, True, 1, dev, 128, 128)
-
-        def run(m, steps=8):
-            return comfy.sample.sample(m, noise, steps, 4.0, "euler", "normal", pos, neg, latent, seed=0,
-                                       disable_pbar=True)
-
+        mp, *inputs = tiny_case(fam, dev)
+        run = sampler_for(*inputs, steps=8)
         guided = guide(mp)
         base = run(guided)
         # below any real change of the first block: a correct cache computes every call
@@ -224,16 +223,9 @@ GUIDANCE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         }
     # ComfyUI's context windows over the batch of an image model (dim 0): one call per window
     from comfy_extras.nodes_context_windows import ContextWindowsManualNode
-    mp = fm.build_patcher("sd15", True, dev)
-    noise = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    latent = torch.zeros_like(noise)
-    pos, neg = fm.conditioning("sd15", True, 1, dev, 128, 128)
+    mp, *inputs = tiny_case("sd15", dev, frames=6)
+    run = sampler_for(*inputs, steps=6)
     windows = ContextWindowsManualNode.execute(mp, 4, 1, "standard_static", 1, False, "pyramid", 0, False, "", False).args[0]
-
-    def run(m, steps=6):
-        return comfy.sample.sample(m, noise, steps, 4.0, "euler", "normal", pos, neg, latent, seed=0,
-                                   disable_pbar=True)
-
     base = run(windows)
     tiny = run(node.execute(windows, 1e-7, 0.0, 1.0, -1, "tail", False).args[0])
     half = run(adapter.apply_first_block_cache(windows, fbc.FBCacheHolder(0.5, force_pattern=[False, True])))
@@ -284,15 +276,9 @@ GPU_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     dev = torch.device("cuda")
     report = {}
     for fam in ("sd15", "flux"):
-        mp = fm.build_patcher(fam, True, dev)
-        ch = 16 if fam == "flux" else 4
-        noise = torch.randn(1, ch, 16, 16, generator=torch.Generator().manual_seed(0))
-        latent = torch.zeros_like(noise)
-        pos, neg = fm.conditioning(fam, True, 1, dev, 128, 128)
-
-        def run(m, sampler="euler"):
-            return comfy.sample.sample(m, noise, 6, 4.0, sampler, "normal", pos, neg, latent, seed=0,
-                                       disable_pbar=True)
+        mp, *inputs = tiny_case(fam, dev)
+        pos, neg = inputs[2:]
+        run = sampler_for(*inputs, steps=6)
 
         def on_host(m):
             m = m.clone()
