@@ -31,6 +31,11 @@ SCRIPT_PRELUDE = textwrap.dedent(
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True)
     node = adapter.FirstBlockCache
 
+    def emit_report(report):
+        # the result channel to the parent test (stdout; the log goes to stderr)
+        sys.stdout.write("FBCACHE_REPORT " + json.dumps(report) + "\\n")
+        sys.stdout.flush()
+
     def tiny_case(fam, dev, frames=1):
         # a small random `fam` model on `dev`, fixed noise, an empty latent and (pos, neg)
         mp = fm.build_patcher(fam, True, dev)
@@ -47,7 +52,8 @@ SCRIPT_PRELUDE = textwrap.dedent(
         return run
     """
 )
-"""Start of every subprocess script: ComfyUI and the pack imported, ``fm``, ``fbc``, ``adapter``, ``node``."""
+"""Start of every subprocess script: ComfyUI and the pack imported, ``fm``, ``fbc``, ``adapter``, ``node``,
+``emit_report``, ``tiny_case`` and ``sampler_for``."""
 
 SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     """
@@ -98,7 +104,7 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         report["bad_model"] = "accepted"
     except ValueError as exc:
         report["bad_model"] = str(exc)
-    print("FBCACHE_REPORT " + json.dumps(report))
+    emit_report(report)
     """
 )
 
@@ -106,7 +112,7 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
 def run_comfy_script(script: str, timeout: int = 600) -> dict:
     """Run ``script`` (starting with :data:`SCRIPT_PRELUDE`) in a subprocess with ComfyUI importable.
 
-    The script gets the repository root as ``sys.argv[1]`` and prints one ``FBCACHE_REPORT <json>``
+    The script gets the repository root as ``sys.argv[1]`` and writes one ``FBCACHE_REPORT <json>``
     line. Returns ``{"data": <that json>, "log": <stderr>}``; skips without ``COMFYUI_ROOT``.
     """
     root_env = os.environ.get("COMFYUI_ROOT")
@@ -235,7 +241,7 @@ GUIDANCE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         "forced_half_finite": bool(torch.isfinite(half).all()),
         "forced_half_differs": not bool(torch.equal(half, base)),
     }
-    print("FBCACHE_REPORT " + json.dumps(report))
+    emit_report(report)
     """
 )
 
@@ -300,7 +306,7 @@ GPU_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
             "half_same_as_conditioning_on_host": bool(torch.equal(run(on_host(half)), half_dev)),
             "user_conditioning_still_on_cpu": pos[0][0].device.type == "cpu" and neg[0][0].device.type == "cpu",
         }
-    print("FBCACHE_REPORT " + json.dumps(report))
+    emit_report(report)
     """
 )
 

@@ -141,7 +141,7 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
             "low_diffs": low_log.diffs,
             "base_again_identical": bool(torch.equal(run(mp), base)),
         }
-    print("FBCACHE_REPORT " + json.dumps(report))
+    emit_report(report)
     """
 )
 
@@ -179,7 +179,7 @@ CONTROLNET_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         "early_range_cached_finite": bool(torch.isfinite(run(half(), (0.0, 0.5))).all()),
         "early_range_cached_differs": not bool(torch.equal(run(half(), (0.0, 0.5)), early)),
     }
-    print("FBCACHE_REPORT " + json.dumps(report))
+    emit_report(report)
     """
 )
 
