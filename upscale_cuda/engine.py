@@ -36,7 +36,7 @@ from .cache import (
     split_conv_bias,
 )
 from .fused_rrdb import fuse_dense_blocks
-from .host_io import ChunkReader, FrameWriter, host_output
+from .host_io import ChunkReader, FrameWriter
 from .planning import (
     MEMORY_SHARE,
     OPTIMIZATION_LEVELS,
@@ -337,7 +337,8 @@ class Upscaler:
             in_size=(h, w),
             out_size=(h * s, w * s),
         )
-        out = host_output((b, h * s, w * s, self.traits.out_channels), out_dtype, out_device, self.device)
+        # Plain memory, filled while the GPU works (see host_io); never pinned for the caller.
+        out = torch.empty((b, h * s, w * s, self.traits.out_channels), dtype=out_dtype, device=out_device)
         start = time.perf_counter()
         try:
             with self._numerics():
@@ -382,6 +383,7 @@ class Upscaler:
         transfer = self.dtype if self.dtype is not torch.float32 else torch.float32
         writer = FrameWriter(out, self.device, transfer_dtype=transfer)
         reader = ChunkReader(images, self.device, self._to_model_input)
+        writer.prepare(0, batch if plan.whole else 1)
         self._done = 0  # frames finished; an out-of-memory retry resumes here
         try:
             while self._done < b:

@@ -1,20 +1,32 @@
 """Overlapped host<->device transfers for frame streams.
 
 An 8K fp32 frame is ~400 MB: copying it to the host takes as long as upscaling it with a
-light model, so downloads run on a side CUDA stream into pinned staging buffers and a
-worker thread copies them into the caller's output tensor, while the GPU already works on
-the next frame. Uploads of the next input chunk are issued ahead in the same way.
+light model, so downloads run on a side CUDA stream, in chunks of at most
+:data:`STAGING_CHUNK_BYTES`, into a small ring of pinned staging buffers; a worker thread
+copies each chunk into the caller's output (converting to its dtype there) while the GPU
+already works on the next frame. Uploads of the next input chunk are issued ahead in the
+same way.
 
-Only a fixed number of staging buffers exist (``slots``), so host memory stays bounded
-however long the batch is. When the output itself is in pinned memory (the engine pins
-outputs up to :data:`PINNED_OUTPUT_MAX_BYTES`), frames are copied straight into it: no
-staging copy and no first-touch page faults on a fresh 400 MB tensor. On CPU devices both
-helpers degrade to plain copies.
+Host memory stays bounded however long the batch is: the output itself plus the ring
+(:data:`STAGING_SLOTS` buffers; the same sizes every run, so PyTorch's pinned-memory cache
+reuses them instead of page-locking new memory each run). The output is ordinary pageable
+memory: pinned outputs were faster to fill but page-locking a fresh 400 MB tensor per run
+costs more than it saves, and pinned blocks handed to the host application stay cached by
+PyTorch long after it drops them. While the GPU computes a frame, a second pool touches the
+pages of that frame's output slot, so the first-touch page faults of a fresh tensor are off
+the critical path.
+
+The worker threads run under ``torch.inference_mode()``: inference mode is thread-local, and
+a host application that runs nodes under it (ComfyUI does) hands us inputs and gets outputs
+that are inference tensors, which may only be updated in place inside that mode.
+
+On CPU devices (or outputs on the device) both helpers degrade to plain copies.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -22,101 +34,125 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-PINNED_OUTPUT_MAX_BYTES = 1 << 30
-"""Outputs up to this size are allocated in pinned memory (torch's pinned-memory cache
-keeps such a block for reuse afterwards, so it is capped); larger ones (long video
-batches) stream through the fixed staging buffers instead."""
+STAGING_CHUNK_BYTES = 32 << 20
+"""Largest piece of a frame copied device->host in one go (one staging buffer)."""
+STAGING_SLOTS = 6
+"""Pinned staging buffers in flight: 6 x 32 MB = 192 MB of page-locked host memory at most."""
+PAGE_BYTES = 4096
 
 
-def host_output(
-    shape: tuple[int, ...], dtype: torch.dtype, out_device: torch.device | str, compute: torch.device
-) -> torch.Tensor:
-    """The output tensor for a run: pinned when it lives on the host, the work on a CUDA
-    device and it is small enough (see :data:`PINNED_OUTPUT_MAX_BYTES`)."""
-    out_device = torch.device(out_device)
-    nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
-    if out_device.type == "cpu" and compute.type == "cuda" and nbytes <= PINNED_OUTPUT_MAX_BYTES:
-        try:
-            return torch.empty(shape, dtype=dtype, pin_memory=True)
-        except RuntimeError as exc:  # page-locked memory exhausted or refused: pageable is fine
-            logger.debug("upscale: pinned output not available (%s); using pageable memory", exc)
-    return torch.empty(shape, dtype=dtype, device=out_device)
+def _touch_pages(target: torch.Tensor) -> None:
+    """Fault in every page of a contiguous CPU tensor (one write per page)."""
+    flat = target.view(-1)
+    step = max(1, PAGE_BYTES // flat.element_size())
+    with torch.inference_mode():
+        flat[::step].zero_()
+
+
+def _host_copy(done: torch.cuda.Event, buf: torch.Tensor, target: torch.Tensor) -> None:
+    done.synchronize()
+    with torch.inference_mode():  # the target may be an inference tensor (see the module docstring)
+        target.copy_(buf)
 
 
 class FrameWriter:
     """Copies finished device frames into ``out`` (any device) without stalling the GPU.
 
     ``put(index, frames)`` takes ``[n, H, W, C]`` frames computed on the current stream
-    and returns immediately; ``close()`` waits for every copy (call it in ``finally``).
+    and returns once their copies are queued; ``prepare(i, j)`` may be called before frames
+    ``[i, j)`` are computed so their output pages are ready when they arrive; ``close()``
+    waits for every copy (call it in ``finally``).
     """
 
-    def __init__(self, out: torch.Tensor, device: torch.device, transfer_dtype: torch.dtype, slots: int = 2) -> None:
+    def __init__(
+        self,
+        out: torch.Tensor,
+        device: torch.device,
+        transfer_dtype: torch.dtype,
+        slots: int = STAGING_SLOTS,
+        chunk_bytes: int = STAGING_CHUNK_BYTES,
+    ) -> None:
         self.out = out
         self.device = device
         self.transfer_dtype = transfer_dtype
         self.async_ = device.type == "cuda" and out.device.type == "cpu"
-        self.direct = self.async_ and out.is_pinned()  # copy straight into the output
-        self._events: list[torch.cuda.Event] = []
-        self.slots = slots
-        self._staging: list[torch.Tensor | None] = [None] * slots
-        self._pending: list[Future | None] = [None] * slots
-        self._n = 0
+        self.chunk_bytes = chunk_bytes
+        self._slots: list[list] = [[None, None] for _ in range(max(1, slots))]  # [pinned buffer, pending copy]
+        self._turn = 0
+        self._prepared = 0  # frames [0, _prepared) have had their pages touched
+        self._touches: list[Future] = []
         if self.async_:
             self._stream = torch.cuda.Stream(device)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speedkit-d2h")
+            self._touch_workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+            self._toucher = ThreadPoolExecutor(max_workers=self._touch_workers, thread_name_prefix="speedkit-pages")
+
+    # -- first touch ------------------------------------------------------------------------
+    def prepare(self, i: int, j: int) -> None:
+        """Fault in the output pages of frames ``[i, j)`` in the background (no-op when not async)."""
+        if not self.async_ or not self.out.is_contiguous():
+            return
+        i, j = max(i, self._prepared), min(j, self.out.shape[0])
+        if i >= j:
+            return
+        self._prepared = j
+        region = self.out[i:j].view(-1)
+        step = -(-region.numel() // self._touch_workers)
+        self._touches = [f for f in self._touches if not f.done()]
+        for k in range(0, region.numel(), step):
+            self._touches.append(self._toucher.submit(_touch_pages, region[k : k + step]))
+
+    # -- copies -----------------------------------------------------------------------------
+    def _slot(self, numel: int) -> torch.Tensor:
+        slot = self._slots[self._turn % len(self._slots)]
+        self._turn += 1
+        if slot[1] is not None:
+            slot[1].result()  # the host copy out of this buffer must finish before it is reused
+            slot[1] = None
+        if slot[0] is None or slot[0].numel() < numel:
+            slot[0] = torch.empty(numel, dtype=self.transfer_dtype, pin_memory=True)
+        return slot
 
     def put(self, index: int, frames: torch.Tensor) -> None:
+        n = frames.shape[0]
         if not self.async_:
-            self.out[index : index + frames.shape[0]].copy_(frames)
+            self.out[index : index + n].copy_(frames)
             return
-        if self.direct:
-            src = frames.to(self.out.dtype).contiguous()
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                self.out[index : index + frames.shape[0]].copy_(src, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self._stream)
-            src.record_stream(self._stream)
-            self._events = [e for e in self._events if not e.query()] + [done]
-            return
-        slot = self._n % self.slots
-        self._n += 1
-        previous = self._pending[slot]
-        if previous is not None:
-            previous.result()  # the host copy out of this buffer must finish before reuse
-        buf = self._staging[slot]
-        if buf is None or buf.shape != frames.shape:
-            buf = torch.empty(frames.shape, dtype=self.transfer_dtype, pin_memory=True)
-            self._staging[slot] = buf
+        self.prepare(index + n, index + 2 * n)  # the next frames are computed while these copy
         # Convert/permute on the compute stream (fast on GPU), copy on the side stream.
         src = frames.to(self.transfer_dtype).contiguous()
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            buf.copy_(src, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        # The allocator must not hand src's memory to the next frame before the copy ends.
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        row = src[0, 0].numel() if src.ndim == 4 else src[0].numel()
+        rows = max(1, self.chunk_bytes // (row * src.element_size()))
+        for f in range(n):
+            height = src.shape[1]
+            for r0 in range(0, height, rows):
+                piece = src[f, r0 : r0 + rows]
+                slot = self._slot(piece.numel())
+                buf = slot[0][: piece.numel()].view(piece.shape)
+                with torch.cuda.stream(self._stream):
+                    self._stream.wait_event(ready)
+                    buf.copy_(piece, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(self._stream)
+                slot[1] = self._pool.submit(_host_copy, done, buf, self.out[index + f, r0 : r0 + rows])
+        # The allocator must not hand src's memory to the next frame before the copies end.
         src.record_stream(self._stream)
-        target = self.out[index : index + frames.shape[0]]
-        self._pending[slot] = self._pool.submit(_finish_copy, done, buf, target)
 
     def close(self) -> None:
         if not self.async_:
             return
         try:
-            for ev in self._events:
-                ev.synchronize()
-            for fut in self._pending:
-                if fut is not None:
-                    fut.result()
+            for slot in self._slots:
+                if slot[1] is not None:
+                    slot[1].result()
+            for fut in self._touches:
+                fut.result()
         finally:
             self._pool.shutdown(wait=True)
-            self._staging = [None] * self.slots
-
-
-def _finish_copy(done: torch.cuda.Event, buf: torch.Tensor, target: torch.Tensor) -> None:
-    done.synchronize()
-    target.copy_(buf)
+            self._toucher.shutdown(wait=True)
+            self._slots = [[None, None] for _ in self._slots]
 
 
 class ChunkReader:
