@@ -7,34 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from comfy_server import REPO_ROOT
+from comfy_server import REPO_ROOT, widget_specs
 
 pytestmark = pytest.mark.integration
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Combos listing model files depend on what the user (or an earlier test) installed, not on the workflow.
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin", ".gguf", ".sft", ".onnx")
 WORKFLOWS = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
-
-
-def widget_specs(entry: dict) -> list[tuple[str, str, dict]]:
-    """(name, type, options) for each widget of a node, in widgets_values order."""
-    specs = []
-    order = entry.get("input_order", {})
-    for section in ("required", "optional"):
-        inputs = entry["input"].get(section, {})
-        for name in order.get(section, list(inputs)):
-            spec = inputs[name]
-            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-            if isinstance(kind, list):
-                kind, opts = "COMBO", {**opts, "options": kind}
-            elif kind == "COMBO":
-                opts = {**opts, "options": opts.get("options", [])}
-            if kind not in WIDGET_TYPES or opts.get("forceInput"):
-                continue
-            specs.append((name, kind, opts))
-            if opts.get("control_after_generate") or opts.get("image_upload"):
-                specs.append((name + ":extra", "EXTRA", {}))
-    return specs
 
 
 def check_value(node_type: str, name: str, kind: str, opts: dict, value) -> str | None:

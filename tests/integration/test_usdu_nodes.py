@@ -17,11 +17,11 @@ import textwrap
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import build_models
 
 from comfy_server import REPO_ROOT
 
@@ -29,65 +29,6 @@ pytestmark = pytest.mark.integration
 
 CKPT = "usdu_tiny_sd15.safetensors"
 UPSCALER = "usdu_tiny_compact_x2.safetensors"
-
-BUILD_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    from comfy.cli_args import args
-    args.cpu = True
-    import torch
-    import comfy.ops, comfy.sd1_clip
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    from safetensors.torch import save_file
-    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
-
-    gen = torch.Generator().manual_seed(0)
-
-    def random_sd(module, prefix, dtype=torch.float16):
-        out = {}
-        for k, v in module.state_dict().items():
-            if v.ndim <= 1:
-                t = torch.ones(v.shape) if k.endswith("weight") else torch.zeros(v.shape)
-            else:
-                t = torch.randn(v.shape, generator=gen) * 0.02
-            out[prefix + k] = t.to(dtype).contiguous()
-        return out
-
-    unet = UNetModel(
-        use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
-        num_res_blocks=[1, 1], channel_mult=[1, 1], transformer_depth=[1, 0], transformer_depth_middle=0,
-        transformer_depth_output=[1, 1, 0, 0], use_spatial_transformer=True, legacy=False, adm_in_channels=None,
-        use_linear_in_transformer=False, context_dim=768, num_heads=8, use_temporal_attention=False,
-        use_temporal_resblock=False, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init,
-    )
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4, decoder_ddconfig=dict(ddconfig, ch=32))
-    clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float32)
-    sd = {}
-    sd.update(random_sd(unet, "model.diffusion_model."))
-    sd.update(random_sd(vae, "first_stage_model."))
-    sd.update(random_sd(clip, "cond_stage_model."))
-    save_file(sd, sys.argv[1])
-    up = SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2)
-    save_file(random_sd(up, "", torch.float32), sys.argv[2])
-    """
-)
-
-
-def build_models(comfy_root: Path, ckpt: Path, upscaler: Path) -> None:
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    upscaler.parent.mkdir(parents=True, exist_ok=True)
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    proc = subprocess.run(
-        [python, "-c", BUILD_SCRIPT, str(ckpt), str(upscaler)],
-        cwd=comfy_root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")

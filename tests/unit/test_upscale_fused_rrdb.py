@@ -109,4 +109,3 @@ def test_fused_fp16_matches_plain_fp16_on_gpu():
         diff_plain = (net.half()(x) - ref).abs().max().item()
         diff_fused = (fused(x) - ref).abs().max().item()
     assert diff_fused <= max(2 * diff_plain, 2e-3)
-

@@ -1,0 +1,47 @@
+"""Test-only ComfyUI nodes, linked into the test servers' custom_nodes (never shipped with the pack).
+
+``SpeedKitProbe_ImageSink`` is an output node that costs next to nothing: it reports what it
+received (shape, dtype, device, whether it is an inference tensor) and, when given a name,
+saves the float tensor as safetensors under ``output/probe/``. Tests read results in full
+precision through it, and benchmarks end their graphs with it so that the time they report
+is the graph's own work, not a PNG encoder's.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class ImageSink:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's node API
+        return {
+            "required": {"image": ("IMAGE",)},
+            "optional": {"save_name": ("STRING", {"default": ""})},
+        }
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def run(self, image, save_name: str = ""):
+        info = {
+            "shape": list(image.shape),
+            "dtype": str(image.dtype),
+            "device": str(image.device),
+            "inference": bool(image.is_inference()),
+        }
+        if save_name:
+            import folder_paths
+            from safetensors.torch import save_file
+
+            folder = os.path.join(folder_paths.get_output_directory(), "probe")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, save_name + ".safetensors")
+            save_file({"image": image.detach().to("cpu").contiguous().clone()}, path)
+            info["path"] = path
+        return {"ui": {"probe": [info]}}
+
+
+NODE_CLASS_MAPPINGS = {"SpeedKitProbe_ImageSink": ImageSink}
