@@ -89,6 +89,7 @@ class ComfyServer:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     log_path: Path = field(init=False)
+    _info: dict | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.base = self.work / "base"
@@ -209,7 +210,26 @@ class ComfyServer:
     def object_info(self) -> dict:
         return self.get("/object_info", timeout=120)
 
-    def queue_prompt(self, prompt: dict) -> str:
+    def with_defaults(self, prompt: dict) -> dict:
+        """``prompt`` with every widget input it leaves out set to the node's default, as the
+        front end would send it (API prompts must name every required input)."""
+        if self._info is None:
+            self._info = self.object_info()
+        out = {}
+        for node_id, node in prompt.items():
+            inputs = dict(node["inputs"])
+            entry = self._info.get(node["class_type"])
+            for name, kind, opts in widget_specs(entry) if entry else []:
+                if kind != "EXTRA" and name not in inputs and "default" in opts:
+                    inputs[name] = opts["default"]
+                elif kind == "COMBO" and name not in inputs and opts.get("options"):
+                    inputs[name] = opts["options"][0]
+            out[node_id] = {**node, "inputs": inputs}
+        return out
+
+    def queue_prompt(self, prompt: dict, fill_defaults: bool = True) -> str:
+        if fill_defaults:
+            prompt = self.with_defaults(prompt)
         return self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:
@@ -235,12 +255,13 @@ class ComfyServer:
             time.sleep(0.05)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
 
-    def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
+    def run_prompt(self, prompt: dict, timeout: float = 600, fill_defaults: bool = True) -> dict:
         """Queue an API-format prompt, wait until it finishes, return its history entry.
 
-        Raises :class:`PromptError` with ComfyUI's error message if execution failed.
+        Widget inputs the prompt leaves out get their defaults (``fill_defaults``). Raises
+        :class:`PromptError` with ComfyUI's error message if execution failed.
         """
-        return self.wait(self.queue_prompt(prompt), timeout)
+        return self.wait(self.queue_prompt(prompt, fill_defaults), timeout)
 
     def interrupt(self) -> None:
         self.post("/interrupt", {})

@@ -32,7 +32,6 @@ from .cache import (
     ModelCache,
     compile_unavailable_reason,
     inductor_cache_dir,
-    model_fingerprint,
     split_conv_bias,
 )
 from .fused_rrdb import fuse_dense_blocks
@@ -110,6 +109,7 @@ class RunReport:
     seconds: float = 0.0
     redone_tiles: int = 0
     oom_retries: int = 0
+    copy_tail_s: float = 0.0  # host copies still running after the GPU finished
     notes: list[str] = field(default_factory=list)
 
     def text(self) -> str:
@@ -119,7 +119,8 @@ class RunReport:
             f"{self.frames} frame(s) {self.in_size[1]}x{self.in_size[0]} -> {self.out_size[1]}x{self.out_size[0]}",
             f"backend {self.backend} ({self.backend_reason}), precision {self.precision}",
             f"tiles {self.tile}, batch {self.batch}",
-            f"{self.seconds:.3f} s total, {per * 1000:.1f} ms/frame, {self.frames / max(self.seconds, 1e-9):.2f} fps",
+            f"{self.seconds:.3f} s total, {per * 1000:.1f} ms/frame, {self.frames / max(self.seconds, 1e-9):.2f} fps"
+            + (f" (output copy after the GPU finished: {self.copy_tail_s * 1000:.1f} ms)" if self.copy_tail_s else ""),
         ]
         if self.redone_tiles:
             lines.append(f"{self.redone_tiles} tile(s) overflowed and were redone in a safer precision")
@@ -234,7 +235,7 @@ class Upscaler:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.descriptor.model, self.traits.arch)
+            self._fingerprint = self.cache.fingerprint(self.descriptor.model, self.traits.arch)
         return self._fingerprint
 
     def _variant(self, dtype: torch.dtype) -> tuple[str, Callable | None]:
@@ -385,6 +386,7 @@ class Upscaler:
         reader = ChunkReader(images, self.device, self._to_model_input)
         writer.prepare(0, batch if plan.whole else 1)
         self._done = 0  # frames finished; an out-of-memory retry resumes here
+        gpu_done = None
         try:
             while self._done < b:
                 oom: BaseException | None = None
@@ -399,8 +401,13 @@ class Upscaler:
                 if oom is not None:
                     plan, batch = self._shrink(plan, batch, oom)
                     report.oom_retries += 1
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+                gpu_done = time.perf_counter()
         finally:
             writer.close()
+        if gpu_done is not None:
+            report.copy_tail_s = time.perf_counter() - gpu_done
         report.tile = (
             "whole frame" if plan.whole else f"{len(plan.tiles)} of {plan.tile_w}x{plan.tile_h}, overlap {plan.overlap}"
         )
@@ -447,19 +454,32 @@ class Upscaler:
         b = images.shape[0]
         s = self.traits.scale
         if plan.whole:
-            total = b
+            # Each batch is checked for NaN/overflow (a host sync) only after the next batch
+            # has been queued, so the GPU never waits for the host between batches.
+            pending: tuple | None = None
             i = start
-            while i < b:
-                if check_cancel is not None:
-                    check_cancel()
-                j = min(i + batch, b)
-                nxt = (j, min(j + batch, b)) if j < b else None
-                x = reader.get(i, j, prefetch=nxt)
-                y = self._model_call(x, plan, report, index=i, batch=batch)
-                writer.put(i, y.permute(0, 2, 3, 1))
-                i = self._done = j
-                if progress is not None:
-                    progress(i, total)
+            try:
+                while i < b:
+                    if check_cancel is not None:
+                        check_cancel()
+                    j = min(i + batch, b)
+                    nxt = (j, min(j + batch, b)) if j < b else None
+                    x = reader.get(i, j, prefetch=nxt)
+                    try:
+                        launched = (i, j, x, *self._launch(x, plan, batch))
+                    except Exception:
+                        if pending is not None:  # the batch before finished: keep it, retry from here
+                            done, pending = pending, None
+                            self._complete(done, plan, report, writer, progress, b)
+                        raise
+                    if pending is not None:
+                        self._complete(pending, plan, report, writer, progress, b)
+                    pending, i = launched, j
+                if pending is not None:
+                    self._complete(pending, plan, report, writer, progress, b)
+                    pending = None
+            finally:
+                pending = None  # an error drops the unwritten batch; a retry resumes at self._done
             return
         n_tiles = len(plan.tiles)
         total = b * n_tiles
@@ -488,12 +508,9 @@ class Upscaler:
             writer.put(f, frame)
             self._done = f + 1
 
-    def _model_call(
-        self, x: torch.Tensor, plan: TilePlan, report: RunReport, index: int, batch: int = 1
-    ) -> torch.Tensor:
-        """Pad, run, check for overflow, clamp and crop one batch of tiles/frames."""
+    def _launch(self, x: torch.Tensor, plan: TilePlan, batch: int) -> tuple:
+        """Pad and queue one model call; returns ``(xp, y, bad, flags)`` without waiting for the GPU."""
         n = x.shape[0]
-        h, w = x.shape[-2:]
         if n < batch and self.backend.startswith("compiled"):
             # A short last batch would be a new shape (a recompile): repeat the last item.
             x = torch.cat([x, x[-1:].expand(batch - n, -1, -1, -1)])
@@ -502,8 +519,29 @@ class Upscaler:
         xp = _pad(x, plan.pad_h, plan.pad_w)
         y = self._forward(xp, self.dtype)
         bad = ~torch.isfinite(y).flatten(1).all(dim=1)
-        # One host sync per call for both checks.
-        bad_in, any_bad = torch.stack([~torch.isfinite(x).all(), bad.any()]).tolist()
+        flags = torch.stack([~torch.isfinite(x).all(), bad.any()])
+        return xp, y, bad, flags
+
+    def _complete(self, launched: tuple, plan: TilePlan, report: RunReport, writer, progress, total: int) -> None:
+        """Check, finish and hand to the writer a batch of whole frames queued by :meth:`_launch`."""
+        i, j, x, xp, y, bad, flags = launched
+        y = self._finish(x, xp, y, bad, flags, report, index=i)
+        writer.put(i, y.permute(0, 2, 3, 1))
+        self._done = j
+        if progress is not None:
+            progress(j, total)
+
+    def _model_call(
+        self, x: torch.Tensor, plan: TilePlan, report: RunReport, index: int, batch: int = 1
+    ) -> torch.Tensor:
+        """Pad, run, check for overflow, clamp and crop one batch of tiles/frames."""
+        return self._finish(x, *self._launch(x, plan, batch), report, index=index)
+
+    def _finish(self, x, xp, y, bad, flags, report: RunReport, index: int) -> torch.Tensor:
+        """Wait for one call's checks (one host sync), redo overflowed items, clamp and crop."""
+        n = x.shape[0]
+        h, w = x.shape[-2:]
+        bad_in, any_bad = flags.tolist()
         if bad_in:
             raise ValueError(
                 f"image: frame {index} holds NaN or Inf values; the node that produced it overflowed - "

@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 STAGING_CHUNK_BYTES = 32 << 20
 """Largest piece of a frame copied device->host in one go (one staging buffer)."""
-STAGING_SLOTS = 6
-"""Pinned staging buffers in flight: 6 x 32 MB = 192 MB of page-locked host memory at most."""
+STAGING_SLOTS = 12
+"""Pinned staging buffers in flight: 12 x 32 MB = 384 MB of page-locked host memory at most,
+enough for about two 8K frames in fp16, so the GPU never waits for the host between frames."""
 PAGE_BYTES = 4096
 
 

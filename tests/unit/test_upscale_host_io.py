@@ -89,3 +89,19 @@ def test_gpu_writer_chunks_reuse_slots_and_fill_an_inference_output(chunk_bytes)
     finally:
         w.close()
     torch.testing.assert_close(out, frames.half().float().cpu(), atol=0, rtol=0)
+
+
+def test_model_fingerprint_is_remembered_until_the_weights_change(monkeypatch):
+    from speedkit.upscale_cuda import cache as cache_mod
+
+    calls = []
+    real = cache_mod.model_fingerprint
+    monkeypatch.setattr(cache_mod, "model_fingerprint", lambda m, a="": calls.append(a) or real(m, a))
+    net = torch.nn.Conv2d(3, 3, 3)
+    c = cache_mod.ModelCache()
+    first = c.fingerprint(net, "x")
+    assert c.fingerprint(net, "x") == first and len(calls) == 1  # not hashed again
+    with torch.no_grad():
+        net.weight.add_(1.0)  # edited in place: the version counter moves, so it is hashed again
+    assert c.fingerprint(net, "x") != first and len(calls) == 2
+    assert c.fingerprint(net, "y") != c.fingerprint(net, "x")
