@@ -235,7 +235,9 @@ class ModelCache:
 
     def fingerprint(self, module: torch.nn.Module, arch: str = "") -> str:
         """:func:`model_fingerprint` of ``module``, computed once per module and weights version."""
-        versions = sum(t._version for t in module.state_dict(keep_vars=True).values())
+        # Inference tensors (weights loaded under torch.inference_mode(), as ComfyUI loads
+        # models) have no version counter; they count as unchanged.
+        versions = sum(0 if t.is_inference() else t._version for t in module.state_dict(keep_vars=True).values())
         known = self._fingerprints.get(module)
         if known is not None and known[0] == (arch, versions):
             return known[1]

@@ -105,3 +105,14 @@ def test_model_fingerprint_is_remembered_until_the_weights_change(monkeypatch):
         net.weight.add_(1.0)  # edited in place: the version counter moves, so it is hashed again
     assert c.fingerprint(net, "x") != first and len(calls) == 2
     assert c.fingerprint(net, "y") != c.fingerprint(net, "x")
+
+
+def test_fingerprint_of_a_model_loaded_under_inference_mode():
+    # ComfyUI loads upscale models inside torch.inference_mode(): their weights have no version counter.
+    from speedkit.upscale_cuda.cache import ModelCache
+
+    with torch.inference_mode():
+        net = torch.nn.Conv2d(3, 3, 3)
+    assert net.weight.is_inference()
+    c = ModelCache()
+    assert c.fingerprint(net, "x") == c.fingerprint(net, "x")
