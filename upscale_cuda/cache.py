@@ -209,6 +209,12 @@ class _Entry:
         return [m for m in (self.module, self.regional) if m is not None]
 
 
+def _versions(tensors: list[torch.Tensor]) -> int:
+    """Sum of the in-place version counters (inference tensors, e.g. weights ComfyUI loaded
+    under ``torch.inference_mode()``, have none and count as unchanged)."""
+    return sum(0 if t.is_inference() else t._version for t in tensors)
+
+
 class ModelCache:
     """Bounded LRU of prepared model copies (per fingerprint and dtype) and their
     compiled forms (per input shape).
@@ -235,14 +241,12 @@ class ModelCache:
 
     def fingerprint(self, module: torch.nn.Module, arch: str = "") -> str:
         """:func:`model_fingerprint` of ``module``, computed once per module and weights version."""
-        # Inference tensors (weights loaded under torch.inference_mode(), as ComfyUI loads
-        # models) have no version counter; they count as unchanged.
-        versions = sum(0 if t.is_inference() else t._version for t in module.state_dict(keep_vars=True).values())
         known = self._fingerprints.get(module)
-        if known is not None and known[0] == (arch, versions):
-            return known[1]
+        if known is not None and known[0] == arch and known[2] == _versions(known[1]):
+            return known[3]
+        tensors = [*module.parameters(), *module.buffers()]
         value = model_fingerprint(module, arch)
-        self._fingerprints[module] = ((arch, versions), value)
+        self._fingerprints[module] = (arch, tensors, _versions(tensors), value)
         return value
 
     def clear(self) -> None:

@@ -264,9 +264,10 @@ class Upscaler:
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
         """Move one of our copies to the device (once per run; the cache parks it on the CPU after)."""
-        module.to(self.device)
         if self.device.type == "cuda":
-            module.to(memory_format=torch.channels_last)
+            module.to(self.device, memory_format=torch.channels_last)  # one pass over the modules
+        else:
+            module.to(self.device)
         return module
 
     # -- planning -----------------------------------------------------------------------
