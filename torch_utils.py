@@ -215,14 +215,34 @@ def free_memory_bytes(device: torch.device) -> int:
     """Bytes that can still be allocated on ``device``.
 
     On CUDA this is the driver's free memory plus what PyTorch's caching allocator holds
-    but does not use (it can hand that out again without asking the driver).
-    On CPU the answer is a generous fixed 8 GiB: host memory is not what tiling bounds.
+    but does not use (it can hand that out again without asking the driver). On the CPU it
+    is the memory the OS reports as available (a plan that exceeds it gets the process
+    killed, not an exception), or 8 GiB where the OS does not say.
     """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         reserved = torch.cuda.memory_reserved(device)
         allocated = torch.cuda.memory_allocated(device)
         return int(free + max(reserved - allocated, 0))
+    return host_available_bytes()
+
+
+def host_available_bytes() -> int:
+    """Host memory the OS can still hand out without swapping (``MemAvailable``), or 8 GiB
+    where it cannot be read."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - psutil missing or unsupported here: try /proc
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 8 * 1024**3
 
 

@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..torch_utils import check_image, dtype_name, free_memory_bytes, is_oom_error, pick_device, pick_dtype
+from ..torch_utils import (
+    check_image,
+    dtype_name,
+    free_memory_bytes,
+    host_available_bytes,
+    is_oom_error,
+    pick_device,
+    pick_dtype,
+)
 from .cache import (
     COMPILE_MODES,
     ModelCache,
@@ -220,6 +228,8 @@ class Upscaler:
         self._mixed = not bool(descriptor.supports_half)
         self._fp32_fallback = False  # set when reduced precision fails even under autocast
         self._ready: dict = {}  # dtype / compiled key -> copy already on the device this run
+        self._check_cancel: Callable[[], None] | None = None
+        self._hooks: list = []  # cancel checks on our copies during one run (see _watch_cancel)
         self._done = 0
         self.backend, self.backend_reason = self._choose_backend()
 
@@ -260,7 +270,28 @@ class Upscaler:
             key, transform = self._variant(dtype)
             module = self._place(self.cache.module(self.descriptor.model, key, dtype, transform))
             self._ready[dtype] = module
+            self._watch_cancel(module)
         return module
+
+    def _watch_cancel(self, module: torch.nn.Module) -> None:
+        """Check for cancel inside eager model calls, before each top-level and second-level block.
+
+        One call can take many seconds on the CPU (a whole frame, or a large tile batch):
+        checking only between calls made a cancel wait that long. The hooks sit on our own
+        copy for this run only (removed when the run ends) and are left out for compiled
+        models, whose graphs they would break.
+        """
+        if self._check_cancel is None or self.backend.startswith("compiled"):
+            return
+        check = self._check_cancel
+
+        def hook(_module, _args) -> None:
+            check()
+
+        for child in module.children():
+            self._hooks.append(child.register_forward_pre_hook(hook))
+            for grandchild in child.children():
+                self._hooks.append(grandchild.register_forward_pre_hook(hook))
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
         """Move one of our copies to the device (once per run; the cache parks it on the CPU after)."""
@@ -301,6 +332,16 @@ class Upscaler:
                     f"use 0 (auto) or at least {floor}"
                 )
             tile = max(floor, (opts.tile_size // traits.multiple_of) * traits.multiple_of)
+            if self.device.type == "cpu" and traits.tiling != "internal":
+                # On the CPU running out of memory kills the process: a tile that cannot fit is reduced.
+                elem = torch.tensor([], dtype=self.dtype).element_size()
+                fits = choose_tile(tile, tile, traits, elem, free_memory_bytes(self.device), opts.optimization_level)
+                if fits:
+                    logger.warning(
+                        "upscale: tile_size %d does not fit in the free host memory (%.1f GB); using %d",
+                        opts.tile_size, free_memory_bytes(self.device) / 1e9, fits,
+                    )  # fmt: skip
+                    tile = fits
             if traits.tiling == "internal":
                 logger.info("upscale: %s tiles internally, tile_size %d ignored", traits.arch, opts.tile_size)
                 tile = 0
@@ -339,13 +380,19 @@ class Upscaler:
             in_size=(h, w),
             out_size=(h * s, w * s),
         )
+        self._check_output_fits(b, h * s, w * s, out_dtype, out_device)
         # Plain memory, filled while the GPU works (see host_io); never pinned for the caller.
         out = torch.empty((b, h * s, w * s, self.traits.out_channels), dtype=out_dtype, device=out_device)
         start = time.perf_counter()
+        self._check_cancel = check_cancel
         try:
             with self._numerics():
                 self._run(images, out, report, progress, check_cancel)
         finally:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks.clear()
+            self._check_cancel = None
             # Leave the GPU to the next node: our copies go back to the CPU, except this run's
             # own copies when the caller asked to keep them loaded.
             used = [m for m in self._ready.values() if isinstance(m, torch.nn.Module)]
@@ -373,6 +420,19 @@ class Upscaler:
             if self.backend.startswith("compiled"):
                 stack.enter_context(inductor_cache_dir(self.cache.cache_dir))
             yield
+
+    def _check_output_fits(self, b: int, oh: int, ow: int, dtype: torch.dtype, out_device) -> None:
+        """Refuse an output batch the host cannot hold (the OS would kill the process mid-run)."""
+        if torch.device(out_device).type != "cpu":
+            return
+        need = b * oh * ow * self.traits.out_channels * torch.tensor([], dtype=dtype).element_size()
+        avail = host_available_bytes()
+        if need > avail:
+            raise ValueError(
+                f"image: {b} frame(s) upscaled to {ow}x{oh} need {need / 1e9:.1f} GB of host memory for the "
+                f"output, but only {avail / 1e9:.1f} GB are available; upscale fewer frames per run (split the "
+                "batch, e.g. with 'Image From Batch') or close other programs"
+            )
 
     def _check_images(self, images: torch.Tensor) -> None:
         # NaN/Inf are checked per frame while streaming, so the error can name the frame.
@@ -415,18 +475,32 @@ class Upscaler:
         report.batch = batch
 
     def _batch_for(self, plan: TilePlan, frames: int) -> int:
+        """Frames or tiles per call: the option, or automatic; never more than fit in memory."""
         per_call = plan.tile_h * plan.tile_w
         items = frames if plan.whole else len(plan.tiles)
         batch = choose_batch(per_call, self.options.optimization_level, self.options.batch_size, items)
-        if self.options.batch_size == 0 and plan.whole and self.options.tile_size == 0 and batch > 1:
-            # Auto batching of whole frames must fit in memory too.
-            elem = torch.tensor([], dtype=self.dtype).element_size()
-            while batch > 1 and choose_tile(
-                plan.height, plan.width, self.traits, elem, free_memory_bytes(self.device),
-                self.options.optimization_level, batch,
-            ):  # fmt: skip
-                batch //= 2
+        fit = self._fitting_batch(plan)
+        if batch > fit:
+            if self.options.batch_size > 0:
+                logger.warning(
+                    "upscale: batch_size %d does not fit in the free %s memory (%.1f GB); using %d",
+                    self.options.batch_size, self.device.type, free_memory_bytes(self.device) / 1e9, fit,
+                )  # fmt: skip
+            batch = fit
         return batch
+
+    def _fitting_batch(self, plan: TilePlan) -> int:
+        """Most tiles/frames per call whose estimated activations fit the level's share of free memory.
+
+        On the CPU this is what keeps the process alive: an allocation there that exceeds the
+        machine's memory gets the process killed by the OS instead of raising an error.
+        """
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        budget = free_memory_bytes(self.device) * MEMORY_SHARE[self.options.optimization_level]
+        if not plan.whole:  # the frame's fp32 accumulators live beside the calls
+            budget -= plan.height * plan.width * 4 * (self.traits.out_channels + 1) * self.traits.scale**2
+        per_item = (plan.tile_h + plan.pad_h) * (plan.tile_w + plan.pad_w) * bytes_per_pixel(self.traits, elem)
+        return max(1, int(budget // per_item))
 
     def _shrink(self, plan: TilePlan, batch: int, exc: BaseException) -> tuple[TilePlan, int]:
         if self.device.type == "cuda":

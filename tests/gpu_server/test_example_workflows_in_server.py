@@ -34,13 +34,13 @@ def sdxl_checkpoint(gpu_assets) -> Path:
     return build_sdxl(comfyui_root_for_gpu(), gpu_assets / "checkpoints" / SDXL_NAME)
 
 
-def overrides_for(name: str, dataset: Path) -> dict:
-    short = {
+def short_run(dataset: Path) -> dict:
+    """Inputs replaced for a test run: fewer sampling and training steps, a real dataset folder."""
+    return {
         "KSampler": {"steps": 4},
         "SpeedKit_UltimateSDUpscale": {"steps": 3},
         "SpeedKit_TrainLoRA": {"dataset_folder": str(dataset), "steps": 3, "save_every": 2},
     }
-    return short
 
 
 def make_dataset(folder: Path) -> Path:
@@ -58,7 +58,7 @@ def test_example_workflow_runs(gpu_server, path: Path, request, tmp_path):
     workflow = json.loads(path.read_text())
     if SDXL_NAME in path.read_text():
         request.getfixturevalue("sdxl_checkpoint")
-    prompt = workflow_to_prompt(workflow, gpu_server.object_info(), overrides_for(path.name, make_dataset(tmp_path)))
+    prompt = workflow_to_prompt(workflow, gpu_server.object_info(), short_run(make_dataset(tmp_path)))
     entry = gpu_server.run_prompt(prompt, timeout=int(os.environ.get("SPEEDKIT_GPU_WORKFLOW_TIMEOUT", "900")))
     saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     save_nodes = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
