@@ -131,7 +131,8 @@ class UpscaleImageCUDA(io.ComfyNode):
                     max=256,
                     tooltip=(
                         "Frames (whole-frame mode) or tiles per model call. 0 = automatic (batches small "
-                        "frames, about 2 megapixels per call)."
+                        "frames, about 2 megapixels per call). Never more than fit in free memory: a larger "
+                        "value is reduced, with a log line."
                     ),
                     advanced=True,
                 ),

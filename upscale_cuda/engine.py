@@ -274,7 +274,7 @@ class Upscaler:
         return module
 
     def _watch_cancel(self, module: torch.nn.Module) -> None:
-        """Check for cancel inside eager model calls, before each top-level and second-level block.
+        """Check for cancel inside eager model calls, before each block or layer.
 
         One call can take many seconds on the CPU (a whole frame, or a large tile batch):
         checking only between calls made a cancel wait that long. The hooks sit on our own
@@ -288,10 +288,12 @@ class Upscaler:
         def hook(_module, _args) -> None:
             check()
 
-        for child in module.children():
-            self._hooks.append(child.register_forward_pre_hook(hook))
-            for grandchild in child.children():
-                self._hooks.append(grandchild.register_forward_pre_hook(hook))
+        # On the CPU every layer (one conv over a large batch can take a second); on a GPU, where
+        # calls are short and the host must stay ahead of the kernels, every block.
+        every_layer = self.device.type == "cpu"
+        for sub in module.modules():
+            if sub is not module and (every_layer or next(sub.children(), None) is not None):
+                self._hooks.append(sub.register_forward_pre_hook(hook))
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:
         """Move one of our copies to the device (once per run; the cache parks it on the CPU after)."""

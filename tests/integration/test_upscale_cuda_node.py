@@ -196,3 +196,39 @@ def test_keep_model_loaded_registers_with_comfyui_and_survives_unload(comfy_serv
         assert int(np.abs(first - second).max()) == 0  # fp32, whole frame both times
     finally:
         model_file.unlink()
+
+
+def test_cancel_inside_one_long_automatic_batch_call(comfy_server, real_model_path):
+    # RRDB on the CPU with the automatic batch: several 256 px frames share one model call of
+    # tens of seconds, so the cancel has to be honoured inside the call, not after it.
+    source = real_model_path("RealESRGAN_x4plus.safetensors")
+    folder = comfy_server.models_dir / "upscale_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file = folder / "speedkit_cancel_rrdb.safetensors"
+    shutil.copy(source, model_file)
+    Image.fromarray(np.full((256, 256, 3), 90, np.uint8)).save(comfy_server.input_dir / "cancel_rrdb.png")
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "cancel_rrdb.png"}},
+        "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 30}},
+        "3": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model_file.name}},
+        "4": {"class_type": NODE, "inputs": {"upscale_model": ["3", 0], "image": ["2", 0]}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+    }
+    try:
+        prompt_id = comfy_server.queue_prompt(prompt)
+        time.sleep(5.0)  # inside the first model call by now (one 256 px RRDB frame takes seconds on a CPU)
+        assert not comfy_server.get(f"/history/{prompt_id}"), "the batch finished before it could be cancelled"
+        comfy_server.interrupt()
+        stopped = time.monotonic()
+        entry = None
+        while time.monotonic() - stopped < 60:
+            entry = comfy_server.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                break
+            time.sleep(0.05)
+        took = time.monotonic() - stopped
+        assert entry is not None, "the prompt never ended after the interrupt"
+        assert "execution_interrupted" in [m[0] for m in entry["status"].get("messages", [])]
+        assert took < 2.0, f"cancel took {took:.1f} s"
+    finally:
+        model_file.unlink()
