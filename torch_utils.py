@@ -358,6 +358,25 @@ def pad_to_multiple(image: torch.Tensor, multiple: int, mode: str = "reflect") -
     return torch.nn.functional.pad(image, (0, pw, 0, ph), mode=mode), ph, pw
 
 
+def graph_capture_blocker() -> str | None:
+    """Why CUDA graphs must not be recorded in this process, or None.
+
+    Under PyTorch's cudaMallocAsync allocator (ComfyUI's default on NVIDIA) a failed capture
+    has been seen to leave a C++ exception that aborts the whole process, which no Python
+    handler can catch; captures are therefore not attempted there (the run stays eager).
+    """
+    try:
+        backend = torch.cuda.get_allocator_backend()
+    except Exception:  # noqa: BLE001 - a torch without CUDA support: nothing to record anyway
+        return None
+    if backend == "cudaMallocAsync":
+        return (
+            "the cudaMallocAsync allocator is active (ComfyUI's default on NVIDIA; start ComfyUI with "
+            "--disable-cuda-malloc to allow CUDA graphs)"
+        )
+    return None
+
+
 class GraphBook:
     """Bookkeeping shared by the CUDA-graph replayers (USDU's denoiser calls, the LoRA
     trainer's micro-steps): graphs per input key, keys seen once, one memory pool, a cap, the
@@ -392,6 +411,8 @@ class GraphBook:
         """True when ``key`` occurred before, graphs are on and the cap is not reached (marks it seen)."""
         seen = key in self._seen
         self._seen.add(key)
+        if seen and self.disabled is None and (reason := graph_capture_blocker()) is not None:
+            self.disable(reason)
         return seen and self.disabled is None and len(self._graphs) < self.max_graphs
 
     def close(self) -> None:

@@ -137,3 +137,21 @@ def test_pad_to_multiple():
     padded, ph, pw = tu.pad_to_multiple(x, 8)
     assert padded.shape == (1, 3, 16, 16) and (ph, pw) == (6, 3)
     assert torch.equal(padded[..., :10, :13], x)
+
+
+def test_graphs_are_never_recorded_under_cuda_malloc_async(monkeypatch, caplog):
+    # A failed capture under cudaMallocAsync aborted ComfyUI (an uncatchable C++ exception):
+    # the book turns graphs off before the first capture instead.
+    import logging
+
+    from speedkit.torch_utils import GraphBook, graph_capture_blocker
+
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    book = GraphBook(lambda: [], 4, "T")
+    assert graph_capture_blocker() is None
+    assert not book.wants_capture("k") and book.wants_capture("k")  # second sighting records
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    book = GraphBook(lambda: [], 4, "T")
+    with caplog.at_level(logging.INFO):
+        assert not book.wants_capture("k") and not book.wants_capture("k")
+    assert "cudaMallocAsync" in (book.disabled or "") and "--disable-cuda-malloc" in caplog.text
