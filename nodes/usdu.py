@@ -19,9 +19,9 @@ import torch
 from comfy_api.latest import io
 
 from .. import torch_utils
+from ..usdu import checks, pipeline, planner, runner, upscale
 from ..usdu import cond as usdu_cond
 from ..usdu import graphs as graphs_mod
-from ..usdu import pipeline, planner, runner, upscale
 from .comfy_bridge import progress_bar, throw_if_interrupted, to_intermediate
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ def _inputs(kind: str) -> list:
             io.Float.Input(
                 "upscale_by",
                 default=2.0,
-                min=0.05,
-                max=4.0,
+                min=checks.UPSCALE_BY_MIN,
+                max=checks.UPSCALE_BY_MAX,
                 step=0.05,
                 tooltip="Output size = input size x this (each side rounded to a multiple of 8 px). "
                 "1.0 keeps the size and only redraws.",
@@ -560,6 +560,25 @@ def _make_model_fn(upscale_model):
     return run
 
 
+def _precision(model, vae) -> dict[str, torch.dtype | None]:
+    """Compute dtypes of the model and the VAE (None where a wrapper hides them), so the
+    warning about tiles that decode to NaN/Inf blames fp16 only in a reduced-precision run."""
+    model_dtype = None
+    inner = getattr(model, "model", None)
+    for attr in ("get_dtype_inference", "get_dtype"):  # manual cast (fp8 weights) first
+        fn = getattr(inner, attr, None)
+        if callable(fn):
+            try:
+                value = fn()
+            except Exception:  # noqa: BLE001 - a wrapper model without a dtype: the hint stays generic
+                continue
+            if isinstance(value, torch.dtype):
+                model_dtype = value
+                break
+    vae_dtype = getattr(vae, "vae_dtype", None)
+    return {"model": model_dtype, "VAE": vae_dtype if isinstance(vae_dtype, torch.dtype) else None}
+
+
 def _execute(
     *,
     image,
@@ -593,6 +612,7 @@ def _execute(
     cuda_graphs: bool = True,
     custom_sampler=None,
     custom_sigmas=None,
+    image_name: str = "image",
 ) -> io.NodeOutput:
     import comfy.model_management as mm
 
@@ -600,15 +620,23 @@ def _execute(
         raise ValueError("vae: no VAE connected; connect the VAE that matches the model (e.g. from Load Checkpoint)")
     if model is None:
         raise ValueError("model: no MODEL connected; connect a diffusion model")
-    torch_utils.check_image(image, "image", channels=(3,))
+    # Every input is checked here, before a model is cloned or a tile sampled.
+    checks.check_image(image, image_name)
     images = image.shape[0]
     for name, c in (("positive", positive), ("negative", negative)):
-        if not isinstance(c, list):
-            raise ValueError(f"{name}: expected a CONDITIONING, got {type(c).__name__}")
-        usdu_cond.check_batch(c, images, name)
+        usdu_cond.check_conditioning(c, images, name)
     if (custom_sampler is None) != (custom_sigmas is None):
         logger.warning("USDU: custom_sampler and custom_sigmas must both be connected; using sampler_name/steps")
         custom_sampler = custom_sigmas = None
+    checks.check_number("cfg", cfg, fix="use a finite guidance scale between 0 and 100 (typically 1 to 10)")
+    redraw_denoise, seam_denoise = denoise, seam_fix_denoise
+    if custom_sigmas is None:
+        checks.check_number("steps", steps, minimum=1, integer=True, fix="use 1 or more sampling steps")
+    else:
+        redraw_denoise = 1.0  # the schedule itself says how much is redrawn
+        if checks.check_sigmas(custom_sigmas, "custom_sigmas") == 0:
+            logger.warning("USDU: custom_sigmas holds a single sigma (0 steps): no tile is redrawn")
+            redraw_denoise = seam_denoise = 0.0
 
     settings = pipeline.UsduSettings(
         plan=planner.PlanSettings(
@@ -617,9 +645,9 @@ def _execute(
             padding=tile_padding,
             mask_blur=mask_blur,
             mode_type=mode_type,
-            denoise=denoise if custom_sigmas is None else 1.0,
+            denoise=redraw_denoise,
             seam_fix_mode=seam_fix_mode,
-            seam_fix_denoise=seam_fix_denoise,
+            seam_fix_denoise=seam_denoise,
             seam_fix_width=seam_fix_width,
             seam_fix_mask_blur=seam_fix_mask_blur,
             seam_fix_padding=seam_fix_padding,
@@ -631,6 +659,7 @@ def _execute(
         tile_seed=tile_seed,
         batch_size=batch_size,
     )
+    pipeline.check_settings(settings)
     factor = int(vae.spacial_compression_encode()) if hasattr(vae, "spacial_compression_encode") else 8
     source_h, source_w = image.shape[1:3]
     device = mm.get_torch_device()
@@ -655,6 +684,7 @@ def _execute(
         state["pbar"].update_absolute(done, total)
 
     model_fn = _make_model_fn(upscale_model) if upscale_model is not None else None
+    precision = _precision(model, vae)
     try:
         out = pipeline.upscale_then_redraw(
             image,
@@ -666,6 +696,8 @@ def _execute(
             check_cancel=throw_if_interrupted,
             on_batch_done=on_batch_done,
             on_canvas=on_canvas,
+            precision=precision,
+            image_name=image_name,
         )
     finally:
         if graphs is not None:
@@ -728,7 +760,7 @@ class UltimateSDUpscaleNoUpscale(io.ComfyNode):
 
     @classmethod
     def execute(cls, upscaled_image, **kwargs) -> io.NodeOutput:
-        return _execute(image=upscaled_image, upscale_by=1.0, upscale_model=None, **kwargs)
+        return _execute(image=upscaled_image, image_name="upscaled_image", upscale_by=1.0, upscale_model=None, **kwargs)
 
 
 class UltimateSDUpscaleCustomSample(io.ComfyNode):

@@ -232,6 +232,36 @@ def check_batch(cond: list, images: int, name: str) -> None:
                 )
 
 
+def check_conditioning(cond: object, images: int, name: str) -> None:
+    """:func:`check_batch` plus the prompt tensors themselves: a CONDITIONING that is not a
+    list, whose prompt is not a tensor or holds no token, or holds NaN/Inf (a text encoder
+    that overflowed) would only fail inside the sampler or give a black picture."""
+    if not isinstance(cond, list):
+        raise ValueError(
+            f"{name}: expected a CONDITIONING, got {type(cond).__name__}; connect a text encoder output "
+            "(e.g. CLIP Text Encode)"
+        )
+    check_batch(cond, images, name)
+    for i, (prompt, extra) in enumerate(cond):
+        if not isinstance(prompt, torch.Tensor):
+            raise ValueError(
+                f"{name}: conditioning {i} holds a {type(prompt).__name__}, not a tensor; "
+                "connect a text encoder output (e.g. CLIP Text Encode)"
+            )
+        if prompt.numel() == 0:
+            raise ValueError(
+                f"{name}: conditioning {i} is empty (shape {tuple(prompt.shape)}); "
+                "connect a text encoder output (e.g. CLIP Text Encode) that encodes at least one token"
+            )
+        for what, t in (("", prompt), (" pooled_output", extra.get("pooled_output"))):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(
+                    f"{name}: conditioning {i}{what} holds {bad} NaN/Inf value(s); the text encoder (or a "
+                    "conditioning node) overflowed - run the text encoder in fp32 or re-create the prompt"
+                )
+
+
 def needs_single_tiles(cond: list) -> bool:
     """True when an entry holds a per-tile *scalar* (area, GLIGEN boxes): ComfyUI applies
     those to the whole batch, so tiles share one sampler call only when these crop to the

@@ -9,13 +9,13 @@ model); tests supply plain tensor functions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from .. import torch_utils
-from . import planner, runner, upscale
+from . import checks, planner, runner, upscale
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,10 @@ class UsduSettings:
     batch_size: int = 1
 
 
-def validate(settings: UsduSettings, canvas_w: int, canvas_h: int) -> None:
-    """Raise ``ValueError`` (naming the input, value, limit and fix) for settings the
-    canvas cannot honour."""
+def check_settings(settings: UsduSettings) -> None:
+    """Raise ``ValueError`` (naming the input, value and fix) for a setting no canvas can
+    honour: unknown choices, and numbers that are NaN/Inf, fractional or out of range
+    (NaN passes every ``<`` check and used to fail later as a raw library error)."""
     p = settings.plan
     if p.mode_type not in planner.MODE_TYPES:
         raise ValueError(f"mode_type: unknown value {p.mode_type!r}; choose one of {', '.join(planner.MODE_TYPES)}")
@@ -50,23 +51,30 @@ def validate(settings: UsduSettings, canvas_w: int, canvas_h: int) -> None:
         raise ValueError(
             f"normalize: unknown value {settings.normalize!r}; choose one of {', '.join(torch_utils.NORMALIZE_MODES)}"
         )
+    checks.check_upscale_by(settings.upscale_by)
+    checks.check_seed(settings.seed)
     for name, value, lo in (
         ("tile_width", p.tile_width, 8),
         ("tile_height", p.tile_height, 8),
         ("batch_size", settings.batch_size, 1),
+        ("tile_padding", p.padding, 0),
+        ("seam_fix_padding", p.seam_fix_padding, 0),
+        ("seam_fix_width", p.seam_fix_width, 0),
     ):
-        if value < lo:
-            raise ValueError(f"{name}: {value} is below the minimum {lo}")
-    for name, value in (
-        ("tile_padding", p.padding),
-        ("seam_fix_padding", p.seam_fix_padding),
-        ("mask_blur", p.mask_blur),
-    ):
-        if value < 0:
-            raise ValueError(f"{name}: {value} is negative; use 0 or more")
+        checks.check_number(name, value, minimum=lo, integer=True)
+    for name, value in (("mask_blur", p.mask_blur), ("seam_fix_mask_blur", p.seam_fix_mask_blur)):
+        checks.check_number(name, value, minimum=0, fix="use 0 (hard edges) or more")
     for name, value in (("denoise", p.denoise), ("seam_fix_denoise", p.seam_fix_denoise)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name}: {value} is outside 0..1")
+        checks.check_number(
+            name, value, minimum=0.0, maximum=1.0, fix="use a value between 0 (no change) and 1 (redraw fully)"
+        )
+
+
+def validate(settings: UsduSettings, canvas_w: int, canvas_h: int) -> None:
+    """Raise ``ValueError`` (naming the input, value, limit and fix) for settings the
+    canvas cannot honour (after :func:`check_settings`)."""
+    check_settings(settings)
+    p = settings.plan
     if p.tile_width > canvas_w or p.tile_height > canvas_h:
         raise ValueError(
             f"tile_width x tile_height: the {p.tile_width}x{p.tile_height} tile is larger than the "
@@ -91,6 +99,13 @@ def scale_to_canvas(
     x = image
     if model_fn is not None:
         x = model_fn(x)
+        if not bool(torch.isfinite(x).all()):
+            # Lanczos would spread each NaN over its neighbours and every tile would decode to black.
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(
+                f"upscale_model: the upscale model returned {bad} NaN/Inf value(s) for this image; "
+                "the model file is broken or does not suit this image - try another upscale model"
+            )
     return upscale.lanczos_resize(x, canvas_w, canvas_h)
 
 
@@ -105,13 +120,19 @@ def upscale_then_redraw(
     check_cancel: Callable[[], None] | None = None,
     on_batch_done: Callable[[int, int], None] | None = None,
     on_canvas: Callable[[torch.Tensor], None] | None = None,
+    precision: Mapping[str, torch.dtype | None] | None = None,
+    image_name: str = "image",
 ) -> torch.Tensor:
     """The whole node on tensors; returns ``[B, H', W', C]`` float32 in [0, 1].
 
     ``device`` is where the canvas lives while tiles are blended (the GPU in ComfyUI).
     ``on_canvas`` sees the upscaled canvas before any tile is redrawn (tests use it).
+    ``precision`` (compute dtype of the model and VAE, when known) only words the warning
+    about tiles that decode to NaN/Inf; ``image_name`` is the input named in errors.
+    Every input is checked before the first pixel is touched.
     """
-    torch_utils.check_image(image, "image", channels=(3,))
+    checks.check_image(image, image_name)
+    check_settings(settings)
     h, w = image.shape[1:3]
     if settings.upscale_by == 1.0 and model_fn is None:
         canvas_w, canvas_h = w, h  # refine only: keep the exact size, tiles are padded instead
@@ -119,7 +140,9 @@ def upscale_then_redraw(
         canvas_w, canvas_h = planner.canvas_size(w, h, settings.upscale_by)
     validate(settings, canvas_w, canvas_h)
     x = image.to(device) if device is not None else image
-    x = torch_utils.normalize_range(x, settings.normalize, name="image")
+    x = torch_utils.normalize_range(x, settings.normalize, name=image_name)
+    if settings.normalize == "off":
+        checks.check_unit_range(x, image_name)
     canvas = scale_to_canvas(x, canvas_w, canvas_h, model_fn)
     if on_canvas is not None:
         on_canvas(canvas)
@@ -142,5 +165,6 @@ def upscale_then_redraw(
         multiple=multiple,
         check_cancel=check_cancel,
         on_batch_done=on_batch_done,
+        precision=precision,
     )
     return out.clamp_(0.0, 1.0)

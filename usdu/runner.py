@@ -16,11 +16,12 @@ ComfyUI adapter; the identity in tests). Everything else happens here, on tensor
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .checks import nonfinite_hint
 from .masks import job_mask
 from .planner import LATENT_MULTIPLE, TileJob, TilePass
 
@@ -96,11 +97,14 @@ def run_passes(
     multiple: int = LATENT_MULTIPLE,
     check_cancel: Callable[[], None] | None = None,
     on_batch_done: Callable[[int, int], None] | None = None,
+    precision: Mapping[str, torch.dtype | None] | None = None,
 ) -> torch.Tensor:
     """Run every pass over ``canvas`` (``[B, H, W, C]``); returns a new float32 tensor.
 
     Passes with ``denoise == 0`` are skipped: they could not change anything but would
     still pay a VAE round trip. ``on_batch_done(done, total)`` reports progress.
+    ``precision`` (``{"model": dtype, "VAE": dtype}``, None = unknown) words the warning
+    about tiles that decode to NaN/Inf (:func:`checks.nonfinite_hint`).
     """
     if canvas.ndim != 4:
         raise ValueError(f"canvas: expected [B, H, W, C], got shape {tuple(canvas.shape)}")
@@ -137,10 +141,10 @@ def run_passes(
             result = result.to(device=out.device, dtype=torch.float32)
             if not bool(torch.isfinite(result).all()):
                 logger.warning(
-                    "USDU: tile(s) %s of pass %s decoded to NaN/Inf (fp16 overflow in the model or VAE?); "
-                    "the bad pixels are replaced by 0",
+                    "USDU: tile(s) %s of pass %s decoded to NaN/Inf (%s); the bad pixels are replaced by 0",
                     [j.index for j in group],
                     tile_pass.name,
+                    nonfinite_hint(precision),
                 )
                 result = torch.nan_to_num(result, nan=0.0, posinf=1.0, neginf=0.0)
             h, w = pixels.shape[1] - ph, pixels.shape[2] - pw

@@ -192,6 +192,78 @@ def test_tile_larger_than_image_is_a_clear_error(usdu_models):
     assert "tile_width x tile_height" in err["exception_message"] and "<= 64" in err["exception_message"]
 
 
+def sigmas_graph(sigma_nodes: dict, sigmas: list, prefix: str, **extra) -> dict:
+    """A CustomSample graph whose custom_sigmas come from ``sigma_nodes`` (ids 20+)."""
+    g = graph(
+        "SpeedKit_UltimateSDUpscaleCustomSample",
+        {"custom_sampler": ["6", 0], "custom_sigmas": sigmas, "upscale_by": 1.0, **extra},
+        prefix,
+    )
+    g.update(sigma_nodes)
+    return g
+
+
+BAD_INPUTS = {
+    # FlipSigmas turns the schedule upside down: increasing sigmas (used to give a black image)
+    "increasing sigmas": (
+        sigmas_graph({"20": {"class_type": "FlipSigmas", "inputs": {"sigmas": ["7", 0]}}}, ["20", 0], "usdu_flip"),
+        "custom_sigmas: sigma 1 (",
+        "sigmas must decrease",
+    ),
+    # BasicScheduler with denoise 0 returns an empty schedule
+    "empty sigmas": (
+        sigmas_graph(
+            {
+                "20": {
+                    "class_type": "BasicScheduler",
+                    "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 3, "denoise": 0.0},
+                }
+            },
+            ["20", 0],
+            "usdu_empty_sigmas",
+        ),
+        "custom_sigmas: the schedule is empty",
+        "BasicScheduler",
+    ),
+    # NaN goes through the API's JSON and ComfyUI's min/max validation (NaN compares false)
+    "NaN upscale_by": (
+        graph("SpeedKit_UltimateSDUpscale", {"upscale_model": ["5", 0], "upscale_by": float("nan")}, "usdu_nan_up"),
+        "upscale_by: nan is not a finite number",
+        "between 0.05 and 4",
+    ),
+    "NaN cfg": (
+        graph("SpeedKit_UltimateSDUpscaleNoUpscale", {"cfg": float("nan")}, "usdu_nan_cfg"),
+        "cfg: nan is not a finite number",
+        "guidance scale",
+    ),
+    "NaN denoise": (
+        graph("SpeedKit_UltimateSDUpscaleNoUpscale", {"denoise": float("nan")}, "usdu_nan_denoise"),
+        "denoise: nan is not a finite number",
+        "between 0 (no change) and 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_through_the_api_are_clear_errors(usdu_models, case):
+    prompt, start, fix = BAD_INPUTS[case]
+    err = execution_error(usdu_models, prompt)
+    assert err["exception_type"].endswith("ValueError"), err
+    assert err["exception_message"].startswith(start) and fix in err["exception_message"], err["exception_message"]
+    assert not list(usdu_models.output_dir.glob(prompt["11"]["inputs"]["filename_prefix"] + "*"))
+
+
+def test_single_sigma_redraws_nothing(usdu_models):
+    """SplitSigmas at the last step leaves one sigma (0 steps): the output is the normalized
+    image, not the picture with the first sigma's noise left in (what the sampler returns)."""
+    split = {"20": {"class_type": "SplitSigmas", "inputs": {"sigmas": ["7", 0], "step": 3}}}
+    entry = usdu_models.run_prompt(sigmas_graph(split, ["20", 1], "usdu_one_sigma", seam_fix_mode="Half Tile"))
+    out = saved_image(usdu_models, entry)
+    src = np.asarray(Image.open(usdu_models.input_dir / "usdu_input.png").convert("RGB"), dtype=np.float32) / 255
+    expected = (src - src.min()) / (src.max() - src.min())
+    assert np.abs(out - expected).max() <= 1.0 / 255 + 1e-6
+
+
 def test_cancel_mid_run_returns_no_image(usdu_models):
     extra = {"steps": 500, "batch_size": 1, "tile_seed": "same", "seed": 11}
     prompt = graph("SpeedKit_UltimateSDUpscaleNoUpscale", extra, "usdu_cancelled")
