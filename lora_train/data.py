@@ -48,27 +48,52 @@ class Placement:
         return (oh, ow, self.crop_top, self.crop_left, bh, bw)
 
 
+def user_path(folder: str | Path) -> Path:
+    """The path typed into a node input: whitespace and one pair of surrounding quotes removed
+    (Windows' "Copy as path" adds them), ``~`` expanded."""
+    text = str(folder).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return Path(text).expanduser()
+
+
 def scan_folder(folder: str | Path, default_caption: str = "") -> list[Item]:
     """Images of ``folder`` (sorted, non-recursive) with their captions.
 
-    Raises ``ValueError`` when the folder is missing or has no image, or when an image has no
-    ``.txt`` caption and ``default_caption`` is empty.
+    Raises ``ValueError`` naming ``dataset_folder`` when the folder is missing, unreadable or has
+    no image, when an image has no ``.txt`` caption and ``default_caption`` is empty, or when an
+    image cannot be opened (zero bytes, not an image, too small): all before any model work.
     """
-    path = Path(folder).expanduser()
     if not str(folder).strip():
-        raise ValueError("dataset_folder is empty: set it to a folder of images with same-name .txt captions")
+        raise ValueError("dataset_folder: empty; set it to the path of a folder of images with same-name .txt captions")
+    path = user_path(folder)
     if not path.is_dir():
-        raise ValueError(f"dataset_folder={str(folder)!r} is not a folder: give the path of a folder of images")
-    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        what = "is a file, not a folder" if path.is_file() else "does not exist"
+        raise ValueError(
+            f"dataset_folder: {str(folder)!r} {what}; give the path of a folder of images with same-name .txt captions"
+        )
+    try:
+        entries = list(path.iterdir())
+    except OSError as exc:
+        raise ValueError(
+            f"dataset_folder: {str(folder)!r} cannot be listed ({exc}); check that ComfyUI may read it"
+        ) from exc
+    images = sorted(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise ValueError(
-            f"dataset_folder={str(folder)!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}): add training images"
+            f"dataset_folder: {str(folder)!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}); add training images "
+            f"or give the folder that holds them"
         )
     items, missing = [], []
     for image in images:
         txt = image.with_suffix(".txt")
         if txt.is_file():
-            caption = txt.read_text(encoding="utf-8", errors="replace").strip()
+            try:
+                caption = txt.read_text(encoding="utf-8", errors="replace").strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"dataset_folder: cannot read the caption {txt} ({exc}): check its permissions or re-save it"
+                ) from exc
         elif default_caption.strip():
             caption = default_caption.strip()
         else:
@@ -77,27 +102,59 @@ def scan_folder(folder: str | Path, default_caption: str = "") -> list[Item]:
         items.append(Item(image, caption))
     if missing:
         raise ValueError(
-            f"{len(missing)} image(s) in {str(folder)!r} have no .txt caption (e.g. {missing[0]}): add "
-            f"same-name .txt files or set default_caption"
+            f"dataset_folder: {len(missing)} image(s) in {str(folder)!r} have no .txt caption (e.g. {missing[0]}): "
+            f"add same-name .txt files or set default_caption"
         )
+    for item in items:
+        check_image(item.image)
     return items
+
+
+def _unreadable(path: Path, detail: str) -> ValueError:
+    return ValueError(
+        f"dataset_folder: cannot read image {path} ({detail}): remove it from the folder or re-save it as PNG/JPEG"
+    )
+
+
+def check_image(path: Path) -> tuple[int, int]:
+    """Size (w, h) from the file's header only (fast: no pixel decoding); ``ValueError`` naming
+    ``dataset_folder`` and the file for a zero-byte, non-image or too small file."""
+    from PIL import Image
+
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as exc:
+        raise _unreadable(path, str(exc)) from exc
+    if empty:
+        raise _unreadable(path, "empty file, 0 bytes")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError, ...
+        raise _unreadable(path, str(exc) or type(exc).__name__) from exc
+    _check_size(path, width, height)
+    return width, height
+
+
+def _check_size(path: Path, width: int, height: int) -> None:
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"dataset_folder: image {path} is {width}x{height} px; every side must be at least {MIN_IMAGE_SIDE} px: "
+            f"remove it or use a larger version"
+        )
 
 
 def load_image(path: Path):
     """Open ``path`` as an RGB PIL image; ``ValueError`` naming the file when unreadable or tiny."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()
             rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}; remove or re-save the file") from exc
-    if min(rgb.size) < MIN_IMAGE_SIDE:
-        raise ValueError(
-            f"image {path} is {rgb.size[0]}x{rgb.size[1]} px; every side must be at least {MIN_IMAGE_SIDE} px: "
-            f"remove it or use a larger version"
-        )
+    except Exception as exc:  # truncated data shows only here, when the pixels are decoded
+        raise _unreadable(path, str(exc) or type(exc).__name__) from exc
+    _check_size(path, *rgb.size)
     return rgb
 
 
@@ -109,22 +166,58 @@ def validate_resolution(resolution: int, multiple: int, name: str = "resolution"
         )
 
 
+def check_buckets(resolution: int, min_bucket: int, max_bucket: int, bucket_step: int, native: bool = False) -> None:
+    """``ValueError`` naming the input when the bucket settings contradict each other or ``resolution``.
+
+    ``resolution`` is the effective side (``native``: the node's 0 was replaced by the model's size).
+    Each of these used to be clamped or quietly degraded (only the square bucket, or small images
+    enlarged under bucket_no_upscale); now the user decides.
+    """
+    res = f"resolution ({resolution}{', the model native size for resolution=0' if native else ''})"
+    if bucket_step <= 0 or bucket_step % 8:
+        raise ValueError(
+            f"bucket_step: {bucket_step} is not a positive multiple of 8; bucket sides must be multiples of 8 px "
+            f"(one latent pixel): use e.g. 64"
+        )
+    for name, value in (("min_bucket", min_bucket), ("max_bucket", max_bucket)):
+        if value <= 0:
+            raise ValueError(f"{name}: {value} must be a positive side length in px, e.g. 256 / 2048")
+    if min_bucket > max_bucket:
+        raise ValueError(
+            f"min_bucket: {min_bucket} is larger than max_bucket ({max_bucket}), so no bucket fits between them; "
+            f"set min_bucket <= max_bucket, e.g. min_bucket={min(min_bucket, max_bucket)} and "
+            f"max_bucket={max(min_bucket, max_bucket)}"
+        )
+    if min_bucket > resolution:
+        raise ValueError(
+            f"min_bucket: {min_bucket} is larger than {res}; the square {resolution}x{resolution} bucket must lie "
+            f"between min_bucket and max_bucket: set min_bucket <= {resolution} or raise resolution"
+        )
+    if max_bucket < resolution:
+        raise ValueError(
+            f"max_bucket: {max_bucket} is smaller than {res}; the square {resolution}x{resolution} bucket must lie "
+            f"between min_bucket and max_bucket: set max_bucket >= {resolution} or lower resolution"
+        )
+    if bucket_step > resolution:
+        raise ValueError(
+            f"bucket_step: {bucket_step} is larger than {res}: no aspect-ratio bucket would fit besides the square "
+            f"and bucket_no_upscale would enlarge small images to {bucket_step} px; set bucket_step <= {resolution}, "
+            f"e.g. 64"
+        )
+
+
 def make_buckets(resolution: int, min_side: int, max_side: int, step: int) -> list[tuple[int, int]]:
     """Bucket sizes (w, h): multiples of ``step``, sides in [min_side, max_side], area <= resolution^2.
 
     For every width the tallest fitting height is taken (kohya's scheme), plus the transposes.
     """
-    if step <= 0 or step % 8:
-        raise ValueError(f"bucket_step={step} must be a positive multiple of 8")
-    if not (0 < min_side <= resolution <= max_side):
-        raise ValueError(
-            f"buckets need min_bucket ({min_side}) <= resolution ({resolution}) <= max_bucket ({max_side})"
-        )
+    check_buckets(resolution, min_side, max_side, step)
     area = resolution * resolution
+    top = max_side - max_side % step  # largest multiple of step within max_side
     buckets = {(resolution, resolution)}
     w = min_side - min_side % step or step
-    while w <= max_side:
-        h = min(max_side, (area // w) // step * step)
+    while w <= top:
+        h = min(top, (area // w) // step * step)
         if h >= min_side and w >= min_side:
             buckets.add((w, h))
             buckets.add((h, w))

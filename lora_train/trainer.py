@@ -22,7 +22,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +86,15 @@ class TrainConfig:
             ("steps", self.steps >= 1, "at least 1"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
             ("grad_accum", self.grad_accum >= 1, "at least 1"),
-            ("unet_lr", self.unet_lr > 0, "> 0"),
-            ("te_lr", self.te_lr >= 0, ">= 0"),
+            ("unet_lr", _finite(self.unet_lr) and self.unet_lr > 0, "a finite number > 0"),
+            ("te_lr", _finite(self.te_lr) and self.te_lr >= 0, "a finite number >= 0"),
             ("rank", self.rank >= 1, "at least 1 (the LoRA dimension)"),
-            ("alpha", self.alpha > 0, "> 0 (use alpha = rank for scale 1)"),
-            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+            ("alpha", _finite(self.alpha) and self.alpha > 0, "a finite number > 0 (use alpha = rank for scale 1)"),
+            ("max_grad_norm", _finite(self.max_grad_norm) and self.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
             ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
             ("prediction", self.prediction in schedule.PREDICTIONS, f"one of {schedule.PREDICTIONS}"),
-            ("min_snr_gamma", self.min_snr_gamma >= 0, ">= 0 (0 = off, 5 typical)"),
-            ("noise_offset", self.noise_offset >= 0, ">= 0 (0 = off, 0.05 typical)"),
+            ("min_snr_gamma", _finite(self.min_snr_gamma) and self.min_snr_gamma >= 0, ">= 0 (0 = off, 5 typical)"),
+            ("noise_offset", _finite(self.noise_offset) and self.noise_offset >= 0, ">= 0 (0 = off, 0.05 typical)"),
             ("caption_dropout", 0 <= self.caption_dropout <= 1, "between 0 and 1"),
             ("keep_tokens", self.keep_tokens >= 0, ">= 0"),
             ("save_every", self.save_every >= 0, ">= 0 (0 = only at the end)"),
@@ -107,6 +107,37 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be {rule}")
         optim.lr_lambda(self.lr_scheduler, self.steps, self.warmup_steps)
+
+
+def _finite(value: float) -> bool:
+    """NaN fails every comparison and Inf passes the lower bounds: both are refused explicitly."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# TrainConfig fields that must match to resume a state, with the node input that sets each
+RESUME_MUST_MATCH = {"rank": "rank", "target": "target", "train_te": "train_text_encoder", "optimizer": "optimizer"}
+
+
+def check_resume(info: dict[str, Any], config: TrainConfig, source: str | Path = "") -> None:
+    """``ValueError`` when a saved state (its JSON ``info``) cannot continue with ``config``.
+
+    Run on the state's JSON alone, so the adapter can refuse before any model or image work.
+    """
+    where = f" {source}" if source else ""
+    saved = info.get("config", {})
+    for key, input_name in RESUME_MUST_MATCH.items():
+        if key in saved and saved[key] != getattr(config, key):
+            raise ValueError(
+                f"resume_from:{where} was trained with {key}={saved[key]!r} but this run has "
+                f"{key}={getattr(config, key)!r}; set {input_name} to {saved[key]!r} to resume it, "
+                f"or clear resume_from to start a new run"
+            )
+    step = int(info["step"])
+    if step > config.steps:
+        raise ValueError(
+            f"resume_from:{where} is at step {step}, beyond steps={config.steps}; raise steps above {step} "
+            f"to continue it"
+        )
 
 
 @dataclass
@@ -217,22 +248,25 @@ class Trainer:
     def load_state(self, base: str | Path) -> None:
         """Continue from a state saved by :meth:`save_state` (LoRA weights, optimizer, step)."""
         lora_tensors, opt_state, info = checkpoint.load_state(base)
-        for key in ("rank", "target", "train_te", "optimizer"):
-            if key in info.get("config", {}) and info["config"][key] != getattr(self.config, key):
-                raise ValueError(
-                    f"resume_from was trained with {key}={info['config'][key]!r} but this run has "
-                    f"{key}={getattr(self.config, key)!r}; use the same value to resume"
-                )
-        self.lora.load_state_dict(lora_tensors)
-        self.optimizer.load_state_dict(opt_state)
+        tensor_path, json_path = checkpoint.state_paths(base)
+        check_resume(info, self.config, json_path)
+        cfg = self.config
+        try:
+            self.lora.load_state_dict(lora_tensors)
+            self.optimizer.load_state_dict(opt_state)
+            scheduler = optim.make_scheduler(
+                self.optimizer, cfg.lr_scheduler, cfg.steps, cfg.warmup_steps, info["step"]
+            )
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"resume_from: {tensor_path} does not fit this run's LoRA ({exc}); resume with the same "
+                f"checkpoint, target and rank it was trained with, or clear resume_from to start a new run"
+            ) from exc
+        self.scheduler = scheduler
         self.step = int(info["step"])
-        if self.step > self.config.steps:
-            raise ValueError(f"resume_from is at step {self.step}, beyond steps={self.config.steps}; raise steps")
         self.losses = [float(x) for x in info.get("losses", [])]
         if info.get("grad_scale") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict({"scale": float(info["grad_scale"]), "_growth_tracker": 0})
-        cfg = self.config
-        self.scheduler = optim.make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.steps, cfg.warmup_steps, self.step)
 
     def save_state(self, base: str | Path) -> tuple[Path, Path]:
         info = {
@@ -240,7 +274,7 @@ class Trainer:
             "losses": self.losses,
             "config": asdict(self.config),
             "grad_scale": self.scaler.get_scale() if self.scaler.is_enabled() else None,
-            "format": "speedkit-lora-train-state/1",
+            "format": checkpoint.STATE_FORMAT,
         }
         return checkpoint.save_state(base, self.lora.state_dict(torch.float32), self.optimizer, info)
 
@@ -318,6 +352,14 @@ class Trainer:
         """One optimizer step (``grad_accum`` micro-batches); returns the mean loss."""
         cfg = self.config
         loss = sum(self._micro_step(self.step, m) for m in range(cfg.grad_accum)) / cfg.grad_accum
+        if not math.isfinite(loss):
+            # refuse before the optimizer step: the weights stay those of the last good step, which
+            # is what run() then saves (a NaN step would poison the LoRA and the resume state)
+            self.optimizer.zero_grad(set_to_none=self._graphed is None)
+            raise FloatingPointError(
+                f"loss became {loss} at step {self.step + 1}: lower the learning rate or use precision=bf16/fp32; "
+                f"the LoRA of step {self.step} is kept"
+            )
         params = self.lora.parameters()
         if cfg.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
@@ -328,10 +370,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=self._graphed is None)
         self.scheduler.step()
         self.step += 1
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss} at step {self.step}: lower the learning rate or use precision=bf16/fp32"
-            )
         self.losses.append(loss)
         return loss
 
@@ -357,11 +395,12 @@ class Trainer:
         cfg = self.config
         out = Path(output_dir)
         name = checkpoint.validate_output_name(info.output_name)
+        info = replace(info, output_name=name)
         final = out / f"{name}.safetensors"
         state_base = Path(state_dir or out) / name
         start = time.time()
         cancelled = False
-        saved_step = self.step
+        start_step = saved_step = self.step
         blocks = checkpointed(self.checkpoint_blocks, checkpoint=cfg.grad_checkpointing, compile=self.compile_blocks)
         for m in self.text_modules:
             m.train(cfg.train_te)
@@ -381,8 +420,9 @@ class Trainer:
                         break
         except BaseException as exc:
             # a cancel can also arrive inside a step (ComfyUI checks it in every layer): keep the
-            # last completed step as <name>.safetensors and its resume state
-            if self.step > 0:
+            # last completed step as <name>.safetensors and its resume state; when nothing new was
+            # trained, the files already on disk are left alone
+            if self.step > start_step:
                 try:
                     self._save(final, info)
                     if self.step > saved_step:
@@ -401,8 +441,16 @@ class Trainer:
         return Result(path, list(self.losses), self.step, cancelled, time.time() - start)
 
     def _save(self, path: Path, info: RunInfo) -> Path:
+        """Save the LoRA, refusing NaN/Inf weights so a diverged run never replaces a good file."""
         dtype = checkpoint.SAVE_DTYPES[self.config.save_dtype]
-        return checkpoint.save_lora(path, self.lora.state_dict(dtype), self.metadata(info))
+        tensors = self.lora.state_dict(dtype)
+        bad = next((k for k, v in tensors.items() if not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise FloatingPointError(
+                f"not saving {path.name}: {bad} holds NaN/Inf values (training diverged); the previous file is kept. "
+                f"Lower the learning rate or use precision=bf16/fp32"
+            )
+        return checkpoint.save_lora(path, tensors, self.metadata(info))
 
     def metadata(self, info: RunInfo) -> dict[str, str]:
         """``ss_*`` (sd-scripts) and ``modelspec.*`` metadata strings."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from ..lora_train import checkpoint, data, layers, optim, text_cache
+from ..lora_train import checkpoint, data, inputs, layers, optim, text_cache
 from ..lora_train.chart import loss_chart
 from ..lora_train.naming import ldm_to_diffusers_path
 from ..lora_train.prepare import build_samples
@@ -25,6 +25,7 @@ from ..lora_train.trainer import (
     RunInfo,
     TrainConfig,
     Trainer,
+    check_resume,
     precompute_conditioning,
     stack_conditioning,
 )
@@ -202,7 +203,8 @@ class TrainLoRA(io.ComfyNode):
                 io.String.Input(
                     "output_name",
                     default="my_lora",
-                    tooltip="File name (no folder) of the LoRA written to models/loras/<output_name>.safetensors.",
+                    tooltip="File name (no folder) of the LoRA written to models/loras/<output_name>.safetensors; "
+                    "a trailing .safetensors is dropped.",
                 ),
                 io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps to train."),
                 io.Float.Input(
@@ -356,7 +358,7 @@ class TrainLoRA(io.ComfyNode):
                     min=64,
                     max=4096,
                     step=8,
-                    tooltip="Smallest aspect-ratio bucket side in px.",
+                    tooltip="Smallest aspect-ratio bucket side in px; at most resolution.",
                     advanced=True,
                 ),
                 io.Int.Input(
@@ -365,7 +367,8 @@ class TrainLoRA(io.ComfyNode):
                     min=64,
                     max=8192,
                     step=8,
-                    tooltip="Largest aspect-ratio bucket side in px. Set min=max=resolution for square crops.",
+                    tooltip="Largest aspect-ratio bucket side in px; at least resolution. "
+                    "Set min=max=resolution for square crops.",
                     advanced=True,
                 ),
                 io.Int.Input(
@@ -374,7 +377,7 @@ class TrainLoRA(io.ComfyNode):
                     min=8,
                     max=512,
                     step=8,
-                    tooltip="Bucket sides are multiples of this many px (multiple of 8).",
+                    tooltip="Bucket sides are multiples of this many px (a multiple of 8, at most resolution).",
                     advanced=True,
                 ),
                 io.Boolean.Input(
@@ -481,11 +484,26 @@ class TrainLoRA(io.ComfyNode):
     ) -> io.NodeOutput:
         import folder_paths
 
-        family = detect_family(model)
+        # every check that needs no model work comes first: a bad input fails in milliseconds
+        inputs.check_numbers(
+            {
+                "learning_rate": learning_rate,
+                "text_encoder_lr": text_encoder_lr,
+                "alpha": alpha,
+                "min_snr_gamma": min_snr_gamma,
+                "noise_offset": noise_offset,
+                "caption_dropout": caption_dropout,
+            }
+        )
+        inputs.check_text_encoder_lr(text_encoder_lr, train_text_encoder)
         name = checkpoint.validate_output_name(output_name)
+        family = detect_family(model)
+        native = resolution == 0
         resolution = resolution or family.default_resolution
         data.validate_resolution(resolution, family.resolution_multiple)
+        data.check_buckets(resolution, min_bucket, max_bucket, bucket_step, native=native)
         items = data.scan_folder(dataset_folder, default_caption)
+        dataset = data.user_path(dataset_folder)
         config = TrainConfig(
             steps=steps,
             batch_size=batch_size,
@@ -515,6 +533,11 @@ class TrainLoRA(io.ComfyNode):
         config.validate()
         lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
         state_dir = Path(folder_paths.get_output_directory()) / STATE_SUBDIR
+        resume_path = _resolve_resume(resume_from, state_dir)
+        if resume_path is not None:
+            # the JSON and the tensor file's header: a damaged or mismatched state fails before any encoding
+            _, state_json, state_info = checkpoint.read_state_info(resume_path)
+            check_resume(state_info, config, state_json)
         run = _Run(cls.hidden.unique_id, family, model, clip, vae, config)
         result_path, losses = run.train(
             items,
@@ -523,9 +546,9 @@ class TrainLoRA(io.ComfyNode):
             buckets=(min_bucket, max_bucket, bucket_step, bucket_no_upscale),
             lora_dir=lora_dir,
             state_dir=state_dir,
-            resume_from=_resolve_resume(resume_from, state_dir),
-            cache_dir=Path(dataset_folder).expanduser() / "_latent_cache" if cache_latents_to_disk else None,
-            dataset_dir=dataset_folder,
+            resume_from=resume_path,
+            cache_dir=dataset / "_latent_cache" if cache_latents_to_disk else None,
+            dataset_dir=str(dataset),
         )
         model_out, clip_out = apply_lora_file(model, clip, result_path)
         chart = loss_chart(losses, title=f"{name}: loss over {len(losses)} steps")
@@ -533,13 +556,13 @@ class TrainLoRA(io.ComfyNode):
 
 
 def _resolve_resume(value: str, state_dir: Path) -> Path | None:
-    value = value.strip()
-    if not value:
+    """``resume_from`` as a path: a state file path, or an ``output_name`` whose state is in ``state_dir``."""
+    if not value.strip():
         return None
-    path = Path(value).expanduser()
+    path = data.user_path(value)
     if path.is_absolute() or path.exists() or Path(f"{path}-state.json").exists():
         return path
-    return state_dir / value
+    return state_dir / path
 
 
 def apply_lora_file(model, clip, path: Path):
@@ -632,8 +655,7 @@ class _Run:
                 latent = latent_format.process_in(latent.float())
             return latent[0].clone()
 
-        min_bucket, max_bucket, step, no_upscale = buckets
-        min_bucket, max_bucket = min(min_bucket, resolution), max(max_bucket, resolution)
+        min_bucket, max_bucket, step, no_upscale = buckets  # checked by data.check_buckets in execute()
         return build_samples(
             items,
             resolution=resolution,

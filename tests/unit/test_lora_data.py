@@ -36,9 +36,9 @@ def test_missing_captions_fail_or_use_default(tmp_path):
 def test_empty_or_missing_folder(tmp_path):
     with pytest.raises(ValueError, match="holds no image"):
         data.scan_folder(tmp_path)
-    with pytest.raises(ValueError, match="is not a folder"):
+    with pytest.raises(ValueError, match="dataset_folder: .*nope' does not exist"):
         data.scan_folder(tmp_path / "nope")
-    with pytest.raises(ValueError, match="dataset_folder is empty"):
+    with pytest.raises(ValueError, match="dataset_folder: empty"):
         data.scan_folder("  ")
 
 
