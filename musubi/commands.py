@@ -8,6 +8,7 @@ musubi's own argparse definitions.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .arch import ARCHS, TRAINABLE, get_arch
-from .configs import MemoryConfig, OptimizerConfig, SamplingConfig, TrainingConfig, _num
+from .configs import MemoryConfig, OptimizerConfig, SamplingConfig, TrainingConfig, _num, check_finite
 from .env import MusubiEnv, check_output_name, native_path
 
 WAN22_TASKS = ("t2v-A14B", "i2v-A14B")
@@ -29,6 +30,8 @@ def extra_args(text: str, name: str = "extra_args") -> list[str]:
     """Expert escape hatch: more flags for the script, split like a shell would (never run by one)."""
     if not text.strip():
         return []
+    if "\0" in text:
+        raise ValueError(f"{name}: {text!r} contains a NUL character, which no command line can carry: remove it")
     try:
         items = shlex.split(text, posix=os.name != "nt")
     except ValueError as exc:
@@ -50,8 +53,20 @@ def require_paths(paths: Mapping[str, str], optional: Sequence[str] = ()) -> dic
             raise ValueError(f"{name} is empty: give the path of the model file or folder")
         if not os.path.exists(p):
             raise ValueError(f"{name} {p!r} does not exist: check the path (absolute paths are safest)")
+        if os.path.isfile(p) and os.path.getsize(p) == 0:
+            raise ValueError(
+                f"{name}: {p!r} is empty (0 bytes), so not a model: an interrupted download or copy leaves such "
+                "files; download or copy it again"
+            )
         out[name] = p
     return out
+
+
+def check_device(device: str, name: str = "device") -> str:
+    """A torch device string (``cuda``, ``cuda:1``, ``cpu``); '' means the script's default."""
+    if device and not re.fullmatch(r"[a-z]+(:\d+)?", device):
+        raise ValueError(f"{name}: {device!r} is not a device: write e.g. cuda, cuda:1 or cpu, or leave it empty")
+    return device
 
 
 def _flag(argv: list[str], flag: str, value, skip=("", None, 0)) -> None:
@@ -79,6 +94,7 @@ class CacheOptions:
 
     def args(self) -> list[str]:
         a: list[str] = []
+        check_device(self.device)
         _flag(a, "--batch_size", self.batch_size)
         _flag(a, "--num_workers", self.num_workers)
         _flag(a, "--skip_existing", self.skip_existing)
@@ -376,6 +392,11 @@ def generate_argv(env: MusubiEnv, job: GenerateJob) -> list[str]:
     spec = ARCHS[job.arch]
     if not job.prompt.strip():
         raise ValueError("prompt is empty: describe the video to generate")
+    check_finite(
+        {"guidance_scale": job.guidance_scale, "flow_shift": job.flow_shift, "strength": job.strength},
+        {"guidance_scale": "0 (musubi's default) or 5.0", "flow_shift": "0 (musubi's default) or 3.0", "strength": 0.8},
+    )
+    _check_multipliers(job.loras + job.loras_high_noise)
     if job.width % 16 or job.height % 16 or job.width <= 0 or job.height <= 0:
         raise ValueError(f"width x height {job.width}x{job.height} must be positive multiples of 16")
     if job.attn_mode not in GEN_ATTENTION:
@@ -477,12 +498,23 @@ def convert_lora_argv(env: MusubiEnv, src: str, dst: str, target: str, diffusers
     return argv
 
 
+def _check_multipliers(loras: Sequence[tuple[str, float]]) -> None:
+    """A NaN multiplier would merge or apply a NaN LoRA: name the strength input it came from."""
+    for i, (path, multiplier) in enumerate(loras, 1):
+        if isinstance(multiplier, bool) or not isinstance(multiplier, int | float) or not math.isfinite(multiplier):
+            raise ValueError(
+                f"strength of LoRA {i} ({Path(path).name}): {multiplier!r} is not a finite number; set it to a "
+                "number such as 1.0"
+            )
+
+
 def merge_lora_argv(
     env: MusubiEnv, dit: str, loras: Sequence[tuple[str, float]], output: str, device: str = "cpu"
 ) -> list[str]:
     """``merge_lora.py`` (musubi's merge script loads a HunyuanVideo DiT)."""
     if not loras:
         raise ValueError("connect at least one LoRA (lora_1) to merge")
+    _check_multipliers(loras)
     argv = env.python_cmd("merge_lora") + ["--dit", str(dit)]
     argv += ["--lora_weight", *[str(p) for p, _ in loras], "--lora_multiplier", *[_num(m) for _, m in loras]]
     argv += ["--save_merged_model", str(output)]
@@ -602,6 +634,7 @@ def merge_argv(env: MusubiEnv, job: MergeJob) -> list[str]:
     spec = merge_spec(job.arch)
     if not job.loras:
         raise ValueError("connect at least one LoRA (lora_1) to merge")
+    _check_multipliers(job.loras)
     if not job.dit:
         raise ValueError("dit is empty: give the path of the base DiT checkpoint")
     if not job.output:
@@ -678,7 +711,11 @@ def post_hoc_ema_argv(
 ) -> list[str]:
     """``lora_post_hoc_ema.py``: average step/epoch checkpoints into one LoRA."""
     if len(checkpoints) < 2:
-        raise ValueError(f"post-hoc EMA needs at least 2 checkpoints, got {len(checkpoints)}: save more often")
+        raise ValueError(
+            f"checkpoints: post-hoc EMA needs at least 2 checkpoints, got {len(checkpoints)}: give one path per line "
+            "(save checkpoints more often while training)"
+        )
+    check_finite({"beta": beta, "beta2": beta2, "sigma_rel": sigma_rel}, {"beta": 0.95, "beta2": 0, "sigma_rel": 0.2})
     if not 0 < beta < 1:
         raise ValueError(f"beta={beta} must be in (0, 1), e.g. 0.95")
     if beta2 and not 0 < beta2 < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,6 +37,20 @@ LR_SCHEDULERS = (
     "rex",
 )
 SAVE_PRECISIONS = ("default", "fp32", "fp16", "bf16")
+
+
+def check_finite(values: Mapping[str, float], examples: Mapping[str, object] | None = None) -> None:
+    """ValueError for the first NaN/Inf among ``{input name: value}``.
+
+    ComfyUI refuses a value below ``min`` or above ``max`` by comparing, and every comparison
+    with NaN is false, so NaN (and Inf where max is large) reaches the node; musubi would get
+    the text "nan" as a flag value and fail minutes later, or train a NaN LoRA.
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            example = (examples or {}).get(name)
+            such_as = f" such as {example}" if example is not None else ""
+            raise ValueError(f"{name}: {value!r} is not a finite number; set it to a number{such_as}")
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -91,6 +106,13 @@ class TrainingConfig:
     log_tensorboard: bool = False
 
     def validate(self) -> None:
+        check_finite(
+            {"network_alpha": self.network_alpha, "learning_rate": self.learning_rate,
+             "network_dropout": self.network_dropout, "discrete_flow_shift": self.discrete_flow_shift},
+            {"network_alpha": 16.0, "learning_rate": 2e-4, "network_dropout": 0.0, "discrete_flow_shift": 3.0},
+        )  # fmt: skip
+        if self.discrete_flow_shift < 0:
+            raise ValueError(f"discrete_flow_shift: {self.discrete_flow_shift} must be >= 0, e.g. 3.0")
         if self.network_dim < 1:
             raise ValueError(f"network_dim={self.network_dim} must be >= 1 (the LoRA rank, e.g. 16 or 32)")
         _positive("network_alpha", self.network_alpha)
@@ -189,6 +211,11 @@ class OptimizerConfig:
             raise ValueError(f"optimizer_type={opt!r} must be one of {OPTIMIZERS}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler={self.lr_scheduler!r} must be one of {LR_SCHEDULERS}")
+        check_finite(
+            {"lr_warmup_steps": self.lr_warmup_steps, "lr_scheduler_power": self.lr_scheduler_power,
+             "lr_scheduler_min_lr_ratio": self.lr_scheduler_min_lr_ratio, "max_grad_norm": self.max_grad_norm},
+            {"lr_warmup_steps": 0.0, "lr_scheduler_power": 1.0, "lr_scheduler_min_lr_ratio": 0.0, "max_grad_norm": 1.0},
+        )  # fmt: skip
         _positive("lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
         _positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
         a = ["--optimizer_type", opt]
@@ -240,6 +267,14 @@ class SamplingConfig:
                 line += f" --d {self.seed}"
             lines.append(line)
         return lines
+
+    def validate(self) -> None:
+        """A sampling config without a prompt would silently render nothing during training."""
+        if not self.prompt_lines():
+            raise ValueError(
+                f"prompts: {self.prompts!r} holds no prompt (only empty lines or # comments): write one prompt per "
+                "line, or unplug sampling_config to train without samples"
+            )
 
     def write_prompt_file(self, path: Path) -> Path | None:
         lines = self.prompt_lines()

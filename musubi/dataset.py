@@ -82,6 +82,17 @@ class DatasetConfigError(ValueError):
         super().__init__(f"{source} is invalid:\n- " + "\n- ".join(problems))
 
 
+CAPTION_EXTENSION_RULE = (
+    'must be a file ending with its dot, e.g. ".txt": musubi appends it to each file name without its '
+    'extension, so "txt" would look for img0txt'
+)
+
+
+def caption_extension_ok(ext: object) -> bool:
+    """An ending musubi can append to a file stem: has a dot, no folder separators or control characters."""
+    return isinstance(ext, str) and "." in ext and not any(c in ext for c in "/\\") and all(ord(c) >= 32 for c in ext)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -190,6 +201,9 @@ def _strict_checks(general: Mapping, datasets: list, problems: list[str], warnin
             problems.append(
                 f'{where}.caption_extension is not set (here or in [general]): add caption_extension = ".txt"'
             )
+        ext = merged.get("caption_extension")
+        if ext and not caption_extension_ok(ext):
+            problems.append(f"{where}.caption_extension = {ext!r} {CAPTION_EXTENSION_RULE}")
         for key in ("resolution", "control_resolution"):
             if key in merged:
                 w, h = resolution_wh(merged[key])
@@ -272,7 +286,12 @@ def load_toml(path: str | os.PathLike) -> dict:
         raise ValueError(f"dataset config {str(p)!r} does not exist: check the path (a .toml file)")
     if p.suffix.lower() not in (".toml", ".json"):
         raise ValueError(f"dataset config {str(p)!r} must be a .toml or .json file (musubi rejects other extensions)")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"dataset config {str(p)!r} could not be read as UTF-8 text ({exc}): save it as UTF-8"
+        ) from exc
     try:
         return json.loads(text) if p.suffix.lower() == ".json" else tomlio.loads(text)
     except (ValueError, tomlio.TOMLError) as exc:
@@ -335,10 +354,12 @@ def scan_dataset(ds: Mapping, index: int = 0, general: Mapping | None = None) ->
     if not directory or not folder.is_dir():
         raise ValueError(f"datasets[{index}].{kind}_directory {str(directory)!r} is not a folder: check the path")
     ext = ds.get("caption_extension", general.get("caption_extension", ".txt"))
+    if not caption_extension_ok(ext):
+        raise ValueError(f"datasets[{index}].caption_extension = {ext!r} {CAPTION_EXTENSION_RULE}")
     for item in sorted(folder.iterdir()):
         if item.suffix.lower() in exts and item.is_file():
             scan.items.append(item)
-            cap = item.with_suffix(ext)
+            cap = item.with_name(item.stem + ext)  # musubi: os.path.splitext(path)[0] + caption_extension
             if cap.is_file():
                 scan.captions[item] = cap.read_text(encoding="utf-8", errors="replace").strip()
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -74,8 +75,16 @@ class MusubiEnv:
         cmd = [str(self.python), "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
         cmd += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
         if gpu_ids:
-            cmd += ["--gpu_ids", gpu_ids]
+            cmd += ["--gpu_ids", check_gpu_ids(gpu_ids)]
         return cmd + [str(self.script(script))]
+
+
+def check_gpu_ids(gpu_ids: str) -> str:
+    """accelerate's ``--gpu_ids``: GPU numbers separated by commas, or ``all``."""
+    text = gpu_ids.strip().replace(" ", "")
+    if text != "all" and not re.fullmatch(r"\d+(,\d+)*", text):
+        raise ValueError(f"gpu_ids: {gpu_ids!r} must be GPU numbers separated by commas, e.g. 0 or 0,1 (or all)")
+    return text
 
 
 def venv_python(path: str | os.PathLike) -> Path:
@@ -89,7 +98,7 @@ def venv_python(path: str | os.PathLike) -> Path:
         return p
     for rel in (("Scripts", "python.exe"), ("bin", "python"), ("bin", "python3")):
         candidate = p.joinpath(*rel)
-        if candidate.is_file():
+        if candidate.is_file() or candidate.is_symlink():  # a broken link: validate_env says what broke
             return candidate
     return p
 
@@ -115,13 +124,17 @@ def parse_env_vars(text: str, name: str = "extra_env") -> dict[str, str]:
 def load_config_file(path: str | os.PathLike) -> dict:
     """Read the settings file (TOML or JSON): ``musubi_root``, ``python``, ``[env]``."""
     p = Path(path)
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"musubi settings file {p} could not be read ({exc}): fix or delete it") from exc
     try:
         data = json.loads(text) if p.suffix.lower() == ".json" else tomlio.loads(text)
     except (ValueError, tomlio.TOMLError) as exc:
         raise ValueError(f"musubi settings file {p} could not be parsed: {exc}. Fix its syntax.") from exc
-    unknown = sorted(set(data) - set(CONFIG_KEYS))
-    if unknown:
+    if not isinstance(data, dict):
+        raise ValueError(f"musubi settings file {p} must hold a table of settings ({list(CONFIG_KEYS)})")
+    if unknown := sorted(set(data) - set(CONFIG_KEYS)):
         raise ValueError(f"musubi settings file {p}: unknown key(s) {unknown}; allowed keys are {list(CONFIG_KEYS)}")
     if "env" in data and not isinstance(data["env"], dict):
         raise ValueError(f"musubi settings file {p}: 'env' must be a table of NAME = \"value\" entries")
@@ -180,6 +193,11 @@ def validate_env(
 
     ``modules``: packages that must import in musubi's venv (``check_accelerate`` adds accelerate).
     """
+    if env.root.is_file():
+        raise ValueError(
+            f"musubi_root: {str(env.root)!r} is a file, not a folder: give the musubi-tuner checkout folder that "
+            "holds pyproject.toml and src/"
+        )
     if not env.root.is_dir():
         raise ValueError(
             f"musubi_root {str(env.root)!r} is not a folder: clone it with "
@@ -190,12 +208,7 @@ def validate_env(
             f"musubi_root {str(env.root)!r} is not a musubi-tuner checkout (no src/musubi_tuner folder): "
             "point it at the folder that holds pyproject.toml and src/"
         )
-    if not env.python.is_file():
-        raise ValueError(
-            f"python {str(env.python)!r} does not exist: give musubi's venv folder or its interpreter "
-            "(Windows: <venv>\\Scripts\\python.exe, Linux/macOS: <venv>/bin/python). Create the venv with "
-            "`python -m venv .venv` in the checkout and `pip install -e .` there"
-        )
+    _check_python(env.python)
     for name in scripts:
         if not env.script(name).is_file():
             raise ValueError(
@@ -204,6 +217,33 @@ def validate_env(
             )
     for module in (("accelerate",) if check_accelerate else ()) + tuple(modules):
         _require_module(env, module)
+
+
+VENV_HELP = (
+    "give musubi's venv folder or its interpreter (Windows: <venv>\\Scripts\\python.exe, Linux/macOS: "
+    "<venv>/bin/python). Create the venv with `python -m venv .venv` in the checkout and `pip install -e .` there"
+)
+
+
+def _check_python(python: Path) -> None:
+    """The interpreter must be a runnable file: say which of the usual venv breakages it is."""
+    if python.is_dir():
+        raise ValueError(
+            f"python: {str(python)!r} is a folder without bin/python or Scripts\\python.exe, so not a usable venv: "
+            f"{VENV_HELP}"
+        )
+    if python.is_symlink() and not python.exists():
+        raise ValueError(
+            f"python: {str(python)!r} is a broken link (the Python this venv was made from was moved or removed): "
+            "recreate the venv with `python -m venv --clear .venv` in the checkout and `pip install -e .` there"
+        )
+    if not python.is_file():
+        raise ValueError(f"python {str(python)!r} does not exist: {VENV_HELP}")
+    if os.name != "nt" and not os.access(python, os.X_OK):
+        raise ValueError(
+            f"python: {str(python)!r} is not executable: give the venv's interpreter (<venv>/bin/python), or "
+            "`chmod +x` it if it is one"
+        )
 
 
 def _require_module(env: MusubiEnv, module: str) -> None:
@@ -240,6 +280,11 @@ def check_output_name(name: str, input_name: str = "output_name") -> str:
     stem = name.strip()
     if not stem:
         raise ValueError(f"{input_name} is empty: give a file name such as my_lora (no folder, no extension)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in stem):
+        raise ValueError(
+            f"{input_name}: {name!r} contains a control character (NUL, tab, newline ...): type a plain file name "
+            "such as my_lora"
+        )
     bad = set('<>:"|?*') & set(stem)
     if "/" in stem or "\\" in stem or ".." in stem or bad or stem != PurePath(stem).name:
         raise ValueError(

@@ -41,24 +41,75 @@ BUILTIN_LYCORIS_GENERATE = ("wan", "framepack")
 (docs/loha_lokr.md "built-in support"; HunyuanVideo and FLUX.1 Kontext need ``--lycoris``)."""
 
 
-def read_safetensors_keys(path: str | os.PathLike) -> tuple[list[str], dict]:
-    """Tensor names and ``__metadata__`` of a .safetensors file, from its JSON header only."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"LoRA file {str(p)!r} does not exist: check the path")
-    with open(p, "rb") as f:
+REDO_HINT = "save or download it again (an interrupted copy, download or training leaves such files), or pick another"
+
+
+def _read_header(path: Path, name: str) -> dict:
+    """The JSON header of a .safetensors file; ValueError naming ``name`` when the file is not whole.
+
+    Checked: the 8-byte header size, the JSON table itself and that the file is as long as the
+    last tensor's end offset says (a copy or save cut short passes the header but not this).
+    """
+    what = f"{name}: {str(path)!r}"
+    size_on_disk = path.stat().st_size
+    if size_on_disk == 0:
+        raise ValueError(f"{what} is empty (0 bytes), not a .safetensors file: {REDO_HINT}")
+    with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{str(p)!r} is not a .safetensors file (too short)")
+            raise ValueError(f"{what} is not a .safetensors file (too short: {size_on_disk} bytes): {REDO_HINT}")
         (size,) = struct.unpack("<Q", raw)
         if size <= 0 or size > MAX_HEADER:
-            raise ValueError(f"{str(p)!r} is not a .safetensors file (bad header size {size})")
+            raise ValueError(f"{what} is not a .safetensors file (bad header size {size}): {REDO_HINT}")
+        if 8 + size > size_on_disk:
+            raise ValueError(
+                f"{what} is not a .safetensors file (truncated: its header needs {8 + size} bytes, the file has "
+                f"{size_on_disk}): {REDO_HINT}"
+            )
         try:
             header = json.loads(f.read(size))
         except ValueError as exc:
-            raise ValueError(f"{str(p)!r} is not a .safetensors file: {exc}") from exc
+            raise ValueError(f"{what} is not a .safetensors file (unreadable header: {exc}): {REDO_HINT}") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{what} is not a .safetensors file (its header is not a table): {REDO_HINT}")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"{what} is not a .safetensors file (tensor {key!r} has no data_offsets): {REDO_HINT}")
+        end = max(end, offsets[1])
+    if 8 + size + end > size_on_disk:
+        raise ValueError(
+            f"{what} is truncated: its tensors need {8 + size + end} bytes, the file has {size_on_disk} "
+            f"(cut short while it was written or copied): {REDO_HINT}"
+        )
+    return header
+
+
+def read_safetensors_keys(path: str | os.PathLike, name: str = "LoRA file") -> tuple[list[str], dict]:
+    """Tensor names and ``__metadata__`` of a .safetensors file, from its header only.
+
+    ``name`` is the node input the path came from: every error starts with it. An empty,
+    truncated or non-safetensors file is refused here, before musubi spends minutes loading a model.
+    """
+    p = Path(path)
+    if not os.fspath(path) or not p.is_file():
+        hint = "it is a folder; give the file inside" if p.is_dir() else "check the path"
+        raise ValueError(f"{name}: {str(p)!r} does not exist as a file: {hint}")
+    header = _read_header(p, name)
     meta = header.pop("__metadata__", {}) or {}
-    return sorted(header), meta
+    return sorted(header), meta if isinstance(meta, dict) else {}
+
+
+def safetensors_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a whole .safetensors file (header readable, every tensor's bytes present)."""
+    try:
+        _read_header(Path(path), "file")
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -262,4 +313,4 @@ def check_same_tensors(checkpoints: Sequence[tuple[str, Sequence[str]]]) -> None
 
 def inspect_files(paths: Mapping[str, str]) -> list[LoraInfo]:
     """:func:`inspect_lora` for each ``{input name: path}``."""
-    return [inspect_lora(read_safetensors_keys(p)[0], name) for name, p in paths.items()]
+    return [inspect_lora(read_safetensors_keys(p, name)[0], name) for name, p in paths.items()]

@@ -10,6 +10,7 @@ Cancel.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -18,9 +19,9 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..musubi import arch as archs
-from ..musubi import commands, configs, env, lora_file, media, monitor
+from ..musubi import commands, configs, env, lora_file, media, monitor, runner
 from ..musubi import dataset as mdataset
-from ..musubi.runner import run_command
+from ..musubi.runner import MusubiRunError, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,22 @@ def _i(id_, tip, default, lo=0, hi=1 << 20, **kw):
     return io.Int.Input(id_, default=default, min=lo, max=hi, tooltip=tip, **kw)
 
 
+FLOAT_EXAMPLES: dict[str, float] = {}
+"""Default of every float input by name: the example a NaN/Inf error suggests."""
+
+
 def _f(id_, tip, default, lo=0.0, hi=1e6, step=0.01, **kw):
+    FLOAT_EXAMPLES.setdefault(id_, default)
     return io.Float.Input(id_, default=default, min=lo, max=hi, step=step, tooltip=tip, **kw)
+
+
+def _finite(**values) -> None:
+    """NaN/Inf in float inputs pass ComfyUI's min/max checks (comparisons with NaN are false): refuse them here."""
+    floats = {k: v for k, v in values.items() if isinstance(v, float)}
+    if any(not math.isfinite(v) for v in floats.values()) and not FLOAT_EXAMPLES:
+        for node in NODES:
+            node.define_schema()  # each _f() records its default as the example to suggest
+    configs.check_finite(floats, FLOAT_EXAMPLES)
 
 
 def _b(id_, tip, default=False, **kw):
@@ -110,8 +125,13 @@ def _send(node_id, payload: dict) -> None:
         logger.debug("live log message not sent: %s", exc)
 
 
-def _run(argv, e: env.MusubiEnv, *, node_id, log_path, expected=(), what="musubi-tuner", done_line=""):
-    """Run with ComfyUI's progress bar, interrupt and the node's live log."""
+def _run(argv, e: env.MusubiEnv, *, node_id, log_path, expected=(), what="musubi-tuner", done_line="", run_dirs=(),
+         cache_dirs=()):  # fmt: skip
+    """Run with ComfyUI's progress bar, interrupt and the node's live log.
+
+    A failed or cancelled run renames what it wrote to ``<name>.partial`` (see the runner), so
+    a half-written LoRA or video never sits under its final name next to finished ones.
+    """
     import comfy.model_management as mm
     import comfy.utils
 
@@ -152,6 +172,9 @@ def _run(argv, e: env.MusubiEnv, *, node_id, log_path, expected=(), what="musubi
             should_cancel=mm.processing_interrupted,
             what=what,
             done_line=done_line,
+            set_aside_partial=True,
+            run_dirs=run_dirs,
+            cache_dirs=cache_dirs,
         )
     except Exception as exc:
         flush(f"failed: {type(exc).__name__}")
@@ -192,6 +215,39 @@ def _register_loras(folder: Path) -> None:
         folder_paths.add_model_folder_path("loras", str(folder))
 
 
+def _output_folder(path: Path, input_name: str) -> Path:
+    """Create the folder an output goes to; an error naming the input instead of an OSError traceback."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"{input_name}: could not create the folder {str(path)!r} ({exc.strerror or exc}): pick a writable "
+            "folder (a file of that name, or a missing drive, also stops it)"
+        ) from exc
+    return path
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (after ~, .. and case folding where the OS ignores case)."""
+    norm = lambda p: os.path.normcase(os.path.abspath(env.native_path(p)))  # noqa: E731
+    if norm(a) == norm(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _not_an_input(output: Path, output_name: str, inputs: dict[str, str]) -> None:
+    """The script would overwrite (or read while writing) one of its own inputs: refuse before it runs."""
+    for name, path in inputs.items():
+        if path and _same_file(output, path):
+            raise ValueError(
+                f"{output_name}: {str(output)!r} is the same file as {name}; the run would overwrite its own input: "
+                "pick another output path"
+            )
+
+
 def _lora_path(name: str, input_name: str) -> str:
     """A LoRA given as a path or as a name from models/loras."""
     raw = env.native_path(name)
@@ -207,13 +263,26 @@ def _lora_path(name: str, input_name: str) -> str:
     raise ValueError(f"{input_name} {name!r} is neither a file nor a name in models/loras: check the path")
 
 
-def _image_to_png(image, folder: Path, name: str) -> str:
+def _to_numpy(image):
+    """A ComfyUI IMAGE (torch tensor) as float32 numpy, unchecked."""
     import numpy as np
+
+    return np.asarray(image.detach().float().cpu().numpy() if hasattr(image, "detach") else image, dtype=np.float32)
+
+
+def _image_frames(image, name: str):
+    """A ComfyUI IMAGE as float32 numpy [T, H, W, 3], checked (NaN, empty, channels, range) and named."""
+    arr = _to_numpy(image)
+    media.check_frames(arr, name)
+    return arr
+
+
+def _image_to_png(frames, folder: Path, name: str) -> str:
+    """First frame of checked float frames (see :func:`_image_frames`) as ``<folder>/<name>.png``."""
     from PIL import Image
 
-    arr = (image[0].clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     path = folder / f"{name}.png"
-    Image.fromarray(arr).save(path)
+    Image.fromarray(media.frames_to_uint8(frames[:1], name)[0]).save(path)
     return str(path)
 
 
@@ -408,6 +477,7 @@ class DatasetConfig(io.ComfyNode):
                 caption_extension, batch_size, num_repeats, enable_bucket, bucket_no_upscale, target_frames,
                 frame_extraction, frame_stride, frame_sample, max_frames, source_fps, fp_latent_window_size, name,
                 check_files, previous=None):  # fmt: skip
+        _finite(source_fps=source_fps)
         stem = env.check_output_name(name, "name")
         general = {
             "resolution": [width, height],
@@ -529,7 +599,7 @@ class DatasetViewer(io.ComfyNode):
             report += [f"  missing caption: {p.name}" for p in scan.missing_captions[:20]]
             for item in scan.items[:max_items]:
                 try:
-                    frames, _ = media.read_video(item, max_frames=1)
+                    frames, _ = media.read_video(item, max_frames=1, name=f"datasets[{i}] file {item.name}")
                 except ValueError as exc:
                     report.append(f"  {item.name}: preview unavailable ({exc})")
                     continue
@@ -545,6 +615,11 @@ class DatasetViewer(io.ComfyNode):
 
 
 # --- Caching -----------------------------------------------------------------------------
+
+
+def _cache_dirs(dataset: dict) -> list[str]:
+    """Where musubi writes this dataset's caches: a cancelled run's cut-short files there are set aside."""
+    return [d for d in map(mdataset.effective_cache_dir, dataset["config"].get("datasets", [])) if d]
 
 
 def _cache_common_inputs():
@@ -622,7 +697,8 @@ class CacheLatents(io.ComfyNode):
             one_frame=one_frame, f1=f1, model_version=model_version, options=opts,
         )  # fmt: skip
         log = Path(dataset["toml"]).with_name(Path(dataset["toml"]).stem + f"_{architecture}_latents.log")
-        _run(argv, e, node_id=cls.hidden.unique_id, log_path=log, what="latent caching")
+        _run(argv, e, node_id=cls.hidden.unique_id, log_path=log, what="latent caching",
+             cache_dirs=_cache_dirs(dataset))  # fmt: skip
         return io.NodeOutput({**dataset, "latents": architecture}, str(log))
 
 
@@ -670,7 +746,8 @@ class CacheTextEncoder(io.ComfyNode):
             model_version=model_version, options=opts,
         )  # fmt: skip
         log = Path(dataset["toml"]).with_name(Path(dataset["toml"]).stem + f"_{architecture}_text.log")
-        _run(argv, e, node_id=cls.hidden.unique_id, log_path=log, what="text encoder caching")
+        _run(argv, e, node_id=cls.hidden.unique_id, log_path=log, what="text encoder caching",
+             cache_dirs=_cache_dirs(dataset))  # fmt: skip
         return io.NodeOutput({**dataset, "text": architecture}, str(log))
 
 
@@ -767,6 +844,7 @@ class TrainingConfig(io.ComfyNode):
 
     @classmethod
     def execute(cls, **kw):
+        _finite(**kw)
         if kw.get("max_train_epochs", 0) > 0:
             kw["max_train_steps"] = 0
         kw["network_weights"] = env.native_path(kw.get("network_weights", ""))
@@ -774,6 +852,10 @@ class TrainingConfig(io.ComfyNode):
             raise ValueError(
                 f"network_weights {kw['network_weights']!r} does not exist: give a LoRA file or leave it empty"
             )
+        if kw["network_weights"]:
+            # an empty or cut-short LoRA would fail only after the DiT is loaded
+            keys, _ = lora_file.read_safetensors_keys(kw["network_weights"], "network_weights")
+            lora_file.inspect_lora(keys, "network_weights")
         cfg = configs.TrainingConfig(**kw)
         cfg.validate()
         return io.NodeOutput(cfg)
@@ -814,6 +896,7 @@ class OptimizerConfig(io.ComfyNode):
 
     @classmethod
     def execute(cls, **kw):
+        _finite(**kw)
         cfg = configs.OptimizerConfig(**kw)
         cfg.args()
         return io.NodeOutput(cfg)
@@ -844,7 +927,9 @@ class SamplingConfig(io.ComfyNode):
 
     @classmethod
     def execute(cls, **kw):
-        return io.NodeOutput(configs.SamplingConfig(**kw))
+        cfg = configs.SamplingConfig(**kw)
+        cfg.validate()
+        return io.NodeOutput(cfg)
 
 
 class MemoryOptimizer(io.ComfyNode):
@@ -883,6 +968,7 @@ class MemoryOptimizer(io.ComfyNode):
 
     @classmethod
     def execute(cls, mode, architecture, model_size, vram_gb, **manual):
+        _finite(vram_gb=vram_gb)
         if mode == "manual":
             cfg = configs.MemoryConfig(**manual, note="manual settings")
             return io.NodeOutput(cfg, cfg.note)
@@ -929,8 +1015,11 @@ def _train(cls, arch: str, dataset, dit, output_name, output_dir, gpu_ids, extra
     spec = archs.ARCHS[arch]
     e = _env(musubi_env, (spec.train,), accelerate=True)
     paths = commands.require_paths({"dit": dit, **models}, optional=tuple(models))
-    out_dir = Path(env.native_path(output_dir)) if output_dir.strip() else _default_lora_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    env.check_output_name(output_name)
+    if sampling_config is not None:
+        sampling_config.validate()
+    out_dir = _output_folder(Path(env.native_path(output_dir)) if output_dir.strip() else _default_lora_dir(),
+                             "output_dir")  # fmt: skip
     job = commands.TrainJob(
         arch=arch,
         models=commands.TrainModels(**paths),
@@ -1142,13 +1231,14 @@ def GEN_OUTPUTS():  # noqa: N802
 
 
 def _generate(cls, arch: str, kw: dict, models: dict, **job_kw):
+    import folder_paths
+
     spec = archs.ARCHS[arch]
     e = _env(kw.pop("musubi_env", None), (spec.generate,))
+    _finite(**kw, **job_kw)
     optional = tuple(k for k in models if k not in ("text_encoder1",))
     paths = commands.require_paths({"dit": kw["dit"], "vae": kw["vae"], **models}, optional=optional)
-    out = _work_dir("generated", f"{arch}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}")
-    image_path = _image_to_png(kw["image"], out, "start_image") if kw.get("image") is not None else ""
-    end_path = _image_to_png(kw["end_image"], out, "end_image") if kw.get("end_image") is not None else ""
+    images = {k: _image_frames(kw[k], k) for k in ("image", "end_image") if kw.get(k) is not None}
     loras = []
     for i in (1, 2, 3):
         if kw[f"lora_{i}"].strip():
@@ -1160,20 +1250,35 @@ def _generate(cls, arch: str, kw: dict, models: dict, **job_kw):
     infos = lora_file.inspect_files({n: p for n, p, _, _ in loras})
     lora_file.require_musubi_layout(arch, infos, "generation")
     lycoris = lora_file.generate_lycoris(arch, infos)
+    # every check before the run folder exists: a refused input leaves no folder behind
+    out = Path(folder_paths.get_output_directory(), "musubi", "generated",
+               f"{arch}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}")  # fmt: skip
+    image_paths = {k: str(out / f"{'start_image' if k == 'image' else k}.png") for k in images}
     job = commands.GenerateJob(
         arch=arch, prompt=kw["prompt"], negative_prompt=kw["negative_prompt"], save_path=str(out), **paths,
         width=kw["width"], height=kw["height"], frames=kw["frames"], fps=kw["fps"], steps=kw["steps"],
-        seed=kw["seed"], guidance_scale=kw["guidance_scale"], flow_shift=kw["flow_shift"], image_path=image_path, end_image_path=end_path,
+        seed=kw["seed"], guidance_scale=kw["guidance_scale"], flow_shift=kw["flow_shift"],
+        image_path=image_paths.get("image", ""), end_image_path=image_paths.get("end_image", ""),
         loras=low, loras_high_noise=high, attn_mode=kw["attn_mode"], fp8=kw["fp8"], fp8_text_encoder=kw["fp8_text_encoder"],
         blocks_to_swap=kw["blocks_to_swap"], output_type="both", extra=kw["extra_args"], lycoris=lycoris, **job_kw,
     )  # fmt: skip
     argv = commands.generate_argv(e, job)
     if lycoris:
         env.validate_env(e, modules=("lycoris",))
-    _run(argv, e, node_id=cls.hidden.unique_id, log_path=out / "generate.log", what=f"{spec.label} generation")
+    _output_folder(out, "the output folder")
+    for k, arr in images.items():
+        _image_to_png(arr, out, Path(image_paths[k]).stem)
+    log = out / "generate.log"
+    _run(argv, e, node_id=cls.hidden.unique_id, log_path=log, what=f"{spec.label} generation", run_dirs=[out])
     frames = [p for p in media.collect_frames(out) if p.name not in ("start_image.png", "end_image.png")]
     if not frames:
-        raise ValueError(f"{spec.label} generation finished but wrote no frames to {out}; see {out / 'generate.log'}")
+        moved = runner.set_aside([], [out])
+        where = moved[0][1] if moved else out
+        raise MusubiRunError(
+            f"{spec.label} generation exited with code 0 but wrote no frames; its folder was renamed to {where} so it "
+            f"is not taken for a finished video. Full log: {where / log.name}",
+            returncode=0, tail=[], log_path=where / log.name,
+        )  # fmt: skip
     videos = sorted(out.glob("*.mp4"))
     return io.NodeOutput(_frames_to_image(media.load_images(frames)), str(videos[0] if videos else out))
 
@@ -1331,8 +1436,10 @@ class ConvertLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, lora, direction, output_name, diffusers_prefix, musubi_env=None):
         e = _env(musubi_env, ("convert_lora",))
+        if not lora.strip():
+            raise ValueError("lora is empty: give a LoRA .safetensors path or a name from models/loras")
         src = Path(_lora_path(lora, "lora"))
-        info = lora_file.inspect_lora(lora_file.read_safetensors_keys(src)[0], "lora")
+        info = lora_file.inspect_lora(lora_file.read_safetensors_keys(src, "lora")[0], "lora")
         lora_file.check_convertible(info)
         current = info.layout
         target = {"to_other": "other", "to_musubi": "default"}.get(direction)
@@ -1428,6 +1535,7 @@ class MergeLoRA(io.ComfyNode):
                 musubi_env=None, **kw):  # fmt: skip
         spec = commands.merge_spec(architecture)
         e = _env(musubi_env, (spec.script,))
+        _finite(**kw)
         named = {f"lora_{i}": _lora_path(kw[f"lora_{i}"], f"lora_{i}") for i in (1, 2, 3) if kw[f"lora_{i}"].strip()}
         loras = [(path, kw[f"strength_{name[-1]}"]) for name, path in named.items()]
         infos = lora_file.inspect_files(named)
@@ -1446,9 +1554,10 @@ class MergeLoRA(io.ComfyNode):
             lycoris=lycoris and not spec.lycoris, **paths,
         )  # fmt: skip
         argv = commands.merge_argv(e, job)  # checks the inputs before musubi's venv is started
+        _not_an_input(out, "output_path", {"dit": job.dit, **named, **{k: v for k, v in paths.items() if v}})
         if lycoris:
             env.validate_env(e, modules=("lycoris",))
-        out.parent.mkdir(parents=True, exist_ok=True)
+        _output_folder(out.parent, "output_path")
         prompt_file = Path(job.prompt_file)
         if spec.prompt_file:
             # batch mode needs a prompt: it is text-encoded (musubi does that before merging), never sampled
@@ -1496,15 +1605,26 @@ class PostHocEMA(io.ComfyNode):
     @classmethod
     def execute(cls, checkpoints, beta, beta2, sigma_rel, no_sort, output_path, musubi_env=None):
         e = _env(musubi_env, ("lora_post_hoc_ema",))
+        _finite(beta=beta, beta2=beta2, sigma_rel=sigma_rel)
         paths = [env.native_path(p) for p in checkpoints.splitlines() if p.strip()]
-        named = [(f"checkpoints line {i + 1}", lora_file.read_safetensors_keys(p)[0]) for i, p in enumerate(paths)]
+        if len(paths) < 2:
+            raise ValueError(
+                f"checkpoints: {len(paths)} path(s) given, post-hoc EMA averages at least 2: write one checkpoint "
+                "path per line (connect a trainer's checkpoints output)"
+            )
+        named = [
+            (f"checkpoints line {i + 1}", lora_file.read_safetensors_keys(p, f"checkpoints line {i + 1}")[0])
+            for i, p in enumerate(paths)
+        ]
         for name, keys in named:
             lora_file.inspect_lora(keys, name)  # LoRA, LoHa and LoKr average alike (tensor by tensor)
         lora_file.check_same_tensors(named)
         out = Path(env.native_path(output_path))
         if not output_path.strip() or out.suffix != ".safetensors":
             raise ValueError(f"output_path={output_path!r} must be a .safetensors file path")
+        _not_an_input(out, "output_path", {f"checkpoints line {i + 1}": p for i, p in enumerate(paths)})
         argv = commands.post_hoc_ema_argv(e, paths, str(out), beta, beta2, sigma_rel, no_sort)
+        _output_folder(out.parent, "output_path")
         _run(argv, e, node_id=cls.hidden.unique_id, log_path=out.with_suffix(".log"), expected=[out],
              what="post-hoc EMA")  # fmt: skip
         return io.NodeOutput(str(out))
@@ -1540,7 +1660,7 @@ class VideoInput(io.ComfyNode):
 
     @classmethod
     def execute(cls, video_path, frame_stride, max_frames, start_frame):
-        frames, fps = media.read_video(env.native_path(video_path), frame_stride, max_frames, start_frame)
+        frames, fps = media.read_video(env.native_path(video_path), frame_stride, max_frames, start_frame, "video_path")
         return io.NodeOutput(_frames_to_image(frames), float(fps), int(frames.shape[0]))
 
 
@@ -1566,14 +1686,20 @@ class VideoOutput(io.ComfyNode):
     @classmethod
     def execute(cls, frames, fps, format, quality, filename_prefix):
         import folder_paths
-        import numpy as np
 
+        _finite(fps=fps)
         prefix = filename_prefix.strip() or "musubi/video"
         if ".." in Path(prefix).parts or Path(prefix).is_absolute():
             raise ValueError(f"filename_prefix={filename_prefix!r} must stay inside the output folder (no '..')")
+        if any(ord(c) < 32 for c in prefix):
+            raise ValueError(
+                f"filename_prefix: {filename_prefix!r} contains a control character (NUL, tab, newline ...): type a "
+                "plain name such as musubi/video"
+            )
+        arr = media.frames_to_uint8(_to_numpy(frames), "frames")
         out_dir = Path(folder_paths.get_output_directory())
         stem = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:4]}"
-        arr = (frames.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        _output_folder((out_dir / stem).parent, "filename_prefix")
         path = media.write_video(arr, out_dir / stem, fps, format, quality)
         rel = path.relative_to(out_dir)
         preview = {

@@ -624,3 +624,53 @@ def test_config_nodes_reach_the_hunyuan_command_line(comfy_server, fake_setup, t
     assert val("--vae_chunk_size") == "16" and val("--sample_every_n_epochs") == "1"
     prompts = (tmp_path / "o" / "cfg_lora_sample_prompts.txt").read_text()
     assert val("--sample_prompts").endswith("cfg_lora_sample_prompts.txt") and prompts.strip() == "a cat --f 25"
+
+
+def test_nan_float_and_unreadable_video_are_clear_errors(comfy_server, tmp_path):
+    """NaN passes ComfyUI's own min/max validation; a text file named .mp4 is not PyAV's raw exception."""
+    from speedkit.musubi import media
+
+    info = comfy_server.object_info()
+    src = tmp_path / "frames.webp"
+    media.write_video(np.zeros((2, 16, 16, 3), np.uint8), src, fps=4, fmt="webp")
+    prompt = {
+        "1": {"class_type": "MusubiTuner_VideoInput", "inputs": widgets(
+            info, "MusubiTuner_VideoInput", video_path=str(src))},
+        "2": {"class_type": "MusubiTuner_VideoOutput", "inputs": widgets(
+            info, "MusubiTuner_VideoOutput", frames=["1", 0], fps=float("nan"), filename_prefix="itest/nan")},
+    }  # fmt: skip
+    with pytest.raises(RuntimeError, match="fps: nan is not a finite number; set it to a number such as 16.0"):
+        comfy_server.run_prompt(prompt, timeout=60)
+    assert not list((comfy_server.output_dir / "itest").glob("nan_*"))
+    if not media.has_pyav():
+        return  # without PyAV an .mp4 is refused before it is decoded
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("not a video\n")
+    prompt["1"]["inputs"]["video_path"] = str(fake)
+    prompt["2"]["inputs"]["fps"] = 8.0
+    with pytest.raises(RuntimeError, match=r"video_path: '.*notes\.mp4' is not a readable video file"):
+        comfy_server.run_prompt(prompt, timeout=60)
+
+
+def test_failed_generation_leaves_only_a_partial_folder(comfy_server, fake_setup, tmp_path):
+    root, _, models = fake_setup
+    info = comfy_server.object_info()
+    generated = comfy_server.output_dir / "musubi" / "generated"
+    before = set(generated.iterdir()) if generated.is_dir() else set()
+    prompt = {
+        "1": {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
+            extra_env=f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_MODE=fail")},
+        "2": {"class_type": "MusubiTuner_GenerateVideo_Wan", "inputs": widgets(
+            info, "MusubiTuner_GenerateVideo_Wan", musubi_env=["1", 0], prompt="a fox", task="t2v-1.3B",
+            dit=str(models / "dit.safetensors"), vae=str(models / "vae.safetensors"), t5=str(models / "t5.pth"),
+            width=64, height=48, frames=5, steps=2, seed=11)},
+    }  # fmt: skip
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        comfy_server.run_prompt(prompt, timeout=120)
+    (folder,) = set(generated.iterdir()) - before
+    assert folder.name.endswith(".partial") and (folder / "generate.log").is_file()
+    history = comfy_server.get("/history")
+    errors = [m[1] for h in history.values() for m in h["status"]["messages"] if m[0] == "execution_error"]
+    message = next(e["exception_message"] for e in errors if folder.name in e["exception_message"])
+    assert f"Full log: {folder / 'generate.log'}" in message and "renamed so it is not taken for a finished" in message
