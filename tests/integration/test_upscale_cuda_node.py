@@ -95,6 +95,23 @@ def _run_and_compare(comfy_server):
 EMBEDDED = Path(__file__).resolve().parents[2] / "upscale_cuda" / "models" / "realesr-animevideov3-x4.safetensors"
 
 
+def interrupt_and_time(server, prompt_id: str, wait: float) -> float:
+    """Press Cancel; seconds until the prompt ended as interrupted (fails if it did not within ``wait``)."""
+    server.interrupt()
+    stopped = time.monotonic()
+    entry = None
+    while time.monotonic() - stopped < wait:
+        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.05)
+    took = time.monotonic() - stopped
+    assert entry is not None, "the prompt never ended after the interrupt"
+    messages = [m[0] for m in entry["status"].get("messages", [])]
+    assert "execution_interrupted" in messages, messages
+    return took
+
+
 def test_cancel_stops_a_long_batch_quickly(comfy_server):
     folder = comfy_server.models_dir / "upscale_models"
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,18 +144,7 @@ def test_cancel_stops_a_long_batch_quickly(comfy_server):
         prompt_id = comfy_server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
         time.sleep(4.0)  # well inside the minutes this batch needs on a CPU
         assert not comfy_server.get(f"/history/{prompt_id}"), "the batch finished before it could be cancelled"
-        comfy_server.interrupt()
-        stopped = time.monotonic()
-        entry = None
-        while time.monotonic() - stopped < 30:
-            entry = comfy_server.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None:
-                break
-            time.sleep(0.1)
-        took = time.monotonic() - stopped
-        assert entry is not None, "the prompt never ended after the interrupt"
-        messages = [m[0] for m in entry["status"].get("messages", [])]
-        assert "execution_interrupted" in messages, messages
+        took = interrupt_and_time(comfy_server, prompt_id, wait=30)
         assert took < 3.0, f"cancel took {took:.1f} s"
     finally:
         model_file.unlink()
@@ -218,17 +224,7 @@ def test_cancel_inside_one_long_automatic_batch_call(comfy_server, real_model_pa
         prompt_id = comfy_server.queue_prompt(prompt)
         time.sleep(5.0)  # inside the first model call by now (one 256 px RRDB frame takes seconds on a CPU)
         assert not comfy_server.get(f"/history/{prompt_id}"), "the batch finished before it could be cancelled"
-        comfy_server.interrupt()
-        stopped = time.monotonic()
-        entry = None
-        while time.monotonic() - stopped < 60:
-            entry = comfy_server.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None:
-                break
-            time.sleep(0.05)
-        took = time.monotonic() - stopped
-        assert entry is not None, "the prompt never ended after the interrupt"
-        assert "execution_interrupted" in [m[0] for m in entry["status"].get("messages", [])]
+        took = interrupt_and_time(comfy_server, prompt_id, wait=60)
         assert took < 2.0, f"cancel took {took:.1f} s"
     finally:
         model_file.unlink()
