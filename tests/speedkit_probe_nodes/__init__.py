@@ -44,4 +44,6 @@ class ImageSink:
         return {"ui": {"probe": [info]}}
 
 
-NODE_CLASS_MAPPINGS = {"SpeedKitProbe_ImageSink": ImageSink}
+from .sampler_timing import SamplerTiming  # noqa: E402
+
+NODE_CLASS_MAPPINGS = {"SpeedKitProbe_ImageSink": ImageSink, "SpeedKitProbe_SamplerTiming": SamplerTiming}
