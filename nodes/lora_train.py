@@ -29,6 +29,7 @@ from ..lora_train.trainer import (
     precompute_conditioning,
     stack_conditioning,
 )
+from . import residency
 from .comfy_bridge import progress_bar, to_intermediate
 
 logger = logging.getLogger(__name__)
@@ -692,51 +693,74 @@ class _Run:
                     disk_text.hits,
                     disk_text.misses,
                 )
-            mm.load_models_gpu(models, force_full_load=True)
-            unet = self.patcher.model.diffusion_model
-            _materialize_inference_tensors(unet)
-            lora = layers.LoRASet()
-            try:
-                self._inject(lora, unet, device)
-                dtype = self.patcher.model.get_dtype_inference()
-
-                def denoise(x, t, cond):
-                    y = cond.get("y")
-                    return unet(
-                        x.to(dtype),
-                        t.float(),
-                        context=cond["context"].to(dtype),
-                        y=None if y is None else y.to(dtype),
-                        transformer_options={},  # fresh per call: the UNet writes into it
-                    )
-
-                blocks = [m for m in unet.modules() if type(m).__name__ in CHECKPOINT_BLOCKS]
-                trainer = Trainer(
-                    self.config,
-                    lora,
+            working = 3 * self.patcher.model_size()  # activations, gradients, optimizer state
+            with residency.full_residency(self.patcher, "Train LoRA", working_bytes=working) as patcher:
+                models[0] = patcher
+                mm.load_models_gpu(models, force_full_load=True)
+                return self._train_on(
+                    patcher,
                     samples,
-                    denoise,
                     encode,
-                    device,
-                    checkpoint_blocks=blocks,
-                    text_modules=self._text_models() if config.train_te else (),
-                    cond_cache=cond_cache,
-                    # a model already in the compute dtype runs natively, as ComfyUI samples it
-                    autocast=dtype != PRECISION_DTYPES[config.precision],
-                    # weights streamed by ComfyUI's dynamic VRAM manager move between calls
-                    cuda_graphs=not getattr(self.patcher, "is_dynamic", lambda: False)(),
-                    graph_weights=lambda: list(unet.parameters()),
+                    cond_cache,
+                    resume_from,
+                    name,
+                    resolution,
+                    lora_dir,
+                    state_dir,
+                    dataset_dir,
                 )
-                if resume_from is not None:
-                    trainer.load_state(resume_from)
-                text_layers = _OutOfPlaceClipLayers(self._text_models() if config.train_te else [])
-                with text_layers:
-                    return self._loop(trainer, name, resolution, lora_dir, state_dir, dataset_dir)
-            finally:
-                lora.detach()
-                if config.train_te:
-                    for m in self._text_models():
-                        m.train(False)
+
+    def _train_on(
+        self, patcher, samples, encode, cond_cache, resume_from, name, resolution, lora_dir, state_dir, dataset_dir
+    ):
+        """Inject the LoRA into ``patcher``'s UNet (the fully loaded copy where one was made),
+        train, and take the LoRA out again."""
+        config = self.config
+        device = patcher.load_device
+        unet = patcher.model.diffusion_model
+        _materialize_inference_tensors(unet)
+        lora = layers.LoRASet()
+        try:
+            self._inject(lora, unet, device)
+            dtype = patcher.model.get_dtype_inference()
+
+            def denoise(x, t, cond):
+                y = cond.get("y")
+                return unet(
+                    x.to(dtype),
+                    t.float(),
+                    context=cond["context"].to(dtype),
+                    y=None if y is None else y.to(dtype),
+                    transformer_options={},  # fresh per call: the UNet writes into it
+                )
+
+            blocks = [m for m in unet.modules() if type(m).__name__ in CHECKPOINT_BLOCKS]
+            trainer = Trainer(
+                self.config,
+                lora,
+                samples,
+                denoise,
+                encode,
+                device,
+                checkpoint_blocks=blocks,
+                text_modules=self._text_models() if config.train_te else (),
+                cond_cache=cond_cache,
+                # a model already in the compute dtype runs natively, as ComfyUI samples it
+                autocast=dtype != PRECISION_DTYPES[config.precision],
+                # weights streamed by ComfyUI's dynamic VRAM manager move between calls
+                cuda_graphs=not getattr(patcher, "is_dynamic", lambda: False)(),
+                graph_weights=lambda: list(unet.parameters()),
+            )
+            if resume_from is not None:
+                trainer.load_state(resume_from)
+            text_layers = _OutOfPlaceClipLayers(self._text_models() if config.train_te else [])
+            with text_layers:
+                return self._loop(trainer, name, resolution, lora_dir, state_dir, dataset_dir)
+        finally:
+            lora.detach()
+            if config.train_te:
+                for m in self._text_models():
+                    m.train(False)
 
     def _text_models(self):
         stage = self.clip.cond_stage_model

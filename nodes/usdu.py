@@ -22,6 +22,7 @@ from .. import torch_utils
 from ..usdu import checks, pipeline, planner, runner, upscale
 from ..usdu import cond as usdu_cond
 from ..usdu import graphs as graphs_mod
+from . import residency
 from .comfy_bridge import progress_bar, throw_if_interrupted, to_intermediate
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ MAX_RESOLUTION = 8192
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 DECODE_TILE = 512
 """Pixel tile of ``tiled_decode`` (the upstream node's fixed value)."""
+WORKING_BYTES = 3 * 2**30
+"""VRAM a tiled redraw needs besides the weights (tile batches, VAE, upscale model): a model
+is loaded fully for the run only when this much stays free."""
 
 
 # ---------------------------------------------------------------------------
@@ -198,12 +202,12 @@ def _inputs(kind: str) -> list:
         ),
         io.Int.Input(
             "batch_size",
-            default=1,
+            default=4,
             min=1,
             max=4096,
             step=1,
-            tooltip="Tiles per sampler call. Higher is faster on large GPUs and uses more VRAM; tiles in "
-            "one batch are cut from the picture before any of them is pasted back.",
+            tooltip="Most tiles per sampler call. More is faster and uses more VRAM; with batching 'exact' "
+            "the picture is the same as one tile at a time.",
         ),
     ]
     if kind == "custom":
@@ -239,6 +243,16 @@ def _inputs(kind: str) -> list:
             default="same",
             tooltip="same = every tile uses seed (upstream behaviour); per tile = tile i uses seed + i, "
             "so no noise pattern repeats from tile to tile.",
+        ),
+        io.Combo.Input(
+            "batching",
+            options=list(runner.BATCHING_MODES),
+            default="exact",
+            optional=True,  # prompts saved before this input existed stay valid
+            advanced=True,
+            tooltip="exact = only tiles that do not overlap each other's context share a sampler call (same "
+            "picture as one at a time); fast = consecutive tiles share a call, all cut before any is "
+            "pasted back (fewer calls, slightly different seams).",
         ),
         io.Boolean.Input(
             "cuda_graphs",
@@ -579,6 +593,57 @@ def _precision(model, vae) -> dict[str, torch.dtype | None]:
     return {"model": model_dtype, "VAE": vae_dtype if isinstance(vae_dtype, torch.dtype) else None}
 
 
+def _redraw(image, settings, model, vae, upscale_model, device, factor, sampling, cuda_graphs, image_name):
+    """Upscale and redraw with ``model`` (already the resident copy where one was made)."""
+    source_h, source_w = image.shape[1:3]
+    batch_size, batching = settings.batch_size, settings.batching
+    graphs = None
+    if cuda_graphs:
+        model, graphs = _with_cuda_graphs(model, device)
+        sampling.model = model
+    state: dict = {}
+
+    def on_canvas(canvas: torch.Tensor) -> None:
+        ch, cw = canvas.shape[1:3]
+        state["process"] = _make_process(sampling, cw, ch, source_w, source_h, factor)
+        passes = planner.plan(cw, ch, settings.plan)
+        state["pbar"] = progress_bar(max(runner.count_batches(passes, batch_size, batching, cw, ch), 1))
+
+    def process(batch: runner.TileBatch) -> torch.Tensor:
+        return state["process"](batch)
+
+    def on_batch_done(done: int, total: int) -> None:
+        state["pbar"].update_absolute(done, total)
+
+    model_fn = _make_model_fn(upscale_model) if upscale_model is not None else None
+    precision = _precision(model, vae)
+    try:
+        return pipeline.upscale_then_redraw(
+            image,
+            settings,
+            process,
+            model_fn=model_fn,
+            device=device,
+            multiple=factor,
+            check_cancel=throw_if_interrupted,
+            on_batch_done=on_batch_done,
+            on_canvas=on_canvas,
+            precision=precision,
+            image_name=image_name,
+        )
+    finally:
+        if graphs is not None:
+            if graphs.captures:
+                logger.info(
+                    "USDU: %d CUDA graph(s), %d replays, %d eager model calls%s",
+                    graphs.captures,
+                    graphs.replays,
+                    graphs.eager_calls,
+                    f" ({graphs.disabled})" if graphs.disabled else "",
+                )
+            graphs.close()
+
+
 def _execute(
     *,
     image,
@@ -610,6 +675,7 @@ def _execute(
     normalize: str,
     tile_seed: str,
     cuda_graphs: bool = True,
+    batching: str = "exact",
     custom_sampler=None,
     custom_sigmas=None,
     image_name: str = "image",
@@ -658,58 +724,36 @@ def _execute(
         seed=seed,
         tile_seed=tile_seed,
         batch_size=batch_size,
+        batching=batching,
     )
     pipeline.check_settings(settings)
     factor = int(vae.spacial_compression_encode()) if hasattr(vae, "spacial_compression_encode") else 8
-    source_h, source_w = image.shape[1:3]
     device = mm.get_torch_device()
-    graphs = None
-    if cuda_graphs:
-        model, graphs = _with_cuda_graphs(model, device)
-    sampling = _Sampling(
-        model, vae, positive, negative, steps, cfg, sampler_name, scheduler, tiled_decode, custom_sampler, custom_sigmas
-    )
-    state: dict = {}
-
-    def on_canvas(canvas: torch.Tensor) -> None:
-        ch, cw = canvas.shape[1:3]
-        state["process"] = _make_process(sampling, cw, ch, source_w, source_h, factor)
-        passes = planner.plan(cw, ch, settings.plan)
-        state["pbar"] = progress_bar(max(runner.count_batches(passes, batch_size), 1))
-
-    def process(batch: runner.TileBatch) -> torch.Tensor:
-        return state["process"](batch)
-
-    def on_batch_done(done: int, total: int) -> None:
-        state["pbar"].update_absolute(done, total)
-
-    model_fn = _make_model_fn(upscale_model) if upscale_model is not None else None
-    precision = _precision(model, vae)
-    try:
-        out = pipeline.upscale_then_redraw(
+    with residency.full_residency(model, "USDU", working_bytes=WORKING_BYTES) as resident:
+        out = _redraw(
             image,
             settings,
-            process,
-            model_fn=model_fn,
-            device=device,
-            multiple=factor,
-            check_cancel=throw_if_interrupted,
-            on_batch_done=on_batch_done,
-            on_canvas=on_canvas,
-            precision=precision,
-            image_name=image_name,
+            resident,
+            vae,
+            upscale_model,
+            device,
+            factor,
+            _Sampling(
+                resident,
+                vae,
+                positive,
+                negative,
+                steps,
+                cfg,
+                sampler_name,
+                scheduler,
+                tiled_decode,
+                custom_sampler,
+                custom_sigmas,
+            ),
+            cuda_graphs,
+            image_name,
         )
-    finally:
-        if graphs is not None:
-            if graphs.captures:
-                logger.info(
-                    "USDU: %d CUDA graph(s), %d replays, %d eager model calls%s",
-                    graphs.captures,
-                    graphs.replays,
-                    graphs.eager_calls,
-                    f" ({graphs.disabled})" if graphs.disabled else "",
-                )
-            graphs.close()
     return io.NodeOutput(to_intermediate(out))
 
 

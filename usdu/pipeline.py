@@ -30,6 +30,7 @@ class UsduSettings:
     seed: int = 0
     tile_seed: str = "same"
     batch_size: int = 1
+    batching: str = "exact"
 
 
 def check_settings(settings: UsduSettings) -> None:
@@ -46,6 +47,10 @@ def check_settings(settings: UsduSettings) -> None:
     if settings.tile_seed not in runner.TILE_SEED_MODES:
         raise ValueError(
             f"tile_seed: unknown value {settings.tile_seed!r}; choose one of {', '.join(runner.TILE_SEED_MODES)}"
+        )
+    if settings.batching not in runner.BATCHING_MODES:
+        raise ValueError(
+            f"batching: unknown value {settings.batching!r}; choose one of {', '.join(runner.BATCHING_MODES)}"
         )
     if settings.normalize not in torch_utils.NORMALIZE_MODES:
         raise ValueError(
@@ -162,6 +167,7 @@ def upscale_then_redraw(
         seed=settings.seed,
         tile_seed_mode=settings.tile_seed,
         batch_size=settings.batch_size,
+        batching=settings.batching,
         multiple=multiple,
         check_cancel=check_cancel,
         on_batch_done=on_batch_done,

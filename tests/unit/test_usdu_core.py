@@ -11,7 +11,7 @@ from speedkit.usdu.planner import Box, PlanSettings
 
 
 def settings(**kw) -> pipeline.UsduSettings:
-    top = {k: kw.pop(k) for k in ("upscale_by", "normalize", "seed", "tile_seed", "batch_size") if k in kw}
+    top = {k: kw.pop(k) for k in ("upscale_by", "normalize", "seed", "tile_seed", "batch_size", "batching") if k in kw}
     return pipeline.UsduSettings(plan=PlanSettings(**kw), **top)
 
 
@@ -263,11 +263,100 @@ def test_runner_passes_per_tile_seeds_in_job_order():
     pipeline.upscale_then_redraw(
         torch.rand(1, 64, 64, 3),
         settings(
-            tile_width=64, tile_height=64, seed=100, tile_seed="per tile", batch_size=2, seam_fix_mode="Half Tile"
+            tile_width=64,
+            tile_height=64,
+            seed=100,
+            tile_seed="per tile",
+            batch_size=2,
+            batching="fast",
+            seam_fix_mode="Half Tile",
         ),
         lambda b: seen.append(b.seeds) or b.pixels,
     )
     assert seen == [[100, 101], [102, 103], [104, 105], [106, 107]]
+
+
+def _contextual(batch: runner.TileBatch) -> torch.Tensor:
+    """A stand-in sampler whose every output pixel depends on the whole crop (like a
+    diffusion model's receptive field) and on the tile's seed."""
+    px = batch.pixels
+    n = px.shape[0] // batch.images
+    seeds = torch.tensor(batch.seeds, dtype=px.dtype).repeat_interleave(batch.images)
+    mean = px.mean(dim=(1, 2, 3)) + 0.01 * (seeds % 7)
+    return (0.6 * px + 0.4 * mean[:, None, None, None]).clamp(0, 1).reshape(n * batch.images, *px.shape[1:])
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        {"mode_type": "Linear"},
+        {"mode_type": "Chess"},
+        {"mode_type": "Linear", "seam_fix_mode": "Half Tile + Intersections", "seam_fix_denoise": 0.5},
+        {"mode_type": "Linear", "seam_fix_mode": "Band Pass", "seam_fix_width": 16, "mask_blur": 0},
+        {"mode_type": "Linear", "force_uniform_tiles": False, "padding": 8},
+    ],
+)
+def test_exact_batching_gives_the_one_tile_at_a_time_picture(plan):
+    image = torch.rand(2, 96, 128, 3, generator=torch.Generator().manual_seed(3))
+    common = dict(upscale_by=2.0, tile_width=64, tile_height=64, tile_seed="per tile", seed=5, **plan)
+    one = pipeline.upscale_then_redraw(image, settings(batch_size=1, **common), _contextual)
+    calls = []
+
+    def counted(b):
+        calls.append(len(b.jobs))
+        return _contextual(b)
+
+    many = pipeline.upscale_then_redraw(image, settings(batch_size=8, **common), counted)
+    assert torch.allclose(one, many, atol=1e-6), float((one - many).abs().max())
+    if plan.get("force_uniform_tiles", True):  # uneven crops rarely share a size (and a call)
+        assert max(calls) > 1  # the grid really was batched
+    fast = pipeline.upscale_then_redraw(image, settings(batch_size=8, batching="fast", **common), _contextual)
+    assert (fast - one).abs().max() > 1e-3  # cutting every tile first is another picture
+
+
+def test_exact_waves_of_a_4x4_grid():
+    # 512 tiles, 32 px padding, blur 8 on 2048 px: a tile waits for its left, upper-left,
+    # upper and upper-right neighbours only, so wave = 2 * row + column.
+    passes = planner.plan(2048, 2048, PlanSettings(tile_width=512, tile_height=512, padding=32, mask_blur=8))
+    wave = runner.levels(passes[0].jobs, 2048, 2048)
+    assert wave == [2 * (k // 4) + k % 4 for k in range(16)]
+    groups = runner.schedule(passes[0].jobs, 4, "exact", 2048, 2048)
+    assert [len(g) for g in groups] == [1, 1, 2, 2, 2, 2, 2, 2, 1, 1]
+    assert [len(g) for g in runner.schedule(passes[0].jobs, 1, "exact", 2048, 2048)] == [1] * 16
+
+
+def test_write_box_is_where_the_mask_is_not_zero():
+    passes = planner.plan(256, 256, PlanSettings(tile_width=128, tile_height=128, padding=32, mask_blur=4))
+    job = passes[0].jobs[0]
+    box = runner.write_box(job, 256, 256)
+    mask = masks.job_mask(job, 256, 256)
+    c = job.crop
+    inside = mask[box.y0 - c.y0 : box.y1 - c.y0, box.x0 - c.x0 : box.x1 - c.x0]
+    assert float(mask.sum()) == pytest.approx(float(inside.sum()))
+    assert box.x1 > job.region.x1  # the feather reaches past the tile
+    assert box.x1 < c.x1  # but not over the whole padding
+
+
+def test_unknown_batching_is_named():
+    with pytest.raises(ValueError, match="batching: unknown value 'quick'"):
+        pipeline.check_settings(settings(batching="quick"))
+
+
+def test_out_of_memory_batches_are_split_and_keep_the_picture():
+    image = torch.rand(1, 160, 160, 3, generator=torch.Generator().manual_seed(1))
+    common = dict(upscale_by=2.0, tile_width=64, tile_height=64, mask_blur=4, tile_seed="per tile")
+    one = pipeline.upscale_then_redraw(image, settings(batch_size=1, **common), _contextual)
+    sizes = []
+
+    def oom_above_one(b):
+        sizes.append(len(b.jobs))
+        if len(b.jobs) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _contextual(b)
+
+    got = pipeline.upscale_then_redraw(image, settings(batch_size=4, **common), oom_above_one)
+    assert torch.equal(got, one)
+    assert max(sizes) > 1 and sizes.count(1) == 25  # 5 x 5 tiles, each finally alone
 
 
 # ---------------------------------------------------------------------------
