@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -426,3 +429,61 @@ class GraphBook:
             self.disabled = reason
             logger.info("%s: CUDA graphs off for the rest of the run: %s", self.label, reason)
         self.close()
+
+
+PROFILE_ENV = "SPEEDKIT_PROFILE_DIR"
+
+
+class StepProfiler:
+    """Maintainers' switch for finding where a step-based loop spends its time.
+
+    When the environment variable ``SPEEDKIT_PROFILE_DIR`` names a folder, steps ``wait + 1``
+    to ``wait + active`` of the loop are recorded with ``torch.profiler`` (CPU and CUDA) and the
+    per-op table (sorted by self CUDA time, then by self CPU time) is written to
+    ``<dir>/<label>-<pid>.txt``, with the wall time of each recorded step. Otherwise every
+    method is a no-op costing one attribute check.
+    """
+
+    def __init__(self, label: str, wait: int = 3, active: int = 5) -> None:
+        folder = os.environ.get(PROFILE_ENV, "")
+        self.folder = Path(folder) if folder else None
+        self.label, self.wait, self.active = label, wait, active
+        self._prof = None
+        self._seen = 0
+        self._stamps: list[float] = []
+
+    def step(self) -> None:
+        """Call once after every step of the loop."""
+        if self.folder is None:
+            return
+        self._seen += 1
+        if self._seen == self.wait:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=acts)
+            self._prof.__enter__()
+            self._stamps = [time.perf_counter()]
+        elif self._prof is not None:
+            self._stamps.append(time.perf_counter())
+            if self._seen == self.wait + self.active:
+                self.close()
+
+    def close(self) -> None:
+        """Stop recording (if recording) and write the report."""
+        prof, self._prof = self._prof, None
+        if prof is None or self.folder is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof.__exit__(None, None, None)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        walls = [b - a for a, b in zip(self._stamps, self._stamps[1:], strict=False)]
+        avg = prof.key_averages()
+        text = [f"{self.label}: wall per step {[round(w, 4) for w in walls]}"]
+        if torch.cuda.is_available():
+            text.append(avg.table(sort_by="self_cuda_time_total", row_limit=40))
+        text.append(avg.table(sort_by="self_cpu_time_total", row_limit=40))
+        path = self.folder / f"{self.label}-{os.getpid()}.txt"
+        path.write_text("\n\n".join(text))
+        logger.info("%s: profile of %d steps written to %s", self.label, len(walls), path)

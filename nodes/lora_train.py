@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
+from .. import torch_utils
 from ..lora_train import checkpoint, data, inputs, layers, optim, text_cache
 from ..lora_train.chart import loss_chart
 from ..lora_train.naming import ldm_to_diffusers_path
@@ -800,8 +801,10 @@ class _Run:
         config = self.config
         pbar = progress_bar(config.steps, self.node_id)
         last_sent = [0.0]
+        profiler = torch_utils.StepProfiler("train_lora")
 
         def on_step(step: int, loss: float) -> None:
+            profiler.step()
             now = time.monotonic()
             if now - last_sent[0] > 0.1 or step == config.steps:
                 last_sent[0] = now
@@ -816,9 +819,12 @@ class _Run:
             resolution=resolution,
             dataset_dir=str(dataset_dir),
         )
-        result = trainer.run(
-            lora_dir, info, on_step=on_step, should_stop=mm.processing_interrupted, state_dir=state_dir
-        )
+        try:
+            result = trainer.run(
+                lora_dir, info, on_step=on_step, should_stop=mm.processing_interrupted, state_dir=state_dir
+            )
+        finally:
+            profiler.close()
         logger.info(
             "Train LoRA: %d steps in %.1f s (%.2f it/s), saved %s",
             result.steps_done,

@@ -155,3 +155,23 @@ def test_graphs_are_never_recorded_under_cuda_malloc_async(monkeypatch, caplog):
     with caplog.at_level(logging.INFO):
         assert not book.wants_capture("k") and not book.wants_capture("k")
     assert "cudaMallocAsync" in (book.disabled or "") and "--disable-cuda-malloc" in caplog.text
+
+
+def test_step_profiler_writes_a_report_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv(tu.PROFILE_ENV, raising=False)
+    off = tu.StepProfiler("loop", wait=1, active=2)
+    for _ in range(5):
+        off.step()
+    off.close()
+    assert off.folder is None
+    monkeypatch.setenv(tu.PROFILE_ENV, str(tmp_path / "prof"))
+    on = tu.StepProfiler("loop", wait=1, active=2)
+    x = torch.randn(64, 64)
+    for _ in range(5):
+        x = torch.tanh(x @ x)
+        on.step()
+    on.close()
+    (report,) = (tmp_path / "prof").glob("loop-*.txt")
+    text = report.read_text()
+    assert text.startswith("loop: wall per step [")
+    assert "aten::mm" in text and "aten::tanh" in text
