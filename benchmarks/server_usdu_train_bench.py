@@ -125,6 +125,9 @@ def run_usdu(server: ComfyServer, repeats: int, methods: list[str]) -> dict:
     return res
 
 
+TRAIN_METHODS = ("comfy", "ours", "ours_no_checkpointing")
+
+
 def train_graphs(method: str, steps: int, dataset: Path, name: str) -> dict:
     g = base_graph()
     if method == "comfy":
@@ -149,12 +152,13 @@ def train_graphs(method: str, steps: int, dataset: Path, name: str) -> dict:
                 "rank": 32,
                 "resolution": 1024,
                 "precision": "bf16",
+                **({"gradient_checkpointing": False} if method == "ours_no_checkpointing" else {}),
             },
         }
     return g
 
 
-def run_train(server: ComfyServer, short: int, long: int, repeats: int = 1) -> dict:
+def run_train(server: ComfyServer, short: int, long: int, methods: list[str], repeats: int = 1) -> dict:
     dataset = server.input_dir / "train_set"
     dataset.mkdir(exist_ok=True)
     for i in range(4):
@@ -163,7 +167,8 @@ def run_train(server: ComfyServer, short: int, long: int, repeats: int = 1) -> d
         (dataset / f"img_{i}.txt").write_text(f"a photo, view {i}")
         img.save(server.input_dir / f"train_{i}.png")
     res: dict = {"case": "train SDXL 1024 rank 32 bf16, 4 images"}
-    for method, (s_short, s_long) in (("comfy", (short // 2, long // 4)), ("ours", (short, long))):
+    for method in methods:
+        s_short, s_long = (short // 2, long // 4) if method == "comfy" else (short, long)
         n = 0
         res[f"{method}_warmup_s"] = execution_seconds(
             server.run_prompt(train_graphs(method, 2, dataset, f"w_{method}"), 3600)
@@ -179,7 +184,9 @@ def run_train(server: ComfyServer, short: int, long: int, repeats: int = 1) -> d
             res[f"{method}_runs"] = res.get(f"{method}_runs", []) + [[s_short, t_short], [s_long, t_long]]
         res[f"{method}_it_s"] = max(rates)
         log.info("train %s: %.2f it/s (%s)", method, res[f"{method}_it_s"], res[f"{method}_runs"])
-    res["ours_vs_comfy"] = res["ours_it_s"] / res["comfy_it_s"]
+    for m in methods:
+        if m != "comfy" and "comfy" in methods:
+            res[f"{m}_vs_comfy"] = res[f"{m}_it_s"] / res["comfy_it_s"]
     peaks = [line for line in server.log_text().splitlines() if "peak VRAM" in line]
     res["ours_peak_vram_lines"] = peaks[-3:]
     return res
@@ -200,6 +207,8 @@ def main() -> None:
     parser.add_argument("--cases", default="usdu,train")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--usdu-methods", default=",".join(USDU_METHODS), help="which of " + ", ".join(USDU_METHODS))
+    parser.add_argument("--train-methods", default=",".join(TRAIN_METHODS), help="which of " + ", ".join(TRAIN_METHODS))
+    parser.add_argument("--profile-dir", type=Path, help="SPEEDKIT_PROFILE_DIR for the server (per-op tables)")
     parser.add_argument("--train-steps", default="10,50", help="short,long step counts of our trainer")
     parser.add_argument("--server-args", default="", help="extra ComfyUI arguments, e.g. --disable-dynamic-vram")
     parser.add_argument("--out", type=Path)
@@ -224,6 +233,7 @@ def main() -> None:
         cpu=False,
         extra_args=tuple(args.server_args.split()),
         extra_nodes=(PROBE_NODES, ssitu_dir),
+        env={"SPEEDKIT_PROFILE_DIR": str(args.profile_dir)} if args.profile_dir else {},
     )
     server.models_dir.mkdir(parents=True, exist_ok=True)
     for name in ("checkpoints", "upscale_models"):
@@ -244,7 +254,7 @@ def main() -> None:
                     results["usdu"] = run_usdu(server, args.repeats, args.usdu_methods.split(","))
                 elif case == "train":
                     short, long = (int(v) for v in args.train_steps.split(","))
-                    results["train"] = run_train(server, short, long)
+                    results["train"] = run_train(server, short, long, args.train_methods.split(","))
             except Exception as exc:  # noqa: BLE001 - one case failing must not hide the others
                 log.exception("case %s failed", case)
                 results[f"{case}_error"] = repr(exc)[:2000]
