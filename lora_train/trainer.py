@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, optim, schedule
+from . import checkpoint, optim, schedule, validation
 from .data import process_caption
 from .graphed import GraphedMicroStep
 from .layers import LoRASet
@@ -373,6 +373,32 @@ class Trainer:
         self.losses.append(loss)
         return loss
 
+    def validation_loss(self, samples: list[Sample], conds: list[dict[str, torch.Tensor]] | None = None) -> float:
+        """Mean unweighted loss of ``samples`` (held-out images, their captions as written) at
+        :data:`validation.TIMESTEPS` with fixed noise; no gradient, no effect on training.
+        ``conds``: their encoded captions when computed up front (frozen text encoders)."""
+        if not samples:
+            raise ValueError("validation_loss: no held-out samples")
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i, sample in enumerate(samples):
+                x0 = sample.latent[None].to(self.device, torch.float32)
+                if conds is not None:
+                    cond = {k: v.to(self.device) for k, v in conds[i].items()}
+                else:
+                    with self._autocast():
+                        cond = self.encode([sample.caption], [sample])
+                for timestep in validation.TIMESTEPS:
+                    noise = validation.fixed_noise(tuple(x0.shape), i, timestep).to(self.device)
+                    t = torch.full((1,), timestep, device=self.device, dtype=torch.long)
+                    noisy = schedule.add_noise(x0, noise, t, self.acp)
+                    with self._autocast():
+                        pred = self.denoise(noisy, t, cond)
+                    wanted = schedule.target(x0, noise, t, self.acp, self.config.prediction)
+                    total += float(schedule.mse_per_sample(pred, wanted).mean())
+                    count += 1
+        return total / count
+
     # ----- the run ------------------------------------------------------------------------
     def run(
         self,
@@ -382,11 +408,15 @@ class Trainer:
         on_step: Callable[[int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         state_dir: str | Path | None = None,
+        every: Iterable[tuple[int, Callable[[int], None]]] = (),
     ) -> Result:
         """Train to ``config.steps``, saving every ``save_every`` steps and at the end.
 
         LoRA files go to ``output_dir``; the resume state (``<name>-state.*``) to ``state_dir``
         (default ``output_dir``).
+
+        ``every``: ``(n, fn)`` pairs; ``fn(step)`` runs after every ``n``-th step and after the
+        last one (sample images, validation loss), between steps, on the current weights.
 
         ``should_stop()`` is polled after every step: when true, the current LoRA and state are
         saved and the run returns ``cancelled=True``. Any exception also saves the state first
@@ -402,6 +432,7 @@ class Trainer:
         cancelled = False
         start_step = saved_step = self.step
         blocks = checkpointed(self.checkpoint_blocks, checkpoint=cfg.grad_checkpointing, compile=self.compile_blocks)
+        periodic = [(int(n), fn) for n, fn in every if n and n > 0]
         for m in self.text_modules:
             m.train(cfg.train_te)
         try:
@@ -415,6 +446,9 @@ class Trainer:
                         checkpoint.prune_step_files(out, name, cfg.keep_last)
                         self.save_state(state_base)
                         saved_step = self.step
+                    for period, fn in periodic:
+                        if self.step % period == 0 or self.step == cfg.steps:
+                            fn(self.step)
                     if should_stop is not None and should_stop():
                         cancelled = True
                         break

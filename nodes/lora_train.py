@@ -17,10 +17,11 @@ import torch
 from comfy_api.latest import io
 
 from .. import torch_utils
-from ..lora_train import checkpoint, data, inputs, layers, optim, text_cache
+from ..lora_train import checkpoint, data, inputs, layers, optim, text_cache, validation
 from ..lora_train.chart import loss_chart
 from ..lora_train.naming import ldm_to_diffusers_path
 from ..lora_train.prepare import build_samples
+from ..lora_train.sample_prompts import SEED_MAX, SIZE_MAX, SamplePrompt, parse_prompts
 from ..lora_train.trainer import (
     PRECISIONS,
     RunInfo,
@@ -30,7 +31,7 @@ from ..lora_train.trainer import (
     precompute_conditioning,
     stack_conditioning,
 )
-from . import residency
+from . import lora_samples, residency
 from .comfy_bridge import progress_bar, to_intermediate
 
 logger = logging.getLogger(__name__)
@@ -166,8 +167,11 @@ class _OutOfPlaceClipLayers:
             layer.__dict__.pop("forward", None)
 
 
-def _send_loss(node_id: str | None, step: int, total: int, loss: float) -> None:
-    """Live chart event for web/js/lora_train.js; silently skipped without a running server."""
+def _send_loss(
+    node_id: str | None, step: int, total: int, loss: float | None, validation_loss: float | None = None
+) -> None:
+    """Live chart event for web/js/lora_train.js (``loss`` None: a validation point only);
+    silently skipped without a running server."""
     try:
         from server import PromptServer
     except ImportError:
@@ -175,7 +179,10 @@ def _send_loss(node_id: str | None, step: int, total: int, loss: float) -> None:
     instance = getattr(PromptServer, "instance", None)
     if instance is None:
         return
-    instance.send_sync(LOSS_EVENT, {"node": node_id, "step": step, "total": total, "loss": loss})
+    event = {"node": node_id, "step": step, "total": total, "loss": loss}
+    if validation_loss is not None:
+        event["validation_loss"] = validation_loss
+    instance.send_sync(LOSS_EVENT, event)
 
 
 class TrainLoRA(io.ComfyNode):
@@ -427,6 +434,60 @@ class TrainLoRA(io.ComfyNode):
                     "caption text and model fingerprint; stale or corrupt ones are re-encoded.",
                     advanced=True,
                 ),
+                io.Int.Input(
+                    "sample_every",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    optional=True,
+                    tooltip="Render the sample prompts every N steps (and after the last step); 0 = only after "
+                    "the last step, when there are prompts. Pictures are shown on the node and saved beside "
+                    "the LoRA in <output_name>_samples.",
+                ),
+                io.String.Input(
+                    "sample_prompts",
+                    default="",
+                    multiline=True,
+                    optional=True,
+                    tooltip="One prompt per line (empty = no samples). kohya-style options per line: --n negative "
+                    "--w width --h height --d seed --s steps --l cfg.",
+                ),
+                io.Int.Input(
+                    "sample_size",
+                    default=0,
+                    min=0,
+                    max=SIZE_MAX,
+                    step=8,
+                    optional=True,
+                    tooltip="Width and height of the sample images when a line sets none; 0 = the training resolution.",
+                ),
+                io.Int.Input(
+                    "sample_seed",
+                    default=0,
+                    min=0,
+                    max=SEED_MAX,
+                    optional=True,
+                    tooltip="Seed of the first prompt (line k gets seed + k unless it sets --d); the same at every "
+                    "sampling point, so the pictures are comparable.",
+                ),
+                io.Float.Input(
+                    "validation_split",
+                    default=0.0,
+                    min=0.0,
+                    max=validation.SPLIT_MAX,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Fraction of the images held out of training to compute a validation loss on "
+                    "(at least one image); 0 = off. A rising validation loss means over-fitting.",
+                ),
+                io.Int.Input(
+                    "validate_every",
+                    default=50,
+                    min=1,
+                    max=1_000_000,
+                    optional=True,
+                    tooltip="Steps between validation-loss measurements (also measured after the last step).",
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="lora_path", tooltip="Absolute path of the saved .safetensors LoRA."),
@@ -483,6 +544,12 @@ class TrainLoRA(io.ComfyNode):
         save_precision: str = "fp16",
         resume_from: str = "",
         cache_latents_to_disk: bool = False,
+        sample_every: int = 0,
+        sample_prompts: str = "",
+        sample_size: int = 0,
+        sample_seed: int = 0,
+        validation_split: float = 0.0,
+        validate_every: int = 50,
     ) -> io.NodeOutput:
         import folder_paths
 
@@ -533,6 +600,15 @@ class TrainLoRA(io.ComfyNode):
             save_dtype=save_precision,
         )
         config.validate()
+        extras = _extras(
+            sample_every,
+            sample_prompts,
+            sample_size or resolution,
+            sample_seed,
+            validation_split,
+            validate_every,
+            items,
+        )
         lora_dir = Path(folder_paths.get_folder_paths("loras")[0])
         state_dir = Path(folder_paths.get_output_directory()) / STATE_SUBDIR
         resume_path = _resolve_resume(resume_from, state_dir)
@@ -540,7 +616,7 @@ class TrainLoRA(io.ComfyNode):
             # the JSON and the tensor file's header: a damaged or mismatched state fails before any encoding
             _, state_json, state_info = checkpoint.read_state_info(resume_path)
             check_resume(state_info, config, state_json)
-        run = _Run(cls.hidden.unique_id, family, model, clip, vae, config)
+        run = _Run(cls.hidden.unique_id, family, model, clip, vae, config, extras)
         result_path, losses = run.train(
             items,
             name=name,
@@ -553,8 +629,14 @@ class TrainLoRA(io.ComfyNode):
             dataset_dir=str(dataset),
         )
         model_out, clip_out = apply_lora_file(model, clip, result_path)
-        chart = loss_chart(losses, title=f"{name}: loss over {len(losses)} steps")
-        return io.NodeOutput(str(result_path), model_out, clip_out, to_intermediate(chart))
+        chart = loss_chart(losses, title=f"{name}: loss over {len(losses)} steps", validation=run.validation_points)
+        pictures = lora_samples.last_round_batch(run.sample_images)
+        shown = None
+        if pictures is not None:
+            from comfy_api.latest import ui
+
+            shown = ui.PreviewImage(pictures, cls=cls)
+        return io.NodeOutput(str(result_path), model_out, clip_out, to_intermediate(chart), ui=shown)
 
 
 def _resolve_resume(value: str, state_dir: Path) -> Path | None:
@@ -576,11 +658,47 @@ def apply_lora_file(model, clip, path: Path):
     return comfy.sd.load_lora_for_models(model, clip, lora_sd, 1.0, 1.0)
 
 
+@dataclass(frozen=True)
+class _Extras:
+    """What the run does between steps besides training: sample images, validation loss."""
+
+    prompts: tuple[SamplePrompt, ...] = ()
+    sample_every: int = 0
+    validation_split: float = 0.0
+    validate_every: int = 50
+
+
+def _extras(sample_every, prompts_text, size, seed, validation_split, validate_every, items) -> _Extras:
+    """Check the sampling and validation inputs (before any model work) and bundle them."""
+    for label, value in (("sample_every", sample_every), ("validate_every", validate_every), ("sample_seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{label}: {value!r} must be a whole number >= 0")
+    if not 64 <= size <= SIZE_MAX or size % 8:
+        raise ValueError(
+            f"sample_size: {size} must be a multiple of 8 between 64 and {SIZE_MAX} (0 = training resolution)"
+        )
+    prompts = tuple(parse_prompts(prompts_text or "", width=size, height=size, seed=seed))
+    if sample_every and not prompts:
+        raise ValueError(
+            "sample_prompts: sample_every is set but there is no prompt; write one prompt per line or set sample_every to 0"
+        )
+    validation.split_holdout(len(items), validation_split, 0)  # refuses a split that leaves nothing to train on
+    return _Extras(prompts, sample_every, validation_split, max(1, validate_every))
+
+
 class _Run:
     """One training call: holds the cloned patchers and undoes every injection at the end."""
 
-    def __init__(self, node_id, family: Family, model, clip, vae, config: TrainConfig) -> None:
+    def __init__(
+        self, node_id, family: Family, model, clip, vae, config: TrainConfig, extras: _Extras = _Extras()
+    ) -> None:
         self.node_id = node_id
+        self.extras = extras
+        self.validation_points: list[tuple[int, float]] = []
+        self.sample_images: list[torch.Tensor] = []
+        self._held: list = []
+        self._held_conds: list | None = None
+        self._renderer: lora_samples.SampleRenderer | None = None
         self.family = family
         self.patcher = model.clone()
         self.clip = clip.clone()
@@ -678,6 +796,11 @@ class _Run:
             samples = self._encode_latents(items, resolution, buckets, cache_dir)
             device = self.patcher.load_device
             config = self.config
+            train_idx, held_idx = validation.split_holdout(len(samples), self.extras.validation_split, config.seed)
+            held = [samples[i] for i in held_idx]
+            samples = [samples[i] for i in train_idx]
+            if held:
+                logger.info("Train LoRA: %d image(s) held out for the validation loss", len(held))
             models = [self.patcher]
             cond_cache = None
             disk_text = self._text_cache(cache_dir)
@@ -687,6 +810,16 @@ class _Run:
                 cond_cache = precompute_conditioning(encode, samples)
             else:
                 models.append(self.clip.patcher)
+            self._held = held
+            self._held_conds = None
+            if held and not config.train_te:
+                with torch.no_grad():
+                    self._held_conds = [{k: v.detach() for k, v in encode([s.caption], [s]).items()} for s in held]
+            self._renderer = None
+            if self.extras.prompts:
+                self._renderer = lora_samples.SampleRenderer(
+                    list(self.extras.prompts), self.clip, self.vae, lora_dir / f"{name}_samples", name, config.train_te
+                )
             if disk_text is not None:
                 logger.info(
                     "Train LoRA: text-encoder disk cache %s: %d loaded, %d encoded",
@@ -756,7 +889,7 @@ class _Run:
                 trainer.load_state(resume_from)
             text_layers = _OutOfPlaceClipLayers(self._text_models() if config.train_te else [])
             with text_layers:
-                return self._loop(trainer, name, resolution, lora_dir, state_dir, dataset_dir)
+                return self._loop(trainer, patcher, name, resolution, lora_dir, state_dir, dataset_dir)
         finally:
             lora.detach()
             if config.train_te:
@@ -795,7 +928,30 @@ class _Run:
             nrb = [nrb] * len(unet_config["channel_mult"])
         return lambda path: ldm_to_diffusers_path(path, nrb)
 
-    def _loop(self, trainer: Trainer, name, resolution, lora_dir, state_dir, dataset_dir):
+    def _periodic(self, trainer: Trainer, patcher, pbar) -> list:
+        """The between-steps work: sample images and validation loss, as ``(every, fn)`` pairs."""
+        extras, total = self.extras, self.config.steps
+        work = []
+        if self._renderer is not None:
+            preview_at = lora_samples.preview_sender(pbar, total)
+
+            def render(step: int) -> None:
+                self._renderer.render(patcher, step, preview_at(step))
+                self.sample_images = self._renderer.last
+
+            work.append((extras.sample_every or total, render))
+        if self._held:
+
+            def validate(step: int) -> None:
+                loss = trainer.validation_loss(self._held, self._held_conds)
+                self.validation_points.append((step, loss))
+                logger.info("Train LoRA: validation loss %.5f at step %d", loss, step)
+                _send_loss(self.node_id, step, total, None, validation_loss=loss)
+
+            work.append((extras.validate_every, validate))
+        return work
+
+    def _loop(self, trainer: Trainer, patcher, name, resolution, lora_dir, state_dir, dataset_dir):
         import comfy.model_management as mm
 
         config = self.config
@@ -821,7 +977,12 @@ class _Run:
         )
         try:
             result = trainer.run(
-                lora_dir, info, on_step=on_step, should_stop=mm.processing_interrupted, state_dir=state_dir
+                lora_dir,
+                info,
+                on_step=on_step,
+                should_stop=mm.processing_interrupted,
+                state_dir=state_dir,
+                every=self._periodic(trainer, patcher, pbar),
             )
         finally:
             profiler.close()

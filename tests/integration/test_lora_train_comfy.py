@@ -338,6 +338,10 @@ def test_bad_inputs_fail_clearly(comfy_server, checkpoints, dataset, tmp_path):
     tiny.mkdir()
     Image.new("RGB", (20, 20), (9, 9, 9)).save(tiny / "a.png")
     (tiny / "a.txt").write_text("x")
+    single = tmp_path / "single"
+    single.mkdir()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(single / "a.png")
+    (single / "a.txt").write_text("x")
 
     cases = [
         (train_prompt(sd15, empty, "e1"), "holds no image"),
@@ -348,6 +352,10 @@ def test_bad_inputs_fail_clearly(comfy_server, checkpoints, dataset, tmp_path):
         (train_prompt(sd15, dataset, "e6", resolution=68), "resolution=68 must be a positive multiple of 8"),
         (train_prompt(sd15, dataset, "../escape"), "output_name="),
         (train_prompt(sd15, dataset, "e8", optimizer="AdamW8bit"), "bitsandbytes"),
+        (train_prompt(sd15, dataset, "e10", sample_every=5), "sample_prompts: sample_every is set but there is no"),
+        (train_prompt(sd15, dataset, "e11", sample_prompts="a cat --w 70"), "sample_prompts line 1: width 70"),
+        (train_prompt(sd15, dataset, "e12", sample_prompts="a cat --x 1"), "unknown option --x"),
+        (train_prompt(sd15, single, "e13", validation_split=0.5), "leaves none to train on"),
     ]
     for prompt, expected in cases:
         if expected == "bitsandbytes" and _has_module("bitsandbytes"):
@@ -447,3 +455,45 @@ def test_disk_cache_reuses_text_encoder_outputs(comfy_server, checkpoints, datas
     assert "3 loaded, 1 encoded" in third, third[-2000:]
     with safe_open(str(files[0]), "pt") as f:
         assert f.metadata()["format"].startswith("speedkit-lora-te-cache")
+
+
+def test_sample_images_and_validation_loss(comfy_server, checkpoints, dataset):
+    """Sample images every 5 steps (and after the last), shown on the node and saved beside the
+    LoRA with their settings; a validation loss on held-out images in the log and the chart."""
+    from PIL import Image as PILImage
+
+    name = "speedkit_samples"
+    start = len(comfy_server.log_text())
+    entry = comfy_server.run_prompt(
+        train_prompt(
+            checkpoints["sd15"].name,
+            dataset,
+            name,
+            steps=12,
+            batch_size=1,
+            sample_every=5,
+            sample_prompts="sks square, color 1 --s 2 --d 9\n# comment\nsks square --w 64 --h 128 --s 2",
+            sample_size=64,
+            validation_split=0.25,
+            validate_every=4,
+        ),
+        timeout=1200,
+    )
+    folder = comfy_server.models_dir / "loras" / f"{name}_samples"
+    files = sorted(p.name for p in folder.glob("*.png"))
+    assert files == [f"{name}_{s:06d}_{k:02d}.png" for s in (5, 10, 12) for k in (0, 1)]
+    assert not list(folder.glob("*.partial"))
+    first = PILImage.open(folder / f"{name}_000005_00.png")
+    assert first.size == (64, 64) and PILImage.open(folder / f"{name}_000005_01.png").size == (64, 128)
+    info = json.loads(first.text["speedkit_sample"])
+    assert info["prompt"] == "sks square, color 1" and info["seed"] == 9 and info["steps"] == 2
+    second = json.loads(PILImage.open(folder / f"{name}_000005_01.png").text["speedkit_sample"])
+    assert (second["seed"], second["width"], second["height"]) == (1, 64, 128)  # sample_seed + 1
+    shown = entry["outputs"]["2"]["images"]
+    assert len(shown) == 1 and shown[0]["type"] == "temp"  # the last round's 64x64 picture(s)
+    log = comfy_server.log_text()[start:]
+    assert "image(s) held out for the validation loss" in log
+    steps = [
+        int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "validation loss" in line and "at step" in line
+    ]
+    assert steps == [4, 8, 12], log[-3000:]

@@ -2,8 +2,10 @@
 //
 // The Python adapter (nodes/lora_train.py) sends "speedkit.lora_train.loss" events through
 // PromptServer.send_sync: {node, step, total, loss} (at most ~10 per second, always the last
-// step). This extension adds a canvas to the node and redraws the raw loss (light) and its
-// moving average (dark) against the step as they arrive. A new run (step going down) clears it.
+// step), and {node, step, total, loss: null, validation_loss} when a validation loss on held-out
+// images is measured. This extension adds a canvas to the node and redraws the raw loss (light),
+// its moving average (dark) and the validation loss (orange dots and line) against the step as
+// they arrive. A new run (step going down) clears it.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -20,7 +22,7 @@ function makeChart() {
   const canvas = document.createElement("canvas");
   canvas.style.cssText = "flex:1;width:100%;min-height:120px;background:#111;border-radius:4px;";
   root.append(label, canvas);
-  return { root, label, canvas, points: [], total: 0 };
+  return { root, label, canvas, points: [], validation: [], total: 0 };
 }
 
 function movingAverage(values, window) {
@@ -44,7 +46,7 @@ function draw(chart) {
   ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
   ctx.clearRect(0, 0, w, h);
   if (points.length < 2) return;
-  const losses = points.map((p) => p.loss).filter(Number.isFinite);
+  const losses = points.concat(chart.validation).map((p) => p.loss).filter(Number.isFinite);
   let lo = Math.min(...losses), hi = Math.max(...losses);
   if (hi - lo < 1e-12) { lo -= 0.5; hi += 0.5; }
   const lastStep = Math.max(chart.total, points[points.length - 1].step);
@@ -60,6 +62,14 @@ function draw(chart) {
   };
   line(points.map((p) => p.loss), "#35506e", 1);
   line(movingAverage(points.map((p) => p.loss), Math.max(1, Math.floor(points.length / 20))), "#9cc3ff", 2);
+  if (chart.validation.length) {
+    ctx.strokeStyle = ctx.fillStyle = "#f0a040";
+    ctx.lineWidth = 1.5;
+    ctx.beginPath();
+    chart.validation.forEach((p, i) => (i ? ctx.lineTo(x(p.step), y(p.loss)) : ctx.moveTo(x(p.step), y(p.loss))));
+    ctx.stroke();
+    chart.validation.forEach((p) => ctx.fillRect(x(p.step) - 2, y(p.loss) - 2, 4, 4));
+  }
   ctx.fillStyle = "#888";
   ctx.font = "10px monospace";
   ctx.fillText(hi.toPrecision(4), pad, 12);
@@ -73,8 +83,19 @@ function findNode(id) {
 }
 
 function update(chart, msg) {
+  if (msg.loss === null || msg.loss === undefined) {
+    if (!Number.isFinite(msg.validation_loss)) return;
+    chart.validation.push({ step: msg.step, loss: msg.validation_loss });
+    const train = chart.points.length ? ` loss ${Number(chart.points[chart.points.length - 1].loss).toPrecision(4)}` : "";
+    chart.label.textContent = `validation ${msg.validation_loss.toPrecision(4)}${train}  step ${msg.step}/${msg.total}`;
+    draw(chart);
+    return;
+  }
   const last = chart.points[chart.points.length - 1];
-  if (last && msg.step <= last.step) chart.points = []; // a new run
+  if (last && msg.step <= last.step) {
+    chart.points = []; // a new run
+    chart.validation = [];
+  }
   chart.points.push({ step: msg.step, loss: msg.loss });
   if (chart.points.length > MAX_POINTS) chart.points.splice(0, chart.points.length - MAX_POINTS);
   chart.total = msg.total || 0;
