@@ -39,7 +39,16 @@ def short_run(dataset: Path) -> dict:
     return {
         "KSampler": {"steps": 4},
         "SpeedKit_UltimateSDUpscale": {"steps": 3},
-        "SpeedKit_TrainLoRA": {"dataset_folder": str(dataset), "steps": 3, "save_every": 2},
+        "SpeedKit_TrainLoRA": {
+            "dataset_folder": str(dataset),
+            "steps": 3,
+            "save_every": 2,
+            # the between-steps work runs too: sample images and a validation loss
+            "sample_every": 2,
+            "sample_prompts": "a photo of sks person --s 2 --w 512 --h 512",
+            "validation_split": 0.5,
+            "validate_every": 2,
+        },
     }
 
 
