@@ -19,7 +19,7 @@ import torch
 from comfy_api.latest import io
 
 from .. import torch_utils
-from ..usdu import checks, pipeline, planner, runner, upscale
+from ..usdu import checks, pipeline, planner, runner
 from ..usdu import cond as usdu_cond
 from ..usdu import graphs as graphs_mod
 from . import residency
@@ -537,39 +537,24 @@ def _make_process(s: _Sampling, canvas_w: int, canvas_h: int, source_w: int, sou
 
 
 def _make_model_fn(upscale_model):
-    """``[B,H,W,C] -> [B,H*s,W*s,C]`` with a spandrel model on ComfyUI's device, in fp16
-    where the architecture allows (fp32 retry if fp16 overflows); the model's device and
-    dtype are restored afterwards (it is shared with other nodes)."""
+    """``[B,H,W,C] -> [B,H*s,W*s,C]`` through the pack's upscale engine (``upscale_cuda``),
+    the one the Upscale Image (SpeedKit CUDA) node and the CLI use: reduced precision where
+    the architecture allows (fp32 redo of overflowed frames), whole frames or VRAM-sized
+    tiles, out-of-memory halving. It runs on its own cached copy of the model (shared with
+    that node), so the UPSCALE_MODEL other nodes hold is never moved or cast."""
     import comfy.model_management as mm
+
+    from ..upscale_cuda.engine import UpscaleOptions, Upscaler
+    from .upscale_cuda import UpscaleImageCUDA
 
     def run(image: torch.Tensor) -> torch.Tensor:
         device = mm.get_torch_device()
-        inner = upscale_model.model
-        first = next(inner.parameters(), None)
-        orig_dtype = first.dtype if first is not None else torch.float32
-        orig_device = first.device if first is not None else torch.device("cpu")
-        scale = int(upscale_model.scale)
-        size = sum(p.numel() * p.element_size() for p in inner.parameters())
-        mm.free_memory(size + 512 * 512 * 3 * 4 * max(scale, 1) * 384 + image.nelement() * 4, device)
-        half = device.type == "cuda" and getattr(upscale_model, "supports_half", False)
-
-        def upscale_in(dtype: torch.dtype) -> torch.Tensor:
-            inner.to(device=device, dtype=dtype)
-
-            def call(x: torch.Tensor) -> torch.Tensor:
-                return upscale_model(x.to(device=device, dtype=dtype)).float()
-
-            return upscale.model_upscale(image.to(device), call, scale, check_cancel=throw_if_interrupted)
-
-        try:
-            if half:
-                out = upscale_in(torch.float16)
-                if bool(torch.isfinite(out).all()):
-                    return out
-                logger.warning("USDU: the upscale model overflowed in fp16; running it again in fp32")
-            return upscale_in(torch.float32)
-        finally:
-            inner.to(device=orig_device, dtype=orig_dtype)
+        upscaler = Upscaler(upscale_model, UpscaleOptions(), device=device, cache=UpscaleImageCUDA.cache)
+        mm.free_memory(upscaler.memory_estimate(image.shape[1], image.shape[2]), device)
+        out, _report = upscaler.upscale(
+            image, out_device=device, out_dtype=torch.float32, check_cancel=throw_if_interrupted
+        )
+        return out
 
     return run
 

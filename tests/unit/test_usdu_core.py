@@ -413,16 +413,6 @@ def test_lanczos_keeps_constants_and_matches_size():
     assert torch.allclose(m.sum(1), torch.ones(100, dtype=m.dtype))
 
 
-def test_model_upscale_tiles_blend_to_the_untiled_result():
-    def nearest2(x):
-        return torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
-
-    x = torch.rand(1, 70, 90, 3)
-    tiled = upscale.model_upscale(x, nearest2, 2, tile=32, overlap=8)
-    full = torch_utils.bchw_to_bhwc(nearest2(torch_utils.bhwc_to_bchw(x)))
-    assert torch.allclose(tiled, full, atol=1e-6)
-
-
 # ---------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------
