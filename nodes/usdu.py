@@ -244,6 +244,15 @@ def _inputs(kind: str) -> list:
             tooltip="same = every tile uses seed (upstream behaviour); per tile = tile i uses seed + i, "
             "so no noise pattern repeats from tile to tile.",
         ),
+        io.Boolean.Input(
+            "cuda_graphs",
+            default=True,
+            optional=True,  # prompts saved before this input existed stay valid
+            advanced=True,
+            tooltip="Replay the model's kernels of a repeated tile shape as a CUDA graph (one launch per "
+            "step instead of thousands): much faster at small batch sizes, same pixels. Used only on "
+            "CUDA for a fully loaded model without patches/ControlNet; anything else runs as usual.",
+        ),
         io.Combo.Input(
             "batching",
             options=list(runner.BATCHING_MODES),
@@ -253,15 +262,6 @@ def _inputs(kind: str) -> list:
             tooltip="exact = only tiles that do not overlap each other's context share a sampler call (same "
             "picture as one at a time); fast = consecutive tiles share a call, all cut before any is "
             "pasted back (fewer calls, slightly different seams).",
-        ),
-        io.Boolean.Input(
-            "cuda_graphs",
-            default=True,
-            optional=True,  # prompts saved before this input existed stay valid
-            advanced=True,
-            tooltip="Replay the model's kernels of a repeated tile shape as a CUDA graph (one launch per "
-            "step instead of thousands): much faster at small batch sizes, same pixels. Used only on "
-            "CUDA for a fully loaded model without patches/ControlNet; anything else runs as usual.",
         ),
     ]
     return inputs

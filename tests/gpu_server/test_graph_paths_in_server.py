@@ -26,14 +26,13 @@ def usdu_prompt(image: str, save: str, **extra) -> dict:
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
         "4": {"class_type": "LoadImage", "inputs": {"image": image}},
         "6": {
-            "class_type": "SpeedKit_UltimateSDUpscale",
+            "class_type": "SpeedKit_UltimateSDUpscaleNoUpscale",
             "inputs": {
-                "image": ["4", 0],
+                "upscaled_image": ["4", 0],
                 "model": ["1", 0],
                 "positive": ["2", 0],
                 "negative": ["3", 0],
                 "vae": ["1", 2],
-                "upscale_by": 2.0,
                 "seed": 7,
                 "steps": 3,
                 "denoise": 0.3,
@@ -47,12 +46,12 @@ def usdu_prompt(image: str, save: str, **extra) -> dict:
 
 
 def test_usdu_default_path_matches_plain_path(gpu_server, sdxl_checkpoint):  # noqa: F811
-    Image.fromarray(make_photo(512, 512)).save(gpu_server.input_dir / "usdu_512.png")
+    Image.fromarray(make_photo(1024, 1024)).save(gpu_server.input_dir / "usdu_1024.png")
     tag = gpu_server.setting
     before = len(gpu_server.log_text())
-    gpu_server.run_prompt(usdu_prompt("usdu_512.png", f"fast_{tag}", cuda_graphs=True), 900)
+    gpu_server.run_prompt(usdu_prompt("usdu_1024.png", f"fast_{tag}", cuda_graphs=True), 900)
     log = gpu_server.log_text()[before:]
-    gpu_server.run_prompt(usdu_prompt("usdu_512.png", f"plain_{tag}", cuda_graphs=False, batch_size=1), 900)
+    gpu_server.run_prompt(usdu_prompt("usdu_1024.png", f"plain_{tag}", cuda_graphs=False, batch_size=1), 900)
     probe = gpu_server.output_dir / "probe"
     fast = load_file(str(probe / f"fast_{tag}.safetensors"))["image"]
     plain = load_file(str(probe / f"plain_{tag}.safetensors"))["image"]
