@@ -72,7 +72,8 @@ def test_example_workflow_runs(gpu_server, path: Path, request, tmp_path):
     saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     save_nodes = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
     assert len(saved) >= len(save_nodes), entry["outputs"]
-    for img in saved:
-        file = gpu_server.output_dir / img.get("subfolder", "") / img["filename"]
+    for img in saved:  # SaveImage writes to output/, previews (the trainer's samples) to temp/
+        root = gpu_server.base / ("temp" if img.get("type") == "temp" else "output")
+        file = root / img.get("subfolder", "") / img["filename"]
         assert file.is_file() and file.stat().st_size > 0
     assert gpu_server.alive()
