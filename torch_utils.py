@@ -149,9 +149,12 @@ def normalize_range(
     if mode == "minmax per image":
         dims = tuple(range(1, t.ndim))
         return _stretch(t, t.amin(dim=dims, keepdim=True), t.amax(dim=dims, keepdim=True)).contiguous()
-    if not 0.0 <= low_percentile < high_percentile <= 100.0:
+    for label, value in (("low_percentile", low_percentile), ("high_percentile", high_percentile)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 100.0):
+            raise ValueError(f"{label}: {value!r} must be a number from 0 to 100; typical values are 0.5 and 99.5")
+    if not low_percentile < high_percentile:
         raise ValueError(
-            f"percentile: low ({low_percentile}) must be below high ({high_percentile}), both in 0..100; "
+            f"low_percentile / high_percentile: low ({low_percentile}) must be below high ({high_percentile}); "
             "typical values are 0.5 and 99.5"
         )
     flat = t.reshape(-1)
@@ -487,3 +490,46 @@ class StepProfiler:
         path = self.folder / f"{self.label}-{os.getpid()}.txt"
         path.write_text("\n\n".join(text))
         logger.info("%s: profile of %d steps written to %s", self.label, len(walls), path)
+
+
+# ---------------------------------------------------------------------------
+# File names typed by users
+# ---------------------------------------------------------------------------
+
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+_FORBIDDEN = set('<>:"|?*\\$;&`')
+
+
+def check_file_name(name: str, input_name: str, example: str, subfolders: bool = False) -> str:
+    """``name`` stripped, when it is a plain file name (or, with ``subfolders``, a relative
+    path of plain names); otherwise ``ValueError`` naming the input, what is wrong and an
+    example. Refused everywhere so a workflow works on every system and in every shell:
+    control characters, ``<>:"|?*\\``, shell metacharacters ``$;&``` and backquote, ``.``/``..``
+    parts, leading ``~``/``-``/``.``, trailing dots or spaces, Windows device names (CON, NUL,
+    COM1, ...), parts longer than 200 characters."""
+    text = name.strip() if isinstance(name, str) else name
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{input_name}={name!r} is empty: type a file name such as {example}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(
+            f"{input_name}={name!r} contains a control character (NUL, tab, newline ...); use e.g. {example}"
+        )
+    bad = sorted(_FORBIDDEN & set(text))
+    if bad:
+        raise ValueError(
+            f"{input_name}={name!r} contains {' '.join(bad)}; use letters, digits, spaces and - _ . ( ), e.g. {example}"
+        )
+    parts = text.split("/")
+    if len(parts) > 1 and not subfolders:
+        raise ValueError(f"{input_name}={name!r} must be a plain file name (no folder, no '..'); e.g. {example}")
+    for part in parts:
+        if part in ("", ".", "..") and subfolders:
+            raise ValueError(f"{input_name}={name!r} must stay inside the output folder (no '.' or '..' parts)")
+        if part in ("", ".", "..") or part[0] in "~-." or part[-1] in ". " or len(part) > 200:
+            raise ValueError(
+                f"{input_name}={name!r} has an unusable part {part!r} (empty, '.', '..', starting with ~ - . "
+                f"or ending in a dot or space, or over 200 characters); e.g. {example}"
+            )
+        if part.split(".")[0].strip().lower() in _WINDOWS_RESERVED:
+            raise ValueError(f"{input_name}={name!r}: {part!r} is a reserved device name on Windows; e.g. {example}")
+    return text

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..torch_utils import check_file_name
+
 logger = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -34,15 +36,11 @@ def validate_output_name(name: str) -> str:
     A trailing ``.safetensors`` is dropped (logged): the extension is added when saving, and
     keeping it would write ``name.safetensors.safetensors``.
     """
-    stripped = name.strip()
+    stripped = check_file_name(name, "output_name", "my_style")
     stem = stripped
     while stem.lower().endswith(LORA_SUFFIX):
         stem = stem[: -len(LORA_SUFFIX)].strip()
-    if not stem or stem in (".", "..") or any(c in stem for c in "/\\:") or "\x00" in stem:
-        raise ValueError(
-            f"output_name={name!r} must be a plain file name (no '/', '\\\\', ':' or '..'); "
-            f"the LoRA is written to ComfyUI's models/loras folder, e.g. output_name=my_style"
-        )
+    check_file_name(stem, "output_name", "my_style")
     if stem != stripped:
         logger.info("output_name: %r ends in %s; saving as %s%s", name, LORA_SUFFIX, stem, LORA_SUFFIX)
     return stem

@@ -14,8 +14,9 @@ import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 
+from ..torch_utils import check_file_name
 from . import tomlio
 
 CONFIG_ENV_VAR = "SPEEDKIT_MUSUBI_CONFIG"
@@ -276,21 +277,9 @@ def native_path(path: str | os.PathLike) -> str:
 
 
 def check_output_name(name: str, input_name: str = "output_name") -> str:
-    """A file name stem without folders: no separators, no ``..``, no reserved characters."""
-    stem = name.strip()
-    if not stem:
-        raise ValueError(f"{input_name} is empty: give a file name such as my_lora (no folder, no extension)")
-    if any(ord(c) < 32 or ord(c) == 127 for c in stem):
-        raise ValueError(
-            f"{input_name}: {name!r} contains a control character (NUL, tab, newline ...): type a plain file name "
-            "such as my_lora"
-        )
-    bad = set('<>:"|?*') & set(stem)
-    if "/" in stem or "\\" in stem or ".." in stem or bad or stem != PurePath(stem).name:
-        raise ValueError(
-            f"{input_name}={name!r} must be a plain file name: remove path separators, '..' and {sorted(bad) or 'the folder'}"
-            " (set the folder with output_dir instead)"
-        )
+    """A file name stem without folders (:func:`torch_utils.check_file_name`); a trailing
+    ``.safetensors`` is dropped."""
+    stem = check_file_name(name, input_name, "my_lora")
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
     return stem

@@ -22,6 +22,7 @@ from ..musubi import arch as archs
 from ..musubi import commands, configs, env, lora_file, media, monitor, runner
 from ..musubi import dataset as mdataset
 from ..musubi.runner import MusubiRunError, run_command
+from ..torch_utils import check_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +214,26 @@ def _register_loras(folder: Path) -> None:
     target = os.path.normcase(os.path.abspath(folder))
     if not any(target == k or target.startswith(k + os.sep) for k in known):
         folder_paths.add_model_folder_path("loras", str(folder))
+
+
+def _output_file(value: str, input_name: str) -> Path:
+    """A ``.safetensors`` output path: absolute as typed, or relative to ComfyUI's output
+    folder (never resolved against the server's working folder, and never leaving the
+    output folder through ``..``)."""
+    import folder_paths
+
+    text = env.native_path(value)
+    if not text or Path(text).suffix != ".safetensors":
+        raise ValueError(f"{input_name}={value!r} must be a .safetensors file path, e.g. /path/to/merged.safetensors")
+    path = Path(text)
+    if not path.is_absolute():
+        if ".." in Path(value.strip()).parts or ".." in path.parts:
+            raise ValueError(
+                f"{input_name}={value!r}: a relative path is taken inside ComfyUI's output folder and may not "
+                "contain '..'; give an absolute path to write elsewhere"
+            )
+        path = Path(folder_paths.get_output_directory()) / path
+    return path
 
 
 def _output_folder(path: Path, input_name: str) -> Path:
@@ -1541,9 +1562,7 @@ class MergeLoRA(io.ComfyNode):
         infos = lora_file.inspect_files(named)
         lora_file.require_musubi_layout(architecture, infos, "merge")
         lycoris = lora_file.merge_lycoris(architecture, infos, always=spec.lycoris)
-        out = Path(env.native_path(output_path))
-        if not output_path.strip() or out.suffix != ".safetensors":
-            raise ValueError(f"output_path={output_path!r} must be a .safetensors file path")
+        out = _output_file(output_path, "output_path")
         models = {"vae": vae, "text_encoder1": text_encoder1, "text_encoder2": text_encoder2,
                   "image_encoder": image_encoder}  # fmt: skip
         paths = commands.require_paths({"dit": dit, **models}, optional=tuple(models))
@@ -1619,9 +1638,7 @@ class PostHocEMA(io.ComfyNode):
         for name, keys in named:
             lora_file.inspect_lora(keys, name)  # LoRA, LoHa and LoKr average alike (tensor by tensor)
         lora_file.check_same_tensors(named)
-        out = Path(env.native_path(output_path))
-        if not output_path.strip() or out.suffix != ".safetensors":
-            raise ValueError(f"output_path={output_path!r} must be a .safetensors file path")
+        out = _output_file(output_path, "output_path")
         _not_an_input(out, "output_path", {f"checkpoints line {i + 1}": p for i, p in enumerate(paths)})
         argv = commands.post_hoc_ema_argv(e, paths, str(out), beta, beta2, sigma_rel, no_sort)
         _output_folder(out.parent, "output_path")
@@ -1688,14 +1705,7 @@ class VideoOutput(io.ComfyNode):
         import folder_paths
 
         _finite(fps=fps)
-        prefix = filename_prefix.strip() or "musubi/video"
-        if ".." in Path(prefix).parts or Path(prefix).is_absolute():
-            raise ValueError(f"filename_prefix={filename_prefix!r} must stay inside the output folder (no '..')")
-        if any(ord(c) < 32 for c in prefix):
-            raise ValueError(
-                f"filename_prefix: {filename_prefix!r} contains a control character (NUL, tab, newline ...): type a "
-                "plain name such as musubi/video"
-            )
+        prefix = check_file_name(filename_prefix or "musubi/video", "filename_prefix", "musubi/video", subfolders=True)
         arr = media.frames_to_uint8(_to_numpy(frames), "frames")
         out_dir = Path(folder_paths.get_output_directory())
         stem = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:4]}"

@@ -353,7 +353,13 @@ class Upscaler:
                 height, width, traits, elem, free_memory_bytes(self.device), opts.optimization_level, batch
             )
         overlap = opts.overlap if opts.overlap > 0 else auto_overlap(traits)
-        return plan_tiles(height, width, traits, tile, overlap)
+        plan = plan_tiles(height, width, traits, tile, overlap)
+        if opts.overlap > 0 and len(plan.tiles) > 1 and plan.overlap < opts.overlap:
+            logger.warning(
+                "upscale: overlap %d is more than half of the %dx%d tile; using %d",
+                opts.overlap, plan.tile_w, plan.tile_h, plan.overlap,
+            )  # fmt: skip
+        return plan
 
     # -- main entry ---------------------------------------------------------------------
     def upscale(

@@ -252,7 +252,7 @@ def test_video_output_nan_fps(node):
 
 
 def test_video_output_control_character_in_prefix(node):
-    with pytest.raises(ValueError, match=r"^filename_prefix: 'clip\\x00' contains a control character"):
+    with pytest.raises(ValueError, match=r"^filename_prefix='clip\\x00' contains a control character"):
         video_output(node, image(ok_frames()), prefix="clip\0")
 
 
@@ -511,7 +511,7 @@ def test_nul_in_a_command_line_argument_is_refused_before_starting(tmp_path):
 
 @pytest.mark.parametrize("bad", ["a\0b", "my\nlora", "tab\there"], ids=["nul", "newline", "tab"])
 def test_output_name_with_a_control_character(bad):
-    with pytest.raises(ValueError, match=r"^output_name: '.*' contains a control character"):
+    with pytest.raises(ValueError, match=r"^output_name='.*' contains a control character"):
         env.check_output_name(bad)
 
 

@@ -251,7 +251,7 @@ def test_full_config_flags_optimizer_sampling_memory(tmp_path):
     [
         (dict(output_name="../evil"), "must be a plain file name"),
         (dict(output_name="sub/dir"), "must be a plain file name"),
-        (dict(output_name=""), "output_name is empty"),
+        (dict(output_name=""), "output_name=.. is empty"),
         (
             dict(training=TrainingConfig(max_train_epochs=0, max_train_steps=0)),
             "set max_train_epochs or max_train_steps",

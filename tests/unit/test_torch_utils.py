@@ -175,3 +175,38 @@ def test_step_profiler_writes_a_report_only_when_asked(tmp_path, monkeypatch):
     text = report.read_text()
     assert text.startswith("loop: wall per step [")
     assert "aten::mm" in text and "aten::tanh" in text
+
+
+@pytest.mark.parametrize("good", ["my_lora", "Style v2 (final)", "a.b-c_d", "émoji ok 名前"])
+def test_plain_file_names_pass_unchanged(good):
+    assert tu.check_file_name(f"  {good} ", "output_name", "my_lora") == good
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ("", "is empty"),
+        ("../x", "plain file name"),
+        ("a/b", "plain file name"),
+        ("a\\b", "contains \\\\"),
+        ("x; rm -rf ~", "contains ;"),
+        ("$(id)", "contains \\$"),
+        ("a`b`", "contains `"),
+        ("nul\x00byte", "control character"),
+        ("CON", "reserved device name"),
+        ("lpt1.safetensors", "reserved device name"),
+        (".hidden", "unusable part"),
+        ("-rf", "unusable part"),
+        ("trailing.", "unusable part"),
+        ("x" * 201, "unusable part"),
+    ],
+)
+def test_unusable_file_names_name_the_input(bad, why):
+    with pytest.raises(ValueError, match=rf"^output_name=.*{why}"):
+        tu.check_file_name(bad, "output_name", "my_lora")
+
+
+def test_subfolders_stay_inside():
+    assert tu.check_file_name("musubi/video", "filename_prefix", "musubi/video", subfolders=True) == "musubi/video"
+    with pytest.raises(ValueError, match="must stay inside the output folder"):
+        tu.check_file_name("a/../../b", "filename_prefix", "musubi/video", subfolders=True)
