@@ -84,7 +84,9 @@ def test_validation_loss_is_deterministic_and_falls_as_the_lora_learns():
 def test_periodic_callbacks_run_between_steps_and_after_the_last(tmp_path):
     tr, *_ = make_run(steps=10)
     calls: list[tuple[str, int, int]] = []
-    info = trainer.RunInfo(output_name="t", base_model_version="sd_v1", architecture="a", implementation="i", resolution=32)
+    info = trainer.RunInfo(
+        output_name="t", base_model_version="sd_v1", architecture="a", implementation="i", resolution=32
+    )
     tr.run(
         tmp_path,
         info,
