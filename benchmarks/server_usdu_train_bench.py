@@ -258,7 +258,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - one case failing must not hide the others
                 log.exception("case %s failed", case)
                 results[f"{case}_error"] = repr(exc)[:2000]
-            print(json.dumps(results, indent=1, default=str), flush=True)  # noqa: T201 - the benchmark's report
+            log.info("results so far:\n%s", json.dumps(results, indent=1, default=str))
     finally:
         results["server_alive"] = server.alive()
         server.stop()
@@ -267,7 +267,7 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(results, indent=1, default=str))
             (args.out.with_suffix(".log")).write_text(server.log_text()[-200000:])
-    print(json.dumps(results, indent=1, default=str))  # noqa: T201
+    log.info("results:\n%s", json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -581,7 +581,6 @@ def _precision(model, vae) -> dict[str, torch.dtype | None]:
 def _redraw(image, settings, model, vae, upscale_model, device, factor, sampling, cuda_graphs, image_name):
     """Upscale and redraw with ``model`` (already the resident copy where one was made)."""
     source_h, source_w = image.shape[1:3]
-    batch_size, batching = settings.batch_size, settings.batching
     graphs = None
     if cuda_graphs:
         model, graphs = _with_cuda_graphs(model, device)
@@ -591,13 +590,13 @@ def _redraw(image, settings, model, vae, upscale_model, device, factor, sampling
     def on_canvas(canvas: torch.Tensor) -> None:
         ch, cw = canvas.shape[1:3]
         state["process"] = _make_process(sampling, cw, ch, source_w, source_h, factor)
-        passes = planner.plan(cw, ch, settings.plan)
-        state["pbar"] = progress_bar(max(runner.count_batches(passes, batch_size, batching, cw, ch), 1))
 
     def process(batch: runner.TileBatch) -> torch.Tensor:
         return state["process"](batch)
 
     def on_batch_done(done: int, total: int) -> None:
+        if "pbar" not in state:  # the runner plans the tiles once and says how many calls there are
+            state["pbar"] = progress_bar(max(total, 1))
         state["pbar"].update_absolute(done, total)
 
     model_fn = _make_model_fn(upscale_model) if upscale_model is not None else None

@@ -297,6 +297,22 @@ def executed_nodes(entry: dict) -> list[str] | None:
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
+def widget_inputs(info: dict, node: str, **values) -> dict:
+    """Every widget input of ``node`` (from /object_info ``info``) at its default, overridden by ``values``."""
+    out = {}
+    for section in ("required", "optional"):
+        for name, spec in info[node]["input"].get(section, {}).items():
+            opts = spec[1] if len(spec) > 1 else {}
+            if isinstance(spec[0], list):
+                out[name] = opts.get("default", spec[0][0])
+            elif spec[0] == "COMBO":
+                out[name] = opts.get("default", opts.get("options", [None])[0])
+            elif spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN") and "default" in opts:
+                out[name] = opts["default"]
+    out.update(values)
+    return out
+
+
 def widget_specs(entry: dict) -> list[tuple[str, str, dict]]:
     """(name, type, options) for each widget of a node, in the order of its ``widgets_values``.
 

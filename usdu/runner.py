@@ -182,13 +182,15 @@ def run_passes(
         raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
     out = canvas.to(torch.float32).clone()
     height, width = out.shape[1], out.shape[2]
-    total = count_batches(passes, batch_size, batching, width, height)
+    # every pass's calls, scheduled once (the wave analysis builds each tile's mask)
+    plans = [(p, schedule(p.jobs, batch_size, batching, width, height)) for p in passes if p.denoise > 0]
+    for p in passes:
+        if p.denoise <= 0:
+            logger.debug("USDU: pass %s skipped (denoise 0)", p.name)
+    total = sum(len(groups) for _, groups in plans)
     done = 0
-    for tile_pass in passes:
-        if tile_pass.denoise <= 0:
-            logger.debug("USDU: pass %s skipped (denoise 0)", tile_pass.name)
-            continue
-        for group in schedule(tile_pass.jobs, batch_size, batching, width, height):
+    for tile_pass, groups in plans:
+        for group in groups:
             if check_cancel is not None:
                 check_cancel()
             _run_group(out, group, tile_pass, process, seed, tile_seed_mode, multiple, precision)

@@ -22,7 +22,7 @@ from fake_musubi.fakeroot import FAKE_SITE, make_fake_root
 from PIL import Image
 from tiny_models import build_models
 
-from comfy_server import ComfyServer, PromptError, free_port
+from comfy_server import ComfyServer, PromptError, free_port, widget_inputs
 
 pytestmark = pytest.mark.integration
 NAN, INF = float("nan"), float("inf")
@@ -47,19 +47,7 @@ class Env:
     files: dict
 
 
-def _widgets(info: dict, node: str, **values) -> dict:
-    out = {}
-    for section in ("required", "optional"):
-        for name, spec in info[node]["input"].get(section, {}).items():
-            opts = spec[1] if len(spec) > 1 else {}
-            if isinstance(spec[0], list):
-                out[name] = opts.get("default", spec[0][0])
-            elif spec[0] == "COMBO":
-                out[name] = opts.get("default", opts.get("options", [None])[0])
-            elif spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN") and "default" in opts:
-                out[name] = opts["default"]
-    out.update(values)
-    return out
+_widgets = widget_inputs
 
 
 # ----------------------------------------------------------------------------------------

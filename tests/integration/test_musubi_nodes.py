@@ -13,6 +13,8 @@ import pytest
 from fake_musubi.fakeroot import FAKE_SITE, LYCORIS_SITE, make_fake_root
 from PIL import Image
 
+from comfy_server import widget_inputs
+
 pytestmark = pytest.mark.integration
 
 EXPECTED = {
@@ -33,20 +35,7 @@ def test_all_musubi_nodes_are_registered(comfy_server):
             assert info[node_id]["category"].startswith("MusubiTuner/")
 
 
-def widgets(info: dict, node: str, **values) -> dict:
-    """Every widget input at its default, overridden by ``values``."""
-    out = {}
-    for section in ("required", "optional"):
-        for name, spec in info[node]["input"].get(section, {}).items():
-            opts = spec[1] if len(spec) > 1 else {}
-            if isinstance(spec[0], list):
-                out[name] = opts.get("default", spec[0][0])
-            elif spec[0] == "COMBO":
-                out[name] = opts.get("default", opts.get("options", [None])[0])
-            elif spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN") and "default" in opts:
-                out[name] = opts["default"]
-    out.update(values)
-    return out
+widgets = widget_inputs
 
 
 @pytest.fixture
