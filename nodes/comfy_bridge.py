@@ -6,7 +6,11 @@ needs ``comfy_api`` (present in every ComfyUI new enough to run the pack).
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def to_intermediate(image: torch.Tensor) -> torch.Tensor:
@@ -28,3 +32,37 @@ def progress_bar(total: int, node_id: str | None = None):
     import comfy.utils
 
     return comfy.utils.ProgressBar(total, node_id=node_id)
+
+
+def _prompt_server():
+    """The running ``PromptServer``, or None (tests, the CLI, a server not started yet)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def send_event(event: str, data: dict) -> None:
+    """Push a custom event to the browser; silently skipped without a server.
+
+    A UI hiccup must never stop a run, so send errors are logged at debug level only.
+    """
+    server = _prompt_server()
+    if server is None:
+        return
+    try:
+        server.send_sync(event, data)
+    except Exception as exc:  # noqa: BLE001
+        logger.debug("UI event %s not sent: %s", event, exc)
+
+
+def send_progress_text(text: str, node_id: str | None) -> None:
+    """Show ``text`` under the node (ComfyUI's progress text); skipped without a server or node id."""
+    server = _prompt_server()
+    if server is None or not node_id:
+        return
+    try:
+        server.send_progress_text(text, node_id)
+    except Exception as exc:  # noqa: BLE001
+        logger.debug("progress text not sent: %s", exc)

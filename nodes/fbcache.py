@@ -20,6 +20,7 @@ from ..fbcache import (
     unet_input_block_patch,
     validate_settings,
 )
+from . import comfy_bridge
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +31,7 @@ DEFAULT_HIT_RESIDUAL = "extrapolate"  # benchmarks/fbcache_quality.py: ~+5 dB PS
 
 
 def _send_ui_text(node_id: str | None, text: str) -> None:
-    if not node_id:
-        return
-    try:
-        from server import PromptServer
-    except ImportError:  # headless use without the server module
-        return
-    instance = getattr(PromptServer, "instance", None)
-    if instance is not None:
-        instance.send_progress_text(text, node_id)
+    comfy_bridge.send_progress_text(text, node_id)
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):

@@ -31,7 +31,7 @@ from ..lora_train.trainer import (
     precompute_conditioning,
     stack_conditioning,
 )
-from . import lora_samples, residency
+from . import comfy_bridge, lora_samples, residency
 from .comfy_bridge import progress_bar, to_intermediate
 
 logger = logging.getLogger(__name__)
@@ -172,17 +172,10 @@ def _send_loss(
 ) -> None:
     """Live chart event for web/js/lora_train.js (``loss`` None: a validation point only);
     silently skipped without a running server."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    instance = getattr(PromptServer, "instance", None)
-    if instance is None:
-        return
     event = {"node": node_id, "step": step, "total": total, "loss": loss}
     if validation_loss is not None:
         event["validation_loss"] = validation_loss
-    instance.send_sync(LOSS_EVENT, event)
+    comfy_bridge.send_event(LOSS_EVENT, event)
 
 
 class TrainLoRA(io.ComfyNode):

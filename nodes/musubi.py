@@ -23,6 +23,7 @@ from ..musubi import commands, configs, env, lora_file, media, monitor, runner
 from ..musubi import dataset as mdataset
 from ..musubi.runner import MusubiRunError, run_command
 from ..torch_utils import check_file_name
+from . import comfy_bridge
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +114,8 @@ def _env(value, scripts: tuple[str, ...] = (), accelerate: bool = False) -> env.
 
 def _send(node_id, payload: dict) -> None:
     """Push a live-log message to the browser; silent when there is no server (tests, CLI)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
-    if server is None or node_id is None:
-        return
-    try:
-        server.send_sync(LOG_EVENT, {"node": str(node_id), **payload})
-    except Exception as exc:  # noqa: BLE001 - a UI hiccup must never stop a training run
-        logger.debug("live log message not sent: %s", exc)
+    if node_id is not None:
+        comfy_bridge.send_event(LOG_EVENT, {"node": str(node_id), **payload})
 
 
 def _run(argv, e: env.MusubiEnv, *, node_id, log_path, expected=(), what="musubi-tuner", done_line="", run_dirs=(),
