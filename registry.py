@@ -53,8 +53,10 @@ def declared_node_ids(module_name: str) -> list[str]:
         return []
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return []
+    # an adapter package (nodes/musubi/) declares its nodes in its submodules
+    files = sorted(Path(spec.origin).parent.rglob("*.py")) if spec.submodule_search_locations else [Path(spec.origin)]
     try:
-        source = Path(spec.origin).read_text(encoding="utf-8")
+        source = "\n".join(f.read_text(encoding="utf-8") for f in files)
     except OSError:
         return []
     return re.findall(r"node_id\s*=\s*[\"']([A-Za-z0-9_]+)[\"']", source)

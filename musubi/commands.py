@@ -16,14 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .arch import ARCHS, TRAINABLE, get_arch
+from .arch import ARCHS, FRAMES_OUTPUT_TYPE, TRAINABLE, get_arch
 from .configs import MemoryConfig, OptimizerConfig, SamplingConfig, TrainingConfig, _num, check_finite
 from .env import MusubiEnv, check_output_name, native_path
 
 WAN22_TASKS = ("t2v-A14B", "i2v-A14B")
 WAN_I2V_TASKS = ("i2v-14B", "flf2v-14B", "i2v-14B-FC", "i2v-A14B")
 GEN_ATTENTION = ("torch", "sdpa", "flash", "sageattn", "xformers")
-GEN_OUTPUT_TYPES = ("images", "both", "video")
 
 
 def extra_args(text: str, name: str = "extra_args") -> list[str]:
@@ -138,12 +137,12 @@ def cache_latents_argv(
         if not spec.has_i2v_cache:
             raise ValueError(f"i2v caching is for Wan and HunyuanVideo 1.5 only, not {spec.label}: switch i2v off")
         argv.append("--i2v")
-    if arch in ("wan", "framepack"):
-        _flag(argv, "--one_frame", one_frame)
-    elif one_frame:
+    if one_frame and "--one_frame" not in spec.latent_switches:
         raise ValueError(f"one_frame is a Wan / FramePack option, not {spec.label}: switch it off")
-    if arch == "framepack":
-        _flag(argv, "--f1", f1)
+    # switches the script lacks (f1, vae_cache_cpu) are dropped, never passed to a parser that refuses them
+    for flag, on in (("--one_frame", one_frame), ("--f1", f1)):
+        if flag in spec.latent_switches:
+            _flag(argv, flag, on)
     vae_opts = {
         "--vae_tiling": vae_tiling,
         "--vae_chunk_size": vae_chunk_size,
@@ -152,7 +151,7 @@ def cache_latents_argv(
     for flag, value in vae_opts.items():
         if flag in spec.vae_options:
             _flag(argv, flag, value)
-    if arch == "wan":
+    if "--vae_cache_cpu" in spec.latent_switches:
         _flag(argv, "--vae_cache_cpu", vae_cache_cpu)
     if spec.has_model_version:
         _flag(argv, "--model_version", model_version)
@@ -182,8 +181,8 @@ def cache_text_encoder_argv(
     if len([t for t in text_encoders[len(spec.te_flags) :] if t]):
         raise ValueError(f"{spec.label} uses {len(spec.te_flags)} text encoder(s): clear text_encoder2")
     _flag(argv, spec.te_fp8_flag, fp8)
-    if arch == "hunyuan_video":
-        _flag(argv, "--text_encoder_dtype", text_encoder_dtype)
+    if spec.te_dtype_flag:
+        _flag(argv, spec.te_dtype_flag, text_encoder_dtype)
     if spec.has_model_version:
         _flag(argv, "--model_version", model_version)
     return argv + options.args()
@@ -381,7 +380,7 @@ class GenerateJob:
     blocks_to_swap: int = 0
     vae_chunk_size: int = 0
     vae_spatial_tile_sample_min_size: int = 0
-    output_type: str = "images"
+    output_type: str = FRAMES_OUTPUT_TYPE  # the one type every generate script writes PNG frames for
     extra: str = ""
 
 
@@ -401,8 +400,8 @@ def generate_argv(env: MusubiEnv, job: GenerateJob) -> list[str]:
         raise ValueError(f"width x height {job.width}x{job.height} must be positive multiples of 16")
     if job.attn_mode not in GEN_ATTENTION:
         raise ValueError(f"attn_mode={job.attn_mode!r} must be one of {GEN_ATTENTION}")
-    if job.output_type not in GEN_OUTPUT_TYPES:
-        raise ValueError(f"output_type={job.output_type!r} must be one of {GEN_OUTPUT_TYPES}")
+    if job.output_type not in spec.output_types:
+        raise ValueError(f"output_type={job.output_type!r} must be one of {', '.join(spec.output_types)}")
     argv = env.python_cmd(spec.generate) + ["--dit", job.dit, "--vae", job.vae]
     if job.arch == "wan":
         if job.task not in spec.tasks:

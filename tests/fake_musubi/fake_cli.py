@@ -16,11 +16,20 @@ Merge-only runs (``--save_merged_model`` on a generate script) follow musubi v0.
 file is written only on the ``--lycoris`` path (Wan, FramePack, Qwen-Image, Z-Image,
 HunyuanVideo 1.5; without it they exit 0 having saved nothing), and Qwen-Image / Z-Image
 crash after saving (their ``main()`` goes on into generation without a model).
+
+Generation (``hv_`` / ``wan_`` / ``fpack_generate_video``) writes, for each ``--output_type``,
+the files the real save code writes, under the same names: PNG frames only for ``images``
+(and FramePack's ``latent_images``), a latent and an MP4 for ``both``; one-frame runs (Wan
+``--video_length 1``, FramePack ``--one_frame_inference``) put their PNGs straight into
+``--save_path``. tests/integration/test_musubi_real_outputs.py holds this against musubi's
+own save functions.
 """
 
 import argparse
+import datetime
 import json
 import os
+import random
 import signal
 import struct
 import subprocess
@@ -44,9 +53,9 @@ def log_pid(pid):
             f.write(f"{pid}\n")
 
 
-def write_safetensors(path, keys):
+def write_safetensors(path, keys, metadata=None):
     """A tiny valid .safetensors file: every tensor F32 of shape [2, 2] (zeros)."""
-    header, offset = {"__metadata__": {"ss_network_module": "networks.lora"}}, 0
+    header, offset = {"__metadata__": metadata or {"ss_network_module": "networks.lora"}}, 0
     for key in keys:
         header[key] = {
             "dtype": "F32",
@@ -141,6 +150,72 @@ def cache(args):
         fail()
 
 
+# --- generation: the files each generate script's save code writes (musubi v0.3.4) -----------
+# tests/integration/test_musubi_real_outputs.py runs the real save code next to this one and
+# compares the files, so a change in musubi (or here) fails there.
+
+OUTPUT_TYPES = {
+    "hv_generate_video": ("video", "images", "latent", "both"),
+    "wan_generate_video": ("video", "images", "latent", "both", "latent_images"),
+    "fpack_generate_video": ("video", "images", "latent", "both", "latent_images"),
+}
+"""Each generate script's ``--output_type`` choices; the default is ``video``."""
+
+DEFAULT_FPS = {"hv_generate_video": 24, "wan_generate_video": 16, "fpack_generate_video": 30}
+
+
+def time_flag():
+    """hv_generate_video.get_time_flag: local time to the millisecond."""
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
+
+
+def framepack_frames(video_seconds, latent_window_size=9, one_frame=False):
+    """About the frame count FramePack decodes: one 4 * window - 3 frame stretch per section."""
+    if one_frame:
+        return 1
+    sections = max(round(video_seconds * 30 / (latent_window_size * 4)), 1)
+    return sections * (latent_window_size * 4 - 3)
+
+
+def save_latent(path, args, seed, height, width):
+    """A safetensors file with one ``latent`` tensor and metadata, like the scripts' save_latent."""
+    write_safetensors(path, ["latent"], {"seeds": str(seed), "prompt": str(args.prompt), "height": str(height),
+                                         "width": str(width)})  # fmt: skip
+    out(f"INFO:musubi_tuner:Latent saved to: {path}")
+
+
+def save_video(path, frames, width, height, fps):
+    """An MP4 (H.264 with PyAV when this interpreter has it, else just an MP4 header)."""
+    try:
+        import av
+        import numpy as np
+    except ImportError:
+        with open(path, "wb") as f:
+            f.write(b"\0\0\0\x18ftypmp42")
+    else:
+        with av.open(path, mode="w") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for i in range(frames):
+                pixels = np.full((height, width, 3), (i * 40 % 256, 80, 160), np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+            container.mux(stream.encode())
+    out(f"INFO:musubi_tuner:Video saved to: {path}")
+
+
+def save_images(save_path, image_name, frames, width, height, subfolder=True):
+    """hv_generate_video.save_images_grid: <save_path>/<name>/<name>_NNN.png (or flat)."""
+    from PIL import Image
+
+    folder = os.path.join(save_path, image_name) if subfolder else save_path
+    os.makedirs(folder, exist_ok=True)
+    for i in range(frames):
+        Image.new("RGB", (width, height), (i * 40 % 256, 80, 160)).save(
+            os.path.join(folder, f"{image_name}_{i:03d}.png")
+        )
+    out(f"INFO:musubi_tuner:Sample images saved to: {save_path}/{image_name}")
+
+
 def generate(args):
     steps = args.infer_steps or 4
     for i in range(1, steps + 1):
@@ -149,20 +224,37 @@ def generate(args):
     sys.stderr.write("\n")
     if MODE == "fail":
         fail()
-    from PIL import Image
-
-    h, w = args.video_size or (48, 64)
-    frames = args.video_length or 5
-    name = f"20260101000000_{args.seed if args.seed is not None else 0}"
-    if args.output_type in ("images", "both", "latent_images"):
-        folder = os.path.join(args.save_path, name)
-        os.makedirs(folder, exist_ok=True)
-        for i in range(frames):
-            Image.new("RGB", (w, h), (i * 40 % 256, 80, 160)).save(os.path.join(folder, f"{name}_{i:03d}.png"))
-    if args.output_type in ("video", "both"):
-        with open(os.path.join(args.save_path, name + ".mp4"), "wb") as f:
-            f.write(b"\0\0\0\x18ftypmp42")
-    out(f"INFO:musubi_tuner:Saved to {args.save_path}")
+    if MODE == "no_output":
+        return
+    height, width = args.video_size or (48, 64)
+    seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+    kind, save = args.output_type, args.save_path
+    fps = args.fps or DEFAULT_FPS[SCRIPT]
+    os.makedirs(save, exist_ok=True)
+    if SCRIPT == "hv_generate_video":
+        # main() saves inline: "<time>_<batch index>_<seed>"
+        frames, base = args.video_length or 129, f"{time_flag()}_0_{seed}"
+        if kind in ("latent", "both"):
+            save_latent(f"{save}/{base}_latent.safetensors", args, seed, height, width)
+        if kind in ("video", "both"):
+            save_video(f"{save}/{base}.mp4", frames, width, height, fps)
+        elif kind == "images":
+            save_images(save, base, frames, width, height)
+        return
+    # wan / fpack save_output: the empty original name still adds "_" to the video and image names
+    if SCRIPT == "wan_generate_video":
+        frames = args.video_length or 81
+        one_frame, images = frames == 1, ("images",)
+    else:
+        one_frame = args.one_frame_inference is not None
+        frames = framepack_frames(args.video_seconds, args.latent_window_size, one_frame)
+        images = ("images", "latent_images")
+    if kind in ("latent", "both", "latent_images"):
+        save_latent(f"{save}/{time_flag()}_{seed}_latent.safetensors", args, seed, height, width)
+    if kind in ("video", "both"):
+        save_video(f"{save}/{time_flag()}_{seed}_.mp4", frames, width, height, fps)
+    elif kind in images:
+        save_images(save, f"{time_flag()}_{seed}_", frames, width, height, subfolder=not one_frame)
 
 
 # generate scripts that save a merged DiT only through LyCORIS, and those that crash afterwards
@@ -212,7 +304,6 @@ def main():
         "--output_dir",
         "--output_name",
         "--save_path",
-        "--output_type",
         "--input",
         "--output",
         "--save_merged_model",
@@ -221,9 +312,14 @@ def main():
     ):
         p.add_argument(flag)
     p.add_argument("--lycoris", action="store_true")
-    for flag in ("--max_train_epochs", "--save_every_n_epochs", "--infer_steps", "--video_length", "--seed"):
+    for flag in ("--max_train_epochs", "--save_every_n_epochs", "--infer_steps", "--video_length", "--seed", "--fps"):
         p.add_argument(flag, type=int)
     p.add_argument("--video_size", type=int, nargs=2)
+    p.add_argument("--output_type", default="video", choices=OUTPUT_TYPES.get(SCRIPT))
+    p.add_argument("--prompt")
+    p.add_argument("--video_seconds", type=float, default=5.0)
+    p.add_argument("--latent_window_size", type=int, default=9)
+    p.add_argument("--one_frame_inference")
     p.add_argument("--lora_weight", nargs="*")
     args, _ = p.parse_known_args()
     if SCRIPT.endswith("train_network"):

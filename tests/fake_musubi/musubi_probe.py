@@ -5,13 +5,20 @@ with a JSON request on stdin::
 
     {"root": "<musubi checkout>", "argv_checks": [{"script": "wan_train_network", "argv": [...]}],
      "dataset_checks": ["<toml path>", ...], "architecture": "wan",
-     "accelerate_checks": [[...launch flags...]]}
+     "accelerate_checks": [[...launch flags...]],
+     "save_checks": [{"script": "wan_generate_video", "argv": [...], "frames": 5}],
+     "keep_real": ["torch", ...]}
 
 Each script's module is imported from the checkout and its ``main()`` is run with the
 argv until its parser has parsed it (``ArgumentParser.parse_args`` is intercepted, so no
 model is loaded). Packages missing from this interpreter (torch, transformers, ...) are
 replaced by inert stubs, so the parser is musubi's real one even without its venv.
 The answer (JSON on stdout) says, per check, ``ok`` or the parser's error message.
+
+A save check runs a generate script's real save code (``save_output``, or the end of
+hv_generate_video's ``main()``) on a stand-in decoded video and lists the files it wrote;
+it needs real torch, torchvision, einops, PyAV, safetensors and Pillow (``keep_real`` keeps
+those real when the rest is stubbed).
 """
 
 import argparse
@@ -111,7 +118,7 @@ class _StubFinder(importlib.abc.MetaPathFinder):
         return importlib.machinery.ModuleSpec(name, _StubLoader(), is_package=True)
 
 
-def third_party_imports(package_dir, stub_all=False):
+def third_party_imports(package_dir, stub_all=False, keep_real=()):
     """Top-level names musubi's modules import that are neither stdlib nor musubi itself."""
     import ast
     import pathlib
@@ -131,7 +138,7 @@ def third_party_imports(package_dir, stub_all=False):
     if stub_all:
         # Not musubi's venv: stub every heavy package (a half-matching mix of real torch /
         # transformers / accelerate versions breaks at import). Only the light schema libraries stay real.
-        keep = {"voluptuous", "toml"}
+        keep = {"voluptuous", "toml", *keep_real}
         return {n for n in names if n not in skip and (n not in keep or importlib.util.find_spec(n) is None)}
     return {n for n in names if n not in skip and importlib.util.find_spec(n) is None}
 
@@ -200,6 +207,90 @@ def check_argv(script, argv):
         sys.argv = old_argv
 
 
+HV_SAVE_START = "output_type"
+"""hv_generate_video.py saves inside main(): from ``output_type = args.output_type`` to its end."""
+
+
+def _hv_save_block(module):
+    """hv_generate_video.main()'s save statements as a function of the names they read."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    start = next(
+        i
+        for i, node in enumerate(main.body)
+        if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == [HV_SAVE_START]
+    )
+    params = "args, latents, seeds, original_base_names, height, width, video_length, num_inference_steps, device"
+    body = "\n".join(ast.unparse(node) for node in main.body[start:])
+    source = f"def _save({params}):\n" + "\n".join("    " + line for line in body.splitlines())
+    namespace = {}
+    exec(compile(source, module.__file__, "exec"), module.__dict__, namespace)  # noqa: S102 - musubi's own code
+    return namespace["_save"]
+
+
+def _listing(folder):
+    """Relative paths of the files under ``folder``; a .safetensors file with its tensor names."""
+    import pathlib
+    import struct
+
+    out = []
+    for path in sorted(pathlib.Path(folder).rglob("*")):
+        if path.is_file():
+            entry = {"path": path.relative_to(folder).as_posix(), "size": path.stat().st_size}
+            if path.suffix == ".safetensors":
+                with open(path, "rb") as f:
+                    header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+                entry["tensors"] = sorted(k for k in header if k != "__metadata__")
+            out.append(entry)
+    return out
+
+
+def check_save(script, argv, frames):
+    """Run ``script``'s real save code for ``argv`` on a decoded video of ``frames`` frames.
+
+    The model is never loaded: the decode function is replaced by one returning a grey video of
+    the asked size; everything after it (file names, folders, formats) is musubi's code. Returns
+    the files written under ``--save_path`` and the parser's ``--output_type`` choices.
+    """
+    import torch
+
+    module = importlib.import_module(f"musubi_tuner.{script}")
+    parsers = []
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        parsers.append(self)
+        return original(self, args, namespace)
+
+    old_argv, sys.argv = sys.argv, [f"{script}.py", *argv]
+    argparse.ArgumentParser.parse_args = parse_args
+    try:
+        args = module.parse_args()
+    finally:
+        argparse.ArgumentParser.parse_args = original
+        sys.argv = old_argv
+    choices = next(a.choices for a in parsers[-1]._actions if a.dest == "output_type")
+    height, width = args.video_size
+    video = torch.zeros(3, frames, height, width)  # the scripts' decoders return [C, F, H, W]
+    latent = torch.zeros(16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    if script == "hv_generate_video":
+        module.decode_latents = lambda args, latents, device: (video + 0.5).unsqueeze(0)  # [B, C, F, H, W] in 0..1
+        save = _hv_save_block(module)
+        save(args, latent.unsqueeze(0), [args.seed], None, height, width, frames, args.infer_steps, "cpu")
+    elif script == "wan_generate_video":
+        module.decode_latent = lambda latent, args, cfg: video
+        module.save_output(latent, args, None, height, width)
+    elif script == "fpack_generate_video":
+        module.decode_latent = lambda *a, **kw: video
+        module.save_output(args, object(), latent, "cpu")
+    else:
+        return {"ok": False, "error": f"no save check for {script}"}
+    return {"ok": True, "files": _listing(args.save_path), "output_types": list(choices)}
+
+
 def check_dataset(path, architecture):
     from musubi_tuner.dataset import config_utils
 
@@ -244,8 +335,9 @@ def check_accelerate(flags):
 def main():
     request = json.load(sys.stdin)
     sys.path.insert(0, request["root"] + "/src")
+    keep_real = request.get("keep_real", [])
     try:
-        if request.get("stub_all"):
+        if request.get("stub_all") and "torch" not in keep_real:
             raise ImportError("torch is stubbed")
         import torch
 
@@ -254,7 +346,9 @@ def main():
             torch.cuda.current_device = lambda: 0
     except ImportError:
         pass
-    finder = _StubFinder(third_party_imports(request["root"] + "/src/musubi_tuner", request.get("stub_all", False)))
+    finder = _StubFinder(
+        third_party_imports(request["root"] + "/src/musubi_tuner", request.get("stub_all", False), keep_real)
+    )
     if request.get("stub_all"):
         sys.meta_path.insert(0, finder)
     else:
@@ -270,6 +364,7 @@ def main():
                 check_dataset(p, request.get("architecture", "wan")) for p in request.get("dataset_checks", [])
             ],
             "accelerate": [check_accelerate(f) for f in request.get("accelerate_checks", [])],
+            "saves": [check_save(c["script"], c["argv"], c["frames"]) for c in request.get("save_checks", [])],
         }
     finally:
         sys.stdout = real_out

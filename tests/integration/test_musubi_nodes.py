@@ -229,6 +229,31 @@ def test_generate_with_lora_and_batch_prompts_to_webp(comfy_server, fake_setup, 
     assert argv[0] == "wan_generate_video" and argv[argv.index("--lora_multiplier") + 1] == "0.8"
     assert argv[argv.index("--video_size") + 1 : argv.index("--video_size") + 3] == ["48", "64"]
     assert argv[argv.index("--prompt") + 1] in ("a red fox", "a blue bird")
+    # the one output type for which musubi's generate scripts save PNG frames (see test_musubi_real_outputs.py)
+    assert argv[argv.index("--output_type") + 1] == "images"
+
+
+def test_one_frame_generation_returns_its_frame(comfy_server, fake_setup, tmp_path):
+    """Wan with one frame saves its PNG straight into the run folder, not in a frame folder."""
+    root, _, models = fake_setup
+    info = comfy_server.object_info()
+    prompt = {
+        "1": {"class_type": "MusubiTuner_Environment", "inputs": widgets(
+            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
+            extra_env=f"PYTHONPATH={FAKE_SITE}")},
+        "2": {"class_type": "MusubiTuner_GenerateVideo_Wan", "inputs": widgets(
+            info, "MusubiTuner_GenerateVideo_Wan", musubi_env=["1", 0], prompt="a fox", task="t2v-1.3B",
+            dit=str(models / "dit.safetensors"), vae=str(models / "vae.safetensors"), t5=str(models / "t5.pth"),
+            width=64, height=48, frames=1, steps=2, seed=11)},
+        "3": {"class_type": "MusubiTuner_VideoOutput", "inputs": widgets(
+            info, "MusubiTuner_VideoOutput", frames=["2", 0], fps=8.0, format="webp", filename_prefix="itest/one")},
+    }  # fmt: skip
+    entry = comfy_server.run_prompt(prompt, timeout=120)
+    preview = _history_outputs(comfy_server, entry)["3"]["images"][0]
+    from speedkit.musubi import media
+
+    frames, _ = media.read_video(comfy_server.output_dir / preview["subfolder"] / preview["filename"])
+    assert frames.shape == (1, 48, 64, 3)
 
 
 def test_wan22_generate_applies_each_lora_to_its_dit(comfy_server, fake_setup, tmp_path):

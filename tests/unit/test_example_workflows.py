@@ -19,7 +19,7 @@ OUR_PREFIXES = ("SpeedKit_", "MusubiTuner_")
 
 def declared_node_ids() -> set[str]:
     ids = set()
-    for path in (REPO / "nodes").glob("*.py"):
+    for path in (REPO / "nodes").rglob("*.py"):
         ids.update(re.findall(r"node_id\s*=\s*[\"']([\w]+)[\"']", path.read_text()))
     return ids
 

@@ -101,10 +101,17 @@ def _fake_comfy(monkeypatch, tmp_path: Path, interrupted=lambda: False) -> None:
     monkeypatch.delenv(env.CONFIG_ENV_VAR, raising=False)
 
 
+def _adapter_modules() -> list[str]:
+    return [k for k in sys.modules if k == ADAPTER or k.startswith(ADAPTER + ".")]
+
+
 def _import_adapter(monkeypatch):
-    monkeypatch.delitem(sys.modules, ADAPTER, raising=False)
+    # the package and its submodules, imported afresh against the stand-in ComfyUI (and dropped after)
+    for name in _adapter_modules():
+        monkeypatch.delitem(sys.modules, name)
     module = importlib.import_module(ADAPTER)
-    monkeypatch.setitem(sys.modules, ADAPTER, module)
+    for name in _adapter_modules():
+        monkeypatch.setitem(sys.modules, name, sys.modules[name])
     for cls in module.NODES:
         cls.hidden = SimpleNamespace(unique_id="7")
     return module
@@ -119,7 +126,7 @@ def node(monkeypatch, tmp_path):
     def tripwire(*args, **kwargs):
         raise AssertionError(MUSUBI_STARTED)
 
-    monkeypatch.setattr(module, "run_command", tripwire)
+    monkeypatch.setattr(module.running, "run_command", tripwire)
     return module
 
 

@@ -552,3 +552,25 @@ def test_video_to_video_and_fun_control():
     assert hv[hv.index("--strength") + 1] == "0.6"
     with pytest.raises(ValueError, match="FramePack takes no input video"):
         generate_argv(ENV, GenerateJob(arch="framepack", text_encoder2="t2", image_encoder="i", video_path="x", **base))
+
+
+def test_arch_table_node_inputs_fill_real_job_fields():
+    """Each per-architecture node input in musubi/arch.py names a field the command builders take."""
+    from dataclasses import fields
+
+    from speedkit.musubi.arch import ARCHS, TRAINABLE
+
+    train_models = {f.name for f in fields(TrainModels)}
+    train_job = {f.name for f in fields(TrainJob)}
+    generate_job = {f.name for f in fields(GenerateJob)}
+    for arch in TRAINABLE:
+        spec = ARCHS[arch]
+        for row in spec.train_inputs:
+            assert row.field in (train_models if row.role == "model" else train_job), (arch, row)
+        for row in spec.generate_inputs:
+            assert row.role in ("model", "file", "job") and row.field in generate_job, (arch, row)
+        for row in (*spec.train_inputs, *spec.generate_inputs):
+            assert row.kind in ("path", "int", "float", "bool", "choice"), (arch, row)
+            assert row.kind != "choice" or row.default in row.choices, (arch, row)
+        names = [r.name for r in spec.train_inputs]
+        assert len(names) == len(set(names)), f"{arch}: an input name repeats in train_inputs"

@@ -1,6 +1,6 @@
 """Every MusubiTuner help page (web/docs/<node_id>.md) lists exactly its node's inputs.
 
-The node schemas are read without ComfyUI: ``nodes/musubi.py`` is imported against a small
+The node schemas are read without ComfyUI: ``nodes/musubi/`` is imported against a small
 stand-in for ``comfy_api.latest.io`` that only records what ``define_schema()`` declares
 (input ids, order, optional / advanced flags, tooltips). The integration tier compares the
 same schemas with what a real ComfyUI server reports.
@@ -54,14 +54,18 @@ def schemas() -> dict[str, SimpleNamespace]:
     latest.io = io
     fakes = {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest, "comfy_api.latest.io": io}
     name = "speedkit.nodes.musubi"
-    saved = {k: sys.modules.get(k) for k in [*fakes, name]}
+    adapter = [k for k in sys.modules if k == name or k.startswith(name + ".")]
+    saved = {k: sys.modules.get(k) for k in [*fakes, *adapter]}
     sys.modules.update(fakes)
-    sys.modules.pop(name, None)
+    for key in adapter:
+        sys.modules.pop(key)
     try:
         module = importlib.import_module(name)
         return {s.node_id: s for s in (cls.define_schema() for cls in module.NODES)}
     finally:
         # leave sys.modules as found: later tests must not see the stand-in
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            sys.modules.pop(key)  # the package and its submodules, imported against the stand-in
         for key, value in saved.items():
             if value is None:
                 sys.modules.pop(key, None)
