@@ -1,6 +1,6 @@
 // Live log panel for the MusubiTuner nodes that run musubi-tuner scripts.
 //
-// The Python adapter (nodes/musubi.py) sends "speedkit.musubi.log" events through
+// The Python adapter (nodes/musubi/) sends "speedkit.musubi.log" events through
 // PromptServer.send_sync: {node, reset?, summary?, lines?}. This extension adds a read-only
 // log box to those nodes and appends the lines as they arrive (last MAX_LINES kept).
 import { app } from "../../../scripts/app.js";
