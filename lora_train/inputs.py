@@ -1,4 +1,4 @@
-"""Checks of Train LoRA's number inputs that ComfyUI's own validation lets through.
+"""Checks of Train LoRA's inputs that ComfyUI's own validation lets through.
 
 ComfyUI refuses a value below ``min`` or above ``max`` by comparing, and every comparison with
 NaN is false: a NaN learning rate reaches the node and would train a NaN LoRA. The adapter runs
@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import data, validation
+from .sample_prompts import SIZE_MAX, SamplePrompt, parse_prompts
 
 # node input -> (lowest allowed, lowest is allowed itself, a value to suggest)
 FLOAT_INPUTS: dict[str, tuple[float, bool, str]] = {
@@ -42,3 +47,52 @@ def check_text_encoder_lr(text_encoder_lr: float, train_text_encoder: bool) -> N
             "text_encoder_lr: 0 with train_text_encoder on would save a text-encoder LoRA that never trains; "
             "set text_encoder_lr to e.g. 5e-5, or turn train_text_encoder off"
         )
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What the run does between steps besides training: sample images, validation loss."""
+
+    prompts: tuple[SamplePrompt, ...] = ()
+    sample_every: int = 0
+    validation_split: float = 0.0
+    validate_every: int = 50
+
+
+def check_extras(
+    sample_every: int,
+    prompts_text: str,
+    size: int,
+    seed: int,
+    validation_split: float,
+    validate_every: int,
+    image_count: int,
+) -> Extras:
+    """Check the sampling and validation inputs (before any model work) and bundle them.
+
+    ``size``: the sample side length already resolved (``sample_size`` or the training resolution).
+    """
+    for label, value in (("sample_every", sample_every), ("validate_every", validate_every), ("sample_seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{label}: {value!r} must be a whole number >= 0")
+    if not 64 <= size <= SIZE_MAX or size % 8:
+        raise ValueError(
+            f"sample_size: {size} must be a multiple of 8 between 64 and {SIZE_MAX} (0 = training resolution)"
+        )
+    prompts = tuple(parse_prompts(prompts_text or "", width=size, height=size, seed=seed))
+    if sample_every and not prompts:
+        raise ValueError(
+            "sample_prompts: sample_every is set but there is no prompt; write one prompt per line or set sample_every to 0"
+        )
+    validation.split_holdout(image_count, validation_split, 0)  # refuses a split that leaves nothing to train on
+    return Extras(prompts, sample_every, validation_split, max(1, validate_every))
+
+
+def resolve_resume(value: str, state_dir: Path) -> Path | None:
+    """``resume_from`` as a path: a state file path, or an ``output_name`` whose state is in ``state_dir``."""
+    if not value.strip():
+        return None
+    path = data.user_path(value)
+    if path.is_absolute() or path.exists() or Path(f"{path}-state.json").exists():
+        return path
+    return state_dir / path

@@ -112,21 +112,12 @@ class SampleRenderer:
         return paths
 
 
-def preview_sender(pbar, total: int):
-    """A ``preview(image)`` that shows a picture on the node through ComfyUI's progress bar."""
+def preview_payload(image: torch.Tensor) -> tuple:
+    """``[H, W, 3]`` float -> the preview a ComfyUI progress-bar update shows on the node."""
     from PIL import Image
 
-    state = {"step": 0}
-
-    def send(image: torch.Tensor) -> None:
-        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        pbar.update_absolute(state["step"], total, ("PNG", Image.fromarray(pixels), PREVIEW_MAX))
-
-    def at(step: int):
-        state["step"] = step
-        return send
-
-    return at
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return ("PNG", Image.fromarray(pixels), PREVIEW_MAX)
 
 
 def last_round_batch(images: list[torch.Tensor]) -> torch.Tensor | None:

@@ -1,7 +1,7 @@
 """Train LoRA: every bad input gets a clear error (input name, value, fix) before any heavy work.
 
 The node-level tests run ``TrainLoRA.execute`` with a stand-in ``comfy_api`` / ``folder_paths``,
-the model family stubbed and the training run (``_Run``: VAE encoding, model loading, training)
+the model family stubbed and the training run (``train``: VAE encoding, model loading, training)
 replaced by a tripwire, so each test proves the input is refused before that work starts.
 """
 
@@ -17,11 +17,12 @@ import types
 from pathlib import Path
 from types import SimpleNamespace
 
+import lora_toy as toy
 import pytest
 import torch
 from PIL import Image
 
-from speedkit.lora_train import checkpoint, data, layers, toy, trainer
+from speedkit.lora_train import checkpoint, data, layers, run, trainer
 from speedkit.lora_train.prepare import build_samples
 
 ADAPTER = "speedkit.nodes.lora_train"
@@ -53,7 +54,7 @@ def dataset(tmp_path) -> Path:
 
 @pytest.fixture
 def node(monkeypatch, tmp_path):
-    """The adapter module, importable without ComfyUI; its ``_Run`` fails the test if reached."""
+    """The adapter module, importable without ComfyUI; its ``train`` fails the test if reached."""
     io = types.ModuleType("comfy_api.latest.io")
     io.ComfyNode = type("ComfyNode", (), {})
     io.NodeOutput = lambda *a, **kw: (a, kw)
@@ -68,14 +69,13 @@ def node(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
     saved = sys.modules.pop(ADAPTER, None)
     module = importlib.import_module(ADAPTER)
-    family = module.Family("sd15", "eps", 8, 512, "sd_v1", "stable-diffusion-v1/lora", "diffusers", ())
+    family = run.Family("sd15", "eps", 8, 512, "sd_v1", "stable-diffusion-v1/lora", "diffusers", ())
     monkeypatch.setattr(module, "detect_family", lambda model: family)
 
-    class Tripwire:
-        def __init__(self, *args, **kwargs) -> None:
-            raise AssertionError(HEAVY_WORK)
+    def tripwire(*args, **kwargs):
+        raise AssertionError(HEAVY_WORK)
 
-    monkeypatch.setattr(module, "_Run", Tripwire)
+    monkeypatch.setattr(module, "train", tripwire)
     module.TrainLoRA.hidden = SimpleNamespace(unique_id="7")
     yield module
     sys.modules.pop(ADAPTER, None)  # later tests must not see the stand-in io

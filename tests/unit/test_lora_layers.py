@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import lora_toy as toy
 import pytest
 import torch
 from torch import nn
 
-from speedkit.lora_train import layers, naming, toy
+from speedkit.lora_train import layers, naming
 
 
 def test_identity_at_step_zero_and_exact_scaling():

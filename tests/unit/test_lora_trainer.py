@@ -5,10 +5,11 @@ from __future__ import annotations
 import errno
 import json
 
+import lora_toy as toy
 import pytest
 import torch
 
-from speedkit.lora_train import layers, schedule, toy, trainer
+from speedkit.lora_train import layers, schedule, trainer
 
 CAPTIONS = ["a red cube", "a blue ball", "green tree, sky", "yellow sun"]
 

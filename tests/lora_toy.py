@@ -1,4 +1,4 @@
-"""Tiny cross-attention UNets and a tiny CLIP-like text encoder, for tests and CPU demos.
+"""Tiny cross-attention UNets and a tiny CLIP-like text encoder: test models for lora_train/.
 
 Same building blocks and module paths as the real models, at a few thousand parameters:
 ``naming="diffusers"`` gives ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``
