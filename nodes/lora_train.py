@@ -150,7 +150,12 @@ class TrainLoRA(io.ComfyNode):
                     advanced=True,
                 ),
                 io.Int.Input(
-                    "seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of LoRA init, noise, timesteps, batches."
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    control_after_generate=True,
+                    tooltip="Seed of LoRA init, noise, timesteps, batches.",
                 ),
                 io.Float.Input(
                     "min_snr_gamma",

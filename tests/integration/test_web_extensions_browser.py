@@ -28,7 +28,7 @@ SETUP_JS = """(() => {
 })()"""
 
 # Adds the nodes (again, if the startup workflow replaced the graph meanwhile), sends the events
-# the adapters send (nodes/lora_train.py, nodes/musubi/) and reads the widgets. Repeated until
+# the adapters send (nodes/lora_train_run.py, nodes/musubi/) and reads the widgets. Repeated until
 # the page has settled and the extensions' handlers answer.
 EVENTS_JS = """(async () => {
   const a = window.comfyAPI.app.app;
