@@ -84,6 +84,10 @@ class UpscaleOptions:
     # Leave this run's model copy on the compute device afterwards (saves the host->device
     # weight upload on the next run); other cached copies are still parked on the CPU.
     keep_loaded: bool = False
+    # Bytes: when > 0, the planner assumes at most this much free memory on the compute device
+    # (the smaller of it and what the device reports). For embedding the engine next to other
+    # work, and for tests that check the plan against a known budget.
+    memory_limit: int = 0
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -95,7 +99,7 @@ class UpscaleOptions:
             )
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode: unknown value {self.compile_mode!r}; choose one of {COMPILE_MODES}")
-        for name in ("tile_size", "overlap", "batch_size"):
+        for name in ("tile_size", "overlap", "batch_size", "memory_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0 (0 = automatic), got {getattr(self, name)}")
 
@@ -323,8 +327,31 @@ class Upscaler:
             wanted = min(wanted, int(total * MEMORY_SHARE[self.options.optimization_level]))
         return wanted
 
-    def plan(self, height: int, width: int, batch: int = 1) -> TilePlan:
-        """The tile plan a frame of ``height x width`` gets with the current options."""
+    def free_bytes(self) -> int:
+        """Free memory on the compute device, capped by ``options.memory_limit`` when set."""
+        free = free_memory_bytes(self.device)
+        limit = self.options.memory_limit
+        return min(free, limit) if limit > 0 else free
+
+    def reserved_bytes(self, out: torch.Tensor | None = None) -> int:
+        """Memory a run needs on the compute device besides the model calls' activations.
+
+        Our copy of the weights, and, when the output batch lives on the compute device (the
+        CPU case), that batch: it is allocated before planning but its pages are only taken as
+        frames are written, so the OS does not count it as used yet.
+        """
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        reserved = sum(p.numel() for p in self.descriptor.model.parameters()) * elem
+        if out is not None and out.device.type == self.device.type:
+            reserved += out.numel() * out.element_size()
+        return int(reserved)
+
+    def plan(self, height: int, width: int, batch: int = 1, reserved: int = 0) -> TilePlan:
+        """The tile plan a frame of ``height x width`` gets with the current options.
+
+        ``reserved``: bytes of the device's free memory already promised to the run (see
+        :meth:`reserved_bytes`), left out of the budget for tiles.
+        """
         opts, traits = self.options, self.traits
         if opts.tile_size > 0:
             floor = max(traits.minimum, 1)
@@ -336,12 +363,15 @@ class Upscaler:
             tile = max(floor, (opts.tile_size // traits.multiple_of) * traits.multiple_of)
             if self.device.type == "cpu" and traits.tiling != "internal":
                 # On the CPU running out of memory kills the process: a tile that cannot fit is reduced.
+                # A tile larger than the frame is the frame: only what is really cut is checked.
                 elem = torch.tensor([], dtype=self.dtype).element_size()
-                fits = choose_tile(tile, tile, traits, elem, free_memory_bytes(self.device), opts.optimization_level)
+                free = self.free_bytes()
+                th, tw = min(tile, height), min(tile, width)
+                fits = choose_tile(th, tw, traits, elem, free, opts.optimization_level, reserved=reserved)
                 if fits:
                     logger.warning(
                         "upscale: tile_size %d does not fit in the free host memory (%.1f GB); using %d",
-                        opts.tile_size, free_memory_bytes(self.device) / 1e9, fits,
+                        opts.tile_size, free / 1e9, fits,
                     )  # fmt: skip
                     tile = fits
             if traits.tiling == "internal":
@@ -350,7 +380,7 @@ class Upscaler:
         else:
             elem = torch.tensor([], dtype=self.dtype).element_size()
             tile = choose_tile(
-                height, width, traits, elem, free_memory_bytes(self.device), opts.optimization_level, batch
+                height, width, traits, elem, self.free_bytes(), opts.optimization_level, batch, reserved=reserved
             )
         overlap = opts.overlap if opts.overlap > 0 else auto_overlap(traits)
         plan = plan_tiles(height, width, traits, tile, overlap)
@@ -448,8 +478,9 @@ class Upscaler:
 
     def _run(self, images, out, report: RunReport, progress, check_cancel) -> None:
         b, h, w, _ = images.shape
-        plan = self.plan(h, w)
-        batch = self._batch_for(plan, b)
+        reserved = self.reserved_bytes(out)
+        plan = self.plan(h, w, reserved=reserved)
+        batch = self._batch_for(plan, b, reserved=reserved)
         transfer = self.dtype if self.dtype is not torch.float32 else torch.float32
         writer = FrameWriter(out, self.device, transfer_dtype=transfer)
         reader = ChunkReader(images, self.device, self._to_model_input)
@@ -482,33 +513,39 @@ class Upscaler:
         )
         report.batch = batch
 
-    def _batch_for(self, plan: TilePlan, frames: int) -> int:
+    def _batch_for(self, plan: TilePlan, frames: int, reserved: int = 0) -> int:
         """Frames or tiles per call: the option, or automatic; never more than fit in memory."""
         per_call = plan.tile_h * plan.tile_w
         items = frames if plan.whole else len(plan.tiles)
         batch = choose_batch(per_call, self.options.optimization_level, self.options.batch_size, items)
-        fit = self._fitting_batch(plan)
+        fit = self._fitting_batch(plan, reserved)
         if batch > fit:
             if self.options.batch_size > 0:
                 logger.warning(
                     "upscale: batch_size %d does not fit in the free %s memory (%.1f GB); using %d",
-                    self.options.batch_size, self.device.type, free_memory_bytes(self.device) / 1e9, fit,
+                    self.options.batch_size, self.device.type, self.free_bytes() / 1e9, fit,
                 )  # fmt: skip
             batch = fit
         return batch
 
-    def _fitting_batch(self, plan: TilePlan) -> int:
-        """Most tiles/frames per call whose estimated activations fit the level's share of free memory.
+    def working_set(self, plan: TilePlan, batch: int, reserved: int = 0) -> int:
+        """Estimated peak bytes on the compute device of a run cut by ``plan`` with ``batch`` items per
+        call: ``reserved`` + the frame's fp32 accumulators (tiled runs) + the calls' activations."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        per_item = (plan.tile_h + plan.pad_h) * (plan.tile_w + plan.pad_w) * bytes_per_pixel(self.traits, elem)
+        acc = 0 if plan.whole else plan.height * plan.width * 4 * (self.traits.out_channels + 1) * self.traits.scale**2
+        return int(reserved + acc + batch * per_item)
+
+    def _fitting_batch(self, plan: TilePlan, reserved: int = 0) -> int:
+        """Most tiles/frames per call whose :meth:`working_set` fits the level's share of free memory.
 
         On the CPU this is what keeps the process alive: an allocation there that exceeds the
         machine's memory gets the process killed by the OS instead of raising an error.
         """
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        budget = free_memory_bytes(self.device) * MEMORY_SHARE[self.options.optimization_level]
-        if not plan.whole:  # the frame's fp32 accumulators live beside the calls
-            budget -= plan.height * plan.width * 4 * (self.traits.out_channels + 1) * self.traits.scale**2
-        per_item = (plan.tile_h + plan.pad_h) * (plan.tile_w + plan.pad_w) * bytes_per_pixel(self.traits, elem)
-        return max(1, int(budget // per_item))
+        budget = self.free_bytes() * MEMORY_SHARE[self.options.optimization_level]
+        fixed = self.working_set(plan, 0, reserved)
+        per_item = self.working_set(plan, 1) - self.working_set(plan, 0)
+        return max(1, int((budget - fixed) // per_item))
 
     def _shrink(self, plan: TilePlan, batch: int, exc: BaseException) -> tuple[TilePlan, int]:
         if self.device.type == "cuda":

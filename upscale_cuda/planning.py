@@ -141,17 +141,20 @@ def choose_tile(
     free_bytes: int,
     level: str = "balanced",
     batch: int = 1,
+    reserved: int = 0,
 ) -> int:
     """Largest square tile (LR px) whose forward pass fits the memory budget.
 
-    Returns 0 ("whole frame") when the whole frame fits, which also covers arches that
-    prefer not to be tiled (``discouraged``) and must not be (``internal``).
+    The budget is the level's share of ``free_bytes`` less ``reserved`` (memory the run
+    needs besides the model calls: weights, an output batch on the same device). Returns 0
+    ("whole frame") when the whole frame fits, which also covers arches that prefer not to
+    be tiled (``discouraged``) and must not be (``internal``).
     """
     if level not in MEMORY_SHARE:
         raise ValueError(f"optimization_level: unknown value {level!r}; choose one of {', '.join(OPTIMIZATION_LEVELS)}")
     if traits.tiling == "internal":
         return 0
-    budget = free_bytes * MEMORY_SHARE[level]
+    budget = free_bytes * MEMORY_SHARE[level] - reserved
     per_px = bytes_per_pixel(traits, element_size)
     # Output accumulators (fp32 value + weight) live on the device too.
     out_per_px = 4 * (traits.out_channels + 1) * traits.scale**2

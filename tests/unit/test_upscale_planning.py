@@ -109,3 +109,15 @@ def test_choose_batch():
     assert planning.choose_batch(1920 * 1080, "balanced", 0, 100) == 1
     assert planning.choose_batch(64 * 64, "balanced", 0, 5) == 5
     assert planning.choose_batch(64 * 64, "balanced", 3, 100) == 3
+
+
+def test_choose_tile_leaves_reserved_memory_out_of_the_budget():
+    t = traits()
+    free = 2 * 1024**3
+    whole = planning.choose_tile(256, 256, t, 4, free)
+    assert whole == 0
+    # Weights and an output batch on the same device take memory the tiles cannot use.
+    reserved = int(free * 0.6)
+    tile = planning.choose_tile(256, 256, t, 4, free, reserved=reserved)
+    assert 0 < tile < 256
+    assert planning.choose_tile(256, 256, t, 4, free, reserved=free) == planning.MIN_TILE  # never below the floor
