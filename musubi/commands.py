@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .arch import ARCHS, FRAMES_OUTPUT_TYPE, TRAINABLE, get_arch
+from .arch import ARCHS, FRAMES_OUTPUT_TYPE, TRAINABLE, ArchSpec, get_arch
 from .configs import MemoryConfig, OptimizerConfig, SamplingConfig, TrainingConfig, _num, check_finite
-from .env import MusubiEnv, check_output_name, native_path
+from .env import Launch, MusubiEnv, check_output_name, native_path
 
 WAN22_TASKS = ("t2v-A14B", "i2v-A14B")
 WAN_I2V_TASKS = ("i2v-14B", "flf2v-14B", "i2v-14B-FC", "i2v-A14B")
@@ -69,7 +69,8 @@ def check_device(device: str, name: str = "device") -> str:
 
 
 def _flag(argv: list[str], flag: str, value, skip=("", None, 0)) -> None:
-    if value in skip or value is False:
+    """Append ``flag`` (+ value): True = a switch; '', None, 0 and False, or no flag, = nothing."""
+    if value in skip or value is False or not flag:
         return
     if value is True:
         argv.append(flag)
@@ -122,7 +123,13 @@ def cache_latents_argv(
 ) -> list[str]:
     """``<arch>_cache_latents.py`` (HunyuanVideo: ``cache_latents.py``)."""
     spec = get_arch(arch)
-    argv = env.python_cmd(spec.cache_latents) + ["--dataset_config", str(dataset_config), "--vae", str(vae)]
+    argv = env.python_cmd(spec.cache_latents) + ["--dataset_config", str(dataset_config)]
+    if spec.latent_vae_required:
+        if not vae:
+            raise ValueError(f"vae is empty: {spec.label} latent caching needs the VAE path")
+        argv += ["--vae", str(vae)]
+    elif vae:
+        raise ValueError(f"{spec.label} caches pixels, not latents ({spec.cache_latents}.py): clear the vae input")
     _flag(argv, "--vae_dtype", vae_dtype)
     if spec.latent_extra_model:
         if spec.latent_extra_required and not extra_model:
@@ -153,9 +160,24 @@ def cache_latents_argv(
             _flag(argv, flag, value)
     if "--vae_cache_cpu" in spec.latent_switches:
         _flag(argv, "--vae_cache_cpu", vae_cache_cpu)
-    if spec.has_model_version:
-        _flag(argv, "--model_version", model_version)
-    return argv + options.args()
+    return argv + version_args(spec, model_version, latents=True) + options.args()
+
+
+def version_args(spec: ArchSpec, model_version: str, latents: bool = False) -> list[str]:
+    """The cache scripts' model version flag (Qwen-Image / FLUX.2 ``--model_version``, HiDream-O1
+    ``--model_type``) for the ``model_version`` input; '' = the script's default."""
+    flag = spec.version_flag or ("--model_version" if spec.has_model_version else "")
+    value = model_version.strip()
+    if not value:
+        return []
+    if not flag or (latents and not spec.latent_version):
+        script = spec.cache_latents if latents else spec.cache_text_encoder
+        raise ValueError(f"model_version={model_version!r}: {script}.py takes no model version: clear it")
+    if spec.version_choices and value not in spec.version_choices:
+        raise ValueError(
+            f"model_version={model_version!r} must be one of {', '.join(spec.version_choices)} for {spec.label}"
+        )
+    return [flag, value]
 
 
 def cache_text_encoder_argv(
@@ -180,12 +202,14 @@ def cache_text_encoder_argv(
         _flag(argv, flag, path)
     if len([t for t in text_encoders[len(spec.te_flags) :] if t]):
         raise ValueError(f"{spec.label} uses {len(spec.te_flags)} text encoder(s): clear text_encoder2")
+    if fp8 and not spec.te_fp8_flag:
+        raise ValueError(f"fp8: {spec.label} text encoder caching has no fp8 option: switch fp8 off")
+    if fp8 and spec.key == "hidream_o1" and not text_encoders[0]:
+        raise ValueError("fp8: HiDream-O1 caches fp8 text embeddings from the DiT: give its path as text_encoder1")
     _flag(argv, spec.te_fp8_flag, fp8)
     if spec.te_dtype_flag:
         _flag(argv, spec.te_dtype_flag, text_encoder_dtype)
-    if spec.has_model_version:
-        _flag(argv, "--model_version", model_version)
-    return argv + options.args()
+    return argv + version_args(spec, model_version) + options.args()
 
 
 # --- training --------------------------------------------------------------------------
@@ -224,6 +248,10 @@ class TrainJob:
     latent_window_size: int = 0  # FramePack, 0 = default 9
     gpu_ids: str = ""
     extra: str = ""
+    resume: str = ""  # a state folder (<name>-state, saved with save_state) to continue from
+    launch: Launch | None = None  # GPUs / machines; None = one process (on gpu_ids)
+    flags: tuple[tuple[str, object], ...] = ()  # table-driven architectures: (flag, value) of their inputs
+    trainer: str = ""  # "" = the LoRA trainer, else a Trainer.function of the architecture (e.g. FineTune)
 
     @property
     def final_path(self) -> Path:
@@ -250,7 +278,7 @@ def train_argv(env: MusubiEnv, job: TrainJob, prompt_file: Path | None = None) -
     m = job.models
     if not m.dit:
         raise ValueError("dit is empty: give the path of the base DiT checkpoint")
-    argv = env.accelerate_cmd(spec.train, training.mixed_precision, job.gpu_ids)
+    argv = env.accelerate_cmd(spec.train, training.mixed_precision, job.gpu_ids, job.launch)
     if job.arch == "wan":
         task = job.task or "t2v-14B"
         if task not in spec.tasks:
@@ -301,8 +329,7 @@ def train_argv(env: MusubiEnv, job: TrainJob, prompt_file: Path | None = None) -
     argv += training.args(spec.network_module)
     if training.fp8_scaled and job.arch != "hunyuan_video":
         argv.append("--fp8_scaled")
-    if mem.use_pinned_memory_for_block_swap and training.blocks_to_swap > 0:
-        argv.append("--use_pinned_memory_for_block_swap")
+    argv += mem.extra_args(training.blocks_to_swap)
     argv += job.optimizer.args()
     if job.sampling is not None and prompt_file is not None:
         need = {"hunyuan_video": ("vae", "text_encoder1", "text_encoder2"), "wan": ("vae", "text_encoder1")}.get(
@@ -312,9 +339,17 @@ def train_argv(env: MusubiEnv, job: TrainJob, prompt_file: Path | None = None) -
         if missing:
             raise ValueError(f"sampling during training needs {', '.join(missing)}: fill them or unplug sampling")
         argv += job.sampling.args(prompt_file)
+    return argv + output_args(job, training, name)
+
+
+def output_args(job: TrainJob, training: TrainingConfig, name: str) -> list[str]:
+    """Logging, resume, output folder and name, then the expert flags: the end of every training command."""
+    argv = []
     if training.log_tensorboard:
         argv += ["--logging_dir", str(Path(job.output_dir) / "logs"), "--log_with", "tensorboard"]
         argv += ["--log_prefix", f"{name}_"]
+    if job.resume.strip():
+        argv += ["--resume", job.resume.strip()]
     argv += ["--output_dir", str(job.output_dir), "--output_name", name]
     return argv + extra_args(job.extra)
 
@@ -567,6 +602,8 @@ MERGE_SPECS: dict[str, MergeSpec] = {
     # the DiT is built as t2v (no --image_path): i2v checkpoints have the same parameters
     "hunyuan_video_1_5": MergeSpec("hv_1_5_generate_video", {"text_encoder1": "--text_encoder", "text_encoder2": "--byt5"},
                                    lycoris=True, fixed=("--video_length", "1")),
+    # the same batch-mode merge as FLUX.1 Kontext (flux_2_generate_image.py main: "Merged DiT model saved")
+    "flux_2": MergeSpec("flux_2_generate_image", {"vae": "--vae", "text_encoder1": "--text_encoder"}, prompt_file=True),
 }  # fmt: skip
 """Architectures whose LoRAs the Merge LoRA node can merge, and how."""
 
@@ -589,6 +626,7 @@ class MergeJob:
     exclude_pattern: str = ""  # regex; LoRA modules matching it are dropped (every LoRA)
     prompt_file: str = ""  # one-line prompt file for scripts run in batch mode (see MergeSpec.prompt_file)
     lycoris: bool = False  # --lycoris also where the script saves without it (LoHa/LoKr: lora_file.merge_lycoris)
+    model_version: str = ""  # FLUX.2: which model the DiT is ('' = dev)
 
 
 def merge_spec(arch: str) -> MergeSpec:
@@ -674,6 +712,13 @@ def merge_argv(env: MusubiEnv, job: MergeJob) -> list[str]:
             raise ValueError(f"task={task!r} must be one of {', '.join(ARCHS['wan'].tasks)}")
         argv += ["--task", task]
     argv += ["--dit", str(job.dit)]
+    if job.model_version:
+        versions = ARCHS["flux_2"].version_choices
+        if job.arch != "flux_2":
+            raise ValueError(f"model_version is a FLUX.2 input; {label} has none: clear it")
+        if job.model_version not in versions:
+            raise ValueError(f"model_version={job.model_version!r} must be one of {', '.join(versions)}")
+        argv += ["--model_version", job.model_version]
     for name in need:
         argv += [spec.flags[name], str(getattr(job, name))]
     argv += ["--lora_weight", *[str(p) for p, _ in job.loras]]

@@ -23,6 +23,11 @@ TIMESTEP_SAMPLINGS = (
     "logsnr",
     "qinglong_flux",
     "qinglong_qwen",
+    # added after the first release (appended: saved workflows keep their choice)
+    "flux2_shift",
+    "qwen_shift",
+    "krea2_shift",
+    "ideogram4_shift",
 )
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
 OPTIMIZERS = ("AdamW8bit", "AdamW", "Adafactor", "custom")
@@ -318,6 +323,19 @@ class MemoryConfig:
     vae_spatial_tile_sample_min_size: int = 0
     vae_cache_cpu: bool = False
     note: str = ""
+    block_swap_h2d_only: bool = False
+    gradient_checkpointing_cpu_offload: bool = False
+
+    def extra_args(self, blocks_to_swap: int) -> list[str]:
+        """Flags every training script of musubi's shared parser takes beyond the training config's."""
+        a = []
+        if self.use_pinned_memory_for_block_swap and blocks_to_swap > 0:
+            a.append("--use_pinned_memory_for_block_swap")
+        if self.block_swap_h2d_only and blocks_to_swap > 0:
+            a.append("--block_swap_h2d_only")
+        if self.gradient_checkpointing_cpu_offload:
+            a.append("--gradient_checkpointing_cpu_offload")
+        return a
 
     def apply(self, cfg: TrainingConfig) -> TrainingConfig:
         """The training config with these memory settings in place."""

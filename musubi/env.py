@@ -63,21 +63,84 @@ class MusubiEnv:
         """``[python, <script path>]`` for a plain (non-accelerate) script."""
         return [str(self.python), str(self.script(script))]
 
-    def accelerate_cmd(self, script: str, mixed_precision: str = "bf16", gpu_ids: str = "") -> list[str]:
+    def accelerate_cmd(
+        self, script: str, mixed_precision: str = "bf16", gpu_ids: str = "", launch: Launch | None = None
+    ) -> list[str]:
         """``python -m accelerate.commands.launch`` with every setting explicit.
 
-        One process on one machine, so no ``accelerate config`` file is needed (and none a
-        user made for another project is picked up for the values we pass).
+        One process per listed GPU (one in all when ``gpu_ids`` names at most one) on the machines
+        of ``launch``, so no ``accelerate config`` file is needed (and none a user made for another
+        project is picked up for the values we pass).
         """
         if mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(
                 f"mixed_precision={mixed_precision!r} is not one of {MIXED_PRECISIONS}: pick bf16 (recommended), fp16 or no"
             )
-        cmd = [str(self.python), "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+        launch = launch or Launch(gpu_ids=gpu_ids)
+        cmd = [str(self.python), "-m", "accelerate.commands.launch", *launch.process_args()]
         cmd += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
-        if gpu_ids:
-            cmd += ["--gpu_ids", check_gpu_ids(gpu_ids)]
-        return cmd + [str(self.script(script))]
+        return cmd + launch.placement_args() + [str(self.script(script))]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where ``accelerate launch`` runs a training script: the GPUs of this machine and, for a run
+    over several machines, how many, this one's rank and the main machine's address.
+
+    The process count is the number of listed GPUs times the machine count (accelerate's
+    ``--num_processes`` is the total over all machines); more than one process adds ``--multi_gpu``.
+    """
+
+    gpu_ids: str = ""
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str = ""
+    main_process_port: int = 0
+
+    def gpus(self) -> list[str]:
+        """The listed GPU numbers ([] for none or ``all``)."""
+        ids = check_gpu_ids(self.gpu_ids) if self.gpu_ids.strip() else ""
+        return [] if ids in ("", "all") else ids.split(",")
+
+    def check(self) -> None:
+        if self.num_machines < 1:
+            raise ValueError(f"num_machines={self.num_machines} must be >= 1 (1 = this machine only)")
+        if self.num_machines == 1:
+            return
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise ValueError(
+                f"machine_rank={self.machine_rank} must be 0..{self.num_machines - 1} (0 on the main machine)"
+            )
+        if not self.main_process_ip.strip():
+            raise ValueError(
+                f"main_process_ip is empty but num_machines={self.num_machines}: give the main machine's IP address "
+                "(the same on every machine)"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", self.main_process_ip.strip()):
+            raise ValueError(f"main_process_ip={self.main_process_ip!r} is not a host name or IP address")
+        if not self.gpus():
+            raise ValueError(
+                f"gpu_ids={self.gpu_ids!r}: a run over {self.num_machines} machines needs this machine's GPUs listed, "
+                "e.g. 0,1 (the process count is computed from them)"
+            )
+        if not 0 <= self.main_process_port <= 65535:
+            raise ValueError(f"main_process_port={self.main_process_port} must be 0 (accelerate's default) .. 65535")
+
+    def process_args(self) -> list[str]:
+        """``--num_processes`` / ``--num_machines`` (and ``--multi_gpu`` for more than one process)."""
+        self.check()
+        processes = max(len(self.gpus()), 1) * self.num_machines
+        multi = ["--multi_gpu"] if processes > 1 else []
+        return [*multi, "--num_processes", str(processes), "--num_machines", str(self.num_machines)]
+
+    def placement_args(self) -> list[str]:
+        """``--gpu_ids`` and, over several machines, rank and main address."""
+        a = ["--gpu_ids", check_gpu_ids(self.gpu_ids)] if self.gpu_ids.strip() else []
+        if self.num_machines > 1:
+            a += ["--machine_rank", str(self.machine_rank), "--main_process_ip", self.main_process_ip.strip()]
+            if self.main_process_port:
+                a += ["--main_process_port", str(self.main_process_port)]
+        return a
 
 
 def check_gpu_ids(gpu_ids: str) -> str:

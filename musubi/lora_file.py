@@ -36,7 +36,7 @@ NOT_READ_BY_MUSUBI = ("hada_t1", "hada_t2", "lokr_w1_a", "lokr_w1_b", "lokr_t2",
 """Tensors musubi's own LoHa/LoKr loader (lora_utils + networks/loha.py, lokr.py) skips: LyCORIS's
 Tucker (CP) factors, a decomposed LoKr w1 and DoRA scales. Only the LyCORIS library applies them."""
 
-BUILTIN_LYCORIS_GENERATE = ("wan", "framepack")
+BUILTIN_LYCORIS_GENERATE = ("wan", "framepack", "hunyuan_video_1_5", "flux_2", "qwen_image", "zimage")
 """Generate scripts that merge musubi-layout LoHa/LoKr at load time without ``--lycoris``
 (docs/loha_lokr.md "built-in support"; HunyuanVideo and FLUX.1 Kontext need ``--lycoris``)."""
 

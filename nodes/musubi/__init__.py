@@ -4,12 +4,12 @@ musubi is never imported here: every node builds an argument list with
 :mod:`speedkit.musubi.commands` and runs it in musubi's own venv through
 :func:`speedkit.musubi.runner.run_command` (see :mod:`.running`), which streams progress into
 ComfyUI's progress bar and the node's live log (``web/js/musubi.js``) and kills the process
-tree on Cancel. The Train LoRA and Generate Video nodes are built per architecture from the
-table in ``musubi/arch.py``.
+tree on Cancel. The training and generate nodes are built per architecture from the table in
+``musubi/arch.py``.
 
 Modules: :mod:`.widgets` (input helpers), :mod:`.paths` (folders, outputs, change markers),
-:mod:`.running` (run + progress + live log), :mod:`.images` (IMAGE <-> frames), and one
-module per group of nodes.
+:mod:`.running` (run + progress + live log + training samples), :mod:`.images` (IMAGE <->
+frames), and one module per group of nodes.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from .config_nodes import MemoryOptimizer, OptimizerConfig, SamplingConfig, Trai
 from .dataset_nodes import DatasetConfig, DatasetConfigLoader, DatasetViewer
 from .environment import Environment
 from .generate_nodes import BatchProcessor, GenerateVideoFramePack, GenerateVideoHunyuanVideo, GenerateVideoWan
+from .image_nodes import GEN_NODES
 from .lora_tools import ConvertLoRA, MergeLoRA, PostHocEMA
 from .monitor_nodes import ResourceMonitor, TrainingMonitor
 from .running import LOG_EVENT
-from .train_nodes import TrainLoRAFramePack, TrainLoRAHunyuanVideo, TrainLoRAWan
+from .tool_nodes import CaptionImages, ExtractLoRAQwenImage
+from .train_nodes import FINETUNE_NODES, TRAIN_NODES, TrainLoRAFramePack, TrainLoRAHunyuanVideo, TrainLoRAWan
 from .video_nodes import VideoInput, VideoOutput
 
 NODES: list[type[io.ComfyNode]] = [
@@ -52,6 +54,12 @@ NODES: list[type[io.ComfyNode]] = [
     BatchProcessor,
     TrainingMonitor,
     ResourceMonitor,
+    # added later: every other architecture musubi-tuner v0.3.4 ships, full fine-tuning, helpers
+    *TRAIN_NODES[3:],
+    *GEN_NODES,
+    *FINETUNE_NODES,
+    CaptionImages,
+    ExtractLoRAQwenImage,
 ]
 
 __all__ = [
@@ -59,12 +67,14 @@ __all__ = [
     "NODES",
     "BatchProcessor",
     "CacheLatents",
+    "CaptionImages",
     "CacheTextEncoder",
     "ConvertLoRA",
     "DatasetConfig",
     "DatasetConfigLoader",
     "DatasetViewer",
     "Environment",
+    "ExtractLoRAQwenImage",
     "GenerateVideoFramePack",
     "GenerateVideoHunyuanVideo",
     "GenerateVideoWan",

@@ -42,7 +42,7 @@ class CacheLatents(io.ComfyNode):
                 env_input(),
                 DatasetT.Input("dataset", tooltip="The dataset config to cache."),
                 choice("architecture", "Model family the caches are for.", tuple(archs.ARCHS)),
-                string("vae", "VAE checkpoint path."),
+                string("vae", "VAE checkpoint path (HiDream-O1 caches pixels: leave empty)."),
                 string(
                     "image_encoder",
                     "FramePack / HunyuanVideo 1.5 I2V: SigLIP image encoder; Wan2.1 I2V: CLIP model. Else empty.",
@@ -68,7 +68,10 @@ class CacheLatents(io.ComfyNode):
                 boolean("one_frame", "Wan / FramePack: cache for one-frame training.", advanced=True),
                 boolean("f1", "FramePack: cache for the F1 model.", advanced=True),
                 string(
-                    "model_version", "Qwen-Image only: original, edit, edit-2509, edit-2511, layered.", advanced=True
+                    "model_version",
+                    "Qwen-Image: original, edit, edit-2509, edit-2511, layered; FLUX.2: dev, klein-4b, klein-base-4b, "
+                    "klein-9b, klein-base-9b; HiDream-O1 (text cache): full or dev. Empty = the script's default.",
+                    advanced=True,
                 ),
                 *_common_inputs(),
             ],
@@ -84,7 +87,8 @@ class CacheLatents(io.ComfyNode):
                 num_workers, skip_existing, keep_cache, device, extra_args, musubi_env=None):  # fmt: skip
         spec = archs.get_arch(architecture)
         e = checked_env(musubi_env, (spec.cache_latents,))
-        paths = commands.require_paths({"vae": vae, "image_encoder": image_encoder}, optional=("image_encoder",))
+        optional = ("image_encoder",) if spec.latent_vae_required else ("image_encoder", "vae")
+        paths = commands.require_paths({"vae": vae, "image_encoder": image_encoder}, optional=optional)
         opts = commands.CacheOptions(batch_size, num_workers, skip_existing, keep_cache, device, extra_args)
         argv = commands.cache_latents_argv(
             e, architecture, dataset["toml"], paths["vae"], extra_model=paths["image_encoder"], i2v=i2v,
@@ -114,12 +118,23 @@ class CacheTextEncoder(io.ComfyNode):
                 choice("architecture", "Model family the caches are for.", tuple(archs.ARCHS)),
                 string(
                     "text_encoder1",
-                    "HunyuanVideo/FramePack: LLM (llava); Wan: T5; Kontext: T5; Qwen-Image/Z-Image/HV1.5: Qwen VL.",
+                    "HunyuanVideo/FramePack: LLM (llava); Wan/Kontext: T5; Qwen-Image/Z-Image/HV1.5/FLUX.2/Ideogram 4/"
+                    "Krea 2: the text encoder; Kandinsky 5: Qwen2.5-VL; HiDream-O1: the DiT (optional).",
                 ),
-                string("text_encoder2", "HunyuanVideo/FramePack/Kontext: CLIP-L; HunyuanVideo 1.5: byT5. Else empty."),
-                boolean("fp8", "Run the big text encoder in fp8 (--fp8_llm / --fp8_t5 / --fp8_vl): less VRAM."),
                 string(
-                    "model_version", "Qwen-Image only: original, edit, edit-2509, edit-2511, layered.", advanced=True
+                    "text_encoder2",
+                    "HunyuanVideo/FramePack/Kontext/Kandinsky 5: CLIP-L; HunyuanVideo 1.5: byT5. Else empty.",
+                ),
+                boolean(
+                    "fp8",
+                    "Run the big text encoder in fp8 (--fp8_llm / --fp8_t5 / --fp8_vl / --fp8_text_encoder; HiDream-O1 "
+                    "--fp8_te): less VRAM.",
+                ),
+                string(
+                    "model_version",
+                    "Qwen-Image: original, edit, edit-2509, edit-2511, layered; FLUX.2: dev, klein-4b, klein-base-4b, "
+                    "klein-9b, klein-base-9b; HiDream-O1 (text cache): full or dev. Empty = the script's default.",
+                    advanced=True,
                 ),
                 *_common_inputs(),
             ],
@@ -134,9 +149,8 @@ class CacheTextEncoder(io.ComfyNode):
                 num_workers, skip_existing, keep_cache, device, extra_args, musubi_env=None):  # fmt: skip
         spec = archs.get_arch(architecture)
         e = checked_env(musubi_env, (spec.cache_text_encoder,))
-        paths = commands.require_paths(
-            {"text_encoder1": text_encoder1, "text_encoder2": text_encoder2}, optional=("text_encoder2",)
-        )
+        optional = ("text_encoder2",) if spec.te_required else ("text_encoder1", "text_encoder2")
+        paths = commands.require_paths({"text_encoder1": text_encoder1, "text_encoder2": text_encoder2}, optional)
         opts = commands.CacheOptions(batch_size, num_workers, skip_existing, keep_cache, device, extra_args)
         argv = commands.cache_text_encoder_argv(
             e, architecture, dataset["toml"], [paths["text_encoder1"], paths["text_encoder2"]], fp8=fp8,

@@ -41,7 +41,14 @@ class TrainingConfig(io.ComfyNode):
                     100000,
                 ),
                 integer("save_every_n_steps", "Save a checkpoint every n steps; 0 = off.", 0, 0, 10_000_000),
-                integer("seed", "Random seed.", d.seed, 0, 2**31 - 1),
+                integer(
+                    "seed",
+                    "Random seed of the training run (LoRA init, noise, data order).",
+                    d.seed,
+                    0,
+                    2**31 - 1,
+                    control_after_generate=True,
+                ),
                 choice("mixed_precision", "Compute precision (also passed to accelerate).", ("bf16", "fp16", "no")),
                 boolean(
                     "gradient_checkpointing",
@@ -206,7 +213,8 @@ class MemoryOptimizer(io.ComfyNode):
             display_name="Musubi Memory Optimizer",
             category="MusubiTuner/train",
             description="VRAM savers (block swap, fp8, VAE tiling/chunking, split attention) that override the "
-            "training config. mode 'suggest' picks values from the free VRAM (a heuristic starting point).",
+            "training config; each is passed only to training scripts that have it. mode 'suggest' picks values from "
+            "the free VRAM (a heuristic starting point, for HunyuanVideo, Wan and FramePack).",
             inputs=[
                 choice("mode", "suggest: from free VRAM; manual: the values below.", ("suggest", "manual")),
                 choice("architecture", "For the suggestion.", archs.TRAINABLE),
@@ -225,6 +233,18 @@ class MemoryOptimizer(io.ComfyNode):
                     "vae_spatial_tile_sample_min_size", "manual: VAE tile size; 0 = default.", 0, 0, 4096, advanced=True
                 ),
                 boolean("vae_cache_cpu", "manual: Wan VAE cache on CPU.", advanced=True),
+                boolean(
+                    "block_swap_h2d_only",
+                    "manual, with block swap: copy blocks to the GPU only (no copy back; less traffic).",
+                    optional=True,
+                    advanced=True,
+                ),
+                boolean(
+                    "gradient_checkpointing_cpu_offload",
+                    "manual: keep checkpointed activations on the CPU (less VRAM, slower).",
+                    optional=True,
+                    advanced=True,
+                ),
             ],
             outputs=[
                 MemoryT.Output(display_name="memory_config", tooltip="For a TrainLoRA node."),

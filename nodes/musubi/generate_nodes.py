@@ -45,7 +45,7 @@ def generate_inputs(spec: archs.ArchSpec) -> list:
         ),  # fmt: skip
         integer("fps", f"Frames per second; 0 = {spec.fps}.", 0, 0, 120),
         integer("steps", "Sampling steps; 0 = musubi's default.", 0, 0, 1000),
-        integer("seed", "Seed; -1 = random.", 42, -1, 2**31 - 1),
+        integer("seed", "Seed; -1 = random.", 42, -1, 2**31 - 1, control_after_generate=True),
         number("guidance_scale", "CFG / guidance scale; 0 = musubi's default.", 0.0, 0.0, 100.0, 0.1),
         number("flow_shift", "Flow shift; 0 = musubi's default.", 0.0, 0.0, 100.0, 0.1),
         io.Image.Input("image", optional=True, tooltip="Start image for image-to-video (first frame used)."),

@@ -115,13 +115,14 @@ class MergeLoRA(io.ComfyNode):
                 ),
                 string(
                     "vae",
-                    "VAE path: Wan i2v / Fun-Control, FramePack, FLUX.1 Kontext (AE), Qwen-Image. Else empty.",
+                    "VAE path: Wan i2v / Fun-Control, FramePack, FLUX.1 Kontext / FLUX.2 (AE), Qwen-Image. Else empty.",
                     optional=True,
                 ),
                 string(
                     "text_encoder1",
                     "Text encoder the script loads before merging: Wan T5; FramePack LLM (llava); Kontext T5; "
-                    "Qwen-Image Qwen2.5-VL; Z-Image Qwen3; HunyuanVideo 1.5 Qwen2.5-VL. Empty for HunyuanVideo.",
+                    "Qwen-Image Qwen2.5-VL; Z-Image Qwen3; HunyuanVideo 1.5 Qwen2.5-VL; FLUX.2 Mistral 3 / Qwen3. "
+                    "Empty for HunyuanVideo.",
                     optional=True,
                 ),
                 string(
@@ -140,6 +141,13 @@ class MergeLoRA(io.ComfyNode):
                     optional=True,
                     advanced=True,
                 ),
+                choice(
+                    "model_version",
+                    "FLUX.2 only: which FLUX.2 model the DiT is (dev or a klein variant).",
+                    archs.ARCHS["flux_2"].version_choices,
+                    optional=True,
+                    advanced=True,
+                ),
             ],
             outputs=[io.String.Output(display_name="model_path", tooltip="The merged DiT.")],
         )
@@ -147,7 +155,7 @@ class MergeLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, dit, output_path, device, architecture="hunyuan_video", task="t2v-14B", vae="",
                 text_encoder1="", text_encoder2="", image_encoder="", include_pattern="", exclude_pattern="",
-                musubi_env=None, **kw):  # fmt: skip
+                model_version="dev", musubi_env=None, **kw):  # fmt: skip
         spec = commands.merge_spec(architecture)
         e = checked_env(musubi_env, (spec.script,))
         check_finite(cls, **kw)
@@ -164,7 +172,8 @@ class MergeLoRA(io.ComfyNode):
             arch=architecture, dit=paths.pop("dit"), loras=tuple(loras), output=str(out), device=device,
             task=task if architecture == "wan" else "", include_pattern=include_pattern.strip(),
             exclude_pattern=exclude_pattern.strip(), prompt_file=str(out.with_suffix(".prompt.txt")),
-            lycoris=lycoris and not spec.lycoris, **paths,
+            lycoris=lycoris and not spec.lycoris, model_version=model_version if architecture == "flux_2" else "",
+            **paths,
         )  # fmt: skip
         argv = commands.merge_argv(e, job)  # checks the inputs before musubi's venv is started
         not_an_input(out, "output_path", {"dit": job.dit, **named, **{k: v for k, v in paths.items() if v}})

@@ -62,6 +62,13 @@ def default_lora_dir() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0]) / "musubi"
 
 
+def default_model_dir() -> Path:
+    """Where full fine-tunes go by default: ``models/diffusion_models/musubi`` (model loaders list it)."""
+    import folder_paths
+
+    return Path(folder_paths.get_folder_paths("diffusion_models")[0]) / "musubi"
+
+
 def register_loras(folder: Path) -> None:
     """Make trained files show up in every LoRA loader."""
     import folder_paths
@@ -90,13 +97,13 @@ def lora_path(name: str, input_name: str) -> str:
 # --- output paths --------------------------------------------------------------------------
 
 
-def output_file(value: str, input_name: str) -> Path:
-    """A ``.safetensors`` output path: absolute as typed, or relative to ComfyUI's output
-    folder (never resolved against the server's working folder, and never leaving the
+def output_file(value: str, input_name: str, suffix: str = ".safetensors") -> Path:
+    """A ``.safetensors`` (or ``suffix``) output path: absolute as typed, or relative to ComfyUI's
+    output folder (never resolved against the server's working folder, and never leaving the
     output folder through ``..``)."""
     text = env.native_path(value)
-    if not text or Path(text).suffix != ".safetensors":
-        raise ValueError(f"{input_name}={value!r} must be a .safetensors file path, e.g. /path/to/merged.safetensors")
+    if not text or Path(text).suffix != suffix:
+        raise ValueError(f"{input_name}={value!r} must be a {suffix} file path, e.g. /path/to/output{suffix}")
     path = Path(text)
     if not path.is_absolute():
         if ".." in Path(value.strip()).parts or ".." in path.parts:

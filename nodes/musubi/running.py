@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ...musubi import env
 from ...musubi.runner import RunResult, format_command, run_command
+from ...musubi.samples import SampleWatch
 from .. import comfy_bridge
 
 LOG_EVENT = "speedkit.musubi.log"
@@ -33,15 +34,17 @@ def command_line(argv: Sequence[str]) -> str:
 
 def run(argv: Sequence[str], e: env.MusubiEnv, *, node_id, log_path: Path, expected: Iterable[Path] = (),
         what: str = "musubi-tuner", done_line: str = "", run_dirs: Iterable[Path] = (),
-        cache_dirs: Iterable[str] = ()) -> RunResult:  # fmt: skip
+        cache_dirs: Iterable[str] = (), samples: SampleWatch | None = None) -> RunResult:  # fmt: skip
     """Run with ComfyUI's progress bar, interrupt and the node's live log.
 
     A failed or cancelled run renames what it wrote to ``<name>.partial`` (see the runner), so
-    a half-written LoRA or video never sits under its final name next to finished ones.
+    a half-written LoRA or video never sits under its final name next to finished ones. With
+    ``samples``, each sample musubi renders while training becomes the node's preview image as
+    soon as it is written (and its path a log line).
     """
     import comfy.model_management as mm
 
-    bar = {"pbar": None}
+    bar = {"pbar": None, "state": None}
     buffer: list[str] = []
     last_send = [0.0]
 
@@ -50,13 +53,25 @@ def run(argv: Sequence[str], e: env.MusubiEnv, *, node_id, log_path: Path, expec
             send(node_id, {"lines": list(buffer), "summary": summary})
             buffer.clear()
 
+    def show_samples(force: bool = False) -> None:
+        for path, image in samples.poll(force) if samples else ():
+            state = bar["state"]
+            step, total = (state.step, state.total) if state is not None and state.total else (0, 1)
+            if bar["pbar"] is None:
+                bar["pbar"] = comfy_bridge.progress_bar(total, node_id=node_id)
+            # ComfyUI sends a progress update with an image as the node's preview
+            bar["pbar"].update_absolute(step, total, preview=("PNG", image, max(image.size)))
+            buffer.append(f"sample: {path}")
+
     def on_line(line: str) -> None:
         buffer.append(line)
+        show_samples()
         if time.monotonic() - last_send[0] > SEND_EVERY_S:
             last_send[0] = time.monotonic()
             flush("")
 
     def on_event(ev, state) -> None:
+        bar["state"] = state
         if state.total:
             if bar["pbar"] is None:
                 bar["pbar"] = comfy_bridge.progress_bar(state.total, node_id=node_id)
@@ -87,5 +102,6 @@ def run(argv: Sequence[str], e: env.MusubiEnv, *, node_id, log_path: Path, expec
         if type(exc).__name__ == "MusubiCancelled":
             mm.throw_exception_if_processing_interrupted()
         raise
+    show_samples(force=True)  # samples rendered at the very end of training
     flush(f"done: {result.state.summary()}")
     return result

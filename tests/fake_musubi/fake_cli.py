@@ -22,7 +22,15 @@ the files the real save code writes, under the same names: PNG frames only for `
 (and FramePack's ``latent_images``), a latent and an MP4 for ``both``; one-frame runs (Wan
 ``--video_length 1``, FramePack ``--one_frame_inference``) put their PNGs straight into
 ``--save_path``. tests/integration/test_musubi_real_outputs.py holds this against musubi's
-own save functions.
+own save functions. The other architectures' scripts write what theirs do (see
+``generate_other``): ``<time>_<seed>_000.png`` in ``--save_path`` (FLUX.1 Kontext, FLUX.2,
+Qwen-Image, Z-Image), a frame folder (HunyuanVideo 1.5), the ``--save_path`` file (HiDream-O1),
+``ideogram4_00.png``, ``<time>_<seed>.png`` (Krea 2), or the ``--output`` MP4 plus its first frame
+as PNG (Kandinsky 5).
+
+Training with ``--sample_prompts`` writes a sample after each epoch (``--sample_every_n_epochs``)
+and before the first step (``--sample_at_first``) into ``<output_dir>/sample/`` under musubi's
+names: a PNG for the image architectures, an MP4 for the video ones.
 """
 
 import argparse
@@ -104,8 +112,27 @@ def fail():
     sys.exit(int(os.environ.get("FAKE_MUSUBI_EXIT", "1")))
 
 
+IMAGE_TRAINERS = ("flux_kontext", "flux_2", "qwen_image", "zimage", "hidream_o1", "ideogram4", "krea2")
+"""Training scripts (by prefix) whose samples are single images (PNG); the others render videos (MP4)."""
+
+
+def write_sample(args, tag, index=0):
+    """trainer_base.sample_image_inference: <output_name>_<e000001|000012>_<NN>_<YYYYmmddHHMMSS>[_seed]."""
+    folder = os.path.join(args.output_dir, "sample")
+    os.makedirs(folder, exist_ok=True)
+    name = f"{args.output_name}_{tag}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}_42"
+    out("INFO:musubi_tuner.training.trainer_base:generating sample images")
+    if SCRIPT.startswith(IMAGE_TRAINERS):
+        from PIL import Image
+
+        Image.new("RGB", (64, 48), (200, 80, 40)).save(os.path.join(folder, f"{name}_000.png"))
+    else:
+        save_video(os.path.join(folder, f"{name}.mp4"), 5, 64, 48, 16)
+
+
 def train(args):
     epochs = args.max_train_epochs or 2
+    sampling = args.sample_prompts is not None
     per_epoch = int(os.environ.get("FAKE_MUSUBI_STEPS_PER_EPOCH", "4"))
     total = epochs * per_epoch
     sleep = float(os.environ.get("FAKE_MUSUBI_STEP_SLEEP", "0"))
@@ -113,6 +140,8 @@ def train(args):
     out(f"  total optimization steps / 学習ステップ数: {total}")
     name = os.path.join(args.output_dir, args.output_name)
     step, loss = 0, 0.5
+    if sampling and args.sample_at_first:
+        write_sample(args, f"{0:06d}")
     for epoch in range(1, epochs + 1):
         out(f"\nepoch {epoch}/{epochs}")
         for _ in range(per_epoch):
@@ -132,6 +161,8 @@ def train(args):
             ckpt = f"{name}-{epoch:06d}.safetensors"
             out(f"\nsaving checkpoint: {ckpt}")
             write_safetensors(ckpt, LORA_KEYS)
+        if sampling and args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0:
+            write_sample(args, f"e{epoch:06d}")
     sys.stderr.write("\n")
     if MODE != "no_output":
         write_safetensors(f"{name}.safetensors", LORA_KEYS)
@@ -158,10 +189,18 @@ OUTPUT_TYPES = {
     "hv_generate_video": ("video", "images", "latent", "both"),
     "wan_generate_video": ("video", "images", "latent", "both", "latent_images"),
     "fpack_generate_video": ("video", "images", "latent", "both", "latent_images"),
+    "hv_1_5_generate_video": ("video", "images", "latent", "both", "latent_images"),
+    "flux_kontext_generate_image": ("images", "latent", "latent_images"),
+    "flux_2_generate_image": ("images", "latent", "latent_images"),
+    "qwen_image_generate_image": ("images", "latent", "latent_images"),
+    "zimage_generate_image": ("images", "latent", "latent_images"),
 }
-"""Each generate script's ``--output_type`` choices; the default is ``video``."""
+"""Each generate script's ``--output_type`` choices (the first is the default); the others have none."""
 
 DEFAULT_FPS = {"hv_generate_video": 24, "wan_generate_video": 16, "fpack_generate_video": 30}
+IMAGE_GRID_SCRIPTS = ("flux_kontext_generate_image", "flux_2_generate_image", "qwen_image_generate_image",
+                      "zimage_generate_image")  # fmt: skip
+"""save_images with create_subdir=False: ``<save_path>/<time>_<seed>_000.png``."""
 
 
 def time_flag():
@@ -216,7 +255,73 @@ def save_images(save_path, image_name, frames, width, height, subfolder=True):
     out(f"INFO:musubi_tuner:Sample images saved to: {save_path}/{image_name}")
 
 
+def generate_other(args):
+    """The save code of the generate scripts after the first three (musubi v0.3.4)."""
+    seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+    from PIL import Image
+
+    def png(path, width, height):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        Image.new("RGB", (width, height), (60, 120, 200)).save(path)
+        out(f"INFO:musubi_tuner:Saved image: {path}")
+
+    if SCRIPT in IMAGE_GRID_SCRIPTS:
+        height, width = args.image_size or (256, 256)
+        # save_output passes the empty original name on as "", which save_images turns into "_" (not Z-Image)
+        name = f"{time_flag()}_{seed}" + ("" if SCRIPT == "zimage_generate_image" else "_")
+        if args.output_type in ("latent", "latent_images"):
+            save_latent(f"{args.save_path}/{time_flag()}_{seed}_latent.safetensors", args, seed, height, width)
+        if args.output_type in ("images", "latent_images"):
+            png(f"{args.save_path}/{name}_000.png", width, height)
+    elif SCRIPT == "hv_1_5_generate_video":
+        os.makedirs(args.save_path, exist_ok=True)
+        height, width = args.video_size or (256, 256)
+        frames, kind, name = args.video_length or 1, args.output_type, f"{time_flag()}_{seed}_"
+        if kind in ("latent", "both", "latent_images"):
+            save_latent(f"{args.save_path}/{time_flag()}_{seed}_latent.safetensors", args, seed, height, width)
+        if kind in ("video", "both"):
+            save_video(f"{args.save_path}/{name}.mp4", frames, width, height, args.fps or 24)
+        elif kind == "images":
+            save_images(args.save_path, name, frames, width, height, subfolder=frames > 1)
+    elif SCRIPT == "kandinsky5_generate_video":
+        width, height, frames = args.width or 512, args.height or 512, args.frames or 1
+        if frames > 1:
+            save_video(args.output, frames, width, height, 24)
+            png(os.path.splitext(args.output)[0] + ".png", width, height)
+        else:
+            png(args.output, width, height)
+    elif SCRIPT == "hidream_o1_generate_image":
+        height, width = args.image_size or (2048, 2048)
+        png(args.save_path, width, height)
+    elif SCRIPT == "ideogram4_generate_image":
+        height, width = args.image_size or (1024, 1024)
+        single = os.path.splitext(args.save_path)[1]
+        png(args.save_path if single else os.path.join(args.save_path, "ideogram4_00.png"), width, height)
+    elif SCRIPT == "krea2_generate_image":
+        stamp = time_flag()
+        for i in range(args.num_images):
+            png(os.path.join(args.save_path, f"{stamp}_{seed + i}.png"), args.width or 1024, args.height or 1024)
+    else:
+        sys.exit(f"fake musubi: no generation for {SCRIPT}")
+
+
+def caption(args):
+    """caption_images_by_qwen_vl: <image>.txt next to each image, or one JSONL file."""
+    exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+    images = sorted(os.path.join(args.image_dir, f) for f in os.listdir(args.image_dir) if f.lower().endswith(exts))
+    if args.output_format == "jsonl":
+        with open(args.output_file, "w", encoding="utf-8") as f:
+            for path in images:
+                f.write(json.dumps({"image_path": path, "caption": "a fake caption"}) + "\n")
+    else:
+        for path in images:
+            with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as f:
+                f.write("a fake caption")
+
+
 def generate(args):
+    if SCRIPT not in DEFAULT_FPS:
+        return generate_other(args)
     steps = args.infer_steps or 4
     for i in range(1, steps + 1):
         sys.stderr.write("\r" + tqdm_line("", i, steps))
@@ -315,14 +420,23 @@ def main():
     for flag in ("--max_train_epochs", "--save_every_n_epochs", "--infer_steps", "--video_length", "--seed", "--fps"):
         p.add_argument(flag, type=int)
     p.add_argument("--video_size", type=int, nargs=2)
-    p.add_argument("--output_type", default="video", choices=OUTPUT_TYPES.get(SCRIPT))
+    p.add_argument("--image_size", type=int, nargs=2)
+    for flag in ("--width", "--height", "--frames", "--max_new_tokens", "--dim"):
+        p.add_argument(flag, type=int)
+    p.add_argument("--num-images", dest="num_images", type=int, default=1)
+    for flag in ("--image_dir", "--output_format", "--save_to", "--sample_prompts"):
+        p.add_argument(flag)
+    p.add_argument("--sample_every_n_epochs", type=int)
+    p.add_argument("--sample_at_first", action="store_true")
+    types = OUTPUT_TYPES.get(SCRIPT)
+    p.add_argument("--output_type", default=types[0] if types else "video", choices=types)
     p.add_argument("--prompt")
     p.add_argument("--video_seconds", type=float, default=5.0)
     p.add_argument("--latent_window_size", type=int, default=9)
     p.add_argument("--one_frame_inference")
     p.add_argument("--lora_weight", nargs="*")
     args, _ = p.parse_known_args()
-    if SCRIPT.endswith("train_network"):
+    if SCRIPT.endswith(("train_network", "_train")):
         train(args)
     elif "cache" in SCRIPT:
         cache(args)
@@ -338,6 +452,10 @@ def main():
         write_safetensors(args.save_merged_model, ["blocks.0.self_attn.q.weight"])
     elif SCRIPT == "lora_post_hoc_ema":
         write_safetensors(args.output_file, LORA_KEYS)
+    elif SCRIPT == "caption_images_by_qwen_vl":
+        caption(args)
+    elif SCRIPT == "qwen_extract_lora":
+        write_safetensors(args.save_to, LORA_KEYS)
     else:
         sys.exit(f"fake musubi: unknown script {SCRIPT}")
 

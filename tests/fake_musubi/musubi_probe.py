@@ -207,6 +207,10 @@ def check_argv(script, argv):
         sys.argv = old_argv
 
 
+IMAGE_SAVE_OUTPUT = ("flux_kontext_generate_image", "flux_2_generate_image", "qwen_image_generate_image",
+                     "zimage_generate_image")  # fmt: skip
+"""Image scripts whose ``save_output(args, vae, latent, device)`` decodes and saves."""
+
 HV_SAVE_START = "output_type"
 """hv_generate_video.py saves inside main(): from ``output_type = args.output_type`` to its end."""
 
@@ -268,15 +272,34 @@ def check_save(script, argv, frames):
     old_argv, sys.argv = sys.argv, [f"{script}.py", *argv]
     argparse.ArgumentParser.parse_args = parse_args
     try:
-        args = module.parse_args()
+        args = module.parse_args() if hasattr(module, "parse_args") else module.setup_parser().parse_args()
     finally:
         argparse.ArgumentParser.parse_args = original
         sys.argv = old_argv
-    choices = next(a.choices for a in parsers[-1]._actions if a.dest == "output_type")
-    height, width = args.video_size
+    choices = next((a.choices for a in parsers[-1]._actions if a.dest == "output_type"), None) or []
+    size = getattr(args, "video_size", None) or getattr(args, "image_size", None)
+    height, width = size if size else (args.height, args.width)
     video = torch.zeros(3, frames, height, width)  # the scripts' decoders return [C, F, H, W]
     latent = torch.zeros(16, (frames - 1) // 4 + 1, height // 8, width // 8)
-    if script == "hv_generate_video":
+    if script in IMAGE_SAVE_OUTPUT:
+        # decode_latent returns [3, H, W] (Qwen-Image: [layers, 3, H, W]); save_output(args, vae, latent, device)
+        layers = script == "qwen_image_generate_image"
+        module.decode_latent = lambda *a, **kw: (
+            torch.zeros(1, 3, height, width) if layers else torch.zeros(3, height, width)
+        )
+        module.save_output(args, object(), torch.zeros(1, 16, 1, height // 8, width // 8), "cpu")
+    elif script == "hv_1_5_generate_video":
+        module.decode_latent = lambda latent, args: video
+        module.save_output(latent, args, height, width)
+    elif script == "krea2_generate_image":
+        from PIL import Image
+
+        module.save_images([Image.new("RGB", (width, height))] * args.num_images, args.save_path, args.seed)
+    elif script == "ideogram4_generate_image":
+        from PIL import Image
+
+        module._save_images([Image.new("RGB", (width, height))], args.save_path)
+    elif script == "hv_generate_video":
         module.decode_latents = lambda args, latents, device: (video + 0.5).unsqueeze(0)  # [B, C, F, H, W] in 0..1
         save = _hv_save_block(module)
         save(args, latent.unsqueeze(0), [args.seed], None, height, width, frames, args.infer_steps, "cpu")

@@ -14,6 +14,7 @@ from fake_musubi.fakeroot import FAKE_SITE, LYCORIS_SITE, make_fake_root
 from PIL import Image
 
 from comfy_server import widget_inputs
+from speedkit.musubi import arch as archs
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +23,10 @@ EXPECTED = {
     "TrainingConfig", "OptimizerConfig", "SamplingConfig", "MemoryOptimizer", "TrainLoRA_HunyuanVideo",
     "TrainLoRA_Wan", "TrainLoRA_FramePack", "GenerateVideo_HunyuanVideo", "GenerateVideo_Wan",
     "GenerateVideo_FramePack", "ConvertLoRA", "MergeLoRA", "PostHocEMA", "VideoInput", "VideoOutput",
-    "BatchProcessor", "TrainingMonitor", "ResourceMonitor",
+    "BatchProcessor", "TrainingMonitor", "ResourceMonitor", "CaptionImages", "ExtractLoRA_QwenImage",
+    *(f"TrainLoRA_{s.node_name}" for s in archs.ARCHS.values()),
+    *(f"Generate{'Video' if s.gen.video else 'Image'}_{s.node_name}" for s in archs.ARCHS.values() if s.gen),
+    *(f"{t.function}_{s.node_name}" for s in archs.ARCHS.values() for t in s.trainers),
 }  # fmt: skip
 
 
@@ -470,6 +474,16 @@ def test_merge_lora_per_architecture(comfy_server, fake_setup, tmp_path):
                              "text_encoder1": str(models / "t5.pth"), "vae": str(models / "vae.safetensors")}  # fmt: skip
     comfy_server.run_prompt(prompt, timeout=60)
     assert json.loads(argv_file.read_text())[0] == "qwen_image_generate_image" and out.is_file()
+
+    # FLUX.2 [klein]: AE + text encoder, batch mode, the model version passed on
+    out = tmp_path / "merged" / "flux2.safetensors"
+    prompt["2"]["inputs"] = {**old, "musubi_env": ["1", 0], "architecture": "flux_2", "output_path": str(out),
+                             "text_encoder1": str(models / "t5.pth"), "vae": str(models / "vae.safetensors"),
+                             "model_version": "klein-4b"}  # fmt: skip
+    comfy_server.run_prompt(prompt, timeout=60)
+    argv = json.loads(argv_file.read_text())
+    assert argv[0] == "flux_2_generate_image" and argv[argv.index("--model_version") + 1] == "klein-4b"
+    assert "--from_file" in argv and "--lycoris" not in argv and out.is_file()
 
     # bad input: the text encoder Wan loads before merging is missing -> named, nothing is run
     argv_file.unlink()

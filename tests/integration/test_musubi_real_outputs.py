@@ -55,8 +55,38 @@ CASES = {
     "wan one frame": ("wan_generate_video", ["--video_length", "1"]),
     "fpack": ("fpack_generate_video", ["--video_seconds", "0.5", "--latent_window_size", "2"]),
     "fpack one frame": ("fpack_generate_video", ["--one_frame_inference", "target_index=1"]),
+    "kontext": ("flux_kontext_generate_image", []),
+    "flux2": ("flux_2_generate_image", []),
+    "qwen": ("qwen_image_generate_image", []),
+    "zimage": ("zimage_generate_image", []),
+    "hv1.5": ("hv_1_5_generate_video", ["--video_length", "5"]),
+    "hv1.5 one frame": ("hv_1_5_generate_video", ["--video_length", "1"]),
+    "ideogram4": ("ideogram4_generate_image", []),
+    "krea2": ("krea2_generate_image", ["--num-images", "2"]),
 }
-"""Generation settings whose files are compared, each under every --output_type of its script."""
+"""Generation settings whose files are compared, each under every --output_type of its script (scripts
+without --output_type once)."""
+
+MODELS.update({
+    "flux_kontext_generate_image": ["--dit", "d", "--vae", "v", "--text_encoder1", "t5", "--text_encoder2", "clip"],
+    "flux_2_generate_image": ["--dit", "d", "--vae", "v", "--text_encoder", "te"],
+    "qwen_image_generate_image": ["--dit", "d", "--vae", "v", "--text_encoder", "te"],
+    "zimage_generate_image": ["--dit", "d", "--vae", "v", "--text_encoder", "te"],
+    "hv_1_5_generate_video": ["--dit", "d", "--vae", "v", "--text_encoder", "te", "--byt5", "b"],
+    "ideogram4_generate_image": ["--dit", "d", "--vae", "v", "--text_encoder", "te"],
+    "krea2_generate_image": ["--dit", "d", "--vae", "v", "--text_encoder", "te"],
+})  # fmt: skip
+SIZE = {
+    "hv_generate_video": ["--video_size", "48", "64"], "wan_generate_video": ["--video_size", "48", "64"],
+    "fpack_generate_video": ["--video_size", "48", "64"], "hv_1_5_generate_video": ["--video_size", "48", "64"],
+    "krea2_generate_image": ["--width", "64", "--height", "48"],
+}  # fmt: skip
+"""Size flags per script (the image scripts take --image_size H W)."""
+STEPS = {"krea2_generate_image": ["--steps", "2"], "ideogram4_generate_image": []}
+
+
+def output_types(script: str) -> tuple[str | None, ...]:
+    return OUTPUT_TYPES.get(script, (None,))
 
 
 def frames_of(argv: list[str]) -> int:
@@ -74,10 +104,13 @@ def frames_of(argv: list[str]) -> int:
     return int(value("--video_length", "0"))
 
 
-def case_argv(script: str, settings: list[str], output_type: str, save_path: Path) -> list[str]:
-    common = ["--prompt", "a cat", "--video_size", "48", "64", "--seed", "42", "--infer_steps", "2"]
-    return [f"{script}.py", *MODELS[script], *common, *settings, "--save_path", str(save_path),
-            "--output_type", output_type]  # fmt: skip
+def case_argv(script: str, settings: list[str], output_type: str | None, save_path: Path) -> list[str]:
+    prompt = [] if script == "krea2_generate_image" else ["--prompt", "a cat"]
+    common = [*prompt, *SIZE.get(script, ["--image_size", "48", "64"]), "--seed", "42"]
+    common += STEPS.get(script, ["--infer_steps", "2"])
+    kind = ["--output_type", output_type] if output_type else []
+    tail = ["--", "a cat"] if script == "krea2_generate_image" else []
+    return [f"{script}.py", *MODELS[script], *common, *settings, "--save_path", str(save_path), *kind, *tail]
 
 
 def listing(folder: Path) -> list[tuple[str, tuple[str, ...]]]:
@@ -127,8 +160,8 @@ def real(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("real_saves")
     checks, keys = [], []
     for name, (script, settings) in CASES.items():
-        for output_type in OUTPUT_TYPES[script]:
-            argv = case_argv(script, settings, output_type, tmp / name.replace(" ", "_") / output_type)
+        for output_type in output_types(script):
+            argv = case_argv(script, settings, output_type, tmp / name.replace(" ", "_") / str(output_type))
             checks.append({"script": script, "argv": argv[1:], "frames": frames_of(argv)})
             keys.append((name, output_type))
     for arch, argv in node_commands(tmp).items():
@@ -153,8 +186,18 @@ def test_output_types_are_the_real_parsers_choices(real, arch):
     assert archs.FRAMES_OUTPUT_TYPE in choices
 
 
+@pytest.mark.parametrize("script", sorted({s for s, _ in CASES.values()} - set(SCRIPTS.values())))
+def test_other_scripts_output_types_are_the_real_parsers(real, script):
+    """The table-driven nodes pass --output_type images where the script has the option, and only there."""
+    name = next(n for n, (s, _) in CASES.items() if s == script)
+    choices = tuple(real[(name, output_types(script)[0])]["output_types"])
+    assert OUTPUT_TYPES.get(script, ()) == choices, f"fake_cli.OUTPUT_TYPES[{script!r}] != the parser's {choices}"
+    gen = next(spec.gen for spec in archs.ARCHS.values() if spec.gen and spec.gen.script == script)
+    assert gen.output_type == bool(choices) and (not choices or archs.FRAMES_OUTPUT_TYPE in choices)
+
+
 @pytest.mark.parametrize(
-    ("case", "output_type"), [(name, t) for name, (script, _) in CASES.items() for t in OUTPUT_TYPES[script]]
+    ("case", "output_type"), [(name, t) for name, (script, _) in CASES.items() for t in output_types(script)]
 )
 def test_fake_writes_the_files_the_real_save_code_writes(real, tmp_path, case, output_type):
     script, settings = CASES[case]
@@ -176,3 +219,13 @@ def test_the_generate_nodes_command_makes_musubi_write_frames(real, arch):
     frames = [p for p, _ in files if p.endswith(".png")]
     assert frames, f"{SCRIPTS[arch]} writes no PNG frames for the node's command: {files}"
     assert len({str(Path(p).parent) for p in frames}) == 1 and frames == sorted(frames)
+
+
+def test_fake_training_samples_are_named_like_musubis():
+    """fake_cli.write_sample follows trainer_base.sample_image_inference's folder and file names."""
+    source = (Path(ROOT) / "src" / "musubi_tuner" / "training" / "trainer_base.py").read_text(encoding="utf-8")
+    assert 'save_dir = os.path.join(args.output_dir, "sample")' in source
+    assert "{num_suffix}_{prompt_idx:02d}_{ts_str}{seed_suffix}" in source
+    assert 'num_suffix = f"e{epoch:06d}" if epoch is not None else f"{steps:06d}"' in source
+    assert "save_images_grid(video, save_dir, save_path, n_rows=video.shape[0], create_subdir=False)" in source
+    assert 'video_path = os.path.join(save_dir, save_path) + ".mp4"' in source

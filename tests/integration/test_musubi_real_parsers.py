@@ -384,6 +384,8 @@ def merge_commands(env: MusubiEnv, tmp: Path) -> list[tuple[str, list[str]]]:
         "merge zimage": MergeJob(arch="zimage", text_encoder1="qwen3", include_pattern="attn", exclude_pattern="x",
                                  **base),
         "merge hv1.5": MergeJob(arch="hunyuan_video_1_5", text_encoder1="qwen_vl", text_encoder2="byt5", **base),
+        "merge flux2": MergeJob(arch="flux_2", vae="ae", text_encoder1="qwen3", prompt_file=pf, model_version="klein-4b",
+                                **base),
     }  # fmt: skip
     for task in ("t2v-14B", "i2v-14B", "t2v-1.3B-FC", "flf2v-14B", "i2v-A14B", "t2v-A14B"):
         models = {"text_encoder1": "t5", "vae": "v", "image_encoder": "clip"}
@@ -420,7 +422,7 @@ def test_every_generated_argv_is_accepted_by_musubis_parser(env, tmp_path):
     assert wan22["lora_weight_high_noise"] == ["both.safetensors", "high.safetensors"]
     assert wan22["lora_multiplier_high_noise"] == [0.8, 0.6]
     merges = {name: res for (name, _), res in zip(cmds, answer["argv"], strict=True) if name.startswith("merge ")}
-    assert len(merges) == 13
+    assert len(merges) == 14
     for name, res in merges.items():
         ns = res["namespace"]
         assert ns["save_merged_model"] == str(tmp_path / "merged.safetensors"), name
@@ -429,11 +431,13 @@ def test_every_generated_argv_is_accepted_by_musubis_parser(env, tmp_path):
         if name != "merge hv":
             # generate scripts: musubi's own post-parse checks ran too (prompt / from_file, lycoris installed)
             assert res["validated"], name
-            assert ns["lycoris"] == (name != "merge kontext"), name  # Kontext saves without LyCORIS (plain LoRA)
+            # Kontext and FLUX.2 save without LyCORIS (plain LoRA, batch mode)
+            assert ns["lycoris"] == (name not in ("merge kontext", "merge flux2")), name
     assert merges["merge wan i2v-A14B"]["namespace"]["task"] == "i2v-A14B"
     assert merges["merge wan i2v-14B"]["namespace"]["clip"] == "clip"
     assert merges["merge kontext"]["namespace"]["exclude_patterns"] == ["img_mod", "img_mod"]
     assert merges["merge hv1.5"]["namespace"]["video_length"] == 1
+    assert merges["merge flux2"]["namespace"]["model_version"] == "klein-4b"
 
 
 def test_musubi_parser_rejects_a_wrong_flag(env):

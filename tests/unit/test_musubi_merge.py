@@ -82,6 +82,13 @@ EXPECTED = {
         + ["--save_merged_model", "/m/out.safetensors", "--prompt", "merge", "--video_length", "1"]
         + ["--save_path", "/m", "--device", "cpu"],
     ),
+    "flux_2": (
+        {"vae": "ae", "text_encoder1": "qwen3", "prompt_file": "/m/p.txt", "model_version": "klein-9b"},
+        script("flux_2_generate_image")
+        + ["--dit", "dit.pt", "--model_version", "klein-9b", "--vae", "ae", "--text_encoder", "qwen3", *TAIL]
+        + ["--save_merged_model", "/m/out.safetensors", "--from_file", "/m/p.txt", "--save_path", "/m"]
+        + ["--device", "cpu"],
+    ),
 }
 
 
@@ -137,7 +144,13 @@ def test_patterns_are_repeated_for_every_lora():
 @pytest.mark.parametrize(
     ("arch", "kw", "message"),
     [
-        ("flux_2", {}, r"architecture='flux_2' has no LoRA merge in musubi-tuner: choose one of hunyuan_video"),
+        ("krea2", {}, r"architecture='krea2' has no LoRA merge in musubi-tuner: choose one of hunyuan_video"),
+        ("zimage", {"text_encoder1": "q", "model_version": "dev"}, "model_version is a FLUX.2 input; Z-Image has none"),
+        (
+            "flux_2",
+            {"vae": "v", "text_encoder1": "q", "prompt_file": "p", "model_version": "klein-5b"},
+            "model_version='klein-5b' must be one of dev, klein-4b",
+        ),
         (
             "hunyuan_video",
             {"include_pattern": "x"},

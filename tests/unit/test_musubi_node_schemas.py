@@ -23,8 +23,8 @@ import pytest
 
 SNAPSHOT = Path(__file__).with_name("musubi_node_schemas.json")
 ADAPTER = "speedkit.nodes.musubi"
-PINNED = ("default", "min", "max", "step", "options", "multiline", "optional", "advanced")
-"""The input properties a saved workflow's values depend on."""
+PINNED = ("default", "min", "max", "step", "options", "multiline", "optional", "advanced", "control_after_generate")
+"""The input properties a saved workflow's values depend on (``control_after_generate`` adds a widget value)."""
 
 
 class _Socket:

@@ -29,7 +29,7 @@ def test_module_parses_and_registers_an_extension(path: Path):
 
 def test_help_pages_belong_to_declared_nodes():
     declared = set()
-    for path in (REPO / "nodes").glob("*.py"):
+    for path in (REPO / "nodes").rglob("*.py"):
         declared.update(re.findall(r"node_id\s*=\s*[\"'](\w+)[\"']", path.read_text()))
     pages = {p.stem for p in (REPO / "web" / "docs").glob("*.md")}
     assert pages and pages <= declared, pages - declared
