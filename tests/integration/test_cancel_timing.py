@@ -20,7 +20,7 @@ from fake_musubi.fakeroot import FAKE_SITE, make_fake_root
 from PIL import Image
 from tiny_models import build_models
 
-from comfy_server import ComfyServer, widget_inputs
+from comfy_server import ComfyServer, process_alive, widget_inputs
 
 pytestmark = pytest.mark.integration
 
@@ -217,13 +217,6 @@ def test_musubi_training_cancels_within_2s_and_its_tree_is_gone(server, tmp_path
     pids = [int(p) for p in pid_file.read_text().split()]
     took = cancel_seconds(server, pid)
     assert took < LIMIT_S, f"cancel took {took:.2f} s"
-    assert not [p for p in pids if _alive(p)], "musubi processes survived Cancel"
+    assert not [p for p in pids if process_alive(p)], "musubi processes survived Cancel"
     assert not list((tmp_path / "out").glob("cancel_lora*.safetensors"))
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

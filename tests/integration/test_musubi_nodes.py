@@ -13,7 +13,7 @@ import pytest
 from fake_musubi.fakeroot import FAKE_SITE, LYCORIS_SITE, make_fake_root
 from PIL import Image
 
-from comfy_server import widget_inputs
+from comfy_server import process_alive, widget_inputs
 from speedkit.musubi import arch as archs
 
 pytestmark = pytest.mark.integration
@@ -176,9 +176,9 @@ def test_cancel_kills_the_training_tree(comfy_server, fake_setup, tmp_path):
         urllib.request.Request(comfy_server.url + "/interrupt", data=b"{}", method="POST"), timeout=10
     )
     pids = [int(p) for p in pid_file.read_text().split()]
-    while time.monotonic() - t0 < 5 and any(_alive(p) for p in pids):
+    while time.monotonic() - t0 < 5 and any(process_alive(p) for p in pids):
         time.sleep(0.05)
-    assert not [p for p in pids if _alive(p)], "musubi processes survived Cancel"
+    assert not [p for p in pids if process_alive(p)], "musubi processes survived Cancel"
     t.join(60)
 
 
@@ -188,13 +188,6 @@ def _run_catch(server, prompt, errors):
     except Exception as exc:  # noqa: BLE001 - an interrupted prompt may report an error
         errors.append(exc)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _history_outputs(comfy_server, entry: dict) -> dict:
