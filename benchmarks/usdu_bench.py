@@ -240,7 +240,7 @@ def run(a, comfy_args, mm, spandrel, torch) -> int:
     metrics = sys.modules.get(pack.__name__ + ".usdu.metrics") or __import__(
         pack.__name__ + ".usdu.metrics", fromlist=["seam_visibility_ratio"]
     )
-    ours_nodes = sys.modules[pack.__name__ + ".nodes.usdu"]
+    ours_sampling = sys.modules[pack.__name__ + ".nodes.usdu_sampling"]
 
     t0 = time.perf_counter()
     model = build_model(a.tiny, device)
@@ -346,7 +346,7 @@ def run(a, comfy_args, mm, spandrel, torch) -> int:
     from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
 
     _, t_core = run_timed(lambda: ImageUpscaleWithModel.execute(upscaler, image).args[0], a.repeats)
-    fn = ours_nodes._make_model_fn(upscaler)
+    fn = ours_sampling.make_model_fn(upscaler)
     _, t_ours = run_timed(lambda: fn(image.to(mm.get_torch_device())), a.repeats)
     say(f"upscale stage only: ComfyUI ImageUpscaleWithModel {min(t_core):.2f} s, ours {min(t_ours):.2f} s")
 

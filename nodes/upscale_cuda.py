@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from typing import ClassVar
 
 import torch
@@ -96,10 +98,10 @@ class UpscaleImageCUDA(io.ComfyNode):
                     options=["disable", "enable"],
                     default="disable",
                     tooltip=(
-                        "enable: torch.compile the model (1.1-1.5x faster per frame; the first "
-                        "run of each model and frame size compiles, 3-50 s depending on compile_mode; a "
-                        "restarted ComfyUI reuses the on-disk cache). Worth it for videos and repeated sizes. "
-                        "Needs CUDA and triton; otherwise the normal path runs and the report says why."
+                        "enable: torch.compile the model (faster frames; the first run of each model and "
+                        "frame size compiles, a restarted ComfyUI reuses the on-disk cache). Worth it for "
+                        "videos and repeated sizes. Needs CUDA and triton; otherwise the normal path runs "
+                        "and the report says why."
                     ),
                 ),
                 io.Combo.Input(
@@ -107,10 +109,10 @@ class UpscaleImageCUDA(io.ComfyNode):
                     options=list(COMPILE_MODES),
                     default=COMPILE_MODES[0],
                     tooltip=(
-                        "Only with enable_compile. regional: compile the repeated blocks once (quick: "
-                        "RRDB 10 s the first time, 6 s after a restart, frames up to 10 % slower than whole). "
-                        "default: compile the whole model (fastest frames, RRDB ~48 s the first time). "
-                        "max-autotune-no-cudagraphs: whole model with kernel autotuning (minutes)."
+                        "Only with enable_compile. regional: compile the repeated blocks once (quick to "
+                        "compile, frames a little slower than whole). default: compile the whole model "
+                        "(fastest frames, longer first compile). max-autotune-no-cudagraphs: whole model "
+                        "with kernel autotuning (slowest to compile)."
                     ),
                     advanced=True,
                 ),
@@ -141,11 +143,11 @@ class UpscaleImageCUDA(io.ComfyNode):
                     default=False,
                     tooltip=(
                         "Off: our copy of the model goes back to the CPU after the run (GPU free for the next "
-                        "node). On: it stays on the GPU (costs its weights' VRAM, e.g. 33 MB for RealESRGAN_x4plus "
-                        "in fp16, 2x for compile_mode regional) and the next run skips the upload: helps when "
-                        "the node runs again and again (video chunks, batches of prompts). ComfyUI can still "
-                        "unload it like its own models when another model needs the memory. The loaded "
-                        "'Load Upscale Model' model itself is never moved."
+                        "node). On: it stays on the GPU (costs its weights' VRAM, twice that with compile_mode "
+                        "regional) and the next run skips the upload: helps when the node runs again and again "
+                        "(video chunks, batches of prompts). ComfyUI can still unload it like its own models "
+                        "when another model needs the memory. The loaded 'Load Upscale Model' model itself is "
+                        "never moved."
                     ),
                     advanced=True,
                 ),
@@ -221,17 +223,21 @@ class UpscaleImageCUDA(io.ComfyNode):
         ``ModelPatcher`` and loaded through ``load_models_gpu``: they then count as a loaded
         model, so ``free_memory`` (another model loading, the 'Unload models' button,
         ``unload_all_models``) can evict them, which moves them to the CPU where our cache
-        expects them. A previous registration is dropped first; with nothing kept (the option
-        off) nothing is registered.
+        expects them. With nothing kept (the option off) nothing is registered.
+
+        The previous registration is released first by dropping the only reference to it:
+        ComfyUI's loaded list holds models weakly and removes an entry once its model is
+        freed (``cleanup_models``). Releasing moves nothing: the cache has already parked
+        the copies this run did not keep on the CPU.
         """
         import comfy.model_management as mm
         import comfy.model_patcher
 
-        for old in cls.kept:
-            for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-                if mm.current_loaded_models[i].model is old:
-                    mm.current_loaded_models.pop(i).model_unload()
-        cls.kept.clear()
+        # Each popped patcher is freed at once (``cls.kept`` held the only reference), and
+        # with it its container, whose finalizer makes ComfyUI drop the entry.
+        previous = [weakref.ref(cls.kept.pop().model) for _ in range(len(cls.kept))]
+        if any(ref() is not None for ref in previous):
+            gc.collect()  # only a reference cycle could still hold one
         resident = cls.cache.kept_modules()
         if not resident:
             return

@@ -3,7 +3,12 @@ stock model loader, and the same picture as ComfyUI's own "Upscale Image (using 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +19,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from spandrel.architectures.Compact import Compact
+
+from comfy_server import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 NODE = "SpeedKit_UpscaleImageCUDA"
@@ -202,6 +209,99 @@ def test_keep_model_loaded_registers_with_comfyui_and_survives_unload(comfy_serv
         assert int(np.abs(first - second).max()) == 0  # fp32, whole frame both times
     finally:
         model_file.unlink()
+
+
+KEPT_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys, weakref
+    from comfy.cli_args import args
+    args.cpu = True
+    import utils.extra_config  # noqa: F401  (before `nodes`, see the integration notes)
+    import torch
+    import comfy.model_management as mm
+    import nodes
+    from spandrel import ModelLoader
+    from spandrel.architectures.Compact import Compact
+
+    assert asyncio.run(nodes.load_custom_node(sys.argv[1]))
+    node = nodes.NODE_CLASS_MAPPINGS["SpeedKit_UpscaleImageCUDA"]
+
+    def descriptor(seed):
+        torch.manual_seed(seed)
+        net = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2)
+        return ModelLoader().load_from_state_dict(net.state_dict()).eval()
+
+    def registered():
+        # our registrations in ComfyUI's loaded list, read through its public accessor
+        return [p for p in mm.loaded_models() if any(p is k for k in node.kept)]
+
+    def run(model, keep):
+        out = node.PREPARE_CLASS_CLONE({"hidden_inputs": {}}).execute(
+            upscale_model=model, image=image, use_autocast="disable", keep_model_loaded=keep
+        ).args[0]
+        return out
+
+    image = torch.rand(1, 24, 32, 3, generator=torch.Generator().manual_seed(0))
+    a, b = descriptor(1), descriptor(2)
+    shared = {k: (v.data_ptr(), v.dtype, v.device, v.clone()) for k, v in a.model.state_dict().items()}
+    base = len(mm.loaded_models())
+    result = {}
+    first = run(a, True)
+    patcher = registered()
+    result["first"] = [len(patcher), len(mm.loaded_models()) - base]
+    result["holds_kept_copies"] = [id(m) for m in patcher[0].model] == [id(m) for m in node.cache.kept_modules()]
+    result["not_the_shared_model"] = all(m is not a.model for m in patcher[0].model)
+    old = weakref.ref(patcher[0])
+    del patcher
+    again = run(a, True)
+    result["again"] = [len(registered()), len(mm.loaded_models()) - base]
+    result["old_freed"] = old() is None
+    result["same_picture"] = bool(torch.equal(first, again))
+    run(b, True)
+    result["other_model"] = [len(registered()), len(mm.loaded_models()) - base]
+    run(b, False)
+    result["keep_off"] = [len(registered()), len(mm.loaded_models()) - base]
+    run(a, True)
+    mm.unload_all_models()
+    result["after_unload"] = [len(registered()), len(node.kept)]
+    result["after_unload_run_same"] = bool(torch.equal(run(a, True), first))
+    result["after_unload_run"] = [len(registered()), len(mm.loaded_models()) - base]
+    result["shared_untouched"] = all(
+        v.data_ptr() == ptr and v.dtype == dtype and v.device == dev and torch.equal(v, ref)
+        for k, v in a.model.state_dict().items()
+        for ptr, dtype, dev, ref in [shared[k]]
+    )
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def test_keep_model_loaded_holds_exactly_one_registration(comfy_server, tmp_path):
+    """keep_model_loaded through ComfyUI's public model management, in a ComfyUI process:
+    every run replaces the previous registration (the old one is freed, the loaded list
+    does not grow), keep off leaves none, unload_all_models evicts it, and the shared
+    UPSCALE_MODEL is never moved, cast or modified."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    pack = tmp_path / "ComfyUI-SpeedKit"
+    pack.symlink_to(REPO_ROOT, target_is_directory=True)
+    proc = subprocess.run(
+        [python, "-c", KEPT_SCRIPT, str(pack)],
+        cwd=comfy_server.root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT") :])
+    assert result["first"] == [1, 1]
+    assert result["holds_kept_copies"] and result["not_the_shared_model"]
+    assert result["again"] == [1, 1] and result["old_freed"] and result["same_picture"]
+    assert result["other_model"] == [1, 1]
+    assert result["keep_off"] == [0, 0]
+    assert result["after_unload"] == [0, 1]  # evicted by ComfyUI; our next run re-registers
+    assert result["after_unload_run"] == [1, 1] and result["after_unload_run_same"]
+    assert result["shared_untouched"]
 
 
 def test_cancel_inside_one_long_automatic_batch_call(comfy_server, real_model_path):

@@ -533,3 +533,144 @@ def test_sdxl_tile_batch_gives_each_tile_its_own_crop_conditioning(usdu_models, 
     assert result["area_calls"] == [8, 4]
     assert result["area_effect"] > 0.05  # the area prompt does change the picture
     assert result["area_max_diff"] < 1e-4
+
+
+RESIDENCY_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from comfy.cli_args import args
+    args.cpu = True
+    import utils.extra_config  # noqa: F401  (before `nodes`, see the integration notes)
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import nodes
+
+    assert asyncio.run(nodes.load_custom_node(sys.argv[1]))
+    residency = next(m for n, m in list(sys.modules.items()) if n.endswith(".nodes.residency"))
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(torch.nn.Linear(64, 64), load_device=cpu, offload_device=cpu)
+    result = {"blocker": residency.residency_blocker(patcher, 0)}
+    with residency.full_residency(patcher, "test") as used:
+        result["plain_model_used_as_is"] = used is patcher
+    mm.load_models_gpu([patcher], force_full_load=True)
+    result["loaded"] = [patcher.loaded_size() > 0, any(p is patcher for p in mm.loaded_models())]
+    # Still referenced here, so _release must find it in ComfyUI's loaded list and detach it.
+    residency._release(patcher)
+    result["released"] = patcher.loaded_size()
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def test_residency_release_finds_the_model_in_comfyui_loaded_list(usdu_models, tmp_path):
+    """nodes/residency.py reads ComfyUI's ``current_loaded_models`` (``LoadedModel.model``) to
+    move a still-referenced resident copy off the GPU, and refuses non-dynamic models: both
+    checked against the real model management on the CPU (the full-residency path itself
+    needs CUDA and is covered by tests/gpu_server/test_graph_paths_in_server.py)."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    pack = tmp_path / "ComfyUI-SpeedKit"
+    pack.symlink_to(REPO_ROOT, target_is_directory=True)
+    proc = subprocess.run(
+        [python, "-c", RESIDENCY_SCRIPT, str(pack)],
+        cwd=usdu_models.root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT") :])
+    assert result["blocker"] == "the model is not streamed by the dynamic VRAM manager"
+    assert result["plain_model_used_as_is"]
+    assert result["loaded"] == [True, True]
+    assert result["released"] == 0
+
+
+ADAPTER_INTERNALS_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from comfy.cli_args import args
+    args.cpu = True
+    import utils.extra_config  # noqa: F401  (before `nodes`, see the integration notes)
+    import torch
+    import comfy.controlnet
+    import comfy.model_patcher
+    import comfy.patcher_extension as pe
+    import nodes
+
+    assert asyncio.run(nodes.load_custom_node(sys.argv[1]))
+    pack = next(n[: -len(".nodes.usdu")] for n in list(sys.modules) if n.endswith(".nodes.usdu"))
+    cond = sys.modules[pack + ".usdu.cond"]
+    planner = sys.modules[pack + ".usdu.planner"]
+    wrappers = sys.modules[pack + ".nodes.usdu_wrappers"]
+    result = {}
+
+    # ControlNet chain (ComfyUI's own class): hints cut to each tile, originals untouched.
+    cpu = torch.device("cpu")
+    first = comfy.controlnet.ControlNet(torch.nn.Linear(2, 2), load_device=cpu)
+    first.set_cond_hint(torch.rand(1, 3, 96, 128), 0.8)
+    second = comfy.controlnet.ControlNet(torch.nn.Linear(2, 2), load_device=cpu)
+    second.set_cond_hint(torch.rand(1, 3, 96, 128), 0.5)
+    second.set_previous_controlnet(first)
+    positive = [[torch.zeros(1, 77, 8), {"control": second}]]
+    geoms = [cond.TileGeometry(planner.Box(x, 0, x + 64, 48), 128, 96, 64, 48, 64, 48) for x in (0, 64)]
+    (entry,) = cond.crop_conditioning(positive, geoms, 1)
+    top = entry[1]["control"]
+    result["types"] = [type(top).__name__, type(top.previous_controlnet).__name__]
+    result["copied"] = top is not second and top.previous_controlnet is not first
+    result["hints"] = [list(top.cond_hint_original.shape), list(top.previous_controlnet.cond_hint_original.shape)]
+    result["strength"] = [top.strength, top.previous_controlnet.strength]
+    result["originals"] = [list(second.cond_hint_original.shape), second.previous_controlnet is first]
+
+    # What the CUDA-graph check reads from a real ModelPatcher's model_options (no CUDA call).
+    cuda = torch.device("cuda")
+    model = comfy.model_patcher.ModelPatcher(torch.nn.Linear(4, 4), load_device=cpu, offload_device=cpu)
+    blocked = {"plain": wrappers.graph_blocker(model, cuda)}
+    m = model.clone()
+    m.set_model_attn1_patch(lambda *a: a)
+    blocked["patch"] = wrappers.graph_blocker(m, cuda)
+    m = model.clone()
+    m.set_model_attn2_replace(lambda *a: a, "input", 1)
+    blocked["replace"] = wrappers.graph_blocker(m, cuda)
+    m = model.clone()
+    pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "other", lambda e, *a, **k: e(*a, **k),
+                            m.model_options, is_model_options=True)
+    blocked["wrapper"] = wrappers.graph_blocker(m, cuda)
+    m = model.clone()
+    m.set_model_unet_function_wrapper(lambda f, p: f(p["input"], p["timestep"], **p["c"]))
+    blocked["function_wrapper"] = wrappers.graph_blocker(m, cuda)
+    result["blocked"] = blocked
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def test_comfyui_objects_the_usdu_adapter_reads(usdu_models, tmp_path):
+    """The ComfyUI internals USDU reads without a public API, checked against the real classes:
+    ControlNet chains (``copy``, ``cond_hint_original``, ``previous_controlnet``,
+    ``set_previous_controlnet``) are cropped per tile, and the CUDA-graph check finds patches,
+    block replacements, wrappers and a unet function wrapper where ComfyUI stores them."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    pack = tmp_path / "ComfyUI-SpeedKit"
+    pack.symlink_to(REPO_ROOT, target_is_directory=True)
+    proc = subprocess.run(
+        [python, "-c", ADAPTER_INTERNALS_SCRIPT, str(pack)],
+        cwd=usdu_models.root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT") :])
+    assert result["types"] == ["ControlNet", "ControlNet"] and result["copied"]
+    assert result["hints"] == [[2, 3, 48, 64], [2, 3, 48, 64]]  # one crop per tile, stacked
+    assert result["strength"] == [0.5, 0.8]
+    assert result["originals"] == [[1, 3, 96, 128], True]
+    blocked = result["blocked"]
+    assert blocked["plain"] is None
+    assert blocked["patch"].startswith("the model carries patches")
+    assert blocked["replace"].startswith("the model carries patches_replace")
+    assert blocked["wrapper"] == "the model carries wrappers from another node"
+    assert blocked["function_wrapper"] == "the model carries a model_function_wrapper"
