@@ -364,13 +364,22 @@ def pad_to_multiple(image: torch.Tensor, multiple: int, mode: str = "reflect") -
     return torch.nn.functional.pad(image, (0, pw, 0, ph), mode=mode), ph, pw
 
 
+GRAPHS_WITH_MALLOC_ASYNC_ENV = "SPEEDKIT_GRAPHS_WITH_MALLOC_ASYNC"
+"""Maintainers' switch (``1``): record CUDA graphs under cudaMallocAsync too, to check on a GPU
+(``benchmarks/cuda_graph_allocator_probe.py``, the graphed-vs-eager tests) whether a torch and
+driver combination records safely there. Never set by the pack."""
+
+
 def graph_capture_blocker() -> str | None:
     """Why CUDA graphs must not be recorded in this process, or None.
 
     Under PyTorch's cudaMallocAsync allocator (ComfyUI's default on NVIDIA) a failed capture
     has been seen to leave a C++ exception that aborts the whole process, which no Python
-    handler can catch; captures are therefore not attempted there (the run stays eager).
+    handler can catch; captures are therefore not attempted there (the run stays eager),
+    unless :data:`GRAPHS_WITH_MALLOC_ASYNC_ENV` is set for a check.
     """
+    if os.environ.get(GRAPHS_WITH_MALLOC_ASYNC_ENV) == "1":
+        return None
     try:
         backend = torch.cuda.get_allocator_backend()
     except Exception:  # noqa: BLE001 - a torch without CUDA support: nothing to record anyway

@@ -140,6 +140,7 @@ def test_pad_to_multiple():
 
 
 def test_graphs_are_never_recorded_under_cuda_malloc_async(monkeypatch, caplog):
+    monkeypatch.delenv(tu.GRAPHS_WITH_MALLOC_ASYNC_ENV, raising=False)
     # A failed capture under cudaMallocAsync aborted ComfyUI (an uncatchable C++ exception):
     # the book turns graphs off before the first capture instead.
     import logging
@@ -155,6 +156,8 @@ def test_graphs_are_never_recorded_under_cuda_malloc_async(monkeypatch, caplog):
     with caplog.at_level(logging.INFO):
         assert not book.wants_capture("k") and not book.wants_capture("k")
     assert "cudaMallocAsync" in (book.disabled or "") and "--disable-cuda-malloc" in caplog.text
+    monkeypatch.setenv(tu.GRAPHS_WITH_MALLOC_ASYNC_ENV, "1")  # the maintainers' check switch
+    assert graph_capture_blocker() is None
 
 
 def test_step_profiler_writes_a_report_only_when_asked(tmp_path, monkeypatch):
