@@ -20,7 +20,7 @@ from fake_musubi.fakeroot import FAKE_SITE, make_fake_root
 from PIL import Image
 from tiny_models import build_models
 
-from comfy_server import ComfyServer, process_alive, widget_inputs
+from comfy_server import ComfyServer, free_port, process_alive, widget_inputs
 
 pytestmark = pytest.mark.integration
 
@@ -31,18 +31,23 @@ EMBEDDED = Path(__file__).resolve().parents[2] / "upscale_cuda" / "models" / "re
 
 
 @pytest.fixture(scope="module")
-def server(comfy_server: ComfyServer):
-    """The session's server with a tiny SD1.5 checkpoint, upscalers and input pictures (removed after)."""
-    ckpt = comfy_server.models_dir / "checkpoints" / CKPT
-    ups = comfy_server.models_dir / "upscale_models" / UPSCALER
-    anime = comfy_server.models_dir / "upscale_models" / "cancel_anime_x4.safetensors"
-    build_models(comfy_server.root, ckpt, ups)
-    shutil.copyfile(EMBEDDED, anime)
+def server(tmp_path_factory):
+    """A server of its own (interrupted runs leave tracebacks in its log, which the shared
+    server's log checks would take for the pack's errors), with a tiny SD1.5 checkpoint,
+    upscalers and an input picture."""
+    from conftest import comfyui_root
+
+    comfy = ComfyServer(root=comfyui_root(), work=tmp_path_factory.mktemp("cancel_server"), port=free_port())
+    build_models(comfy.root, comfy.models_dir / "checkpoints" / CKPT, comfy.models_dir / "upscale_models" / UPSCALER)
+    shutil.copyfile(EMBEDDED, comfy.models_dir / "upscale_models" / "cancel_anime_x4.safetensors")
+    comfy.input_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(comfy_server.input_dir / "cancel_256.png")
-    yield comfy_server
-    for path in (ckpt, ups, anime, comfy_server.input_dir / "cancel_256.png"):
-        path.unlink(missing_ok=True)
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(comfy.input_dir / "cancel_256.png")
+    comfy.start()
+    try:
+        yield comfy
+    finally:
+        comfy.stop()
 
 
 def _queue(server: ComfyServer, prompt: dict) -> str:
@@ -219,4 +224,3 @@ def test_musubi_training_cancels_within_2s_and_its_tree_is_gone(server, tmp_path
     assert took < LIMIT_S, f"cancel took {took:.2f} s"
     assert not [p for p in pids if process_alive(p)], "musubi processes survived Cancel"
     assert not list((tmp_path / "out").glob("cancel_lora*.safetensors"))
-
