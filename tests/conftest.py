@@ -21,6 +21,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "speedkit"
 
+# musubi-tuner beside the integration tier's ComfyUI (tests/setup_comfyui.sh extracts both), for
+# the tests that check commands against its real argparse and save code
+_musubi = Path(os.environ.get("COMFYUI_ROOT", "/nonexistent")).parent / "musubi-tuner"
+if not os.environ.get("MUSUBI_TUNER_ROOT") and (_musubi / "src" / "musubi_tuner").is_dir():
+    os.environ["MUSUBI_TUNER_ROOT"] = str(_musubi)
+
 if PACKAGE not in sys.modules:
     _pkg = types.ModuleType(PACKAGE)
     _pkg.__path__ = [str(REPO_ROOT)]
