@@ -1,7 +1,9 @@
-"""Draw the quality-vs-speed plot and a sample grid from ``fbcache_quality.py`` output (Pillow only).
+"""Draw PSNR vs speedup from ``fbcache_quality.py`` output (Pillow only), and print the tables of docs/fbcache.md.
 
-``python benchmarks/fbcache_plot.py --results benchmarks/fbcache_results_h100.json \\
-    --latents quality.latents.pt --plot docs/fbcache_quality.png --samples docs/fbcache_samples.png``
+``python benchmarks/fbcache_plot.py --results quality.json --plot docs/fbcache_quality.png --tables``
+
+One panel per (model, sampler). Every setting is a dot; each method's line joins its settings
+that no other setting of the same method beats in both speed and quality (its Pareto front).
 """
 
 from __future__ import annotations
@@ -11,31 +13,27 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 logger = logging.getLogger("fbcache_plot")
 
-COLORS = {
-    "ours": (31, 119, 180),
-    "ours_maxhits2": (44, 160, 44),
-    "ours_maxhits1": (23, 190, 207),
-    "ours_extrap": (148, 103, 189),
-    "ours_extrap_maxhits2": (255, 127, 14),
-    "ours_extrap_maxhits1": (140, 86, 75),
-    "easycache": (214, 39, 40),
+SERIES = {
+    # method: (label, colour, dashed)
+    "fbc_reuse": ("FBCache reuse, unbounded hits", (31, 119, 180), False),
+    "fbc_reuse_h2": ("FBCache reuse, max 2 hits", (174, 199, 232), False),
+    "fbc_extrapolate_h2": ("FBCache extrapolate, max 2 (node default)", (148, 103, 189), False),
+    "fbc_taylor1_h3": ("FBCache taylor1, max 3 hits", (0, 128, 0), False),
+    "fbc_taylor2_h3": ("FBCache taylor2, max 3 hits", (152, 223, 138), False),
+    "fbc_taylor1_h3_F2": ("FBCache taylor1, max 3, n_first 2", (140, 86, 75), False),
+    "fbc_taylor1_h3_F2B0": ("FBCache taylor1, max 3, F2B0", (140, 86, 75), False),
+    "fbc_taylor1_h3_F1B1": ("FBCache taylor1, max 3, F1B1", (196, 156, 148), False),
+    "fbc_taylor1_h3_F2B1": ("FBCache taylor1, max 3, F2B1", (227, 119, 194), False),
+    "fbc_target": ("FBCache speed target (taylor1, max 3)", (0, 0, 0), False),
+    "easycache": ("ComfyUI EasyCache", (214, 39, 40), True),
+    "magcache": ("MagCache rule (re-impl.)", (255, 127, 14), True),
+    "taylorseer": ("TaylorSeer forecast (re-impl.)", (127, 127, 127), True),
 }
-LABELS = {
-    "ours": "FBCache reuse",
-    "ours_maxhits2": "FBCache reuse, max 2 hits in a row",
-    "ours_maxhits1": "FBCache reuse, max 1 hit in a row",
-    "ours_extrap": "FBCache extrapolate",
-    "ours_extrap_maxhits2": "FBCache extrapolate, max 2 hits (node default)",
-    "ours_extrap_maxhits1": "FBCache extrapolate, max 1 hit",
-    "easycache": "ComfyUI EasyCache",
-}
-RESULT_KEYS = ("quality_session3", "quality_call3")
-"""Newest quality run first (the results file keeps older runs for comparison)."""
+TITLES = {"unet": "UNet (SDXL topology, eps)", "dit": "DiT (Wan 2.1 topology, flow)"}
 
 
 def _font(size: int):
@@ -47,66 +45,87 @@ def _font(size: int):
     return ImageFont.load_default()
 
 
-def plot(
-    rows: list[dict], out: Path, speed_key: str = "speedup_cost", max_speedup: float = 4.0, note: str = "20 steps"
-) -> None:
-    """One panel per sampler; points beyond ``max_speedup`` (PSNR far below use) are left out."""
-    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
-    rows = [r for r in rows if r[speed_key] <= max_speedup]
-    pw, ph, margin = 520, 380, 70
-    img = Image.new("RGB", (pw * len(samplers) + 20, ph + 200), "white")
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats in both coordinates (speedup, PSNR), by speedup."""
+    front = []
+    for s, p in sorted(points, key=lambda sp: (-sp[0], -sp[1])):
+        if not front or p > front[-1][1]:
+            front.append((s, p))
+    return sorted(front)
+
+
+def plot(results: dict, out: Path, max_speedup: float = 6.0, ymin: float = 10.0, ymax: float = 60.0) -> None:
+    panels = [(k, s) for k in ("unet", "dit") if k in results for s in results[k].get("baseline", {})]
+    pw, ph = 560, 400
+    cols = 2
+    rows_n = (len(panels) + cols - 1) // cols
+    legend_h = 22 * ((len(SERIES) + 2) // 3) + 50
+    img = Image.new("RGB", (pw * cols + 20, ph * rows_n + legend_h), "white")
     d = ImageDraw.Draw(img)
     f, fs = _font(15), _font(12)
-    xmax = max(r[speed_key] for r in rows) * 1.05
-    ymin, ymax = 10.0, 42.0
-    for si, sampler in enumerate(samplers):
-        ox = 10 + si * pw
-        x0, y0, x1, y1 = ox + margin, 30, ox + pw - 20, ph - 40
+    for n, (kind, sampler) in enumerate(panels):
+        ox, oy = 10 + (n % cols) * pw, (n // cols) * ph
+        x0, y0, x1, y1 = ox + 60, oy + 30, ox + pw - 20, oy + ph - 50
 
         def px(s, x0=x0, x1=x1):
-            return x0 + (s - 1.0) / (xmax - 1.0) * (x1 - x0)
+            return x0 + (min(s, max_speedup) - 1.0) / (max_speedup - 1.0) * (x1 - x0)
 
         def py(p, y0=y0, y1=y1):
             p = min(max(p, ymin), ymax)
             return y1 - (p - ymin) / (ymax - ymin) * (y1 - y0)
 
         d.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-        for tick in range(2, int(xmax * 2) + 1):
-            s = tick / 2
+        for s in range(1, int(max_speedup) + 1):
             d.line([px(s), y1, px(s), y1 + 4], fill=(0, 0, 0))
-            d.text((px(s) - 10, y1 + 6), f"{s:g}x", fill=(0, 0, 0), font=fs)
-        for p in range(int(ymin), int(ymax) + 1, 5):
+            d.line([px(s), y0, px(s), y1], fill=(236, 236, 236))
+            d.text((px(s) - 8, y1 + 6), f"{s}x", fill=(0, 0, 0), font=fs)
+        for p in range(int(ymin), int(ymax) + 1, 10):
             d.line([x0 - 4, py(p), x0, py(p)], fill=(0, 0, 0))
-            d.line([x0, py(p), x1, py(p)], fill=(232, 232, 232))
-            d.text((x0 - 30, py(p) - 7), str(p), fill=(0, 0, 0), font=fs)
+            d.line([x0, py(p), x1, py(p)], fill=(236, 236, 236))
+            d.text((x0 - 28, py(p) - 7), str(p), fill=(0, 0, 0), font=fs)
         d.line([x0, py(30), x1, py(30)], fill=(150, 150, 150), width=2)
-        d.text((ox + pw // 2 - 40, 8), sampler, fill=(0, 0, 0), font=f)
-        d.text((ox + pw // 2 - 120, y1 + 22), "speedup (cost-weighted full evaluations)", fill=(0, 0, 0), font=fs)
-        d.text((ox + 5, y0 - 5), "PSNR dB", fill=(0, 0, 0), font=fs)
-        for method, color in COLORS.items():
-            pts = sorted((r[speed_key], r["psnr"]) for r in rows if r["sampler"] == sampler and r["method"] == method)
+        d.line([px(3), y0, px(3), y1], fill=(150, 150, 150), width=2)
+        scheduler = results[kind]["baseline"][sampler].get("scheduler", "normal")
+        d.text((ox + 70, oy + 8), f"{TITLES.get(kind, kind)}, {sampler} {scheduler}", fill=(0, 0, 0), font=f)
+        d.text((ox + pw // 2 - 110, y1 + 24), "speedup (FLOPs, uncached / cached)", fill=(0, 0, 0), font=fs)
+        d.text((ox + 4, y0 - 18), "PSNR dB", fill=(0, 0, 0), font=fs)
+        rows = [r for r in results[kind]["rows"] if r["sampler"] == sampler]
+        for method, (_, color, dashed) in SERIES.items():
+            pts = [(r["speedup"], r["psnr"]) for r in rows if r["method"] == method]
             if not pts:
                 continue
-            xy = [(px(s), py(p)) for s, p in pts]
-            if len(xy) > 1:
-                d.line(xy, fill=color, width=2)
-            for x, y in xy:
-                d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-    ly = ph + 10
-    for i, (method, color) in enumerate(COLORS.items()):
-        x = 30 + (i % 3) * 520
+            front = [(px(s), py(p)) for s, p in pareto(pts) if s <= max_speedup]
+            if len(front) > 1:
+                if dashed:
+                    for (ax, ay), (bx, by) in zip(front, front[1:], strict=False):
+                        for t in range(0, 10, 2):
+                            d.line(
+                                [
+                                    ax + (bx - ax) * t / 10,
+                                    ay + (by - ay) * t / 10,
+                                    ax + (bx - ax) * (t + 1) / 10,
+                                    ay + (by - ay) * (t + 1) / 10,
+                                ],
+                                fill=color,
+                                width=2,
+                            )
+                else:
+                    d.line(front, fill=color, width=2)
+            for s, p in pts:
+                if s <= max_speedup:
+                    x, y = px(s), py(p)
+                    d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+    ly = ph * rows_n + 8
+    for i, (_, (label, color, _)) in enumerate(SERIES.items()):
+        x = 20 + (i % 3) * 370
         y = ly + (i // 3) * 22
         d.rectangle([x, y + 3, x + 14, y + 15], fill=color)
-        d.text((x + 20, y), LABELS[method], fill=(0, 0, 0), font=f)
+        d.text((x + 20, y), label, fill=(0, 0, 0), font=fs)
+    settings = results.get("settings", {})
     d.text(
-        (30, ly + 75),
-        f"PSNR vs the uncached output, same seeds; grey line: 30 dB. Trained SDXL-topology UNet, {note}, CFG 5.",
-        fill=(60, 60, 60),
-        font=fs,
-    )
-    d.text(
-        (30, ly + 95),
-        "Speedup = model evaluations saved, a hit counted at its measured cost (H100, SDXL 1024^2).",
+        (20, ly + 22 * ((len(SERIES) + 2) // 3) + 6),
+        f"PSNR vs the uncached output of the same run (model latent space, peak-to-peak 2); {settings.get('steps')} "
+        f"steps, CFG {settings.get('cfg')}, {settings.get('images')} images. Grey lines: 30 dB and 3x.",
         fill=(60, 60, 60),
         font=fs,
     )
@@ -115,55 +134,81 @@ def plot(
     logger.info("wrote %s", out)
 
 
-def samples(latents: dict, out: Path, picks: list[str], n: int = 6, scale: int = 4) -> None:
-    """Rows: methods; columns: images. Latent channels 0-2 shown as RGB."""
-    f = _font(14)
-    tile = 32 * scale
-    img = Image.new("RGB", (260 + n * (tile + 4), len(picks) * (tile + 4) + 4), "white")
-    d = ImageDraw.Draw(img)
-    for ri, key in enumerate(picks):
-        x = latents[key][:n, :3].float()
-        x = ((x + 1) / 2).clamp(0, 1).mul(255).byte().permute(0, 2, 3, 1).numpy()
-        y = 4 + ri * (tile + 4)
-        d.text((6, y + tile // 2 - 8), key.replace("/", "  "), fill=(0, 0, 0), font=f)
-        for ci in range(min(n, x.shape[0])):
-            im = Image.fromarray(x[ci]).resize((tile, tile), Image.NEAREST)
-            img.paste(im, (260 + ci * (tile + 4), y))
-    img.save(out)
-    logger.info("wrote %s", out)
+def best_at(rows: list[dict], speed: float, method_prefix: str) -> dict | None:
+    """The highest-PSNR row of methods starting with ``method_prefix`` at >= ``speed``."""
+    ok = [r for r in rows if r["method"].startswith(method_prefix) and r["speedup"] >= speed]
+    return max(ok, key=lambda r: r["psnr"]) if ok else None
+
+
+def fastest_at(rows: list[dict], psnr: float, method_prefix: str) -> dict | None:
+    """The fastest row of methods starting with ``method_prefix`` with PSNR >= ``psnr``."""
+    ok = [r for r in rows if r["method"].startswith(method_prefix) and r["psnr"] >= psnr]
+    return max(ok, key=lambda r: r["speedup"]) if ok else None
+
+
+def _cell(r: dict | None) -> str:
+    return f"{r['speedup']:.2f}x, {r['psnr']:.1f} dB ({r['setting']})" if r else "-"
+
+
+def tables(results: dict) -> str:
+    """Markdown: per (model, sampler) and method, the fastest setting at >= 30 dB and the best PSNR at
+    >= 2x and >= 2.5x; then the speed-target runs (predicted vs measured)."""
+    lines = [
+        "| Model, sampler | Method | fastest at >= 30 dB | best PSNR at >= 2x | best PSNR at >= 2.5x |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in ("unet", "dit"):
+        for sampler, base in results.get(kind, {}).get("baseline", {}).items():
+            rows = [r for r in results[kind]["rows"] if r["sampler"] == sampler and r["speedup"] > 1.001]
+            for method, (label, _, _) in SERIES.items():
+                mine = [r for r in rows if r["method"] == method]
+                if method in ("fbc_target", "single_skip") or not mine:
+                    continue
+                cells = [_cell(fastest_at(mine, 30.0, method)), _cell(best_at(mine, 2.0, method))]
+                cells.append(_cell(best_at(mine, 2.5, method)))
+                where = f"{kind}, {sampler} {base.get('scheduler', 'normal')}"
+                lines.append(f"| {where} | {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| Model, sampler | target speedup | chosen threshold | predicted (model calls) | measured (model calls) |"
+        " measured (FLOPs) | predicted PSNR | measured PSNR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("unet", "dit"):
+        for r in results.get(kind, {}).get("rows", []):
+            if r["method"] == "fbc_target":
+                lines.append(
+                    f"| {kind}, {r['sampler']} | {r['setting']}x | {r['threshold']:.4g} | "
+                    f"{r['predicted_speedup_calls']:.2f}x | {r['speedup_calls']:.2f}x | {r['speedup']:.2f}x | "
+                    f"{r['predicted_psnr']:.1f} dB | {r['psnr']:.1f} dB |"
+                )
+    return "\n".join(lines)
+
+
+def single_skips(results: dict) -> str:
+    """Markdown: PSNR after one forced skipped step (reuse) at each position, per model and sampler."""
+    lines = []
+    for kind in ("unet", "dit"):
+        for sampler, base in results.get(kind, {}).get("baseline", {}).items():
+            rows = [r for r in results[kind]["rows"] if r["sampler"] == sampler and r["method"] == "single_skip"]
+            if rows:
+                cells = ", ".join(f"step {r['setting']}: {r['psnr']:.1f} dB" for r in rows)
+                lines.append(f"- {kind}, {sampler} {base.get('scheduler', 'normal')}: {cells}")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", type=Path, required=True)
-    ap.add_argument("--latents", type=Path, default=None)
-    ap.add_argument("--plot", type=Path, required=True)
-    ap.add_argument("--samples", type=Path, default=None)
-    ap.add_argument(
-        "--key",
-        action="append",
-        default=None,
-        help="RUN or RUN:SAMPLER,SAMPLER - which run(s) of the results file to draw (default: the newest 20-step run)",
-    )
-    ap.add_argument("--note", default="20 steps", help="what the caption says about the runs (steps, models)")
-    ap.add_argument(
-        "--picks",
-        default="euler/baseline,euler/ours_extrap_maxhits1/0.5,euler/ours_maxhits1/0.5,euler/easycache/0.1",
-    )
+    ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--tables", action="store_true", help="print the markdown tables of docs/fbcache.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    data = json.loads(args.results.read_text())
-    if args.key:
-        rows = []
-        for spec in args.key:
-            run, _, samplers = spec.partition(":")
-            keep = set(samplers.split(",")) if samplers else None
-            rows += [r for r in data[run]["rows"] if keep is None or r["sampler"] in keep]
-    else:
-        rows = next((data[k] for k in RESULT_KEYS if k in data), data)["rows"]
-    plot(rows, args.plot, note=args.note)
-    if args.latents and args.samples:
-        samples(torch.load(args.latents), args.samples, args.picks.split(","))
+    results = json.loads(args.results.read_text())
+    if args.plot:
+        plot(results, args.plot)
+    if args.tables:
+        logger.info("\n%s\n\n%s", tables(results), single_skips(results))
 
 
 if __name__ == "__main__":

@@ -104,3 +104,21 @@ def resolve_family(diffusion_model: object) -> Family:
         reason=f"{name} is not a family with first-block hooks (UNet, Flux, Chroma, SD3, Wan, HunyuanVideo, "
         "LTXV, Qwen-Image), so whole model steps are skipped (signal: change of the model input)",
     )
+
+
+def unet_first_level(diffusion_model: torch.nn.Module) -> int:
+    """Index of the last input block before the UNet's first downsampling (at least 1).
+
+    The UNet's tail residual runs from ``input_blocks[n_first]``'s output to the input of ``out``;
+    both must have the same shape, so ``n_first`` may not pass the first downsampling. A block
+    downsamples when it holds a module named ``Downsample`` (ComfyUI's) or a ResBlock built with
+    ``down=True``.
+    """
+    blocks = getattr(diffusion_model, "input_blocks", None) or []
+    for i, block in enumerate(blocks):
+        if i == 0:
+            continue
+        for sub in block.modules():
+            if type(sub).__name__ == "Downsample" or getattr(sub, "down", False) is True:
+                return max(1, i - 1)
+    return max(1, len(blocks) - 1)

@@ -2,13 +2,14 @@
 
 A :class:`FBCacheHolder` lives in ``model_options["transformer_options"]`` of a cloned
 ModelPatcher. The adapter clones it at the start of every sampling run (so nothing is kept
-between prompts) and resets it at the end. The hooks in :mod:`.hooks` call it in this order
-for every model call:
+between prompts), calls :meth:`FBCacheHolder.begin_run` with the run's sigmas, and resets it at
+the end. The hooks in :mod:`.hooks` call it in this order for every model call:
 
 1. :meth:`FBCacheHolder.begin_call` with the call's ``transformer_options`` (conditioning keys, sigma);
-2. :meth:`FBCacheHolder.decide` with the first block's residual: hit or miss, one host sync;
+2. :meth:`FBCacheHolder.decide` with the residual of the first ``n_first`` blocks: hit or miss, one host sync;
 3. on a miss :meth:`FBCacheHolder.store` for every cached residual and :meth:`FBCacheHolder.finish_compute`
-   once the last block ran; on a hit :meth:`FBCacheHolder.cached` to read them back;
+   once the last block ran; on a hit :meth:`FBCacheHolder.cached` to read them back (reused,
+   extrapolated or forecast, see :mod:`.forecast`);
 4. :meth:`FBCacheHolder.end_call`.
 
 State is kept per conditioning (``transformer_options["uuids"]``, falling back to
@@ -21,6 +22,12 @@ else, so they get their own reference and residuals (keyed by the identity of th
 run with and the window's frames) instead of being compared with, and skipped against, the
 normal call. The first-block reference is updated on computed calls only, so consecutive hits
 are always compared with the last computed step and drift cannot hide.
+
+With a speed or quality target the threshold is not given but chosen (:mod:`.calibration`): the
+first run of a (sampler, sigma schedule, latent shape) computes every step and records what the
+choice needs; later runs of the same patched model use the chosen threshold. The choices live in
+a dict that the holder attached to the node's model shares with its per-run clones, so they
+belong to that patched model and go away with it.
 """
 
 from __future__ import annotations
@@ -34,22 +41,32 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .calibration import (
+    Calibration,
+    CallTrace,
+    ReplaySettings,
+    choose,
+    sample_stride,
+    strided_sample,
+)
+from .forecast import (
+    HIT_RESIDUALS,
+    MAX_EXTRAPOLATION,
+    combine,
+    extrapolation_weight,
+    history_length,
+    step_position,
+    taylor_order,
+    taylor_weights,
+)
+
 logger = logging.getLogger(__name__)
 
+__all__ = ["CACHE_MODES", "HIT_RESIDUALS", "HOLDER_KEY", "MAX_EXTRAPOLATION", "FBCacheHolder", "validate_settings"]
+
 CACHE_MODES = ("tail", "per_block")
-"""``tail``: one residual spans all blocks after the first (per block stack). ``per_block``:
-every skipped block adds back its own residual from the last computed step."""
-
-HIT_RESIDUALS = ("reuse", "extrapolate")
-"""What a skipped block (span) adds on a hit. ``reuse``: the residual of the last computed
-step, as stored. ``extrapolate``: a first-order prediction in sigma from the residuals of the
-last two computed steps, ``r1 + w (r1 - r0)`` with ``w = (sigma - s1) / (s1 - s0)`` clamped
-to ``[0, MAX_EXTRAPOLATION]`` (the residual drifts smoothly along the schedule, so the
-prediction tracks it better than a frozen copy; costs one extra residual of memory)."""
-
-MAX_EXTRAPOLATION = 2.0
-"""Largest extrapolation weight ``w`` (two computed-step spacings ahead): beyond that a linear
-prediction is a guess, and ``max_consecutive_hits`` normally stops long runs of hits anyway."""
+"""``tail``: one residual spans the cached blocks (per block stack). ``per_block``: every
+skipped block adds back its own residual from the last computed step."""
 
 HOLDER_KEY = "speedkit_fbcache"
 """Key of the holder in ``transformer_options``."""
@@ -61,6 +78,9 @@ MAX_CALL_VARIANTS = 8
 that builds new patch functions for every call would otherwise add a variant (and its cached
 residuals) per call; beyond this, the least recently used variant's state is dropped (its next
 call is computed)."""
+
+MAX_TARGET_SPEEDUP = 20.0
+MAX_TARGET_PSNR = 100.0
 
 
 class VariantKey(NamedTuple):
@@ -117,6 +137,11 @@ def validate_settings(
     max_consecutive_hits: int,
     cache_mode: str,
     hit_residual: str = "reuse",
+    n_first: int = 1,
+    n_last: int = 0,
+    min_steps: int = 0,
+    target_speedup: float = 0.0,
+    target_psnr: float = 0.0,
 ) -> None:
     """Raise ``ValueError`` naming the bad input, its value, the constraint and the fix."""
     if not math.isfinite(residual_diff_threshold) or residual_diff_threshold < 0:
@@ -140,6 +165,22 @@ def validate_settings(
         raise ValueError(f"cache_mode={cache_mode!r} is not one of {CACHE_MODES}.")
     if hit_residual not in HIT_RESIDUALS:
         raise ValueError(f"hit_residual={hit_residual!r} is not one of {HIT_RESIDUALS}.")
+    if not isinstance(n_first, int) or n_first < 1:
+        raise ValueError(f"n_first={n_first!r} must be an integer >= 1 (the first block always runs: it decides).")
+    if not isinstance(n_last, int) or n_last < 0:
+        raise ValueError(f"n_last={n_last!r} must be an integer >= 0 (0 = no block after the cached span runs).")
+    if not isinstance(min_steps, int) or min_steps < 0:
+        raise ValueError(f"min_steps={min_steps!r} must be an integer >= 0 (0 = cache runs of any length).")
+    if not math.isfinite(target_speedup) or not (target_speedup == 0 or 1.0 < target_speedup <= MAX_TARGET_SPEEDUP):
+        raise ValueError(
+            f"target_speedup={target_speedup!r} must be 0 (off) or a speedup above 1 and at most "
+            f"{MAX_TARGET_SPEEDUP:g} (e.g. 2.5)."
+        )
+    if not math.isfinite(target_psnr) or not (0 <= target_psnr <= MAX_TARGET_PSNR):
+        raise ValueError(
+            f"target_psnr={target_psnr!r} must be 0 (off) or an estimated PSNR in dB up to {MAX_TARGET_PSNR:g} "
+            "(e.g. 30)."
+        )
 
 
 @dataclass
@@ -158,21 +199,21 @@ class KeyStats:
 
 @dataclass
 class _Reference:
-    """First-block residual of the last computed call of one conditioning and its mean |.|."""
+    """First-block residual of a computed call of one conditioning, its mean |.| and its step."""
 
     residual: torch.Tensor
     denominator: torch.Tensor  # 0-dim, stays on the device: no sync when it is formed
+    step: float = 0.0
+    sigma: float | None = None
 
 
 @dataclass
-class _Stored:
-    """Residual(s) of one slot from the last computed call, and from the one before it when
-    extrapolating (``previous`` is None otherwise: nothing older is kept)."""
+class _Computed:
+    """Residual(s) of one slot from one computed call, with the call's sigma and step."""
 
     tensors: dict[str, torch.Tensor | None]
     sigma: float | None
-    previous: dict[str, torch.Tensor | None] | None = None
-    previous_sigma: float | None = None
+    step: float = 0.0
 
 
 @dataclass
@@ -181,8 +222,12 @@ class _Call:
     sigma: torch.Tensor | float | None
     hit: bool | None = None
     sigma_value: float | None = None  # host copy of the call's sigma, set by decide()
+    step: float = 0.0  # position on the run's schedule in steps, set by decide()
     variant: int = 0  # patch set / context window variant (see FBCacheHolder._variant)
     scratch: dict = field(default_factory=dict)  # per-call tensors of the hooks (anchors, block-0 input)
+    trace: CallTrace | None = None  # calibration run: what this call records
+    guidance: dict = field(default_factory=dict)  # calibration run: cond_or_uncond per key
+    trace_parts: dict = field(default_factory=dict)  # calibration run: span samples per (key, slot kind, stream)
 
 
 class FBCacheHolder:
@@ -198,9 +243,25 @@ class FBCacheHolder:
         verbose: bool = False,
         force_pattern: Sequence[bool] | None = None,
         hit_residual: str = "reuse",
+        n_first: int = 1,
+        n_last: int = 0,
+        min_steps: int = 0,
+        target_speedup: float = 0.0,
+        target_psnr: float = 0.0,
+        forecast_decision: bool | None = None,
     ) -> None:
         validate_settings(
-            residual_diff_threshold, start_percent, end_percent, max_consecutive_hits, cache_mode, hit_residual
+            residual_diff_threshold,
+            start_percent,
+            end_percent,
+            max_consecutive_hits,
+            cache_mode,
+            hit_residual,
+            n_first,
+            n_last,
+            min_steps,
+            target_speedup,
+            target_psnr,
         )
         self.hit_residual = hit_residual
         self.threshold = float(residual_diff_threshold)
@@ -212,16 +273,40 @@ class FBCacheHolder:
         # Benchmarks and tests: hit/miss by evaluation index of each conditioning instead of the
         # threshold (the reference and residual bookkeeping still apply).
         self.force_pattern = tuple(bool(v) for v in force_pattern) if force_pattern else None
+        # Blocks always computed before (deciding) and after the cached span. The adapter lowers
+        # them to what the network allows (see hooks.cached_span) before the first run.
+        self.n_first = int(n_first)
+        self.n_last = int(n_last)
+        self.min_steps = int(min_steps)
+        self.target_speedup = float(target_speedup)
+        self.target_psnr = float(target_psnr)
+        # Taylor forecasts compare the first blocks' residual with its own forecast instead of with the
+        # last computed one: what decides is then how well the trajectory follows the forecast, which is
+        # what a forecast hit relies on (None = on for taylor1/taylor2; benchmarks/fbcache_quality.py).
+        self.forecast_decision = (
+            taylor_order(hit_residual) > 0 if forecast_decision is None else bool(forecast_decision)
+        )
+        self._forecast_decision_setting = forecast_decision
+        self.flow = False  # flow-matching model (the adapter sets it): used by the quality estimate
+        self.cfg = 1.0  # the run's CFG scale (the adapter sets it per run): used by the quality estimate
         self.start_sigma = math.inf
         self.end_sigma = -math.inf
         self.active = False
         self.description = ""  # what the adapter attached to, for the report
         self.report_node_id: str | None = None  # UI node that shows the report
+        # Thresholds chosen for the targets, per (sampler, schedule, latent shape): shared by the
+        # holder attached to a patched model and its per-run clones (see the module docstring).
+        self.calibrations: dict[Hashable, Calibration] = {}
         self.reset()
+
+    @property
+    def targeted(self) -> bool:
+        """True when the threshold is chosen for a speed or quality target."""
+        return self.target_speedup > 0 or self.target_psnr > 0
 
     # ------------------------------------------------------------------ lifecycle
     def clone(self) -> FBCacheHolder:
-        """A holder with the same settings and fresh state (one per sampling run)."""
+        """A holder with the same settings and fresh state (one per sampling run); shares the calibrations."""
         new = type(self)(
             self.threshold,
             self.start_percent,
@@ -231,9 +316,17 @@ class FBCacheHolder:
             self.verbose,
             self.force_pattern,
             self.hit_residual,
+            self.n_first,
+            self.n_last,
+            self.min_steps,
+            self.target_speedup,
+            self.target_psnr,
+            self._forecast_decision_setting,
         )
+        new.flow = self.flow
         new.description = self.description
         new.report_node_id = self.report_node_id
+        new.calibrations = self.calibrations
         return new
 
     def prepare(self, percent_to_sigma: Callable[[float], float]) -> FBCacheHolder:
@@ -243,10 +336,94 @@ class FBCacheHolder:
         self.active = True
         return self
 
+    def begin_run(self, sigmas: Sequence[float] | None, sampler: str = "", shape: Sequence[int] = ()) -> str:
+        """Set up a sampling run from its sigma schedule (host floats); returns what the run does.
+
+        ``"off"``: fewer steps than ``min_steps`` (the holder goes inactive for the run);
+        ``"calibrating"``: a target is set and this (sampler, schedule, shape) has no threshold
+        yet, so every call is computed and recorded; ``"calibrated"``: the chosen threshold is
+        used; ``"manual"``: the given threshold is used.
+        """
+        self.schedule = [float(s) for s in sigmas] if sigmas is not None else None
+        steps = len(self.schedule) - 1 if self.schedule else 0
+        if self.schedule is not None and self.min_steps and steps < self.min_steps:
+            self.active = False
+            self.run_mode = "off"
+            self.off_reason = (
+                f"First Block Cache is off for this run: {steps} steps, fewer than min_steps {self.min_steps} "
+                "(a distilled or few-step schedule has no step to spare; set min_steps to 0 to cache anyway)."
+            )
+            logger.info(self.off_reason)
+            return self.run_mode
+        if not self.targeted or self.force_pattern is not None:
+            self.run_mode = "manual"
+            return self.run_mode
+        self._calibration_key = (sampler, tuple(round(s, 6) for s in self.schedule or ()), tuple(shape))
+        found = self.calibrations.get(self._calibration_key)
+        if found is None:
+            self.run_mode = "calibrating"
+            self._trace = []
+            logger.info(
+                "First Block Cache: target %s: this run (%s, %d steps) computes every step to choose the threshold.",
+                self._target_text(),
+                sampler or "sampler",
+                steps,
+            )
+        else:
+            self.run_mode = "calibrated"
+            self.threshold = found.threshold
+            self.calibration = found
+        return self.run_mode
+
+    def _target_text(self) -> str:
+        parts = []
+        if self.target_speedup > 0:
+            parts.append(f"{self.target_speedup:g}x")
+        if self.target_psnr > 0:
+            parts.append(f"estimated PSNR >= {self.target_psnr:g} dB")
+        return " and ".join(parts)
+
+    def finish_calibration(self, value_range: float) -> Calibration | None:
+        """After a calibrating run: choose the threshold, keep it for later runs, return it.
+
+        ``value_range``: max - min of the run's latent, the peak of the estimated PSNR (2, the
+        range of a [-1, 1] signal, when unknown).
+        """
+        value_range = value_range if value_range > 0 else 2.0
+        if self.run_mode != "calibrating":
+            return None
+        settings = ReplaySettings(
+            self.max_consecutive_hits,
+            self.start_sigma,
+            self.end_sigma,
+            self.hit_residual,
+            self.forecast_decision,
+            self.flow,
+            self.cfg,
+        )
+        calls = [c for c in self._trace if c.span]
+        if not calls:
+            logger.warning(
+                "First Block Cache: the calibration run recorded nothing; the threshold stays %s.", self.threshold
+            )
+            return None
+        found = choose(
+            calls,
+            settings,
+            history_length(self.hit_residual),
+            value_range,
+            self.target_speedup,
+            self.target_psnr,
+        )
+        self.calibrations[self._calibration_key] = found
+        self.calibration = found
+        self.threshold = found.threshold
+        return found
+
     def reset(self) -> None:
         """Drop every cached tensor and counter (run start/end, shape/dtype/device change, sigma up)."""
-        self._refs: dict[Hashable, _Reference] = {}
-        self._stores: dict[tuple[Hashable, ...], dict[Hashable, _Stored]] = {}
+        self._refs: dict[Hashable, list[_Reference]] = {}
+        self._stores: dict[tuple[Hashable, ...], dict[Hashable, list[_Computed]]] = {}
         self._complete: set[tuple[Hashable, ...]] = set()
         self._signature: tuple | None = None
         self._last_sigma: float | None = None
@@ -262,6 +439,13 @@ class FBCacheHolder:
         # DiT hooks: whether blocks may write into their input tensor (None = not known yet: copy).
         self.copy_inputs: bool | None = None
         self.call: _Call | None = None
+        self.schedule: list[float] | None = None
+        self.run_mode = "manual"
+        self.off_reason = ""
+        self.calibration: Calibration | None = None
+        self._calibration_key: Hashable = None
+        self._trace: list[CallTrace] = []
+        self.value_range = 0.0  # calibration runs: the run's latent value range (the adapter sets it)
 
     def _soft_reset(self, reason: str) -> None:
         """Forget the cache but keep the run's counters (they describe the whole run)."""
@@ -285,6 +469,8 @@ class FBCacheHolder:
             label = {0: "cond", 1: "uncond"}.get(kind, f"cond_or_uncond={kind}")
             self._labels.setdefault(key, f"{label} ({self._variant_labels[variant]})" if variant else label)
         self.call = _Call(keys=keys, sigma=transformer_options.get("sigmas"), variant=variant)
+        if self.run_mode == "calibrating":
+            self.call.guidance = dict(zip(keys, cond_or_uncond, strict=False))
         return self.call
 
     @staticmethod
@@ -363,14 +549,46 @@ class FBCacheHolder:
     def _all_key(self) -> Hashable:
         return self._qualify("all", self.call.variant if self.call is not None else 0)
 
+    def _step_of(self, sigma: float | None, first_key: Hashable | None) -> float:
+        """The call's position on the run's schedule in steps (the Taylor forecasts' variable).
+
+        Without a schedule (the hooks driven outside a sampler) the first conditioning's
+        evaluation count stands in for it.
+        """
+        if self.schedule and sigma is not None:
+            return step_position(self.schedule, sigma)
+        st = self.stats.get(first_key)
+        return float(st.total) if st is not None else 0.0
+
+    def _sigma_step(self, sigma: float | None) -> float:
+        """How far the sampler moves sigma after a call at ``sigma``: to the next lower schedule entry."""
+        if sigma is None or not self.schedule:
+            return 0.0
+        for s in self.schedule:
+            if s < sigma * (1 - 1e-6):
+                return sigma - s
+        return sigma
+
+    def _expected(self, key: Hashable, step: float) -> _Reference | torch.Tensor | None:
+        """What the first blocks' residual of ``key`` is compared with: the last computed one, or
+        (``forecast_decision`` with a Taylor forecast) its forecast at ``step``."""
+        history = self._refs.get(key)
+        if not history:
+            return None
+        order = taylor_order(self.hit_residual)
+        if not self.forecast_decision or order == 0 or len(history) == 1:
+            return history[-1].residual
+        weights = taylor_weights([r.step for r in history], step, order)
+        return combine([r.residual for r in history], weights)
+
     @torch.compiler.disable  # host-side branch and bookkeeping: torch.compile graph-breaks here cleanly
     def decide(self, residual: torch.Tensor) -> bool:
-        """Compare the first block's residual with the reference; True = skip the remaining blocks.
+        """Compare the first blocks' residual with the reference; True = skip the cached blocks.
 
         One host sync: the relative L1 distances of every conditioning and the sigma travel
         together. On a miss the residual becomes the new reference (and its mean |.| the cached
         denominator); on a hit the reference stays, so the next call is compared with the last
-        computed one.
+        computed one. During a calibration run every call is computed and recorded.
         """
         if self.call is None:
             self.begin_call({})
@@ -383,22 +601,34 @@ class FBCacheHolder:
         keys, chunks = self._split(residual)
         if call.keys != keys:
             call.keys = keys
+        sigma = call.sigma
+        sigma_host: float | None = None
+        if not isinstance(sigma, torch.Tensor):
+            sigma_host = None if sigma is None else float(sigma)
+        # The forecast step is needed before the sync only for forecast decisions; it comes from the
+        # host sigma of the previous sync (the same value when the sigma tensor is not yet known).
+        forecast_step = None
+        if self.forecast_decision and taylor_order(self.hit_residual):
+            if isinstance(sigma, torch.Tensor):
+                sigma_host = float(sigma.detach().reshape(-1).max())  # one extra sync, forecast decisions only
+                sigma = sigma_host
+            forecast_step = self._step_of(sigma_host, keys[0] if keys else None)
         # Distances only for keys with a reference of the same batch size.
         measured: list[int] = []
         values: list[torch.Tensor] = []
         for i, (key, chunk) in enumerate(zip(keys, chunks, strict=True)):
-            ref = self._refs.get(key)
-            if ref is not None and ref.residual.shape == chunk.shape:
-                values.append(F.l1_loss(chunk, ref.residual).float() / ref.denominator)
+            history = self._refs.get(key)
+            if history and history[-1].residual.shape == chunk.shape:
+                expected = self._expected(key, forecast_step) if forecast_step is not None else history[-1].residual
+                values.append(F.l1_loss(chunk, expected).float() / history[-1].denominator)
                 measured.append(i)
-        sigma = call.sigma
         if isinstance(sigma, torch.Tensor):
             values.insert(0, sigma.detach().reshape(-1).max().float().to(residual.device))
         host = torch.stack(values).tolist() if values else []  # the one sync of this call
         if isinstance(sigma, torch.Tensor):
             sigma_value: float | None = host.pop(0)
         else:
-            sigma_value = None if sigma is None else float(sigma)
+            sigma_value = sigma_host
         diffs: dict[int, float] = dict(zip(measured, host, strict=True))
 
         if sigma_value is not None and self._last_sigma is not None:
@@ -408,9 +638,10 @@ class FBCacheHolder:
         if sigma_value is not None:
             self._last_sigma = sigma_value
         call.sigma_value = sigma_value
+        call.step = self._step_of(sigma_value, keys[0] if keys else None)
 
         in_window = sigma_value is None or (self.end_sigma < sigma_value <= self.start_sigma * (1 + _SIGMA_RTOL))
-        hit = bool(keys) and in_window and tuple(keys) in self._complete
+        hit = bool(keys) and in_window and tuple(keys) in self._complete and self.run_mode != "calibrating"
         for i, key in enumerate(keys):
             st = self.stats.setdefault(key, KeyStats())
             d = diffs.get(i)
@@ -424,6 +655,7 @@ class FBCacheHolder:
             hit = hit and d is not None and wanted and limit_ok
         call.hit = hit
 
+        keep = history_length(self.hit_residual) if self.forecast_decision else 1
         for key, chunk in zip(keys, chunks, strict=True):
             st = self.stats[key]
             if hit:
@@ -433,10 +665,18 @@ class FBCacheHolder:
                 st.computed += 1
                 st.consecutive_hits = 0
                 chunk = chunk.detach()
-                self._refs[key] = _Reference(chunk, chunk.abs().mean().float().clamp_min(1e-12))
+                ref = _Reference(chunk, chunk.abs().mean().float().clamp_min(1e-12), call.step, sigma_value)
+                history = self._refs.get(key)
+                if keep > 1 and history and history[-1].residual.shape == chunk.shape and history[-1].step != call.step:
+                    history.append(ref)
+                    del history[:-keep]
+                else:
+                    self._refs[key] = [ref]
         if not hit:
             # The residuals of this composition are rewritten now; not usable until the call finishes.
             self._complete.discard(tuple(keys))
+        if self.run_mode == "calibrating":
+            self._record_decision(call, keys, chunks)
         if self.verbose:
             logger.info(
                 "First Block Cache: sigma=%s diffs=%s -> %s",
@@ -445,6 +685,62 @@ class FBCacheHolder:
                 "skip" if hit else "compute",
             )
         return hit
+
+    # ------------------------------------------------------------------ calibration records
+    def _record_decision(self, call: _Call, keys: tuple[Hashable, ...], chunks: Sequence[torch.Tensor]) -> None:
+        trace = CallTrace(keys, call.sigma_value, call.step, self._sigma_step(call.sigma_value))
+        trace.guidance = {k: call.guidance.get(k) for k in keys}
+        for key, chunk in zip(keys, chunks, strict=True):
+            trace.decision[key] = strided_sample(chunk, sample_stride(chunk.numel()))
+        call.trace = trace
+        call.trace_parts = {}
+        self._trace.append(trace)
+
+    def _record_span(self, slot: Hashable, tensors: dict[str, torch.Tensor | None]) -> None:
+        """Add this slot's residual samples to the call's span record (per_block slots of one stack add
+        up to that stack's tail residual, so both modes record the same thing)."""
+        call = self.call
+        if call is None or call.trace is None:
+            return
+        kind = slot[0] if isinstance(slot, tuple) else slot
+        for stream, tensor in tensors.items():
+            if tensor is None:
+                continue
+            keys, chunks = self._split(tensor)
+            for key, chunk in zip(keys, chunks, strict=True):
+                sample = strided_sample(chunk, sample_stride(chunk.numel()))
+                part = (key, str(kind), stream)
+                old = call.trace_parts.get(part)
+                call.trace_parts[part] = sample if old is None or old.shape != sample.shape else old + sample
+
+    def _close_trace(self) -> None:
+        call = self.call
+        if call is None or call.trace is None:
+            return
+        for key in call.trace.keys:
+            parts = [v for (k, _, _), v in sorted(call.trace_parts.items(), key=lambda kv: kv[0][1:]) if k == key]
+            if parts:
+                call.trace.span[key] = torch.cat(parts)
+        call.trace_parts = {}
+
+    def trace_count(self) -> int:
+        """Calls recorded so far in a calibration run (pass it to :meth:`note_output`)."""
+        return len(self._trace)
+
+    @torch.compiler.disable
+    def note_output(self, prediction: torch.Tensor, since: int) -> None:
+        """Calibration runs: the RMS of a call's noise/velocity prediction, per conditioning.
+
+        ``since`` is :meth:`trace_count` before the call: the call's record is the one added after it
+        (none when its first blocks did not run through the cache).
+        """
+        if self.run_mode != "calibrating" or len(self._trace) <= since:
+            return
+        trace = self._trace[since]
+        keys = trace.keys
+        chunks = prediction.chunk(len(keys), dim=0) if keys and prediction.shape[0] % len(keys) == 0 else ()
+        for key, chunk in zip(keys, chunks, strict=False):
+            trace.output_rms[key] = chunk.detach().float().pow(2).mean().sqrt()
 
     def compute_uncached(self, transformer_options: dict, reason: str) -> None:
         """Count a model call that runs in full outside the cache (e.g. a UNet call with ControlNet).
@@ -472,60 +768,84 @@ class FBCacheHolder:
     def _composition(self) -> tuple[Hashable, ...]:
         return self.call.keys if self.call is not None and self.call.keys else (self._all_key(),)
 
+    @torch.compiler.disable  # host-side bookkeeping of the residual history
     def store(self, slot: Hashable, tensors: dict[str, torch.Tensor | None]) -> None:
-        """Keep the residual(s) of ``slot`` (a block or a block span) from this computed call."""
+        """Keep the residual(s) of ``slot`` (a block or a block span) from this computed call.
+
+        ``reuse`` keeps the last computed call's; ``extrapolate``/``taylor1`` the last two and
+        ``taylor2`` the last three computed calls at different sigmas.
+        """
         slots = self._stores.setdefault(self._composition(), {})
-        sigma = self.call.sigma_value if self.call is not None else None
-        entry = _Stored(tensors, sigma)
-        old = slots.get(slot)
+        call = self.call
+        sigma = call.sigma_value if call is not None else None
+        step = call.step if call is not None else 0.0
+        entry = _Computed(tensors, sigma, step)
+        keep = history_length(self.hit_residual)
+        history = slots.get(slot)
         if (
-            self.hit_residual == "extrapolate"
-            and old is not None
+            keep > 1
+            and history
             and sigma is not None
-            and old.sigma is not None
-            and old.sigma != sigma
+            and history[-1].sigma is not None
+            and history[-1].sigma != sigma
             and any(t is not None for t in tensors.values())  # slots of key names only: nothing to predict
         ):
-            entry.previous, entry.previous_sigma = old.tensors, old.sigma
-        slots[slot] = entry
+            history.append(entry)
+            del history[:-keep]
+        else:
+            slots[slot] = [entry]
+        if self.run_mode == "calibrating":
+            self._record_span(slot, tensors)
 
     def cached(self, slot: Hashable) -> dict[str, torch.Tensor | None]:
-        """The residual(s) of ``slot`` for this hit: the last computed call's of this batch
-        composition, or (``hit_residual="extrapolate"``) their linear prediction at this call's sigma."""
+        """The residual(s) of ``slot`` for this hit, from the last computed calls of this batch
+        composition: reused, extrapolated in sigma, or forecast in the step index (``hit_residual``)."""
         try:
-            entry = self._stores[self._composition()][slot]
+            history = self._stores[self._composition()][slot]
         except KeyError as exc:
             raise RuntimeError(
                 f"First Block Cache: no cached residual for {slot!r}; the model's block layout changed "
                 "between steps. Please report this with the model type."
             ) from exc
-        if entry.previous is None:
-            return entry.tensors
-        return self._predict(entry)
+        if len(history) == 1:
+            return history[-1].tensors
+        return self._predict(history)
 
     @torch.compiler.disable  # reads this call's sigma on the host: traced, every new sigma would recompile
-    def _predict(self, entry: _Stored) -> dict[str, torch.Tensor | None]:
-        """``r1 + w (r1 - r0)`` of ``entry`` at this call's sigma (``hit_residual="extrapolate"``)."""
-        sigma = self.call.sigma_value if self.call is not None else None
-        if sigma is None or entry.sigma is None or entry.previous_sigma is None:
-            return entry.tensors
-        weight = (sigma - entry.sigma) / (entry.sigma - entry.previous_sigma)
-        weight = min(max(weight, 0.0), MAX_EXTRAPOLATION)
-        if weight == 0.0:
-            return entry.tensors
-        out: dict[str, torch.Tensor | None] = {}
-        for key, r1 in entry.tensors.items():
-            r0 = entry.previous.get(key)
-            if r1 is None or r0 is None or r0.shape != r1.shape:
-                out[key] = r1
-            else:
+    def _predict(self, history: list[_Computed]) -> dict[str, torch.Tensor | None]:
+        """The forecast of a slot at this call from its computed ``history`` (oldest first)."""
+        call = self.call
+        sigma = call.sigma_value if call is not None else None
+        last = history[-1]
+        if self.hit_residual == "extrapolate":
+            previous = history[-2]
+            if sigma is None or last.sigma is None or previous.sigma is None:
+                return last.tensors
+            weight = extrapolation_weight(sigma, last.sigma, previous.sigma)
+            if weight == 0.0:
+                return last.tensors
+            out: dict[str, torch.Tensor | None] = {}
+            for key, r1 in last.tensors.items():
+                r0 = previous.tensors.get(key)
                 # r1 + w (r1 - r0) in one kernel
-                out[key] = torch.lerp(r0, r1, 1.0 + weight)
+                out[key] = r1 if r1 is None or r0 is None or r0.shape != r1.shape else torch.lerp(r0, r1, 1.0 + weight)
+            return out
+        step = call.step if call is not None else last.step
+        weights = taylor_weights([h.step for h in history], step, taylor_order(self.hit_residual))
+        out = {}
+        for key, r_last in last.tensors.items():
+            parts = [h.tensors.get(key) for h in history]
+            if r_last is None or any(p is None or p.shape != r_last.shape for p in parts):
+                out[key] = r_last
+            else:
+                out[key] = combine(parts, weights)
         return out
 
     def finish_compute(self) -> None:
         """The computed call ran to the end: its residuals may now serve hits."""
         self._complete.add(self._composition())
+        if self.run_mode == "calibrating":
+            self._close_trace()
 
     def switch_mode(self, mode: str, reason: str) -> None:
         """Change the residual layout for the rest of this run (the cached residuals are dropped)."""
@@ -565,9 +885,13 @@ class FBCacheHolder:
             "control_computes": self.control_computes,
             # what the cache holds now (at the end of a run: its references and residuals, before the reset)
             "cache_MiB": round(self.memory_bytes() / 2**20, 1),
+            "run_mode": self.run_mode,
+            "threshold": self.threshold,
         }
 
     def summary_text(self) -> str:
+        if self.run_mode == "off":
+            return self.off_reason
         s = self.summary()
         parts = [f"{k}: {v['computed']} computed / {v['skipped']} skipped" for k, v in s["per_conditioning"].items()]
         control = (
@@ -575,13 +899,27 @@ class FBCacheHolder:
             if s["control_computes"]
             else ""
         )
-        return (
+        blocks = (
+            f", first {self.n_first} / last {self.n_last} blocks always computed"
+            if (self.n_first != 1 or self.n_last)
+            else ""
+        )
+        text = (
             f"First Block Cache{(' [' + self.description + ']') if self.description else ''}: "
             f"{'; '.join(parts) or 'no model calls'}; hit rate {s['hit_rate']:.0%}, "
-            f"estimated speedup {s['estimated_speedup']:.2f}x (threshold {self.threshold}, mode {self.cache_mode}, "
-            f"hit residual {self.hit_residual}); cache memory {s['cache_MiB']:g} MiB"
+            f"estimated speedup {s['estimated_speedup']:.2f}x (threshold {self.threshold:.4g}, mode {self.cache_mode}, "
+            f"hit residual {self.hit_residual}{blocks}); cache memory {s['cache_MiB']:g} MiB"
             f"{control}"
         )
+        if self.run_mode == "calibrating":
+            text += f". Target {self._target_text()}: calibration run, every step computed"
+            if self.calibration is not None:
+                text += f"; chose {self.calibration.describe()} for later runs with this sampler and schedule"
+                if not self.calibration.reached:
+                    text += " (the target is out of reach with these settings: this is the closest)"
+        elif self.run_mode == "calibrated" and self.calibration is not None:
+            text += f". Target {self._target_text()}: calibrated {self.calibration.describe()}"
+        return text
 
     def memory_bytes(self) -> int:
         """Bytes held by references and cached residuals (for the memory report)."""
@@ -597,12 +935,13 @@ class FBCacheHolder:
                 seen.add(ptr)
                 total += t.untyped_storage().nbytes()
 
-        for ref in self._refs.values():
-            add(ref.residual)
+        for history in self._refs.values():
+            for ref in history:
+                add(ref.residual)
         for slots in self._stores.values():
-            for entry in slots.values():
-                for tensors in (entry.tensors, entry.previous or {}):
-                    for t in tensors.values():
+            for history in slots.values():
+                for entry in history:
+                    for t in entry.tensors.values():
                         add(t)
         return total
 

@@ -1,25 +1,34 @@
-"""Hook functions that run the first block, ask the holder, and skip or compute the rest.
+"""Hook functions that run the first blocks, ask the holder, and skip or compute the rest.
 
 They only touch the arguments ComfyUI hands to its sanctioned extension points (no ComfyUI
 import), so they are unit-testable with stand-in networks of the same structure:
 
 - UNet (SD1.5/SDXL): :func:`unet_input_block_patch` (a ``input_block_patch``) sees the output of
-  ``input_blocks[0]`` (conv in) and ``input_blocks[1]`` (first ResBlock) inside the model's own
-  ``_forward``; on a hit it raises :class:`SkipRemainingBlocks`, which :func:`unet_diffusion_wrapper`
-  (a ``DIFFUSION_MODEL`` wrapper) turns into ``out(h1 + cached residual)``. No forward code is
-  copied: every other patch, ControlNet residual and wrapper runs untouched on computed steps.
-  UNet blocks change shape and take skip concatenations, so the UNet always uses one (tail)
-  residual from ``input_blocks[1]``'s output to the input of ``out``. A call that carries
-  ControlNet residuals is computed in full: they enter the skipped blocks' skip connections and
-  pass through the output blocks, so no cached residual can stand in for the current ones.
+  ``input_blocks[0]`` (conv in) and of ``input_blocks[n_first]`` (the first ResBlock by default)
+  inside the model's own ``_forward``; on a hit it raises :class:`SkipRemainingBlocks`, which
+  :func:`unet_diffusion_wrapper` (a ``DIFFUSION_MODEL`` wrapper) turns into
+  ``out(h + cached residual)``. No forward code is copied: every other patch, ControlNet residual
+  and wrapper runs untouched on computed steps. UNet blocks change shape and take skip
+  concatenations, so the UNet always uses one (tail) residual from ``input_blocks[n_first]``'s
+  output to the input of ``out``, and ``n_first`` stays within the first resolution level. A
+  call that carries ControlNet residuals is computed in full: they enter the skipped blocks' skip
+  connections and pass through the output blocks, so no cached residual can stand in for the
+  current ones.
 - DiTs: :func:`make_block_replacement` builds a ``patches_replace["dit"]`` entry for each block.
-  Block 0 always runs and decides; on a hit later blocks return ``input + cached residual``
-  (``per_block``) or pass their input through with the stack's single residual added at its
-  last block (``tail``). Blocks that add into their input tensor and return it (ComfyUI's Flux
-  and LTXV blocks) are detected, and their inputs are copied before a residual is taken.
+  The first ``n_first`` blocks always run and the first block's input and the last of them's
+  output form the residual that decides; the last ``n_last`` blocks always run too (on the
+  predicted state, DBCache's "Fn/Bn"). On a hit the blocks in between return ``input + cached
+  residual`` (``per_block``) or pass their input through with the span's single residual added
+  at its last block (``tail``). Blocks that add into their input tensor and return it (ComfyUI's
+  Flux and LTXV blocks) are detected, and their inputs are copied before a residual is taken.
 - Anything else (Nunchaku wrappers, unknown families): :func:`step_apply_model_wrapper` (an
   ``APPLY_MODEL`` wrapper) skips whole model calls, comparing the model input with the last
-  computed one and reusing that call's noise/velocity prediction.
+  computed one and reusing (or forecasting) that call's noise/velocity prediction.
+
+torch.compile: every hook that branches on the cache state is ``torch.compiler.disable``'d, the
+entry points non-recursively, so dynamo graph-breaks around them and never guards on a hit or a
+step; the model code they call (a block, the UNet's forward) is still compiled, once, whatever
+the cache decides (tests/unit/test_fbcache_forecast.py checks this with error_on_recompile).
 """
 
 from __future__ import annotations
@@ -81,8 +90,9 @@ def _has_control(control) -> bool:
     return any(t is not None for value in control.values() if isinstance(value, (list, tuple)) for t in value)
 
 
+@torch.compiler.disable  # branches on the cache state (see the module docstring)
 def unet_input_block_patch(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
-    """``input_block_patch``: remember conv-in's output, decide after the first ResBlock."""
+    """``input_block_patch``: remember conv-in's output, decide after ``input_blocks[n_first]``."""
     holder = _active_holder(transformer_options)
     if holder is None or holder.call is None:
         return h
@@ -90,7 +100,7 @@ def unet_input_block_patch(h: torch.Tensor, transformer_options: dict) -> torch.
     scratch = holder.call.scratch
     if block == ("input", 0):
         scratch["h0"] = h
-    elif block == ("input", 1) and "h0" in scratch:
+    elif block == ("input", holder.n_first) and "h0" in scratch:
         h0 = scratch.pop("h0")
         if holder.decide(h - h0):
             raise SkipRemainingBlocks(h)
@@ -103,6 +113,26 @@ def _register_pre_hook(module: torch.nn.Module, fn):
     return module.register_forward_pre_hook(fn)
 
 
+@torch.compiler.disable
+def _remove_hook(handle) -> None:
+    handle.remove()
+
+
+@torch.compiler.disable
+def _unet_tail_hit(holder: FBCacheHolder, unet, skip: SkipRemainingBlocks, dtype: torch.dtype) -> torch.Tensor:
+    h = skip.h + holder.cached("tail")["h"]
+    return unet.out(h.type(dtype))
+
+
+@torch.compiler.disable
+def _unet_capture_tail(holder: FBCacheHolder, h_out: torch.Tensor) -> None:
+    call = holder.call
+    if call is not None and call.hit is False and "anchor" in call.scratch:
+        holder.store("tail", {"h": h_out - call.scratch.pop("anchor")})
+        holder.finish_compute()
+
+
+@torch.compiler.disable(recursive=False)  # the UNet's forward (executor) is still compiled
 def unet_diffusion_wrapper(executor, *args, **kwargs):
     """``DIFFUSION_MODEL`` wrapper of ``UNetModel``: per-call state and the skip path."""
     transformer_options, holder = _call_state(args, kwargs, UNET_CONTROL_MESSAGE)
@@ -113,24 +143,24 @@ def unet_diffusion_wrapper(executor, *args, **kwargs):
     holder.begin_call(transformer_options)
 
     def capture_tail(_module, inputs):
-        call = holder.call
-        if call is not None and call.hit is False and "anchor" in call.scratch:
-            holder.store("tail", {"h": inputs[0] - call.scratch.pop("anchor")})
-            holder.finish_compute()
+        _unet_capture_tail(holder, inputs[0])
 
     # Lives only for this call (removed in finally): reads the input of the final norm/conv.
     handle = _register_pre_hook(unet.out, capture_tail)
+    since = holder.trace_count()
     try:
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
+        holder.note_output(out, since)
+        return out
     except SkipRemainingBlocks as skip:
-        h = skip.h + holder.cached("tail")["h"]
-        return unet.out(h.type(x.dtype))
+        return _unet_tail_hit(holder, unet, skip, x.dtype)
     finally:
-        handle.remove()
+        _remove_hook(handle)
         holder.end_call()
 
 
 # ---------------------------------------------------------------------------------------- DiT
+@torch.compiler.disable
 def _residuals(before: dict, after: dict) -> dict[str, torch.Tensor | None] | None:
     """``after - before`` for every stream; None when a stream cannot be expressed as a residual."""
     out: dict[str, torch.Tensor | None] = {}
@@ -159,6 +189,7 @@ def _replaced_message(kind: str, index: int) -> str:
     )
 
 
+@torch.compiler.disable
 def _inputs_for_residual(holder: FBCacheHolder, args: dict, keys: tuple[str, ...]) -> tuple[dict, bool]:
     """The block inputs a residual is taken against, copied while blocks may write into their input.
 
@@ -191,8 +222,47 @@ def _note_aliasing(holder: FBCacheHolder, kind: str, index: int, args: dict, out
     return False
 
 
+@torch.compiler.disable
 def _inject(args: dict, residual: dict[str, torch.Tensor | None]) -> dict:
     return {k: (None if r is None else args[k] + r) for k, r in residual.items()}
+
+
+def cached_span(stacks: tuple[tuple[str, int], ...], kind: str, n_first: int, n_last: int) -> tuple[int, int] | None:
+    """Local block indices ``[lo, hi)`` of ``kind`` that a hit skips (None: none of them).
+
+    Blocks are numbered in execution order over all stacks; the first ``n_first`` and the last
+    ``n_last`` always run, the ones in between are cached.
+    """
+    total = sum(n for _, n in stacks)
+    start = 0
+    for k, n in stacks:
+        if k == kind:
+            lo = max(n_first, start) - start
+            hi = min(total - n_last, start + n) - start
+            return (lo, hi) if lo < hi else None
+        start += n
+    return None
+
+
+def clamp_blocks(stacks: tuple[tuple[str, int], ...], n_first: int, n_last: int) -> tuple[int, int, str]:
+    """``(n_first, n_last)`` a network with ``stacks`` allows, and why they were lowered ("" if not).
+
+    The deciding residual is taken on the first stack's image stream, so ``n_first`` stays within
+    the first stack; at least one block must be left to cache.
+    """
+    total = sum(n for _, n in stacks)
+    first_count = stacks[0][1]
+    f, b = n_first, n_last
+    reasons = []
+    if f > first_count:
+        f = first_count
+        reasons.append(f"n_first {n_first} -> {f} (the deciding blocks must lie in the first stack of {first_count})")
+    if f + b >= total:
+        b = max(0, total - f - 1)
+        if f + b >= total:
+            f = max(1, total - 1)
+        reasons.append(f"n_last {n_last} -> {b} (at least one of the {total} blocks must be left to cache)")
+    return f, b, "; ".join(reasons)
 
 
 def make_block_replacement(
@@ -204,46 +274,56 @@ def make_block_replacement(
     """A ``patches_replace["dit"][(kind, index)]`` function for a network with ``stacks``.
 
     ``stacks`` lists (kind, number of blocks) in execution order; the first block of the first
-    stack is the "first block". ``previous`` is a replacement that another node had installed
+    stack is the "first block". The holder's ``n_first`` / ``n_last`` say which blocks always
+    run (see :func:`cached_span`). ``previous`` is a replacement that another node had installed
     for this block: it still runs on computed steps.
     """
     counts = dict(stacks)
     first_kind, last_kind = stacks[0][0], stacks[-1][0]
-    is_first = kind == first_kind and index == 0
-    span_start = 1 if kind == first_kind else 0
-    is_last_of_kind = index == counts[kind] - 1
-    is_final = kind == last_kind and is_last_of_kind
+    in_first_stack = kind == first_kind
+    is_final = kind == last_kind and index == counts[kind] - 1
 
+    @torch.compiler.disable(recursive=False)  # not a frame of its own: the block it calls is compiled
     def compute(args: dict, extra: dict) -> dict:
         if previous is not None:
             return previous(args, extra)
         return extra["original_block"](args)
 
+    @torch.compiler.disable(recursive=False)  # branches on the cache state; the block itself is still compiled
     def replacement(args: dict, extra: dict) -> dict:
         holder = _active_holder(args.get("transformer_options"))
         if holder is None:
             return compute(args, extra)
-        if is_first:
-            holder.begin_call(args["transformer_options"])
-            before, copied = _inputs_for_residual(holder, args, ("img",))
+        n_first = holder.n_first
+        if in_first_stack and index < n_first:  # the deciding head: always runs
+            if index == 0:
+                holder.begin_call(args["transformer_options"])
+                before, copied = _inputs_for_residual(holder, args, ("img",))
+                holder.call.scratch["head_input"] = before["img"]
+            call = holder.call
+            if call is None or "head_input" not in call.scratch:  # block 0 did not run through us
+                return compute(args, extra)
             out = compute(args, extra)
-            _note_aliasing(holder, kind, index, args, out, copied)
-            holder.decide(out["img"] - before["img"])
+            _note_aliasing(holder, kind, index, args, out, index == 0 and copied)
+            if index == n_first - 1:
+                holder.decide(out["img"] - call.scratch.pop("head_input"))
             return out
         call = holder.call
-        if call is None or call.hit is None:  # block 0 did not run through us: stay out of the way
+        if call is None or call.hit is None:  # the deciding blocks did not run through us: stay out of the way
             return compute(args, extra)
+        span = cached_span(stacks, kind, n_first, holder.n_last)
+        in_span = span is not None and span[0] <= index < span[1]
         if call.hit:
+            if not in_span:  # the always-computed tail blocks run on the predicted state
+                return compute(args, extra)
             if holder.cache_mode == "per_block":
                 return _inject(args, holder.cached((kind, index)))
-            if index < span_start:
-                return compute(args, extra)
-            if is_last_of_kind:
+            if index == span[1] - 1:
                 return _inject(args, holder.cached((kind, "tail")))
             return {k: args.get(k) for k in holder.cached((kind, "keys"))}
 
         scratch = call.scratch
-        needs_input = holder.cache_mode == "per_block" or index == span_start
+        needs_input = in_span and (holder.cache_mode == "per_block" or index == span[0])
         before, copied = _inputs_for_residual(holder, args, STREAMS) if needs_input else (args, False)
         out = compute(args, extra)
         if _note_aliasing(holder, kind, index, args, out, copied) and needs_input and not copied:
@@ -251,40 +331,57 @@ def make_block_replacement(
                 f"block {kind} {index} overwrote its input in place before it was copied; this step's residuals "
                 "are not used (later steps copy the inputs)"
             )
-        if holder.cache_mode == "per_block":
-            res = _residuals(before, out)
-            if res is None:
-                scratch.setdefault("no_cache", _shape_message(f"{kind} {index}"))
-            else:
-                holder.store((kind, index), res)
-        elif index >= span_start:
-            if index == span_start:
-                scratch[kind] = {k: before.get(k) for k in out}
-                holder.store((kind, "keys"), dict.fromkeys(out))
-            if is_last_of_kind:
-                if kind not in scratch:
-                    scratch.setdefault("no_cache", _replaced_message(kind, span_start))
-                else:
-                    res = _residuals(scratch.pop(kind), out)
-                    if res is None:
-                        scratch.setdefault("no_cache", _shape_message(f"{kind} stack"))
-                    else:
-                        holder.store((kind, "tail"), res)
+        if in_span:
+            _store_span_residual(holder, scratch, kind, index, span, before, out)
         if is_final:
-            open_spans = [k for k, _ in stacks if k in scratch]
-            if open_spans and holder.cache_mode == "tail":
-                # a span started but its last block is another node's replacement in these calls
-                scratch.setdefault("no_cache", _replaced_message(open_spans[0], counts[open_spans[0]] - 1))
-            if "no_cache" in scratch:
-                holder.warn_once(scratch["no_cache"])
-            else:
-                holder.finish_compute()
-            if holder.copy_inputs is None:
-                holder.copy_inputs = False  # a whole call ran without any block writing into its input
-            holder.end_call()
+            _finish_dit_call(holder, scratch, stacks, n_first)
         return out
 
     return replacement
+
+
+@torch.compiler.disable
+def _store_span_residual(
+    holder: FBCacheHolder, scratch: dict, kind: str, index: int, span: tuple[int, int], before: dict, out: dict
+) -> None:
+    """On a computed call: keep the residual(s) of the cached blocks (per block, or the span's tail)."""
+    if holder.cache_mode == "per_block":
+        res = _residuals(before, out)
+        if res is None:
+            scratch.setdefault("no_cache", _shape_message(f"{kind} {index}"))
+        else:
+            holder.store((kind, index), res)
+        return
+    if index == span[0]:
+        scratch[kind] = {k: before.get(k) for k in out}
+        holder.store((kind, "keys"), dict.fromkeys(out))
+    if index == span[1] - 1:
+        if kind not in scratch:
+            scratch.setdefault("no_cache", _replaced_message(kind, span[0]))
+        else:
+            res = _residuals(scratch.pop(kind), out)
+            if res is None:
+                scratch.setdefault("no_cache", _shape_message(f"{kind} stack"))
+            else:
+                holder.store((kind, "tail"), res)
+
+
+@torch.compiler.disable
+def _finish_dit_call(holder: FBCacheHolder, scratch: dict, stacks: tuple[tuple[str, int], ...], n_first: int) -> None:
+    """After the final block of a computed call: let its residuals serve hits, or say why not."""
+    open_spans = [k for k, _ in stacks if k in scratch]
+    if open_spans and holder.cache_mode == "tail":
+        # a span started but its last block is another node's replacement in these calls
+        kind = open_spans[0]
+        span = cached_span(stacks, kind, n_first, holder.n_last)
+        scratch.setdefault("no_cache", _replaced_message(kind, span[1] - 1 if span else 0))
+    if "no_cache" in scratch:
+        holder.warn_once(scratch["no_cache"])
+    else:
+        holder.finish_compute()
+    if holder.copy_inputs is None:
+        holder.copy_inputs = False  # a whole call ran without any block writing into its input
+    holder.end_call()
 
 
 def _find_control(args: tuple, kwargs: dict):
@@ -296,6 +393,7 @@ def _find_control(args: tuple, kwargs: dict):
     return control
 
 
+@torch.compiler.disable(recursive=False)  # the model call itself is still compiled
 def dit_diffusion_wrapper(executor, *args, **kwargs):
     """Wrapper of block-hooked DiTs: switch tail to per_block under ControlNet.
 
@@ -319,10 +417,24 @@ def dit_diffusion_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     if holder.cache_mode == "tail" and _has_control(_find_control(args, kwargs)):
         holder.switch_mode("per_block", "ControlNet residuals present")
+    since = holder.trace_count()
     try:
-        return executor(*args, **kwargs)
+        denoised = executor(*args, **kwargs)
+        if holder.run_mode == "calibrating" and len(args) > 1 and isinstance(denoised, torch.Tensor):
+            holder.note_output(_prediction(args[0], args[1], denoised), since)
+        return denoised
     finally:
         holder.end_call()
+
+
+@torch.compiler.disable
+def _prediction(x: torch.Tensor, sigma, denoised: torch.Tensor) -> torch.Tensor:
+    """The noise/velocity prediction ``(x - denoised) / sigma`` behind an APPLY_MODEL result."""
+    if isinstance(sigma, torch.Tensor):
+        s = sigma.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype).clamp_min(1e-6)
+    else:
+        s = max(float(sigma), 1e-6)
+    return (x - denoised) / s
 
 
 # ---------------------------------------------------------------------------------------- step
@@ -332,6 +444,7 @@ STEP_CONTROL_MESSAGE = (
 )
 
 
+@torch.compiler.disable(recursive=False)  # the model call itself is still compiled
 def step_apply_model_wrapper(executor, *args, **kwargs):
     """``APPLY_MODEL`` wrapper for networks without block hooks: skip whole calls.
 
@@ -350,10 +463,13 @@ def step_apply_model_wrapper(executor, *args, **kwargs):
             s = sigma.reshape(shape).to(x.dtype).clamp_min(1e-6)
         else:
             s = max(float(sigma), 1e-6)
+        since = holder.trace_count()
         if holder.decide(x):
             return x - holder.cached("step")["eps"] * s
         denoised = executor(*args, **kwargs)
-        holder.store("step", {"eps": (x - denoised) / s})
+        eps = (x - denoised) / s
+        holder.store("step", {"eps": eps})
+        holder.note_output(eps, since)
         holder.finish_compute()
         return denoised
     finally:

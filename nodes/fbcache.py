@@ -11,12 +11,14 @@ from ..fbcache import (
     HIT_RESIDUALS,
     HOLDER_KEY,
     FBCacheHolder,
+    clamp_blocks,
     conditioning_on_device,
     dit_diffusion_wrapper,
     make_block_replacement,
     resolve_family,
     step_apply_model_wrapper,
     unet_diffusion_wrapper,
+    unet_first_level,
     unet_input_block_patch,
     validate_settings,
 )
@@ -26,16 +28,26 @@ logger = logging.getLogger(__name__)
 
 WRAPPER_KEY = "speedkit_fbcache"
 DEFAULT_MODE = "tail"  # benchmarks/fbcache_cost.py: same speed as per_block, 15x less extra memory
-DEFAULT_MAX_HITS = 2  # benchmarks/fbcache_quality.py: bounded runs of hits win at <= 2x
-DEFAULT_HIT_RESIDUAL = "extrapolate"  # benchmarks/fbcache_quality.py: ~+5 dB PSNR at the same settings
+DEFAULT_MAX_HITS = 2  # bounded runs of hits: see docs/fbcache.md (quality vs speed)
+DEFAULT_HIT_RESIDUAL = "extrapolate"  # kept for saved workflows; taylor1 measured faster with euler (docs/fbcache.md)
+DEFAULT_MIN_STEPS = 8  # distilled/few-step schedules have no step to spare
 
 
 def _send_ui_text(node_id: str | None, text: str) -> None:
     comfy_bridge.send_progress_text(text, node_id)
 
 
+def _sampler_name(sampler) -> str:
+    function = getattr(sampler, "sampler_function", None)
+    return getattr(function, "__name__", type(sampler).__name__)
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
-    """``OUTER_SAMPLE``: a fresh holder per sampling run, the report and a reset at the end."""
+    """``OUTER_SAMPLE``: a fresh holder per sampling run, the report and a reset at the end.
+
+    ``outer_sample(noise, latent_image, sampler, sigmas, ...)``: the run's sigmas and sampler
+    decide whether the cache runs (``min_steps``) and which calibrated threshold applies.
+    """
     import comfy.model_patcher
 
     guider = executor.class_obj
@@ -44,32 +56,53 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     options = guider.model_options["transformer_options"]
     holder: FBCacheHolder = options[HOLDER_KEY].clone()
     holder.prepare(guider.model_patcher.model.model_sampling.percent_to_sigma)
+    holder.cfg = float(getattr(guider, "cfg", 1.0) or 1.0)
     options[HOLDER_KEY] = holder
-    logger.info(
-        "First Block Cache on (%s): threshold %s, sigma window (%.4g, %.4g], max_consecutive_hits %s, mode %s",
-        holder.description,
-        holder.threshold,
-        holder.end_sigma,
-        holder.start_sigma,
-        holder.max_consecutive_hits,
-        holder.cache_mode,
-    )
+    noise = args[0] if args else kwargs.get("noise")
+    sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
+    sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+    schedule = sigmas.detach().float().cpu().tolist() if hasattr(sigmas, "detach") else None  # one sync per run
+    shape = tuple(noise.shape) if hasattr(noise, "shape") else ()
+    mode = holder.begin_run(schedule, _sampler_name(sampler), shape)
+    if mode != "off":
+        logger.info(
+            "First Block Cache on (%s): threshold %s, sigma window (%.4g, %.4g], max_consecutive_hits %s, mode %s",
+            holder.description,
+            "chosen by calibration" if mode == "calibrating" else f"{holder.threshold:.4g}",
+            holder.end_sigma,
+            holder.start_sigma,
+            holder.max_consecutive_hits,
+            holder.cache_mode,
+        )
+    finished = False
     try:
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
+        finished = True
+        return out
     finally:
+        if finished and mode == "calibrating":
+            holder.finish_calibration(holder.value_range)
         text = holder.summary_text()
-        if not holder.stats:
+        if mode != "off" and not holder.stats:
             text = (
                 f"First Block Cache was attached ({holder.description}) but its hooks never ran: this model did "
                 "not call them, so nothing was cached. Please report the model type."
             )
             logger.warning(text)
-        else:
+        elif mode != "off":
             logger.info(text)
         _send_ui_text(holder.report_node_id, text)
         holder.reset()
         holder.active = False
         guider.model_options = original
+
+
+def _note_value_range(guider, samples) -> None:
+    """Calibration runs: the value range of the run's latent (model space), the quality estimate's peak."""
+    options = getattr(guider, "model_options", None)
+    holder = options.get("transformer_options", {}).get(HOLDER_KEY) if isinstance(options, dict) else None
+    if isinstance(holder, FBCacheHolder) and holder.run_mode == "calibrating" and hasattr(samples, "amax"):
+        holder.value_range = float(samples.amax() - samples.amin())  # one sync, calibration runs only
 
 
 def sampler_sample_wrapper(executor, guider, *args, **kwargs):
@@ -81,7 +114,9 @@ def sampler_sample_wrapper(executor, guider, *args, **kwargs):
     original = getattr(guider, "conds", None)
     device = getattr(getattr(guider, "model_patcher", None), "load_device", None)
     if not isinstance(original, dict) or device is None:  # a guider of another shape: leave it as it is
-        return executor(guider, *args, **kwargs)
+        samples = executor(guider, *args, **kwargs)
+        _note_value_range(guider, samples)
+        return samples
     guider.conds, moved = conditioning_on_device(original, device)
     if moved:
         logger.info(
@@ -91,7 +126,9 @@ def sampler_sample_wrapper(executor, guider, *args, **kwargs):
             device,
         )
     try:
-        return executor(guider, *args, **kwargs)
+        samples = executor(guider, *args, **kwargs)
+        _note_value_range(guider, samples)
+        return samples
     finally:
         guider.conds = original
 
@@ -125,8 +162,10 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
         ):
             patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
     options[HOLDER_KEY] = holder
+    holder.flow = _is_flow(model)
 
     if family.kind == "unet":
+        _fit_unet_blocks(holder, diffusion_model, family.name)
         if holder.cache_mode == "per_block":
             logger.info(
                 "First Block Cache: %s blocks change shape and take skip connections, so per_block caching "
@@ -138,8 +177,13 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
         old = [p for p in patches.get("input_block_patch", []) if p is not unet_input_block_patch]
         patches["input_block_patch"] = [*old, unet_input_block_patch]
         patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, unet_diffusion_wrapper)
-        holder.description = f"{family.name}: first ResBlock, tail residual"
+        first = "first ResBlock" if holder.n_first == 1 else f"first {holder.n_first} ResBlocks"
+        holder.description = f"{family.name}: {first}, tail residual"
     elif family.kind == "dit":
+        n_first, n_last, why = clamp_blocks(family.stacks, holder.n_first, holder.n_last)
+        if why:
+            logger.info("First Block Cache: %s: %s.", family.name, why)
+        holder.n_first, holder.n_last = n_first, n_last
         if family.per_block_only and holder.cache_mode != "per_block":
             logger.info("First Block Cache: %s: %s, so per_block residuals are used.", family.name, family.reason)
             holder.cache_mode = "per_block"
@@ -156,9 +200,12 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
         # APPLY_MODEL: every family passes through it with ``control`` (SD3's MMDiT has no DIFFUSION_MODEL hook).
         patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, dit_diffusion_wrapper)
         blocks = ", ".join(f"{n} {k}s" for k, n in family.stacks)
-        holder.description = f"{family.name}: {blocks}, {holder.cache_mode} residuals"
+        layout = f", F{holder.n_first}B{holder.n_last}" if (holder.n_first, holder.n_last) != (1, 0) else ""
+        holder.description = f"{family.name}: {blocks}, {holder.cache_mode} residuals{layout}"
     else:
         logger.warning("First Block Cache: %s.", family.reason)
+        if (holder.n_first, holder.n_last) != (1, 0):
+            logger.info("First Block Cache: n_first/n_last do not apply to whole-step skipping.")
         patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, step_apply_model_wrapper)
         holder.description = f"{family.name}: whole-step skip"
     patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
@@ -167,8 +214,36 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
     return patched
 
 
+def _is_flow(model) -> bool:
+    """True for flow-matching models (ComfyUI's CONST model sampling: Flux, SD3, Wan, ...)."""
+    sampling = getattr(getattr(model, "model", None), "model_sampling", None)
+    return any(cls.__name__ == "CONST" for cls in type(sampling).__mro__)
+
+
+def _fit_unet_blocks(holder: FBCacheHolder, unet, name: str) -> None:
+    """Lower n_first/n_last to what a UNet allows (logged): the tail residual needs equal shapes."""
+    limit = unet_first_level(unet)
+    if holder.n_first > limit:
+        logger.info(
+            "First Block Cache: %s: n_first %d -> %d (the deciding blocks must stay before the first downsampling, "
+            "where the tail residual keeps its shape).",
+            name,
+            holder.n_first,
+            limit,
+        )
+        holder.n_first = limit
+    if holder.n_last:
+        logger.info(
+            "First Block Cache: %s: n_last %d -> 0 (a UNet's output blocks take the skip connections of every level; "
+            "its cached span always ends at the output layer).",
+            name,
+            holder.n_last,
+        )
+        holder.n_last = 0
+
+
 class FirstBlockCache(io.ComfyNode):
-    """Skip the remaining blocks of a sampling step when the first block's residual barely changed."""
+    """Skip the middle blocks of a sampling step when the first blocks' residual barely changed."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -177,12 +252,14 @@ class FirstBlockCache(io.ComfyNode):
             display_name="First Block Cache (SpeedKit)",
             category="SpeedKit/model_patches",
             description=(
-                "Speeds up sampling: every step runs the model's first block and compares its residual with the "
-                "one of the last fully computed step. When the relative change is below the threshold, the other "
-                "blocks are skipped and their cached residual is added back. Works on SD1.5/SDXL UNets and on "
-                "Flux, Chroma, SD3, Wan, HunyuanVideo, LTXV and Qwen-Image; other models (e.g. Nunchaku) skip "
-                "whole steps. On UNets, steps that use a ControlNet are always computed. Put it after LoRA "
-                "loaders. The log and this node report steps computed/skipped."
+                "Speeds up sampling: every step runs the model's first block(s) and compares their residual with "
+                "the one of the last fully computed step. When the relative change is below the threshold, the "
+                "blocks after them are skipped and their residual is added back, reused or forecast from the last "
+                "computed steps. A speed or quality target can choose the threshold (the first run of each "
+                "sampler/step count then computes every step). Runs under min_steps steps are not cached. Works on "
+                "SD1.5/SDXL UNets and on Flux, Chroma, SD3, Wan, HunyuanVideo, LTXV and Qwen-Image; other models "
+                "(e.g. Nunchaku) skip whole steps. On UNets, steps that use a ControlNet are always computed. Put it "
+                "after LoRA loaders. The log and this node report steps computed/skipped."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to speed up (after any LoRA loaders)."),
@@ -221,8 +298,8 @@ class FirstBlockCache(io.ComfyNode):
                     max=1000,
                     tooltip=(
                         "At most this many skipped steps in a row, then one is computed (counted per "
-                        "conditioning). -1 = unlimited, 0 = never skip. Default 2: in our benchmark it gave "
-                        "clearly higher PSNR than unlimited at the same speedup up to about 2x."
+                        "conditioning). -1 = unlimited, 0 = never skip. Bounded runs keep more quality at the "
+                        "same speed (docs/fbcache.md); 3 suits taylor1."
                     ),
                     advanced=True,
                 ),
@@ -232,10 +309,15 @@ class FirstBlockCache(io.ComfyNode):
                     default=DEFAULT_MODE,
                     tooltip=(
                         "tail (default): one cached residual per block stack. per_block: every skipped block adds "
-                        "its own residual. Same result without ControlNet; measured on a Flux-size DiT (H100, 50 % "
-                        "hits) tail is as fast (1.89x vs 1.87x) with 92 MiB instead of 1.5 GiB extra memory. "
-                        "With ControlNet a DiT switches to per_block by itself; UNets always use tail."
+                        "its own residual (much more memory). Same result without ControlNet. With ControlNet a DiT "
+                        "switches to per_block by itself; UNets always use tail."
                     ),
+                    advanced=True,
+                ),
+                io.Boolean.Input(
+                    "verbose",
+                    default=False,
+                    tooltip="Log the relative change and the decision of every model call (for tuning the threshold).",
                     advanced=True,
                 ),
                 io.Combo.Input(
@@ -243,19 +325,79 @@ class FirstBlockCache(io.ComfyNode):
                     options=list(HIT_RESIDUALS),
                     default=DEFAULT_HIT_RESIDUAL,
                     tooltip=(
-                        "What a skipped step adds back. extrapolate (default): a straight-line prediction along "
-                        "the noise schedule from the residuals of the last two computed steps; in our benchmark "
-                        "about 5 dB (1.4-6.6) higher PSNR than reuse at the same settings, for one more cached residual of GPU "
-                        "memory (+52 MiB on a Flux-size model, tail mode). reuse: the residual of the last "
-                        "computed step as is (classic First Block Cache)."
+                        "What a skipped step adds back for the skipped blocks. reuse: the residual of the last "
+                        "computed step as is (classic First Block Cache). extrapolate (default): a straight line "
+                        "along the noise schedule through the last two computed steps. taylor1 / taylor2: a Taylor "
+                        "forecast in the step index from the last two / three computed steps (keeps one / two more "
+                        "residuals in memory than reuse)."
                     ),
                     optional=True,
                     advanced=True,
                 ),
-                io.Boolean.Input(
-                    "verbose",
-                    default=False,
-                    tooltip="Log the relative change and the decision of every model call (for tuning the threshold).",
+                io.Int.Input(
+                    "n_first",
+                    default=1,
+                    min=1,
+                    max=64,
+                    tooltip=(
+                        "Blocks computed at the start of every step; the change of their residual decides whether "
+                        "the rest is skipped. 1 = classic First Block Cache. More = a better decision, a costlier "
+                        "skipped step. UNets: at most the blocks before the first downsampling."
+                    ),
+                    optional=True,
+                    advanced=True,
+                ),
+                io.Int.Input(
+                    "n_last",
+                    default=0,
+                    min=0,
+                    max=64,
+                    tooltip=(
+                        "Blocks computed at the end of every step, also on skipped steps (they refine the "
+                        "predicted state). 0 = none. DiTs only; UNets ignore it."
+                    ),
+                    optional=True,
+                    advanced=True,
+                ),
+                io.Int.Input(
+                    "min_steps",
+                    default=DEFAULT_MIN_STEPS,
+                    min=0,
+                    max=10000,
+                    tooltip=(
+                        "Sampling runs with fewer steps are not cached (distilled and few-step models have no "
+                        "step to spare); the log says so. 0 = cache runs of any length."
+                    ),
+                    optional=True,
+                    advanced=True,
+                ),
+                io.Float.Input(
+                    "target_speedup",
+                    default=0.0,
+                    min=0.0,
+                    max=20.0,
+                    step=0.1,
+                    tooltip=(
+                        "0 = use residual_diff_threshold. Otherwise the threshold is chosen for this speedup "
+                        "(counted in model calls): the first run of each sampler and step count computes every "
+                        "step and records what the choice needs; later runs use the chosen threshold. The log "
+                        "and this node show the choice."
+                    ),
+                    optional=True,
+                ),
+                io.Float.Input(
+                    "target_psnr",
+                    default=0.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.5,
+                    tooltip=(
+                        "0 = off. Otherwise the threshold is chosen (as for target_speedup) so that the estimated "
+                        "PSNR of the result against an uncached run stays at or above this many dB (an estimate "
+                        "from the calibration run). With target_speedup too: that speed unless it costs more "
+                        "quality than this."
+                    ),
+                    optional=True,
                     advanced=True,
                 ),
             ],
@@ -276,9 +418,24 @@ class FirstBlockCache(io.ComfyNode):
         cache_mode: str = DEFAULT_MODE,
         verbose: bool = False,
         hit_residual: str = DEFAULT_HIT_RESIDUAL,
+        n_first: int = 1,
+        n_last: int = 0,
+        min_steps: int = DEFAULT_MIN_STEPS,
+        target_speedup: float = 0.0,
+        target_psnr: float = 0.0,
     ) -> io.NodeOutput:
         validate_settings(
-            residual_diff_threshold, start_percent, end_percent, max_consecutive_hits, cache_mode, hit_residual
+            residual_diff_threshold,
+            start_percent,
+            end_percent,
+            max_consecutive_hits,
+            cache_mode,
+            hit_residual,
+            n_first,
+            n_last,
+            min_steps,
+            target_speedup,
+            target_psnr,
         )
         if residual_diff_threshold == 0 or max_consecutive_hits == 0:
             logger.info("First Block Cache is off (threshold 0 or max_consecutive_hits 0): model returned unchanged.")
@@ -291,6 +448,11 @@ class FirstBlockCache(io.ComfyNode):
             cache_mode,
             verbose,
             hit_residual=hit_residual,
+            n_first=n_first,
+            n_last=n_last,
+            min_steps=min_steps,
+            target_speedup=target_speedup,
+            target_psnr=target_psnr,
         )
         holder.report_node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         return io.NodeOutput(apply_first_block_cache(model, holder))

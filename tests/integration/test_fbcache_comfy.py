@@ -66,8 +66,9 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         off = node.execute(mp, 0.0).args[0]
         forced_miss = adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False]))
         forced_half = adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False, True]))
-        cached = node.execute(mp, 0.3, 0.0, 1.0, -1, "tail", False).args[0]
-        per_block = node.execute(mp, 0.3, 0.0, 1.0, 2, "per_block", False).args[0]
+        # min_steps=0: these 6-step runs are cached (the node's default leaves runs under 8 steps alone)
+        cached = node.execute(mp, 0.3, 0.0, 1.0, -1, "tail", False, min_steps=0).args[0]
+        per_block = node.execute(mp, 0.3, 0.0, 1.0, 2, "per_block", False, min_steps=0).args[0]
         half = run(forced_half)
         third_reuse = run(adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False, False, True])))
         third_extrap = run(adapter.apply_first_block_cache(
@@ -187,6 +188,18 @@ def test_node_schema_on_the_server(comfy_server):
     assert required["cache_mode"][1]["default"] == "tail"
     optional = info["input"].get("optional", {})
     assert optional["hit_residual"][1]["default"] == "extrapolate" and optional["hit_residual"][1].get("tooltip")
+    assert set(
+        optional["hit_residual"][0]
+        if isinstance(optional["hit_residual"][0], list)
+        else optional["hit_residual"][1]["options"]
+    ) == {"reuse", "extrapolate", "taylor1", "taylor2"}
+    # new inputs are optional and come after the old ones (saved widget values are positional)
+    new = {"n_first": 1, "n_last": 0, "min_steps": 8, "target_speedup": 0.0, "target_psnr": 0.0}
+    for name, default in new.items():
+        assert name in optional and name not in required, name
+        assert optional[name][1]["default"] == default and optional[name][1].get("tooltip"), name
+    order = info.get("input_order", {})
+    assert order.get("optional", list(optional))[:6] == ["hit_residual", *new]
 
 
 GUIDANCE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
@@ -233,7 +246,7 @@ GUIDANCE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     run = sampler_for(*inputs, steps=6)
     windows = ContextWindowsManualNode.execute(mp, 4, 1, "standard_static", 1, False, "pyramid", 0, False, "", False).args[0]
     base = run(windows)
-    tiny = run(node.execute(windows, 1e-7, 0.0, 1.0, -1, "tail", False).args[0])
+    tiny = run(node.execute(windows, 1e-7, 0.0, 1.0, -1, "tail", False, min_steps=0).args[0])
     half = run(adapter.apply_first_block_cache(windows, fbc.FBCacheHolder(0.5, force_pattern=[False, True])))
     report["sd15_context_windows"] = {
         "guide_changes_output": not bool(torch.equal(base, run(mp))),
@@ -294,7 +307,7 @@ GPU_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         run(mp)  # first GPU run: kernels chosen, model loaded
         base = run(mp)
         forced_miss = adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False]))
-        tiny = node.execute(mp, 1e-9, 0.0, 1.0, -1, "tail", False).args[0]
+        tiny = node.execute(mp, 1e-9, 0.0, 1.0, -1, "tail", False, min_steps=0).args[0]
         half = adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False, True]))
         half_dev = run(half)
         report[fam] = {

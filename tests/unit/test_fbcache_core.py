@@ -59,6 +59,7 @@ class UNetModel(nn.Module):
         self.output_blocks = nn.ModuleList([nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)])
         self.out = nn.Sequential(nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 4, 3, padding=1))
         self.calls = {"middle": 0}
+        self.scale = 2  # upsampling before the output blocks (undoes input block 2's stride)
 
     def _forward(self, x, t, context, y, control, transformer_options):
         hs, h = [], x
@@ -72,7 +73,8 @@ class UNetModel(nn.Module):
             hs.append(h)
         self.calls["middle"] += 1
         h = _apply_control(self.middle_block(h), control, "middle")
-        h = nn.functional.interpolate(h, scale_factor=2)
+        if self.scale != 1:
+            h = nn.functional.interpolate(h, scale_factor=self.scale)
         hs.pop()
         for block in self.output_blocks:
             h = block(torch.cat([h, _apply_control(hs.pop(), control, "output")], 1))

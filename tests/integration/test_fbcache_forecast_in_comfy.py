@@ -1,0 +1,199 @@
+"""First Block Cache 2 against real ComfyUI: forecasts, first/last-n blocks, targets, short runs, torch.compile.
+
+Small random SD1.5-, Flux- and Wan-shaped models from ComfyUI's own classes, sampled through
+``comfy.sample.sample`` (what KSampler calls); same subprocess runner as ``test_fbcache_comfy.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from test_fbcache_comfy import REPO, SCRIPT_PRELUDE, run_comfy_script
+
+SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
+    """
+    import comfy.model_patcher, comfy.supported_models as sm
+    dev = torch.device("cpu")
+    report = {}
+
+    def wan_case():
+        mc = sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16,
+            "dim": 64, "ffn_dim": 128, "freq_dim": 32, "text_dim": 32, "out_dim": 16, "num_heads": 4,
+            "num_layers": 6, "dtype": torch.float32})
+        mc.set_inference_dtype(torch.float32, None)
+        model = mc.get_model({}, "", device=dev)
+        fm.init_weights(model.diffusion_model)
+        mp = comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=dev)
+        g = torch.Generator().manual_seed(1)
+        pos = [[torch.randn(1, 8, 32, generator=g), {}]]
+        neg = [[torch.randn(1, 8, 32, generator=g), {}]]
+        noise = torch.randn(1, 16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        return mp, noise, torch.zeros_like(noise), pos, neg
+
+    cases = {"sd15": tiny_case("sd15", dev), "flux": tiny_case("flux", dev), "wan": wan_case()}
+    for fam, (mp, *inputs) in cases.items():
+        run = sampler_for(*inputs, steps=10)
+        short = sampler_for(*inputs, steps=6)
+        base, base_short = run(mp), short(mp)
+        r = {}
+        # under min_steps (the node's default 8): the cache stays off for that run, even with forced hits
+        default = node.execute(mp, 0.5).args[0].model_options["transformer_options"]["speedkit_fbcache"]
+        r["node_default_min_steps"] = default.min_steps
+        def forced(min_steps):
+            holder = fbc.FBCacheHolder(0.5, force_pattern=[False, True], min_steps=min_steps)
+            return adapter.apply_first_block_cache(mp, holder)
+        r["short_run_uncached"] = bool(torch.equal(short(forced(8)), base_short))
+        r["long_run_cached"] = not bool(torch.equal(run(forced(8)), base))
+        r["forced_short_run_cached"] = not bool(torch.equal(short(forced(0)), base_short))
+        # forecasts through the node
+        outs = {}
+        for hit in ("reuse", "extrapolate", "taylor1", "taylor2"):
+            m = adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False, False, False, True],
+                                                                      hit_residual=hit))
+            outs[hit] = run(m)
+        r["forecasts_finite"] = all(bool(torch.isfinite(o).all()) for o in outs.values())
+        r["forecasts_differ"] = len({o.sum().item() for o in outs.values()}) == 4
+        tiny = node.execute(mp, 1e-9, 0.0, 1.0, -1, "tail", False, "taylor2", 2, 1).args[0]
+        r["tiny_threshold_fn_bn_identical"] = bool(torch.equal(run(tiny), base))
+        fnbn = node.execute(mp, 0.5, 0.0, 1.0, 3, "tail", False, "taylor2", 2, 1).args[0]
+        r["fn_bn_finite"] = bool(torch.isfinite(run(fnbn)).all())
+        # a speed target: the first run computes every step (identical to uncached), the next one skips
+        target = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "taylor2", target_speedup=2.0).args[0]
+        first = run(target)
+        second = run(target)
+        r["calibration_run_identical"] = bool(torch.equal(first, base))
+        r["calibrated_run_differs"] = not bool(torch.equal(second, base))
+        r["calibrated_run_finite"] = bool(torch.isfinite(second).all())
+        holder = target.model_options["transformer_options"]["speedkit_fbcache"]
+        r["calibrations"] = len(holder.calibrations)
+        r["other_sampler_calibrates_again"] = bool(torch.equal(run(target, "dpmpp_2m"), run(mp, "dpmpp_2m")))
+        r["calibrations_after"] = len(holder.calibrations)
+        report[fam] = r
+    emit_report(report)
+    """
+)
+
+COMPILE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
+    """
+    import torch._dynamo
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    dev = torch.device("cpu")
+    report = {}
+    for fam in ("sd15", "flux"):
+        mp, *inputs = tiny_case(fam, dev)
+        run = sampler_for(*inputs, steps=8)
+
+        def compiled(holder):
+            m = adapter.apply_first_block_cache(mp, holder)
+            set_torch_compile_wrapper(m, backend="eager")
+            return m
+
+        torch._dynamo.reset()
+        errors = []
+        # warm-up: one cached run with hits and misses compiles what ComfyUI's model needs
+        run(compiled(fbc.FBCacheHolder(0.5, force_pattern=[False, True], hit_residual="taylor2")))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            cases = {
+                "reuse": fbc.FBCacheHolder(0.5, force_pattern=[False, False, True]),
+                "extrapolate": fbc.FBCacheHolder(0.5, force_pattern=[False, True, True], hit_residual="extrapolate"),
+                "taylor2": fbc.FBCacheHolder(0.5, force_pattern=[False, False, True, True], hit_residual="taylor2"),
+                "threshold": fbc.FBCacheHolder(0.3, hit_residual="taylor2"),
+                "fn_bn": fbc.FBCacheHolder(0.5, force_pattern=[False, True], hit_residual="taylor2", n_first=2, n_last=1),
+            }
+            for name, holder in cases.items():
+                try:
+                    run(compiled(holder))
+                except Exception as exc:
+                    errors.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
+            target = compiled(fbc.FBCacheHolder(0.1, hit_residual="taylor2", target_speedup=2.0))
+            for name in ("calibration run", "calibrated run"):
+                try:
+                    run(target)
+                except Exception as exc:
+                    errors.append(f"target {name}: {type(exc).__name__}: {str(exc)[:300]}")
+        report[fam] = errors
+        torch._dynamo.reset()
+    emit_report(report)
+    """
+)
+
+FAMILIES = ["sd15", "flux", "wan"]
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return run_comfy_script(SCRIPT)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runs_under_min_steps_are_left_alone(report, family):
+    r = report["data"][family]
+    assert r["node_default_min_steps"] == 8
+    assert r["short_run_uncached"] and r["long_run_cached"] and r["forced_short_run_cached"], r
+    assert "6 steps, fewer than min_steps 8" in report["log"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_hit_residual_runs_and_they_differ(report, family):
+    r = report["data"][family]
+    assert r["forecasts_finite"] and r["forecasts_differ"], r
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_and_last_n_blocks_through_the_node(report, family):
+    r = report["data"][family]
+    assert r["tiny_threshold_fn_bn_identical"] and r["fn_bn_finite"], r
+
+
+def test_layouts_are_reported_and_lowered_where_needed(report):
+    log = report["log"]
+    assert "WanModel: 6 double_blocks, tail residuals, F2B1" in log
+    assert "Flux: 2 double_blocks, 2 single_blocks, tail residuals, F2B1" in log
+    # the UNet's tail residual needs equal shapes: n_last does not apply, n_first stays in the first level
+    assert "n_last 1 -> 0" in log
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_speed_target_calibrates_once_per_sampler_and_schedule(report, family):
+    r = report["data"][family]
+    assert r["calibration_run_identical"], r  # the calibration run computes every step
+    assert r["calibrated_run_differs"] and r["calibrated_run_finite"], r
+    assert r["calibrations"] == 1
+    assert r["other_sampler_calibrates_again"] and r["calibrations_after"] == 2, r
+    log = report["log"]
+    assert "calibration run, every step computed; chose threshold" in log
+    assert "Target 2x: calibrated threshold" in log
+
+
+def test_cached_sampling_does_not_recompile_under_torch_compile():
+    """ComfyUI's own torch.compile wrapper (eager backend): after one warm-up run, cached runs with
+    other hit patterns, forecasts, first/last-n blocks and a speed target's calibration recompile nothing."""
+    result = run_comfy_script(COMPILE_SCRIPT, timeout=1200)
+    assert result["data"] == {"sd15": [], "flux": []}, result["data"]
+
+
+def test_example_workflow_widgets_map_to_the_same_settings(comfy_server):
+    """The saved example workflow (and the same workflow saved before the new inputs existed) keeps
+    its settings: widget values are positional, new inputs come last with defaults that change nothing."""
+    from comfy_server import widget_specs
+
+    info = comfy_server.object_info()["SpeedKit_FirstBlockCache"]
+    names = [name for name, _, _ in widget_specs(info)]
+    workflow = json.loads((REPO / "example_workflows" / "fbcache_sdxl.json").read_text())
+    values = next(n["widgets_values"] for n in workflow["nodes"] if n["type"] == "SpeedKit_FirstBlockCache")
+    expected_old = {
+        "residual_diff_threshold": 0.1,
+        "start_percent": 0.0,
+        "end_percent": 1.0,
+        "max_consecutive_hits": 2,
+        "cache_mode": "tail",
+        "verbose": False,
+        "hit_residual": "extrapolate",
+    }
+    assert dict(zip(names[:7], values[:7], strict=True)) == expected_old
+    defaults = {name: spec[1].get("default") for name, spec in info["input"].get("optional", {}).items()}
+    saved = dict(zip(names, values, strict=False))
+    for name in ("n_first", "n_last", "min_steps", "target_speedup", "target_psnr"):
+        assert saved.get(name, defaults[name]) == defaults[name], name
