@@ -16,6 +16,16 @@ from .running import run
 from .widgets import DatasetT, boolean, choice, env_input, extra_args_input, integer, string
 
 
+def _model_version_input():
+    """The ``model_version`` input both cache nodes take (same flag, same choices)."""
+    return string(
+        "model_version",
+        "Qwen-Image: original, edit, edit-2509, edit-2511, layered; FLUX.2: dev, klein-4b, klein-base-4b, "
+        "klein-9b, klein-base-9b; HiDream-O1 (text cache): full or dev. Empty = the script's default.",
+        advanced=True,
+    )
+
+
 def _common_inputs():
     return [
         integer("batch_size", "Items per batch; 0 = musubi's default.", 0, 0, 1024),
@@ -67,12 +77,7 @@ class CacheLatents(io.ComfyNode):
                 boolean("vae_cache_cpu", "Wan: keep the VAE's internal cache on the CPU (less VRAM).", advanced=True),
                 boolean("one_frame", "Wan / FramePack: cache for one-frame training.", advanced=True),
                 boolean("f1", "FramePack: cache for the F1 model.", advanced=True),
-                string(
-                    "model_version",
-                    "Qwen-Image: original, edit, edit-2509, edit-2511, layered; FLUX.2: dev, klein-4b, klein-base-4b, "
-                    "klein-9b, klein-base-9b; HiDream-O1 (text cache): full or dev. Empty = the script's default.",
-                    advanced=True,
-                ),
+                _model_version_input(),
                 *_common_inputs(),
             ],
             outputs=[
@@ -130,12 +135,7 @@ class CacheTextEncoder(io.ComfyNode):
                     "Run the big text encoder in fp8 (--fp8_llm / --fp8_t5 / --fp8_vl / --fp8_text_encoder; HiDream-O1 "
                     "--fp8_te): less VRAM.",
                 ),
-                string(
-                    "model_version",
-                    "Qwen-Image: original, edit, edit-2509, edit-2511, layered; FLUX.2: dev, klein-4b, klein-base-4b, "
-                    "klein-9b, klein-base-9b; HiDream-O1 (text cache): full or dev. Empty = the script's default.",
-                    advanced=True,
-                ),
+                _model_version_input(),
                 *_common_inputs(),
             ],
             outputs=[
