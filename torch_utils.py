@@ -16,9 +16,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -392,6 +394,21 @@ def graph_capture_blocker() -> str | None:
     return None
 
 
+@contextmanager
+def refuse_host_syncs() -> Iterator[None]:
+    """Make synchronizing CUDA operations raise for the duration of the block.
+
+    Used for the checked run before a CUDA-graph capture. The setting is PyTorch's
+    process-wide sync debug mode; it is restored on exit, even when the block raises.
+    """
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 class GraphBook:
     """Bookkeeping shared by the CUDA-graph replayers (USDU's denoiser calls, the LoRA
     trainer's micro-steps): graphs per input key, keys seen once, one memory pool, a cap, the
@@ -429,6 +446,25 @@ class GraphBook:
         if seen and self.disabled is None and (reason := graph_capture_blocker()) is not None:
             self.disable(reason)
         return seen and self.disabled is None and len(self._graphs) < self.max_graphs
+
+    def record(self, graph: torch.cuda.CUDAGraph, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` once with host syncs refused, then record it into ``graph``; returns the
+        recorded call's output.
+
+        The checked run is why this is safe under cudaMallocAsync, where a capture that fails
+        part-way can abort the process: what makes captures fail in practice (``.item()``,
+        a blocking copy, ``nonzero``...) raises here in Python, before recording starts. The
+        capture itself is thread-local, so another thread of the server touching CUDA cannot
+        invalidate it.
+        """
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream(current.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side), refuse_host_syncs():
+            fn()  # also the warm-up: lazy initialisations happen outside the capture
+        current.wait_stream(side)
+        with torch.cuda.graph(graph, pool=self.pool(), capture_error_mode="thread_local"):
+            return fn()
 
     def close(self) -> None:
         """Drop every graph (their memory returns to the caching allocator)."""

@@ -40,6 +40,10 @@ CASES = [
     "thread_local_mode_thread",
     "graph_del_then_more",
     "autocast_bf16_train",
+    "failed_capture_keep_alive",
+    "failed_capture_relaxed",
+    "sync_debug_preflight",
+    "failed_capture_in_inference_mode",
 ]
 
 
@@ -192,6 +196,47 @@ def run_case(name: str) -> dict:  # noqa: C901 - one branch per probed pattern
                 del z
             torch.cuda.synchronize()
             return {"capture_error": msg, "eager_after": "ok"}
+    if name in ("failed_capture_keep_alive", "failed_capture_relaxed", "failed_capture_in_inference_mode"):
+        keep = []
+        ctx = torch.inference_mode() if "inference" in name else torch.no_grad()
+        with ctx:
+            st = x.clone()
+            warm(fwd, st)
+            g = torch.cuda.CUDAGraph()
+            kw = {"capture_error_mode": "relaxed"} if "relaxed" in name else {}
+            msg = ""
+            try:
+                with torch.cuda.graph(g, pool=torch.cuda.graph_pool_handle(), **kw):
+                    y = fwd(st)
+                    keep.append(y)
+                    y.sum().item()
+            except Exception as e:
+                msg = f"{type(e).__name__}: {str(e)[:150]}"
+            keep.append(g)
+            try:
+                torch.cuda.synchronize()
+            except Exception as e:
+                msg += f" | sync: {type(e).__name__}: {str(e)[:100]}"
+            for _ in range(20):
+                y = fwd(torch.randn_like(x))
+                z = torch.randn(4096, 4096, device=dev)
+                del z
+            torch.cuda.synchronize()
+            return {"capture_error": msg, "eager_after": "ok", "kept": len(keep)}
+    if name == "sync_debug_preflight":
+        # A warm-up under sync debug mode "error" names a host sync before any capture starts.
+        st = x.clone()
+        torch.cuda.set_sync_debug_mode("error")
+        msg = ""
+        try:
+            with torch.no_grad():
+                fwd(st).sum().item()
+        except Exception as e:
+            msg = f"{type(e).__name__}: {str(e)[:150]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        return {"preflight_error": msg}
     if name in ("thread_cuda_during_capture", "thread_local_mode_thread"):
         stop = threading.Event()
         errs = []
@@ -238,6 +283,7 @@ def run_case(name: str) -> dict:  # noqa: C901 - one branch per probed pattern
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--cases", help="comma-separated subset of the cases (default: all)")
     parser.add_argument("case", nargs="?", help=argparse.SUPPRESS)  # internal: run one case
     args = parser.parse_args()
     if args.case:
@@ -253,12 +299,14 @@ def main() -> None:
     logger.info("torch %s, CUDA %s", torch.__version__, torch.version.cuda)
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync")
     results = {}
-    for case in CASES:
+    for case in args.cases.split(",") if args.cases else CASES:
         proc = subprocess.run(
             [sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=180, check=False
         )
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        tail = proc.stderr.strip().splitlines()[-3:]
+        lines = proc.stderr.strip().splitlines()
+        keys = ("terminate", "what()", "error", "Error", "Aborted", "warn")
+        tail = [x for x in lines if any(k in x for k in keys)][:8] + lines[-2:]
         results[case] = {"rc": proc.returncode, "result": json.loads(line[7:]) if line else None, "stderr": tail}
         logger.info("%-32s rc=%-4d %s", case, proc.returncode, line[7:] if line else " | ".join(tail))
     if args.json:

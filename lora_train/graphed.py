@@ -15,9 +15,9 @@ How it stays exact and safe:
 - a shape (aspect bucket) runs eagerly the first time and is captured the second time; at
   most ``max_graphs`` graphs share one memory pool (they never run concurrently and their
   outputs are consumed right after each replay);
-- the parameters' storage addresses are checked before each replay, and any capture failure
-  (a host sync inside the model, an op that cannot be captured) switches the run back to
-  eager with one log line.
+- the parameters' storage addresses are checked before each replay; a host sync inside the
+  model is found by a checked run before recording (``GraphBook.record``), and any capture
+  failure switches the run back to eager with one log line.
 
 No ComfyUI import; the trainer decides when it is eligible (CUDA, no fp16 GradScaler, frozen
 text encoders).
@@ -111,8 +111,7 @@ class GraphedMicroStep(GraphBook):
         graph = torch.cuda.CUDAGraph()
         ptrs = self.weight_ptrs()
         try:
-            with torch.cuda.graph(graph, pool=self.pool()):
-                loss, grads = self._compute(statics[0], statics[1], statics[2], s_cond)
+            loss, grads = self.record(graph, lambda: self._compute(statics[0], statics[1], statics[2], s_cond))
         except Exception as exc:  # anything not capturable: the run continues eagerly
             torch.cuda.synchronize()
             self.disable(f"capture failed ({type(exc).__name__}: {str(exc)[:200]})")

@@ -130,13 +130,8 @@ class GraphRunner(GraphBook):
         weights = self.weight_ptrs()
         graph = torch.cuda.CUDAGraph()
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                fn(*s_args, **s_kwargs, **passed)  # warm-up on the capture stream (lazy inits)
-            torch.cuda.current_stream(device).wait_stream(side)
-            with torch.cuda.graph(graph, pool=self.pool()):
-                output = fn(*s_args, **s_kwargs, **passed)
+            with torch.cuda.device(device):
+                output = self.record(graph, lambda: fn(*s_args, **s_kwargs, **passed))
             _clone_output(output)  # checks the output type before it is trusted
         except Exception as exc:  # any capture failure: this run stays eager
             # A failed capture can leave the stream in an error state; make sure it is over.
