@@ -293,6 +293,16 @@ def _cases() -> list[Case]:
     add("fbcache-hits-negative", fbcache(max_consecutive_hits=-5), "max_consecutive_hits")
     add("fbcache-mode", fbcache(cache_mode="psychic"), "cache_mode")
     add("fbcache-hit-residual", fbcache(hit_residual="maybe"), "hit_residual")
+    add("fbcache-n-first-zero", fbcache(n_first=0), "n_first")
+    add("fbcache-n-last-negative", fbcache(n_last=-1), "n_last")
+    add("fbcache-min-steps-negative", fbcache(min_steps=-2), "min_steps")
+    for bad in (NAN, INF, 0.5, 1.0, 1000.0):
+        add(f"fbcache-target-speedup-{bad}", fbcache(target_speedup=bad), "target_speedup")
+    for bad in (NAN, INF, -5.0, 500.0):
+        add(f"fbcache-target-psnr-{bad}", fbcache(target_psnr=bad), "target_psnr")
+    add("fbcache-forecast-taylor2", fbcache(hit_residual="taylor2"), ok=True)
+    add("fbcache-n-last-on-unet", fbcache(n_last=2), ok=True)  # UNets ignore it, with a log line
+    add("fbcache-targets-together", fbcache(target_speedup=2.0, target_psnr=30.0), ok=True)
 
     # Ultimate SD Upscale
     for name in ("upscale_by", "denoise", "cfg", "seam_fix_denoise"):
