@@ -10,7 +10,7 @@ CheckpointLoaderSimple; API prompts are queued over HTTP and timed by the server
 - ``usdu``: 1024x1024 photo -> 2048x2048, RealESRGAN_x4plus, 20 steps, denoise 0.3, 512 tiles,
   every other input at each node's default: ssitu's ``UltimateSDUpscale`` and
   ``SpeedKit_UltimateSDUpscale`` (defaults, and ``batch_size=1, cuda_graphs=False`` as the plain
-  per-tile path). The first run of each (model loads) is reported apart; then ``--repeats``
+  per-tile path; ``batch_size=4`` as the batched path). The first run of each (model loads) is reported apart; then ``--repeats``
   runs with new seeds. Our default output is compared with our plain path (same seed).
 - ``train``: SDXL 1024, rank 32, bf16, 4 images: ComfyUI's ``TrainLoraNode`` (its defaults)
   and ``SpeedKit_TrainLoRA`` (its defaults); the per-step rate is taken from a short and a
@@ -61,6 +61,7 @@ USDU_METHODS = {
     "ssitu": ("UltimateSDUpscale", {}),
     "ours": ("SpeedKit_UltimateSDUpscale", {}),
     "ours_per_tile": ("SpeedKit_UltimateSDUpscale", {"batch_size": 1, "cuda_graphs": False}),
+    "ours_batch4": ("SpeedKit_UltimateSDUpscale", {"batch_size": 4}),
 }
 
 
@@ -116,10 +117,13 @@ def run_usdu(server: ComfyServer, repeats: int, methods: list[str]) -> dict:
     try:
         from safetensors.torch import load_file
 
-        a = load_file(str(probe / "usdu_ours.safetensors"))["image"]
         b = load_file(str(probe / "usdu_ours_per_tile.safetensors"))["image"]
-        res["ours_default_vs_per_tile_max_abs"] = float((a - b).abs().max())
-        res["ours_default_vs_per_tile_mean_abs"] = float((a - b).abs().mean())
+        for m in methods:
+            if m.startswith("ours") and m != "ours_per_tile":
+                a = load_file(str(probe / f"usdu_{m}.safetensors"))["image"]
+                label = "ours_default" if m == "ours" else m
+                res[f"{label}_vs_per_tile_max_abs"] = float((a - b).abs().max())
+                res[f"{label}_vs_per_tile_mean_abs"] = float((a - b).abs().mean())
     except Exception as exc:  # noqa: BLE001 - the comparison is reported, never fatal
         res["compare_error"] = repr(exc)
     return res
