@@ -1,15 +1,18 @@
 """Run real musubi-tuner utility scripts (no GPU, no model downloads) through our runner.
 
 ``convert_lora.py`` and ``lora_post_hoc_ema.py`` only need torch + safetensors, so with
-``MUSUBI_TUNER_ROOT`` and ``MUSUBI_TUNER_PYTHON`` (musubi's venv) they run for real: the
-command lines, working directory, environment (``src`` on PYTHONPATH) and success checks
-are the ones the nodes use.
+``MUSUBI_TUNER_ROOT`` (set by tests/conftest.py when tests/setup_comfyui.sh extracted the tree)
+they run for real: the command lines, working directory, environment (``src`` on PYTHONPATH)
+and success checks are the ones the nodes use. ``MUSUBI_TUNER_PYTHON`` names musubi's venv;
+without it the test interpreter stands in (it has torch and safetensors, all these two
+scripts import).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,10 +25,10 @@ from speedkit.musubi.env import MusubiEnv, validate_env
 from speedkit.musubi.runner import MusubiRunError, run_command
 
 ROOT = os.environ.get("MUSUBI_TUNER_ROOT", "")
-PYTHON = os.environ.get("MUSUBI_TUNER_PYTHON", "")
+PYTHON = os.environ.get("MUSUBI_TUNER_PYTHON") or (sys.executable if ROOT else "")
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not (ROOT and PYTHON), reason="set MUSUBI_TUNER_ROOT and MUSUBI_TUNER_PYTHON (musubi's venv)"),
+    pytest.mark.skipif(not (ROOT and PYTHON), reason="set MUSUBI_TUNER_ROOT (a musubi-tuner v0.3.4 checkout)"),
 ]
 
 

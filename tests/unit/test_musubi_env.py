@@ -78,13 +78,12 @@ def test_validation_messages(tmp_path):
 
 def test_missing_accelerate_is_reported_with_the_fix(tmp_path):
     root = make_checkout(tmp_path)
-    e = MusubiEnv(root, Path(sys.executable), {"PYTHONPATH": ""})
-    try:
-        import accelerate  # noqa: F401
-
-        pytest.skip("accelerate is installed in this interpreter")
-    except ImportError:
-        pass
+    # A venv without accelerate, even where this interpreter has it: a package of that name
+    # first on the path that fails to import, as a missing one does.
+    shadow = tmp_path / "no_accelerate"
+    (shadow / "accelerate").mkdir(parents=True)
+    (shadow / "accelerate" / "__init__.py").write_text("raise ImportError('No module named accelerate')\n")
+    e = MusubiEnv(root, Path(sys.executable), {"PYTHONPATH": str(shadow)})
     with pytest.raises(ValueError, match="accelerate is not installed in .*pip install -e"):
         validate_env(e, check_accelerate=True)
 
