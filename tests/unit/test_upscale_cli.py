@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +38,12 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(parent: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    parent: Path, *args: str, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+) -> subprocess.CompletedProcess:
+    """``python -m <pack> args`` from ``parent``; ``prefix`` wraps the command (see :func:`permission_prefix`)."""
     return subprocess.run(
-        [sys.executable, "-m", "speedkit_pack", *args],
+        [*prefix, sys.executable, "-m", "speedkit_pack", *args],
         cwd=parent,
         capture_output=True,
         text=True,
@@ -142,12 +147,17 @@ def assert_clear_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def run_refused(
-    pack_parent: Path, tmp_path: Path, out: Path, *args: str, env: dict[str, str] | None = None
+    pack_parent: Path,
+    tmp_path: Path,
+    out: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> subprocess.CompletedProcess:
     """Run ``upscale`` with ``args`` and check the disk: unchanged outside ``out``, and ``out`` as it
     was too (for a refused run nothing is written, and a folder it created is gone again)."""
     before, out_before = tree(tmp_path, out), tree(out)
-    proc = run_cli(pack_parent, "upscale", *args, env=env)
+    proc = run_cli(pack_parent, "upscale", *args, env=env, prefix=prefix)
     assert tree(tmp_path, out) == before
     assert tree(out) == out_before
     return proc
@@ -227,21 +237,30 @@ def _read_only(path: Path) -> None:
     path.chmod(0o555 if path.is_dir() else 0o444)
 
 
-def permissions_enforced(tmp_path: Path) -> bool:
-    """Whether a read-only folder really refuses writes here (not for root with CAP_DAC_OVERRIDE)."""
+DROP_DAC = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+"""Runs a command as root without the capabilities that bypass permission bits, so root obeys
+the owner bits of its own files as any user does."""
+
+
+def permission_prefix(tmp_path: Path) -> tuple[str, ...] | None:
+    """A command prefix under which a read-only folder refuses writes: ``()`` for an ordinary user,
+    :data:`DROP_DAC` for root where setpriv exists, None when neither holds."""
     probe = tmp_path / "probe"
     probe.mkdir()
     _read_only(probe)
+    write = [sys.executable, "-c", "import sys; open(sys.argv[1], 'w')", str(probe / "f")]
     try:
-        (probe / "f").touch()
-    except PermissionError:
-        return True
-    else:
-        (probe / "f").unlink()
-        return False
+        for prefix in ((), DROP_DAC):
+            if prefix and shutil.which(prefix[0]) is None:
+                continue
+            proc = subprocess.run([*prefix, *write], capture_output=True, text=True, timeout=60)
+            if proc.returncode != 0 and "PermissionError" in proc.stderr:
+                return prefix
+            (probe / "f").unlink(missing_ok=True)
+        return None
     finally:
         probe.chmod(0o755)
-        probe.rmdir()
+        shutil.rmtree(probe)
 
 
 @pytest.mark.parametrize(
@@ -257,8 +276,11 @@ def permissions_enforced(tmp_path: Path) -> bool:
     ],
 )
 def test_cli_unusable_output_is_refused_before_any_work(pack_parent, tmp_path, case):
-    if case.startswith(("under-read-only", "read-only")) and not permissions_enforced(tmp_path):
-        pytest.skip("this user writes through read-only permissions (root)")
+    prefix: tuple[str, ...] | None = ()
+    if case.startswith(("under-read-only", "read-only")):
+        prefix = permission_prefix(tmp_path)
+        if prefix is None:
+            pytest.skip("this user writes through read-only permissions (root without setpriv)")
     src = tmp_path / "a.png"
     write_png(src, 8, 8)
     out = tmp_path / "o"
@@ -291,7 +313,7 @@ def test_cli_unusable_output_is_refused_before_any_work(pack_parent, tmp_path, c
         needles.append("read-only")
     out_arg = "" if case == "empty-path" else str(out)
     try:
-        proc = run_refused(pack_parent, tmp_path, out, str(src), "-o", out_arg, "--quiet")
+        proc = run_refused(pack_parent, tmp_path, out, str(src), "-o", out_arg, "--quiet", prefix=prefix)
     finally:
         for p in (tmp_path / "locked", out / "a.png"):
             if p.exists() and not p.is_symlink():

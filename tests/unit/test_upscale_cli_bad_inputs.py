@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from spandrel.architectures.Compact import Compact
-from test_upscale_cli import cli_env, permissions_enforced, tree
+from test_upscale_cli import cli_env, pack_parent, permission_prefix, run_cli, tree  # noqa: F401 - fixture
 
 from speedkit.upscale_cuda import cli
 
@@ -334,14 +334,19 @@ def test_bad_use_is_one_clear_line_and_changes_nothing(case, tmp_path, capsys, n
 
 
 @pytest.mark.parametrize("case", sorted(PERMISSION_CASES))
-def test_permission_problems_are_one_clear_line(case, tmp_path, capsys):
-    if not permissions_enforced(tmp_path):
-        pytest.skip("this user writes through read-only permissions (root)")
+def test_permission_problems_are_one_clear_line(case, tmp_path, capsys, pack_parent):  # noqa: F811
+    prefix = permission_prefix(tmp_path)
+    if prefix is None:
+        pytest.skip("this user writes through read-only permissions (root without setpriv)")
     write_png(tmp_path / "a.png")
     try:
         argv, needles = PERMISSION_CASES[case](tmp_path)
         before = tree(tmp_path)
-        result = run_main(*argv, "--quiet", capsys=capsys)
+        if prefix:  # root: the CLI runs in a process that obeys permission bits
+            proc = run_cli(pack_parent, "upscale", *argv, "--quiet", prefix=prefix)
+            result = Result(proc.returncode, proc.stderr, proc.stdout)
+        else:
+            result = run_main(*argv, "--quiet", capsys=capsys)
         after = tree(tmp_path)
     finally:
         _restore_permissions(tmp_path)
