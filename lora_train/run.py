@@ -90,6 +90,7 @@ class Job:
     extras: Extras = Extras()
     resume_from: Path | None = None
     cache_dir: Path | None = None  # <dataset>/_latent_cache when latents are kept on disk
+    cuda_graphs: bool = True  # the user's switch; the host may still rule graphs out
 
 
 @dataclass
@@ -347,7 +348,7 @@ class TrainingRun:
                 cond_cache=cond_cache,
                 # a model already in the compute dtype runs natively, as the host samples it
                 autocast=loaded.dtype != PRECISION_DTYPES[config.precision],
-                cuda_graphs=loaded.cuda_graphs,
+                cuda_graphs=loaded.cuda_graphs and job.cuda_graphs,
                 graph_weights=lambda: list(unet.parameters()),
             )
             if job.resume_from is not None:

@@ -12,13 +12,10 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..lora_train import checkpoint, data, inputs, layers, optim, validation
-from ..lora_train.chart import loss_chart
 from ..lora_train.run import Buckets, Job
 from ..lora_train.sample_prompts import SEED_MAX, SIZE_MAX
 from ..lora_train.trainer import PRECISIONS, TrainConfig, check_resume
-from . import lora_samples
-from .comfy_bridge import to_intermediate
-from .lora_train_run import apply_lora_file, detect_family, train
+from .lora_train_run import detect_family, node_outputs, train
 
 STATE_SUBDIR = "speedkit_lora_state"
 
@@ -331,6 +328,14 @@ class TrainLoRA(io.ComfyNode):
                     optional=True,
                     tooltip="Steps between validation-loss measurements (also measured after the last step).",
                 ),
+                io.Boolean.Input(
+                    "cuda_graphs",
+                    default=True,
+                    optional=True,
+                    advanced=True,
+                    tooltip="Replay each training step as a CUDA graph where it is safe (the same LoRA up to "
+                    "rounding, much less CPU work per step). Off: every step runs eagerly.",
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="lora_path", tooltip="Absolute path of the saved .safetensors LoRA."),
@@ -393,6 +398,7 @@ class TrainLoRA(io.ComfyNode):
         sample_seed: int = 0,
         validation_split: float = 0.0,
         validate_every: int = 50,
+        cuda_graphs: bool = True,
     ) -> io.NodeOutput:
         import folder_paths
 
@@ -470,23 +476,10 @@ class TrainLoRA(io.ComfyNode):
             extras=extras,
             resume_from=resume_path,
             cache_dir=dataset / "_latent_cache" if cache_latents_to_disk else None,
+            cuda_graphs=cuda_graphs,
         )
         outcome = train(job, family, model, clip, vae, cls.hidden.unique_id)
-        return cls._outputs(model, clip, name, outcome)
-
-    @classmethod
-    def _outputs(cls, model, clip, name: str, outcome) -> io.NodeOutput:
-        """The LoRA applied to the input MODEL/CLIP, the loss chart, the last sample pictures."""
-        model_out, clip_out = apply_lora_file(model, clip, outcome.lora_path)
-        losses = outcome.losses
-        chart = loss_chart(losses, title=f"{name}: loss over {len(losses)} steps", validation=outcome.validation_points)
-        pictures = lora_samples.last_round_batch(outcome.sample_images)
-        shown = None
-        if pictures is not None:
-            from comfy_api.latest import ui
-
-            shown = ui.PreviewImage(pictures, cls=cls)
-        return io.NodeOutput(str(outcome.lora_path), model_out, clip_out, to_intermediate(chart), ui=shown)
+        return node_outputs(cls, model, clip, name, outcome)
 
 
 NODES: list[type[io.ComfyNode]] = [TrainLoRA]

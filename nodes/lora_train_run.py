@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..lora_train.chart import loss_chart
 from ..lora_train.naming import ldm_to_diffusers_path
 from ..lora_train.run import Family, Job, LoadedUNet, Outcome, RunHooks, TrainingRun
 from ..lora_train.sample_prompts import SamplePrompt
@@ -257,3 +258,16 @@ def apply_lora_file(model, clip, path: Path):
 
     lora_sd = comfy.utils.load_torch_file(str(path), safe_load=True)
     return comfy.sd.load_lora_for_models(model, clip, lora_sd, 1.0, 1.0)
+
+
+def node_outputs(node_cls, model, clip, name: str, outcome: Outcome):
+    """The node's outputs: the LoRA applied to the input MODEL/CLIP, the loss chart, and the
+    last sample pictures shown on the node."""
+    from comfy_api.latest import io, ui
+
+    model_out, clip_out = apply_lora_file(model, clip, outcome.lora_path)
+    losses = outcome.losses
+    chart = loss_chart(losses, title=f"{name}: loss over {len(losses)} steps", validation=outcome.validation_points)
+    pictures = lora_samples.last_round_batch(outcome.sample_images)
+    shown = None if pictures is None else ui.PreviewImage(pictures, cls=node_cls)
+    return io.NodeOutput(str(outcome.lora_path), model_out, clip_out, comfy_bridge.to_intermediate(chart), ui=shown)
