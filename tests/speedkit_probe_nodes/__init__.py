@@ -44,6 +44,11 @@ class ImageSink:
         return {"ui": {"probe": [info]}}
 
 
+from .host_sync_model import HostSyncModel  # noqa: E402
 from .sampler_timing import SamplerTiming  # noqa: E402
 
-NODE_CLASS_MAPPINGS = {"SpeedKitProbe_ImageSink": ImageSink, "SpeedKitProbe_SamplerTiming": SamplerTiming}
+NODE_CLASS_MAPPINGS = {
+    "SpeedKitProbe_ImageSink": ImageSink,
+    "SpeedKitProbe_SamplerTiming": SamplerTiming,
+    "SpeedKitProbe_HostSyncModel": HostSyncModel,
+}
