@@ -369,16 +369,22 @@ def pad_to_multiple(image: torch.Tensor, multiple: int, mode: str = "reflect") -
 GRAPHS_WITH_MALLOC_ASYNC_ENV = "SPEEDKIT_GRAPHS_WITH_MALLOC_ASYNC"
 """Maintainers' switch (``1``): record CUDA graphs under cudaMallocAsync too, to check on a GPU
 (``benchmarks/cuda_graph_allocator_probe.py``, the graphed-vs-eager tests) whether a torch and
-driver combination records safely there. Never set by the pack."""
+driver combination records safely there. With torch 2.11 it does not (a ComfyUI server running
+USDU with it set aborts). Never set by the pack."""
 
 
 def graph_capture_blocker() -> str | None:
     """Why CUDA graphs must not be recorded in this process, or None.
 
-    Under PyTorch's cudaMallocAsync allocator (ComfyUI's default on NVIDIA) a failed capture
-    has been seen to leave a C++ exception that aborts the whole process, which no Python
-    handler can catch; captures are therefore not attempted there (the run stays eager),
-    unless :data:`GRAPHS_WITH_MALLOC_ASYNC_ENV` is set for a check.
+    Under PyTorch's cudaMallocAsync allocator (ComfyUI's default on NVIDIA) a capture that
+    fails ends in a C++ ``terminate`` that aborts the whole process, which no Python handler
+    can catch (``benchmarks/cuda_graph_allocator_results_h200.json``: every failed-capture
+    pattern aborts, whether the failed graph is kept alive, captured in relaxed mode or under
+    inference mode). The checked run of :meth:`GraphBook.record` finds host syncs, but not
+    every failure: ComfyUI's SDXL UNet records fine under the native allocator and fails under
+    this one with "invalid argument" after a clean checked run. Captures are therefore not
+    attempted there (the run stays eager), unless :data:`GRAPHS_WITH_MALLOC_ASYNC_ENV` is set
+    for a check.
     """
     if os.environ.get(GRAPHS_WITH_MALLOC_ASYNC_ENV) == "1":
         return None

@@ -10,6 +10,12 @@ it recorded, whether replays match eager execution (max |diff|), and how the pro
 record when ComfyUI runs with its default allocator.
 
 Run on a CUDA machine: ``python benchmarks/cuda_graph_allocator_probe.py [--json out.json]``
+
+Result on an H200 with torch 2.11.0+cu130 (``cuda_graph_allocator_results_h200.json``): every
+capture that succeeds replays exactly as eager execution (forward, inference mode, SDPA, a bf16
+autocast training step, shared pools), but every capture that fails aborts the process, and so
+does another thread's CUDA work during a global-mode capture (thread-local mode survives it).
+A checked run with host syncs refused (``sync_debug_preflight``) names a host sync in Python.
 """
 
 from __future__ import annotations
