@@ -8,9 +8,13 @@ where PyAV (which ``comfy_api.latest`` imports for its video types) is not insta
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import os
+import subprocess
 import sys
 import types
+from collections.abc import Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,3 +58,33 @@ def stub_pyav() -> None:
         return
     for name in PYAV_MODULES:
         sys.modules.setdefault(name, _PyAVStandIn(name))
+
+
+def run_isolated_cases(
+    script: str, cases: Iterable[str], env: dict[str, str], cwd: str | None = None, timeout: float = 600
+) -> dict[str, dict]:
+    """Run ``python <script> <case>`` for each case in a process of its own and collect the results.
+
+    For probes whose cases may abort the process (a failed CUDA-graph capture): each case prints
+    one ``RESULT <json>`` line; per case this returns the return code (negative: killed by a
+    signal), that result (None when it never came) and the telling lines of its stderr.
+    """
+    log = logging.getLogger(Path(script).stem)
+    results: dict[str, dict] = {}
+    for case in cases:
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(script), case],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        lines = proc.stderr.strip().splitlines()
+        keys = ("terminate", "what()", "error", "Error", "Aborted", "warn")
+        tail = [x for x in lines if any(k in x for k in keys)][:8] + lines[-2:]
+        results[case] = {"rc": proc.returncode, "result": json.loads(line[7:]) if line else None, "stderr": tail}
+        log.info("%-32s rc=%-4d %s", case, proc.returncode, line[7:] if line else " | ".join(tail))
+    return results

@@ -24,10 +24,11 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import threading
 import time
+
+from bench_env import run_isolated_cases
 
 logger = logging.getLogger("cuda_graph_allocator_probe")
 
@@ -304,17 +305,7 @@ def main() -> None:
 
     logger.info("torch %s, CUDA %s", torch.__version__, torch.version.cuda)
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync")
-    results = {}
-    for case in args.cases.split(",") if args.cases else CASES:
-        proc = subprocess.run(
-            [sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=180, check=False
-        )
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        lines = proc.stderr.strip().splitlines()
-        keys = ("terminate", "what()", "error", "Error", "Aborted", "warn")
-        tail = [x for x in lines if any(k in x for k in keys)][:8] + lines[-2:]
-        results[case] = {"rc": proc.returncode, "result": json.loads(line[7:]) if line else None, "stderr": tail}
-        logger.info("%-32s rc=%-4d %s", case, proc.returncode, line[7:] if line else " | ".join(tail))
+    results = run_isolated_cases(__file__, args.cases.split(",") if args.cases else CASES, env, timeout=180)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -20,8 +20,9 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
+
+from bench_env import run_isolated_cases
 
 logger = logging.getLogger("cuda_graph_comfy_unet_probe")
 
@@ -111,24 +112,9 @@ def main() -> None:
     root = os.environ.get("COMFYUI_ROOT")
     if not root:
         raise SystemExit("set COMFYUI_ROOT to a ComfyUI v0.19.3 checkout")
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync", PYTHONPATH=root)
-    results = {}
-    for case in args.cases.split(",") if args.cases else CASES:
-        proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), case],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        lines = proc.stderr.strip().splitlines()
-        keys = ("terminate", "what()", "Error", "error:")
-        tail = [x for x in lines if any(k in x for k in keys)][:6] + lines[-2:]
-        results[case] = {"rc": proc.returncode, "result": json.loads(line[7:]) if line else None, "stderr": tail}
-        logger.info("%-16s rc=%-4d %s", case, proc.returncode, line[7:] if line else " | ".join(tail))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync", PYTHONPATH=path)
+    results = run_isolated_cases(__file__, args.cases.split(",") if args.cases else CASES, env, cwd=root)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
