@@ -213,3 +213,15 @@ def test_subfolders_stay_inside():
     assert tu.check_file_name("musubi/video", "filename_prefix", "musubi/video", subfolders=True) == "musubi/video"
     with pytest.raises(ValueError, match="must stay inside the output folder"):
         tu.check_file_name("a/../../b", "filename_prefix", "musubi/video", subfolders=True)
+
+
+@pytest.mark.gpu
+def test_refuse_host_syncs_raises_inside_and_restores_the_mode_after():
+    x = torch.ones(4, device="cuda")
+    before = torch.cuda.get_sync_debug_mode()
+    with pytest.raises(RuntimeError, match="synchroniz"), tu.refuse_host_syncs():
+        float(x.sum())  # a host read
+    assert torch.cuda.get_sync_debug_mode() == before
+    with tu.refuse_host_syncs():
+        y = x * 2  # device work only: allowed
+    assert float(y.sum()) == 8.0
