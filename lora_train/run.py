@@ -436,11 +436,13 @@ class TrainingRun:
             )
         finally:
             profiler.close()
+        peak = "" if result.peak_vram_bytes is None else f", peak VRAM {result.peak_vram_bytes / 2**30:.2f} GiB"
         logger.info(
-            "Train LoRA: %d steps in %.1f s (%.2f it/s), saved %s",
+            "Train LoRA: %d steps in %.1f s (%.2f it/s%s), saved %s",
             result.steps_done,
             result.seconds,
             result.steps_done / max(result.seconds, 1e-9),
+            peak,
             result.lora_path,
         )
         if result.cancelled:

@@ -161,6 +161,7 @@ class Result:
     steps_done: int
     cancelled: bool
     seconds: float
+    peak_vram_bytes: int | None = None  # PyTorch's peak allocation during the loop (CUDA only)
 
 
 class Trainer:
@@ -435,6 +436,9 @@ class Trainer:
         periodic = [(int(n), fn) for n, fn in every if n and n > 0]
         for m in self.text_modules:
             m.train(cfg.train_te)
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:  # the loop's own peak, for the log and the benchmarks
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
             with blocks:
                 while self.step < cfg.steps:
@@ -472,7 +476,8 @@ class Trainer:
         path = self._save(final, info)
         if cancelled or cfg.save_every:
             self.save_state(state_base)
-        return Result(path, list(self.losses), self.step, cancelled, time.time() - start)
+        peak = torch.cuda.max_memory_allocated(self.device) if on_cuda else None
+        return Result(path, list(self.losses), self.step, cancelled, time.time() - start, peak)
 
     def _save(self, path: Path, info: RunInfo) -> Path:
         """Save the LoRA, refusing NaN/Inf weights so a diverged run never replaces a good file."""

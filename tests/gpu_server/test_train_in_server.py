@@ -61,6 +61,7 @@ def test_graphed_training_matches_eager(gpu_server, sdxl_checkpoint):  # noqa: F
     graphed = load_file(str(loras / f"graphed_{tag}.safetensors"))
     eager = load_file(str(loras / f"eager_{tag}.safetensors"))
     assert graphed.keys() == eager.keys() and len(eager) > 100
+    assert "peak VRAM" in log, log[-3000:]
     if graphs_expected(tag):
         assert "recorded a CUDA graph" in log, log[-3000:]
         assert "CUDA graphs off" not in log, log[-3000:]

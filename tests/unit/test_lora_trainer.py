@@ -100,6 +100,7 @@ def test_loss_halves_in_a_few_hundred_steps(naming, preset, tmp_path):
     tr.lora.set_multiplier(0.0)
     assert held_out_loss(unet, te, latents) == pytest.approx(before, rel=1e-6), "LoRA off = the base model"
     assert result.steps_done == 300 and not result.cancelled and result.lora_path.is_file()
+    assert result.peak_vram_bytes is None  # reported for CUDA runs only
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -298,7 +299,8 @@ def test_cuda_graphs_train_the_same_lora_as_eager(tmp_path, precision, checkpoin
     eager, *_ = make_run(cuda_graphs=False, **common)
     graphed, *_ = make_run(cuda_graphs=True, **common)
     eager.run(tmp_path / "a", info())
-    graphed.run(tmp_path / "b", info())
+    peak = graphed.run(tmp_path / "b", info()).peak_vram_bytes
+    assert peak is not None and peak > 0
     stats = graphed.graph_stats
     assert stats["cuda_graphs"] and stats["captures"] == 1 and stats["replays"] >= 8 * accum - 2, stats
     tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
