@@ -457,17 +457,17 @@ class GraphBook:
         """Run ``fn`` once with host syncs refused, then record it into ``graph``; returns the
         recorded call's output.
 
-        The checked run is why this is safe under cudaMallocAsync, where a capture that fails
-        part-way can abort the process: what makes captures fail in practice (``.item()``,
-        a blocking copy, ``nonzero``...) raises here in Python, before recording starts. The
-        capture itself is thread-local, so another thread of the server touching CUDA cannot
-        invalidate it.
+        The checked run finds the usual cause of a failed capture (``.item()``, a blocking
+        copy, ``nonzero``...) in Python, before recording starts, and doubles as the warm-up.
+        It cannot rule out every failure, which is why :func:`graph_capture_blocker` keeps
+        captures off under cudaMallocAsync, where a failed one aborts the process. The capture
+        is thread-local, so another thread of the server touching CUDA cannot invalidate it.
         """
         current = torch.cuda.current_stream()
         side = torch.cuda.Stream(current.device)
         side.wait_stream(current)
         with torch.cuda.stream(side), refuse_host_syncs():
-            fn()  # also the warm-up: lazy initialisations happen outside the capture
+            fn()  # lazy initialisations happen here, outside the capture
         current.wait_stream(side)
         with torch.cuda.graph(graph, pool=self.pool(), capture_error_mode="thread_local"):
             return fn()
