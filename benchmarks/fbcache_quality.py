@@ -57,7 +57,7 @@ def ours_methods(kind: str) -> list[tuple[str, dict]]:
         ("fbc_taylor1_h3", TAYLOR1),
         ("fbc_taylor2_h3", {"hit_residual": "taylor2", "max_consecutive_hits": 3}),
     ]
-    if kind == "unet":  # a UNet's tail residual ends at the output layer: no n_last
+    if kind == "unet":  # UNet n_last (at most 1, the last output block) is not in this sweep yet
         methods.append(("fbc_taylor1_h3_F2", {**TAYLOR1, "n_first": 2}))
     else:
         methods += [

@@ -17,6 +17,7 @@ from .hooks import (
     step_apply_model_wrapper,
     unet_diffusion_wrapper,
     unet_input_block_patch,
+    unet_output_block_patch,
 )
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "unet_diffusion_wrapper",
     "unet_first_level",
     "unet_input_block_patch",
+    "unet_output_block_patch",
     "validate_settings",
 ]

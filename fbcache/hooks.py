@@ -10,7 +10,9 @@ import), so they are unit-testable with stand-in networks of the same structure:
   ``out(h + cached residual)``. No forward code is copied: every other patch, ControlNet residual
   and wrapper runs untouched on computed steps. UNet blocks change shape and take skip
   concatenations, so the UNet always uses one (tail) residual from ``input_blocks[n_first]``'s
-  output to the input of ``out``, and ``n_first`` stays within the first resolution level. A
+  output to the input of ``out`` (with ``n_last`` 1: of the last output block, which a hit then
+  runs itself with conv-in's output as its skip connection, :func:`unet_output_block_patch`),
+  and ``n_first`` stays within the first resolution level. A
   call that carries ControlNet residuals is computed in full: they enter the skipped blocks' skip
   connections and pass through the output blocks, so no cached residual can stand in for the
   current ones.
@@ -100,12 +102,26 @@ def unet_input_block_patch(h: torch.Tensor, transformer_options: dict) -> torch.
     scratch = holder.call.scratch
     if block == ("input", 0):
         scratch["h0"] = h
+        if holder.n_last:
+            scratch["skip0"] = h  # the skip connection the last output block concatenates
     elif block == ("input", holder.n_first) and "h0" in scratch:
         h0 = scratch.pop("h0")
         if holder.decide(h - h0):
             raise SkipRemainingBlocks(h)
         scratch["anchor"] = h
     return h
+
+
+@torch.compiler.disable  # branches on the cache state (see the module docstring)
+def unet_output_block_patch(h: torch.Tensor, hsp: torch.Tensor, transformer_options: dict):
+    """``output_block_patch`` (only with ``n_last``): remember the state entering the last output
+    block, before its skip concatenation; the tail residual then ends there."""
+    holder = _active_holder(transformer_options)
+    if holder is not None and holder.call is not None and holder.n_last:
+        scratch = holder.call.scratch
+        if transformer_options.get("block") == ("output", scratch.get("last_output")):
+            scratch["pre_last"] = h
+    return h, hsp
 
 
 @torch.compiler.disable
@@ -119,8 +135,20 @@ def _remove_hook(handle) -> None:
 
 
 @torch.compiler.disable
-def _unet_tail_hit(holder: FBCacheHolder, unet, skip: SkipRemainingBlocks, dtype: torch.dtype) -> torch.Tensor:
+def _unet_tail_hit(
+    holder: FBCacheHolder, unet, skip: SkipRemainingBlocks, dtype: torch.dtype, context, transformer_options: dict
+) -> torch.Tensor:
     h = skip.h + holder.cached("tail")["h"]
+    scratch = holder.call.scratch
+    if holder.n_last and "emb" in scratch:  # run the last output block on the predicted state
+        last = scratch["last_output"]
+        hsp = scratch["skip0"]
+        patches = transformer_options.get("patches", {}).get("output_block_patch", [])
+        transformer_options["block"] = ("output", last)
+        for p in patches:  # other nodes' patches see what they would see on a computed step
+            if p is not unet_output_block_patch:
+                h, hsp = p(h, hsp, transformer_options)
+        h = unet.output_blocks[last](torch.cat([h, hsp], dim=1), scratch["emb"], context, transformer_options, None)
     return unet.out(h.type(dtype))
 
 
@@ -128,8 +156,22 @@ def _unet_tail_hit(holder: FBCacheHolder, unet, skip: SkipRemainingBlocks, dtype
 def _unet_capture_tail(holder: FBCacheHolder, h_out: torch.Tensor) -> None:
     call = holder.call
     if call is not None and call.hit is False and "anchor" in call.scratch:
-        holder.store("tail", {"h": h_out - call.scratch.pop("anchor")})
+        anchor = call.scratch.pop("anchor")
+        end = call.scratch.get("pre_last", h_out) if holder.n_last else h_out
+        if end.shape != anchor.shape:  # a UNet whose last output block takes another width
+            logger.info("First Block Cache: n_last 1 -> 0 (the last output block's input has another shape).")
+            holder.n_last, end = 0, h_out
+        holder.store("tail", {"h": end - anchor})
         holder.finish_compute()
+
+
+def _emb_layer(unet) -> torch.nn.Module | None:
+    """The first ResBlock of ``input_blocks[1]`` (called as ``layer(x, emb)``), whose input gives
+    the timestep embedding the last output block needs on a hit; None when there is none."""
+    blocks = getattr(unet, "input_blocks", None)
+    if blocks is None or len(blocks) < 2:
+        return None
+    return next((m for m in blocks[1] if hasattr(m, "emb_layers")), None)
 
 
 @torch.compiler.disable(recursive=False)  # the UNet's forward (executor) is still compiled
@@ -140,22 +182,32 @@ def unet_diffusion_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     unet = executor.class_obj
     x = args[0] if args else kwargs["x"]
-    holder.begin_call(transformer_options)
+    context = kwargs["context"] if "context" in kwargs else (args[2] if len(args) > 2 else None)
+    call = holder.begin_call(transformer_options)
 
     def capture_tail(_module, inputs):
         _unet_capture_tail(holder, inputs[0])
 
-    # Lives only for this call (removed in finally): reads the input of the final norm/conv.
-    handle = _register_pre_hook(unet.out, capture_tail)
+    def capture_emb(_module, inputs):
+        call.scratch["emb"] = inputs[1]
+
+    # Live only for this call (removed in finally): the input of the final norm/conv, and (n_last)
+    # the timestep embedding as the first ResBlock receives it.
+    handles = [_register_pre_hook(unet.out, capture_tail)]
+    emb_layer = _emb_layer(unet) if holder.n_last else None
+    if emb_layer is not None:
+        call.scratch["last_output"] = len(unet.output_blocks) - 1
+        handles.append(_register_pre_hook(emb_layer, capture_emb))
     since = holder.trace_count()
     try:
         out = executor(*args, **kwargs)
         holder.note_output(out, since)
         return out
     except SkipRemainingBlocks as skip:
-        return _unet_tail_hit(holder, unet, skip, x.dtype)
+        return _unet_tail_hit(holder, unet, skip, x.dtype, context, transformer_options)
     finally:
-        _remove_hook(handle)
+        for handle in handles:
+            _remove_hook(handle)
         holder.end_call()
 
 

@@ -20,6 +20,7 @@ from ..fbcache import (
     unet_diffusion_wrapper,
     unet_first_level,
     unet_input_block_patch,
+    unet_output_block_patch,
     validate_settings,
 )
 from . import comfy_bridge
@@ -176,9 +177,12 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
         patches = options["patches"] = dict(patches)
         old = [p for p in patches.get("input_block_patch", []) if p is not unet_input_block_patch]
         patches["input_block_patch"] = [*old, unet_input_block_patch]
+        old = [p for p in patches.get("output_block_patch", []) if p is not unet_output_block_patch]
+        patches["output_block_patch"] = [*old, unet_output_block_patch] if holder.n_last else old
         patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, unet_diffusion_wrapper)
         first = "first ResBlock" if holder.n_first == 1 else f"first {holder.n_first} ResBlocks"
-        holder.description = f"{family.name}: {first}, tail residual"
+        last = ", last output block computed" if holder.n_last else ""
+        holder.description = f"{family.name}: {first}, tail residual{last}"
     elif family.kind == "dit":
         n_first, n_last, why = clamp_blocks(family.stacks, holder.n_first, holder.n_last)
         if why:
@@ -232,14 +236,14 @@ def _fit_unet_blocks(holder: FBCacheHolder, unet, name: str) -> None:
             limit,
         )
         holder.n_first = limit
-    if holder.n_last:
+    if holder.n_last > 1:
         logger.info(
-            "First Block Cache: %s: n_last %d -> 0 (a UNet's output blocks take the skip connections of every level; "
-            "its cached span always ends at the output layer).",
+            "First Block Cache: %s: n_last %d -> 1 (a UNet's output blocks take the skip connections of the "
+            "blocks before them; only the last one's comes from a block that always runs).",
             name,
             holder.n_last,
         )
-        holder.n_last = 0
+        holder.n_last = 1
 
 
 class FirstBlockCache(io.ComfyNode):
@@ -354,7 +358,7 @@ class FirstBlockCache(io.ComfyNode):
                     max=64,
                     tooltip=(
                         "Blocks computed at the end of every step, also on skipped steps (they refine the "
-                        "predicted state). 0 = none. DiTs only; UNets ignore it."
+                        "predicted state). 0 = none. UNets: at most 1 (the last output block)."
                     ),
                     optional=True,
                     advanced=True,

@@ -301,7 +301,7 @@ def _cases() -> list[Case]:
     for bad in (NAN, INF, -5.0, 500.0):
         add(f"fbcache-target-psnr-{bad}", fbcache(target_psnr=bad), "target_psnr")
     add("fbcache-forecast-taylor2", fbcache(hit_residual="taylor2"), ok=True)
-    add("fbcache-n-last-on-unet", fbcache(n_last=2), ok=True)  # UNets ignore it, with a log line
+    add("fbcache-n-last-on-unet", fbcache(n_last=2), ok=True)  # lowered to 1 on a UNet, with a log line
     add("fbcache-targets-together", fbcache(target_speedup=2.0, target_psnr=30.0), ok=True)
 
     # Ultimate SD Upscale

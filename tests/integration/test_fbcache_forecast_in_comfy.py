@@ -59,6 +59,10 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         r["tiny_threshold_fn_bn_identical"] = bool(torch.equal(run(tiny), base))
         fnbn = node.execute(mp, 0.5, 0.0, 1.0, 3, "tail", False, "taylor2", 2, 1).args[0]
         r["fn_bn_finite"] = bool(torch.isfinite(run(fnbn)).all())
+        # the same forced hits with and without n_last: the hits differ (the last block(s) ran on the prediction)
+        pair = [run(adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False, True], n_last=b)))
+                for b in (0, 1)]
+        r["n_last_changes_hits"] = not bool(torch.equal(*pair)) and all(bool(torch.isfinite(o).all()) for o in pair)
         # a speed target: the first run computes every step (identical to uncached), the next one skips
         target = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "taylor2", target_speedup=2.0).args[0]
         first = run(target)
@@ -92,8 +96,10 @@ COMPILE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
 
         torch._dynamo.reset()
         errors = []
-        # warm-up: one cached run with hits and misses compiles what ComfyUI's model needs
-        run(compiled(fbc.FBCacheHolder(0.5, force_pattern=[False, True], hit_residual="taylor2")))
+        # warm-up: cached runs with hits and misses compile what ComfyUI's model needs; on a UNet,
+        # n_last adds an output_block_patch (another model patch set, compiled once)
+        for n_last in (0, 1):
+            run(compiled(fbc.FBCacheHolder(0.5, force_pattern=[False, True], hit_residual="taylor2", n_last=n_last)))
         with torch._dynamo.config.patch(error_on_recompile=True):
             cases = {
                 "reuse": fbc.FBCacheHolder(0.5, force_pattern=[False, False, True]),
@@ -145,14 +151,15 @@ def test_every_hit_residual_runs_and_they_differ(report, family):
 def test_first_and_last_n_blocks_through_the_node(report, family):
     r = report["data"][family]
     assert r["tiny_threshold_fn_bn_identical"] and r["fn_bn_finite"], r
+    assert r["n_last_changes_hits"], r
 
 
 def test_layouts_are_reported_and_lowered_where_needed(report):
     log = report["log"]
     assert "WanModel: 6 double_blocks, tail residuals, F2B1" in log
     assert "Flux: 2 double_blocks, 2 single_blocks, tail residuals, F2B1" in log
-    # the UNet's tail residual needs equal shapes: n_last does not apply, n_first stays in the first level
-    assert "n_last 1 -> 0" in log
+    # on a UNet the last output block is the one n_last can keep computed
+    assert "tail residual, last output block computed" in log
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -197,3 +204,41 @@ def test_example_workflow_widgets_map_to_the_same_settings(comfy_server):
     saved = dict(zip(names, values, strict=False))
     for name in ("n_first", "n_last", "min_steps", "target_speedup", "target_psnr"):
         assert saved.get(name, defaults[name]) == defaults[name], name
+
+
+REPEAT_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
+    """
+    import comfy.samplers
+    dev = torch.device("cpu")
+    mp, noise, latent, pos, neg = tiny_case("sd15", dev)
+    sigmas = torch.tensor([1.0, 1.0, 0.0])  # the second step starts where the first did: same model input
+    sampler = comfy.samplers.sampler_object("euler")
+
+    def run(m):
+        return comfy.sample.sample_custom(m, noise, 4.0, sampler, sigmas, pos, neg, latent, seed=0,
+                                          disable_pbar=True)
+
+    base = run(mp)
+    report = {}
+    for n_last in (0, 1):
+        out = run(adapter.apply_first_block_cache(mp, fbc.FBCacheHolder(0.5, force_pattern=[False, True],
+                                                                        n_last=n_last)))
+        report[n_last] = {"max_diff": float((out - base).abs().max()), "scale": float(base.abs().max())}
+    emit_report(report)
+    """
+)
+
+
+def test_unet_hit_on_a_repeated_input_reproduces_the_computed_step():
+    """The second call sees exactly the first call's input and is a forced hit: the anchor plus the
+    cached residual is then the computed state, so the output must be the computed one. With n_last
+    the last output block runs on that state with the current call's skip connection and context: a
+    wrong state or skip connection shows here (a wrong timestep embedding would not: this toy's
+    GroupNorms have one channel per group, which cancels a per-channel shift)."""
+    result = run_comfy_script(REPEAT_SCRIPT)
+    data, log = result["data"], result["log"]
+    # each run: the first call of each conditioning computed, the second (same input) skipped
+    assert log.count("uncond: 1 computed / 1 skipped; cond: 1 computed / 1 skipped") == 2, log[-3000:]
+    assert "tail residual, last output block computed]: uncond: 1 computed / 1 skipped" in log
+    for n_last in ("0", "1"):
+        assert data[n_last]["scale"] > 0.1 and data[n_last]["max_diff"] < 1e-4, data
