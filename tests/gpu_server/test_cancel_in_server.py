@@ -1,0 +1,36 @@
+"""Cancel within 2 s for every long node, in a ComfyUI server on the GPU, under every setting.
+
+The cases of ``tests/integration/test_cancel_timing.py`` (shared in ``tests/cancel_helpers.py``)
+with jobs sized by :data:`JOBS` to still be running after the settle time on an H200. Each
+asserts the server's ``execution_interrupted`` stamp within 2 s of the press, nothing under the
+final output name and a live server; the training keeps a checkpoint LoRA and no
+``.partial``/``.tmp`` file; the musubi-tuner case (the fake CLI, no GPU work) shows that the
+subprocess tree goes under each setting.
+"""
+
+from __future__ import annotations
+
+import pytest
+from cancel_helpers import CASES, CancelJobs
+from server_cases import BUNDLED_ANIME, TINY_CKPT, TINY_UPSCALER
+
+pytestmark = pytest.mark.gpu
+JOBS = CancelJobs(
+    ckpt=TINY_CKPT,
+    upscaler=TINY_UPSCALER,
+    batch_upscaler=BUNDLED_ANIME.name,
+    picture="photo_540p.png",
+    # 800 x 540p -> 4K: about 80 GB of float32 frames to the host, many seconds of copies alone.
+    frames=800,
+    # 540p x2 -> 1080p in 256 px tiles (about 40), 10000 steps each (the node's maximum).
+    usdu={"steps": 10000, "denoise": 0.5, "tile_width": 256, "tile_height": 256, "seed": 3},
+    latent=(1024, 4),
+    sampler_steps=10000,  # KSampler's maximum
+    train_steps=1_000_000,  # the node's maximum; a checkpoint after every step
+    settle={"upscaler_automatic_batch": 2.0, "train_lora": 2.0},
+)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cancels_within_2s_on_gpu(gpu_server, tmp_path, case):
+    CASES[case](gpu_server, tmp_path, JOBS)
