@@ -189,7 +189,6 @@ def _run_catch(server, prompt, errors):
         errors.append(exc)
 
 
-
 def _history_outputs(comfy_server, entry: dict) -> dict:
     return entry.get("outputs", {})
 
