@@ -1,30 +1,42 @@
-"""Choose the threshold for a speed or quality target from one fully computed sampling run.
+"""Plan which steps to compute for a speed or quality target from one fully computed sampling run.
 
-Why a full run: the skip decision compares the first block's residual with the one of the last
-*computed* step, so which steps a threshold skips depends on every earlier decision. A run in
-which every step is computed records, for every model call, a strided sample of the first
-block's residual and of the cached span's residual. Replaying the decision rule on those samples
-for every threshold of :data:`THRESHOLD_GRID` gives, per threshold, the steps it would skip (so
-the speedup) and the error its skipped steps would add (the forecast of the span's residual
-against the true one), without running the model again. The replay uses the same rule as the
-live decision (:mod:`.holder`): window, ``max_consecutive_hits``, the cond/uncond keys of a
-call deciding together, and the same forecast (``hit_residual``).
+Why a full run: what a skipped step costs depends on the steps computed around it (its forecast
+is made from them). A run in which every step is computed records, for every model call, a
+strided sample of the first blocks' residual, of the cached span's residual and of the model's
+prediction. From those samples the error of skipping any step, forecast from any earlier
+computed steps, can be estimated without running the model again, and a greedy search (see
+:func:`plan`) picks the steps to compute: where a skip is cheap (the middle of sampling, on most
+models) it skips, where it is expensive (the first steps and the last few) it computes. The
+plan is replayed on the record with the live rule (:func:`replay`: window,
+``max_consecutive_hits``, the cond/uncond keys of a call deciding together, the same forecast
+``hit_residual``), which also gives the largest first-blocks distance of a planned skip: a later
+run computes a planned skip anyway when its distance is far above that (:data:`PLAN_GUARD`).
 
-The quality estimate is a model, not a measurement. On a skipped call, the forecast of the
-span's residual misses the true one by an error vector (on the recorded samples); it reaches
-the model's prediction scaled like the residual itself (times the prediction's RMS over the
-residual's RMS). Where a step has a cond and an uncond prediction, they are combined as
-classifier-free guidance combines them, ``uncond + cfg (cond - uncond)``, so errors that differ
-between the two are amplified by the CFG scale. The step then moves the latent by that error
-times the sigma step, damped by how much of an error at that noise level survives to the end
-(``1`` at sigma 0; for a unit-variance latent the probability-flow ODE scales an error at
-``sigma`` by ``1 / sqrt(1 + sigma^2)`` (eps models) or ``1 / sqrt((1 - t)^2 + t^2)`` (flow
-models)). Added up over the run this is an RMS error of the final latent, reported as a PSNR
-against the uncached result with the calibration run's own value range as the peak. A sum of
-errors is an upper bound when later steps correct part of an earlier error; ``docs/fbcache.md``
-compares the estimate with measured PSNR.
+Why not a threshold: a threshold on the first block's change skips where that change is small,
+and that is not where skips are cheap (near the end of sampling the first block barely moves
+while a skip costs the most); on the benchmark's toy models the plan reached the requested
+speed in model calls whenever ``max_consecutive_hits`` allowed it, where a calibrated threshold gave
+0.83-1.15x of it, at a similar PSNR (``docs/fbcache.md``).
 
-Pure logic, deterministic: the same traces and settings give the same threshold.
+The quality estimate is a model, not a measurement. On a skipped call it takes the larger of
+two estimates of the error in the model's prediction (on the recorded samples): the forecast of
+the span's residual against the true one, scaled like the residual itself (times the
+prediction's RMS over the residual's RMS); and the same forecast made of the prediction itself
+against the true prediction. The first misses errors the last layers amplify: near the end of
+sampling a wrong residual costs far more of the output than its size says, and the second sees
+that (on the trained toy UNet it brought the estimated cost of a single skip in the last 4 of 30
+steps within 1-5 dB of the measured PSNR, from 7-12 dB too optimistic). Where a step has a cond and an
+uncond prediction, they are combined as classifier-free guidance combines them,
+``uncond + cfg (cond - uncond)``, so errors that differ between the two are amplified by the CFG
+scale. The step then moves the latent by that error times the sigma step, damped by how much of
+an error at that noise level survives to the end (``1`` at sigma 0; for a unit-variance latent
+the probability-flow ODE scales an error at ``sigma`` by ``1 / sqrt(1 + sigma^2)`` (eps models)
+or ``1 / sqrt((1 - t)^2 + t^2)`` (flow models)). Added up over the run this is an RMS error of
+the final latent, reported as a PSNR against the uncached result with the calibration run's own
+value range as the peak. A sum of errors is an upper bound when later steps correct part of an
+earlier error; ``docs/fbcache.md`` compares the estimate with measured PSNR.
+
+Pure logic, deterministic: the same traces and settings give the same plan.
 """
 
 from __future__ import annotations
@@ -39,9 +51,6 @@ from .forecast import extrapolation_weight, taylor_order, taylor_weights
 
 SAMPLE_ELEMENTS = 65536
 """Elements per conditioning kept of each recorded residual (a strided sample)."""
-
-THRESHOLD_GRID: tuple[float, ...] = tuple(round(1e-4 * 1.15**i, 8) for i in range(0, 71))
-"""Thresholds tried, 1e-4 to about 1.9, 15 % apart."""
 
 _SIGMA_RTOL = 1e-5
 
@@ -74,6 +83,7 @@ class CallTrace:
     decision: dict[Hashable, torch.Tensor] = field(default_factory=dict)  # first blocks' residual per key
     span: dict[Hashable, torch.Tensor] = field(default_factory=dict)  # cached span's residual per key
     output_rms: dict[Hashable, torch.Tensor] = field(default_factory=dict)  # RMS of the prediction per key
+    output: dict[Hashable, torch.Tensor] = field(default_factory=dict)  # the prediction per key (sample)
     guidance: dict[Hashable, int] = field(default_factory=dict)  # ComfyUI's cond_or_uncond per key (0 cond, 1 uncond)
 
 
@@ -92,12 +102,13 @@ class ReplaySettings:
 
 @dataclass(frozen=True)
 class Replay:
-    """Outcome of one threshold on the recorded run."""
+    """Outcome of one threshold (or plan) on the recorded run."""
 
     threshold: float
     computed: int
     total: int
     error: float  # estimated RMS error of the final latent
+    max_distance: float = 0.0  # largest first-blocks distance of a skipped call
 
     @property
     def speedup(self) -> float:
@@ -111,17 +122,30 @@ class Replay:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The threshold chosen for one (sampler, schedule, latent shape) and what it predicts."""
+    """What was chosen for one (sampler, schedule, latent shape) and what it predicts.
+
+    With a ``plan`` (the steps to compute, as positions on the schedule) the plan decides and
+    ``threshold`` is its guard: a planned skip whose first-blocks distance exceeds it is computed
+    anyway. Without one, ``threshold`` is the decision rule's threshold.
+    """
 
     threshold: float
     speedup: float
     psnr: float
     computed: int
     total: int
-    reached: bool  # False when no threshold met the targets (the closest one is used)
+    reached: bool  # False when nothing met the targets (the closest choice is used)
+    plan: tuple[float, ...] = ()
 
     def describe(self) -> str:
         psnr = "no skipped step" if math.isinf(self.psnr) else f"estimated PSNR {self.psnr:.1f} dB"
+        if self.plan:
+            steps = ", ".join(f"{p:g}" for p in self.plan)
+            return (
+                f"plan computing steps {steps}: {self.computed} of {self.total} model calls computed, "
+                f"{self.speedup:.2f}x, {psnr} (a planned skip is computed anyway above distance "
+                f"{self.threshold:.4g})"
+            )
         return (
             f"threshold {self.threshold:.4g}: {self.computed} of {self.total} model calls computed, "
             f"{self.speedup:.2f}x, {psnr}"
@@ -173,20 +197,63 @@ def _step_error(errors: dict[Hashable, tuple[int | None, torch.Tensor]], cfg: fl
     return combined.pow(2).mean().sqrt().item()
 
 
-def replay(calls: Sequence[CallTrace], threshold: float, settings: ReplaySettings, keep: int) -> Replay:
-    """Run the decision rule with ``threshold`` over the recorded ``calls``; ``keep`` = history length."""
+def _misses(
+    call: CallTrace, key: Hashable, spans: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor | None], weights
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A skipped call's two error estimates for ``key`` (see the module docstring): the span
+    residual's forecast error scaled to the prediction, and the prediction's own forecast error
+    (None when a prediction was not recorded)."""
+    true = call.span[key]
+    gain = float(call.output_rms.get(key, 1.0)) / max(true.pow(2).mean().sqrt().item(), 1e-12)
+    from_span = (_combine(spans, weights) - true) * gain
+    out = call.output.get(key)
+    if out is None or any(o is None or o.shape != out.shape for o in outputs):
+        return from_span, None
+    return from_span, _combine(outputs, weights) - out
+
+
+def _estimate(errors: dict[Hashable, tuple[int | None, torch.Tensor, torch.Tensor | None]], cfg: float) -> float:
+    """RMS error of one step's guided prediction: the larger of the two estimates."""
+    by_span = _step_error({k: (kind, a) for k, (kind, a, _) in errors.items()}, cfg)
+    if any(b is None for _, _, b in errors.values()):
+        return by_span
+    return max(by_span, _step_error({k: (kind, b) for k, (kind, _, b) in errors.items()}, cfg))
+
+
+def plan_position(step: float) -> float:
+    """A call's schedule position as a plan stores it (rounded, so host float noise cannot miss it)."""
+    return round(step, 6)
+
+
+def replay(
+    calls: Sequence[CallTrace],
+    threshold: float,
+    settings: ReplaySettings,
+    keep: int,
+    plan: frozenset[float] | None = None,
+) -> Replay:
+    """Run the decision rule with ``threshold`` over the recorded ``calls``; ``keep`` = history length.
+
+    With ``plan`` (schedule positions to compute) a call is skipped where the plan skips it and
+    its distance is below ``threshold`` (the live rule of a planned run).
+    """
     refs: dict[Hashable, list[tuple[float, float | None, torch.Tensor, float]]] = {}
     spans: dict[Hashable, list[torch.Tensor]] = {}
+    outputs: dict[Hashable, list[torch.Tensor | None]] = {}
     streak: dict[Hashable, int] = {}
     computed = total = 0
-    # per sigma: conditioning -> (cond_or_uncond, error vector of its prediction), and the sigma step
-    steps: dict[float | None, tuple[float, dict[Hashable, tuple[int | None, torch.Tensor]]]] = {}
+    max_distance = 0.0
+    # per sigma: conditioning -> (cond_or_uncond, the two error estimates of its prediction), and the sigma step
+    steps: dict[float | None, tuple[float, dict]] = {}
     for call in calls:
         keys = call.keys
         total += len(keys)
         sigma = call.sigma
         in_window = sigma is None or (settings.end_sigma < sigma <= settings.start_sigma * (1 + _SIGMA_RTOL))
         hit = bool(keys) and in_window and all(k in refs for k in keys)
+        if plan is not None and plan_position(call.step) in plan:
+            hit = False
+        distances = []
         if hit:
             for k in keys:
                 history = refs[k]
@@ -196,22 +263,24 @@ def replay(calls: Sequence[CallTrace], threshold: float, settings: ReplaySetting
                 else:
                     expected = history[-1][2]
                 d = (call.decision[k] - expected).abs().mean().item() / history[-1][3]
+                distances.append(d)
                 limit_ok = settings.max_consecutive_hits < 0 or streak.get(k, 0) < settings.max_consecutive_hits
                 if not (d < threshold and limit_ok):
                     hit = False
                     break
+        if hit:
+            max_distance = max([max_distance, *distances])
         step = steps.setdefault(sigma, (call.dsigma, {}))[1]
         for k in keys:
-            true = call.span[k]
             if hit:
                 history = refs[k]
                 w = _weights(settings.hit_residual, [(h[0], h[1]) for h in history], call.step, sigma)
-                miss = _combine(spans[k], w) - true
-                gain = float(call.output_rms.get(k, 1.0)) / max(true.pow(2).mean().sqrt().item(), 1e-12)
-                step[k] = (call.guidance.get(k), miss * gain)
+                step[k] = (call.guidance.get(k), *_misses(call, k, spans[k], outputs[k], w))
                 streak[k] = streak.get(k, 0) + 1
             else:
-                step[k] = (call.guidance.get(k), torch.zeros_like(true))
+                zero = torch.zeros_like(call.span[k])
+                out = call.output.get(k)
+                step[k] = (call.guidance.get(k), zero, None if out is None else torch.zeros_like(out))
         if not hit:
             computed += len(keys)
             for k in keys:
@@ -219,52 +288,188 @@ def replay(calls: Sequence[CallTrace], threshold: float, settings: ReplaySetting
                 denominator = max(sample.abs().mean().item(), 1e-12)
                 refs.setdefault(k, []).append((call.step, sigma, sample, denominator))
                 spans.setdefault(k, []).append(call.span[k])
-                del refs[k][:-keep], spans[k][:-keep]
+                outputs.setdefault(k, []).append(call.output.get(k))
+                del refs[k][:-keep], spans[k][:-keep], outputs[k][:-keep]
                 streak[k] = 0
     error = 0.0
     for sigma, (dsigma, errors) in steps.items():
         if errors:
-            error += abs(dsigma) * survival(sigma, settings.flow) * _step_error(errors, settings.cfg)
-    return Replay(threshold, computed, total, error)
+            error += abs(dsigma) * survival(sigma, settings.flow) * _estimate(errors, settings.cfg)
+    return Replay(threshold, computed, total, error, max_distance)
 
 
-def choose(
+PLAN_GUARD = 2.0
+"""A planned skip is computed anyway when its first-blocks distance is above this many times the
+largest distance of the plan's skips in the calibration run: a later run far from the
+calibration's content (another prompt, image or LoRA) is not skipped blindly."""
+
+
+@dataclass
+class _Step:
+    """The recorded calls at one schedule position (cond and uncond may be separate calls)."""
+
+    position: float
+    sigma: float | None
+    dsigma: float
+    calls: list[CallTrace] = field(default_factory=list)
+
+    def span(self, key: Hashable) -> torch.Tensor | None:
+        for call in self.calls:
+            if key in call.keys:
+                return call.span.get(key)
+        return None
+
+    def output(self, key: Hashable) -> torch.Tensor | None:
+        for call in self.calls:
+            if key in call.keys:
+                return call.output.get(key)
+        return None
+
+
+class _PlanErrors:
+    """The estimated error a skipped step adds given the computed steps its forecast uses (memoized:
+    the greedy search asks for the same (step, history) pairs many times)."""
+
+    def __init__(self, steps: Sequence[_Step], settings: ReplaySettings) -> None:
+        self.steps, self.settings = steps, settings
+        self._memo: dict[tuple[int, tuple[int, ...]], float] = {}
+
+    def __call__(self, index: int, history: tuple[int, ...]) -> float:
+        found = self._memo.get((index, history))
+        if found is None:
+            found = self._memo[(index, history)] = self._error(index, history)
+        return found
+
+    def _error(self, index: int, history: tuple[int, ...]) -> float:
+        step, past = self.steps[index], [self.steps[i] for i in history]
+        points = [(p.position, p.sigma) for p in past]
+        weights = _weights(self.settings.hit_residual, points, step.position, step.sigma)
+        errors: dict = {}
+        for call in step.calls:
+            for k in call.keys:
+                spans = [p.span(k) for p in past]
+                if any(s is None or s.shape != call.span[k].shape for s in spans):
+                    return math.inf  # the plan cannot skip here (that conditioning has no history)
+                errors[k] = (call.guidance.get(k), *_misses(call, k, spans, [p.output(k) for p in past], weights))
+        if not errors:
+            return 0.0
+        return abs(step.dsigma) * survival(step.sigma, self.settings.flow) * _estimate(errors, self.settings.cfg)
+
+
+def _steps_of(calls: Sequence[CallTrace]) -> list[_Step]:
+    steps: dict[float, _Step] = {}
+    for call in calls:
+        position = plan_position(call.step)
+        entry = steps.get(position)
+        if entry is None:
+            entry = steps[position] = _Step(position, call.sigma, call.dsigma)
+        entry.calls.append(call)
+    return list(steps.values())
+
+
+def _plan_error(
+    computed: set[int], steps: Sequence[_Step], errors: _PlanErrors, keep: int, fixed: set[int], max_hits: int
+) -> float:
+    """Estimated error of computing exactly ``computed`` (inf when the plan breaks ``max_hits``)."""
+    history: list[int] = []
+    streak = 0
+    total = 0.0
+    for i in range(len(steps)):
+        if i in computed or i in fixed or not history:
+            history.append(i)
+            del history[:-keep]
+            streak = 0
+            continue
+        streak += 1
+        if 0 <= max_hits < streak:
+            return math.inf
+        total += errors(i, tuple(history))
+    return total
+
+
+def plan(
     calls: Sequence[CallTrace],
     settings: ReplaySettings,
     keep: int,
     value_range: float,
     target_speedup: float = 0.0,
     target_psnr: float = 0.0,
-    grid: Sequence[float] = THRESHOLD_GRID,
 ) -> Calibration:
-    """The threshold for the targets (0 = that target is off).
+    """Choose which steps to compute for the targets: a greedy search on the estimated error.
 
-    Speed only: the smallest threshold that reaches ``target_speedup``. Quality only: the
-    fastest threshold whose estimated PSNR is at least ``target_psnr``. Both: the smallest
-    threshold that reaches the speed without going below the quality, else the fastest that
-    keeps the quality. When nothing meets the targets, the closest threshold is used and
-    ``reached`` is False.
+    Starting from every step computed, it repeatedly stops computing the step whose skip adds the
+    least estimated error (each skip forecast from the computed steps the plan leaves before it),
+    until the speed target is reached, or until the next skip would take the estimated PSNR below
+    the quality target (both: whichever comes first). Steps outside the start/end window and the
+    first step are always computed; runs of skips respect ``max_consecutive_hits``. Which steps
+    matter differs a lot along a schedule (a skip near the end of sampling costs far more than
+    one in the middle), and a threshold on the first block's change cannot see that; the plan
+    does, from the recorded run. The plan's guard distance (see :data:`PLAN_GUARD`) is returned
+    as the calibration's threshold.
     """
     usable = [c for c in calls if c.keys and all(k in c.decision and k in c.span for k in c.keys)]
-    replays = [replay(usable, th, settings, keep) for th in grid]
-    if not replays:
-        raise ValueError("no thresholds to try")
+    if not usable:
+        raise ValueError("no recorded calls to plan from")
+    usable = [_to_cpu(c) for c in usable]
+    steps = _steps_of(usable)
+    fixed = {0} | {
+        i
+        for i, st in enumerate(steps)
+        if st.sigma is not None and not (settings.end_sigma < st.sigma <= settings.start_sigma * (1 + _SIGMA_RTOL))
+    }
+    calls_at = [sum(len(c.keys) for c in st.calls) for st in steps]
+    total_calls = sum(calls_at)
+    errors = _PlanErrors(steps, settings)
+    computed = set(range(len(steps)))
 
-    def quality_ok(r: Replay) -> bool:
-        return target_psnr <= 0 or r.psnr(value_range) >= target_psnr
+    def speedup(chosen: set[int]) -> float:
+        done = sum(calls_at[i] for i in chosen | fixed)
+        return total_calls / done if done else 1.0
 
-    candidates = [r for r in replays if quality_ok(r)]
-    reached = True
-    if not candidates:  # even the smallest threshold misses the quality: take the most accurate one
-        reached = False
-        candidates = [min(replays, key=lambda r: (r.error, r.threshold))]
-    if target_speedup > 0:
-        fast = [r for r in candidates if r.speedup >= target_speedup - 1e-9]
-        if fast:
-            best = min(fast, key=lambda r: r.threshold)
-        else:
-            reached = False
-            best = max(candidates, key=lambda r: (r.speedup, -r.threshold))
-    else:
-        best = max(candidates, key=lambda r: (r.speedup, -r.threshold))
-    return Calibration(best.threshold, best.speedup, best.psnr(value_range), best.computed, best.total, reached)
+    def psnr(err: float) -> float:
+        return math.inf if err <= 0 else 20 * math.log10(max(value_range, 1e-12) / err)
+
+    while not (target_speedup > 0 and speedup(computed) >= target_speedup - 1e-9):
+        best: tuple[float, int] | None = None
+        for j in sorted(computed - fixed):
+            e = _plan_error(computed - {j}, steps, errors, keep, fixed, settings.max_consecutive_hits)
+            if math.isfinite(e) and (best is None or e < best[0]):
+                best = (e, j)
+        if best is None or (target_psnr > 0 and psnr(best[0]) < target_psnr):
+            break
+        computed.discard(best[1])
+    chosen = computed | fixed
+    positions = frozenset(steps[i].position for i in chosen)
+    checked = replay(usable, math.inf, settings, keep, plan=positions)
+    reached = (target_speedup <= 0 or checked.speedup >= target_speedup - 1e-9) and (
+        target_psnr <= 0 or checked.psnr(value_range) >= target_psnr
+    )
+    guard = PLAN_GUARD * checked.max_distance if checked.max_distance > 0 else math.inf
+    return Calibration(
+        guard,
+        checked.speedup,
+        checked.psnr(value_range),
+        checked.computed,
+        checked.total,
+        reached,
+        tuple(sorted(positions)),
+    )
+
+
+def _to_cpu(call: CallTrace) -> CallTrace:
+    """The trace with its samples on the CPU: the search reads them thousands of times (no device syncs)."""
+
+    def cpu(d: dict) -> dict:
+        return {k: v.detach().float().cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+    return CallTrace(
+        call.keys,
+        call.sigma,
+        call.step,
+        call.dsigma,
+        decision=cpu(call.decision),
+        span=cpu(call.span),
+        output_rms=cpu(call.output_rms),
+        output=cpu(call.output),
+        guidance=dict(call.guidance),
+    )

@@ -23,9 +23,11 @@ run with and the window's frames) instead of being compared with, and skipped ag
 normal call. The first-block reference is updated on computed calls only, so consecutive hits
 are always compared with the last computed step and drift cannot hide.
 
-With a speed or quality target the threshold is not given but chosen (:mod:`.calibration`): the
-first run of a (sampler, sigma schedule, latent shape) computes every step and records what the
-choice needs; later runs of the same patched model use the chosen threshold. The choices live in
+With a speed or quality target the skipped steps are planned (:mod:`.calibration`): the first
+run of a (sampler, sigma schedule, latent shape) computes every step and records what the plan
+needs; later runs of the same patched model compute the planned steps and skip the others (a
+planned skip whose first-blocks distance is far above the calibration's is computed anyway:
+the plan's threshold is that guard). The plans live in
 a dict that the holder attached to the node's model shares with its per-run clones, so they
 belong to that patched model and go away with it.
 """
@@ -45,7 +47,8 @@ from .calibration import (
     Calibration,
     CallTrace,
     ReplaySettings,
-    choose,
+    plan,
+    plan_position,
     sample_stride,
     strided_sample,
 )
@@ -340,11 +343,12 @@ class FBCacheHolder:
         """Set up a sampling run from its sigma schedule (host floats); returns what the run does.
 
         ``"off"``: fewer steps than ``min_steps`` (the holder goes inactive for the run);
-        ``"calibrating"``: a target is set and this (sampler, schedule, shape) has no threshold
-        yet, so every call is computed and recorded; ``"calibrated"``: the chosen threshold is
-        used; ``"manual"``: the given threshold is used.
+        ``"calibrating"``: a target is set and this (sampler, schedule, shape) has no plan
+        yet, so every call is computed and recorded; ``"calibrated"``: the plan (and its guard
+        threshold) is used; ``"manual"``: the given threshold is used.
         """
         self.schedule = [float(s) for s in sigmas] if sigmas is not None else None
+        self._plan = None
         steps = len(self.schedule) - 1 if self.schedule else 0
         if self.schedule is not None and self.min_steps and steps < self.min_steps:
             self.active = False
@@ -364,7 +368,7 @@ class FBCacheHolder:
             self.run_mode = "calibrating"
             self._trace = []
             logger.info(
-                "First Block Cache: target %s: this run (%s, %d steps) computes every step to choose the threshold.",
+                "First Block Cache: target %s: this run (%s, %d steps) computes every step to plan the skips.",
                 self._target_text(),
                 sampler or "sampler",
                 steps,
@@ -373,6 +377,7 @@ class FBCacheHolder:
             self.run_mode = "calibrated"
             self.threshold = found.threshold
             self.calibration = found
+            self._plan = frozenset(found.plan) if found.plan else None
         return self.run_mode
 
     def _target_text(self) -> str:
@@ -384,7 +389,7 @@ class FBCacheHolder:
         return " and ".join(parts)
 
     def finish_calibration(self, value_range: float) -> Calibration | None:
-        """After a calibrating run: choose the threshold, keep it for later runs, return it.
+        """After a calibrating run: plan the skipped steps, keep the plan for later runs, return it.
 
         ``value_range``: max - min of the run's latent, the peak of the estimated PSNR (2, the
         range of a [-1, 1] signal, when unknown).
@@ -407,7 +412,7 @@ class FBCacheHolder:
                 "First Block Cache: the calibration run recorded nothing; the threshold stays %s.", self.threshold
             )
             return None
-        found = choose(
+        found = plan(
             calls,
             settings,
             history_length(self.hit_residual),
@@ -445,6 +450,7 @@ class FBCacheHolder:
         self.calibration: Calibration | None = None
         self._calibration_key: Hashable = None
         self._trace: list[CallTrace] = []
+        self._plan: frozenset[float] | None = None  # calibrated runs: the schedule positions to compute
         self.value_range = 0.0  # calibration runs: the run's latent value range (the adapter sets it)
 
     def _soft_reset(self, reason: str) -> None:
@@ -651,6 +657,8 @@ class FBCacheHolder:
                 wanted = self.force_pattern[st.total % len(self.force_pattern)]
             else:
                 wanted = d is not None and d < self.threshold
+                if self._plan is not None:  # a calibrated plan: skip where it says (its threshold is a guard)
+                    wanted = wanted and plan_position(call.step) not in self._plan
             limit_ok = self.max_consecutive_hits < 0 or st.consecutive_hits < self.max_consecutive_hits
             hit = hit and d is not None and wanted and limit_ok
         call.hit = hit
@@ -741,6 +749,7 @@ class FBCacheHolder:
         chunks = prediction.chunk(len(keys), dim=0) if keys and prediction.shape[0] % len(keys) == 0 else ()
         for key, chunk in zip(keys, chunks, strict=False):
             trace.output_rms[key] = chunk.detach().float().pow(2).mean().sqrt()
+            trace.output[key] = strided_sample(chunk, sample_stride(chunk.numel()))
 
     def compute_uncached(self, transformer_options: dict, reason: str) -> None:
         """Count a model call that runs in full outside the cache (e.g. a UNet call with ControlNet).

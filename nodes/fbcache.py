@@ -47,7 +47,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     """``OUTER_SAMPLE``: a fresh holder per sampling run, the report and a reset at the end.
 
     ``outer_sample(noise, latent_image, sampler, sigmas, ...)``: the run's sigmas and sampler
-    decide whether the cache runs (``min_steps``) and which calibrated threshold applies.
+    decide whether the cache runs (``min_steps``) and which calibrated plan applies.
     """
     import comfy.model_patcher
 
@@ -259,10 +259,10 @@ class FirstBlockCache(io.ComfyNode):
                 "Speeds up sampling: every step runs the model's first block(s) and compares their residual with "
                 "the one of the last fully computed step. When the relative change is below the threshold, the "
                 "blocks after them are skipped and their residual is added back, reused or forecast from the last "
-                "computed steps. A speed or quality target can choose the threshold (the first run of each "
-                "sampler/step count then computes every step). Runs under min_steps steps are not cached. Works on "
-                "SD1.5/SDXL UNets and on Flux, Chroma, SD3, Wan, HunyuanVideo, LTXV and Qwen-Image; other models "
-                "(e.g. Nunchaku) skip whole steps. On UNets, steps that use a ControlNet are always computed. Put it "
+                "computed steps. A speed or quality target plans which steps to skip instead (the first run of "
+                "each sampler/step count then computes every step). Runs under min_steps steps are not cached. "
+                "Works on SD1.5/SDXL UNets and on Flux, Chroma, SD3, Wan, HunyuanVideo, LTXV and Qwen-Image; "
+                "other models (e.g. Nunchaku) skip whole steps. On UNets, steps that use a ControlNet are always computed. Put it "
                 "after LoRA loaders. The log and this node report steps computed/skipped."
             ),
             inputs=[
@@ -382,10 +382,10 @@ class FirstBlockCache(io.ComfyNode):
                     max=20.0,
                     step=0.1,
                     tooltip=(
-                        "0 = use residual_diff_threshold. Otherwise the threshold is chosen for this speedup "
-                        "(counted in model calls): the first run of each sampler and step count computes every "
-                        "step and records what the choice needs; later runs use the chosen threshold. The log "
-                        "and this node show the choice."
+                        "0 = use residual_diff_threshold. Otherwise the steps to skip are planned for this "
+                        "speedup (counted in model calls): the first run of each sampler and step count computes "
+                        "every step and records what the plan needs; later runs compute the planned steps. The "
+                        "log and this node show the plan."
                     ),
                     optional=True,
                 ),
@@ -396,7 +396,7 @@ class FirstBlockCache(io.ComfyNode):
                     max=100.0,
                     step=0.5,
                     tooltip=(
-                        "0 = off. Otherwise the threshold is chosen (as for target_speedup) so that the estimated "
+                        "0 = off. Otherwise the steps are planned (as for target_speedup) so that the estimated "
                         "PSNR of the result against an uncached run stays at or above this many dB (an estimate "
                         "from the calibration run). With target_speedup too: that speed unless it costs more "
                         "quality than this."

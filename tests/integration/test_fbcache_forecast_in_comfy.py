@@ -170,8 +170,8 @@ def test_speed_target_calibrates_once_per_sampler_and_schedule(report, family):
     assert r["calibrations"] == 1
     assert r["other_sampler_calibrates_again"] and r["calibrations_after"] == 2, r
     log = report["log"]
-    assert "calibration run, every step computed; chose threshold" in log
-    assert "Target 2x: calibrated threshold" in log
+    assert "calibration run, every step computed; chose plan computing steps" in log
+    assert "Target 2x: calibrated plan computing steps" in log
 
 
 def test_cached_sampling_does_not_recompile_under_torch_compile():

@@ -30,7 +30,15 @@ from speedkit.fbcache import (
     unet_first_level,
     validate_settings,
 )
-from speedkit.fbcache.calibration import CallTrace, ReplaySettings, choose, replay, sample_stride, survival
+from speedkit.fbcache.calibration import (
+    PLAN_GUARD,
+    CallTrace,
+    ReplaySettings,
+    plan,
+    replay,
+    sample_stride,
+    survival,
+)
 from speedkit.fbcache.forecast import (
     MAX_FORECAST_GAPS,
     lagrange_weights,
@@ -401,17 +409,18 @@ def _calibrated_run(target_speedup: float = 0.0, target_psnr: float = 0.0, hit_r
     return template, summaries
 
 
-def test_calibration_picks_a_threshold_that_reaches_the_speed_and_is_reused():
+def test_calibration_plans_the_steps_for_the_speed_and_the_plan_is_reused():
     template, ((mode1, s1, text1, cal1), (mode2, s2, text2, cal2)) = _calibrated_run(target_speedup=2.0)
     assert mode1 == "calibrating" and mode2 == "calibrated"
     assert s1["skipped"] == 0  # the calibration run computes every call
     assert cal1 is cal2 and len(template.calibrations) == 1
-    assert cal1.reached and cal1.speedup >= 2.0
-    # same inputs: the replay predicted exactly what the live run did
+    assert cal1.reached and cal1.speedup >= 2.0 and cal1.plan
+    assert len(cal1.plan) == cal1.computed == 6  # 12 steps at 2.0x: the fewest computed steps that reach it
+    # same inputs: the live run computed exactly the planned steps
     assert s2["computed"] == cal1.computed and s2["computed"] + s2["skipped"] == cal1.total
-    assert s2["threshold"] == cal1.threshold
-    assert "calibration run, every step computed; chose threshold" in text1
-    assert "calibrated threshold" in text2
+    assert s2["threshold"] == cal1.threshold  # the plan's guard
+    assert "calibration run, every step computed; chose plan computing steps 0, " in text1
+    assert "calibrated plan computing steps" in text2
 
 
 def test_calibration_is_deterministic():
@@ -461,10 +470,82 @@ def test_replay_follows_the_decision_rule():
     linear = replay(calls, 0.5, ReplaySettings(2, math.inf, -math.inf, "taylor1"), keep=2)
     reuse = replay(calls, 0.5, ReplaySettings(2, math.inf, -math.inf, "reuse"), keep=1)
     assert linear.error < reuse.error
-    assert (
-        choose(calls, settings, 1, 2.0, target_speedup=2.0).threshold
-        == choose(calls, settings, 1, 2.0, target_speedup=2.0).threshold
+
+
+def _traces(n: int = 10, jump_at: int | None = None, output_jump_at: int | None = None, sigma0: float = 10.0):
+    """Hand-made traces of ``n`` steps: span residual and prediction move on straight lines (a
+    first-order forecast is exact), except a jump of the span at ``jump_at`` or of the prediction
+    alone at ``output_jump_at``."""
+    base = torch.ones(64)
+    calls = []
+    for k in range(n):
+        span = base * k + (5.0 if k == jump_at else 0.0)
+        out = base * (0.5 * k) + (5.0 if k == output_jump_at else 0.0)
+        calls.append(
+            CallTrace(
+                ("c",),
+                sigma=sigma0 - k,
+                step=float(k),
+                dsigma=1.0,
+                decision={"c": base * (1 + 0.01 * k)},
+                span={"c": span},
+                output_rms={"c": out.pow(2).mean().sqrt()},
+                output={"c": out},
+            )
+        )
+    return calls
+
+
+def test_plan_computes_the_step_a_forecast_would_miss():
+    settings = ReplaySettings(-1, math.inf, -math.inf, "taylor1")
+    smooth = plan(_traces(), settings, 2, 2.0, target_speedup=2.0)
+    assert smooth.reached and smooth.computed == 5 and smooth.plan[0] == 0.0
+    assert math.isinf(smooth.psnr)  # straight lines: every forecast exact
+    for jump in (4, 7):
+        cal = plan(_traces(jump_at=jump), settings, 2, 2.0, target_speedup=2.0)
+        assert float(jump) in cal.plan, (jump, cal.plan)
+        assert cal.computed == 5
+        skipping_it = replay(_traces(jump_at=jump), math.inf, settings, 2, plan=frozenset(range(0, 10, 2)) - {jump})
+        assert cal.psnr > skipping_it.psnr(2.0)
+    # a jump of the prediction alone (the span stays on its line) is seen too: the output-space estimate
+    cal = plan(_traces(output_jump_at=6), settings, 2, 2.0, target_speedup=2.0)
+    assert 6.0 in cal.plan
+    # deterministic
+    assert plan(_traces(jump_at=4), settings, 2, 2.0, target_speedup=2.0) == plan(
+        _traces(jump_at=4), settings, 2, 2.0, target_speedup=2.0
     )
+
+
+def test_plan_respects_the_window_max_hits_and_quality():
+    traces = _traces(n=12, jump_at=5)
+    limited = plan(traces, ReplaySettings(1, math.inf, -math.inf, "taylor1"), 2, 2.0, target_speedup=4.0)
+    positions = sorted(limited.plan)
+    assert max(b - a for a, b in zip(positions, positions[1:], strict=False)) <= 2  # at most 1 skip in a row
+    assert not limited.reached  # 4x needs runs of 3 skips
+    # outside the window (sigma above start_sigma: the first 3 steps) everything is computed
+    windowed = plan(traces, ReplaySettings(-1, 7.5, -math.inf, "taylor1"), 2, 2.0, target_speedup=2.0)
+    assert {0.0, 1.0, 2.0} <= set(windowed.plan)
+    # quality only: skips until the next would pass the estimated PSNR; reuse (order 0) errs on every skip
+    reuse = ReplaySettings(-1, math.inf, -math.inf, "reuse")
+    careful = plan(traces, reuse, 1, 2.0, target_psnr=20.0)
+    loose = plan(traces, reuse, 1, 2.0, target_psnr=5.0)
+    assert careful.psnr >= 20.0 and loose.psnr >= 5.0 and careful.reached and loose.reached
+    assert careful.speedup < loose.speedup
+
+
+def test_planned_skip_is_computed_when_the_content_is_far_from_the_calibration():
+    """The guard: a later run whose first-blocks distance at a planned skip exceeds PLAN_GUARD times
+    the calibration's largest is computed there."""
+    settings = ReplaySettings(-1, math.inf, -math.inf, "taylor1")
+    traces = _traces()
+    cal = plan(traces, settings, 2, 2.0, target_speedup=2.0)
+    calm = replay(traces, cal.threshold, settings, 2, plan=frozenset(cal.plan))
+    assert calm.computed == cal.computed
+    assert cal.threshold == pytest.approx(PLAN_GUARD * calm.max_distance)
+    rough = _traces()
+    for k, call in enumerate(rough):
+        call.decision["c"] = call.decision["c"] * (1 + 0.05 * k * k)  # the first block moves far more
+    assert replay(rough, cal.threshold, settings, 2, plan=frozenset(cal.plan)).computed > cal.computed
 
 
 def test_sampling_helpers():
