@@ -170,15 +170,16 @@ def tables(results: dict) -> str:
                 lines.append(f"| {where} | {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| Model, sampler | target speedup | chosen threshold | predicted (model calls) | measured (model calls) |"
+        "| Model, sampler | target speedup | planned steps (of 30) | predicted (model calls) | measured (model calls) |"
         " measured (FLOPs) | predicted PSNR | measured PSNR |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for kind in ("unet", "dit"):
         for r in results.get(kind, {}).get("rows", []):
             if r["method"] == "fbc_target":
+                planned = " ".join(f"{p:g}" for p in r.get("plan", [])) or f"threshold {r['threshold']:.4g}"
                 lines.append(
-                    f"| {kind}, {r['sampler']} | {r['setting']}x | {r['threshold']:.4g} | "
+                    f"| {kind}, {r['sampler']} | {r['setting']}x | {planned} | "
                     f"{r['predicted_speedup_calls']:.2f}x | {r['speedup_calls']:.2f}x | {r['speedup']:.2f}x | "
                     f"{r['predicted_psnr']:.1f} dB | {r['psnr']:.1f} dB |"
                 )

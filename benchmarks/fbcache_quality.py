@@ -4,7 +4,8 @@
    (eps, SDXL schedule) and a Wan 2.1 DiT (flow matching), a fixed number of steps each.
 2. Samples a fixed batch of (condition, seed) pairs through ComfyUI's KSampler code
    (``comfy.sample.sample``), CFG 5: uncached, with our cache in each mode (reuse, extrapolate,
-   Taylor orders 1-2, first/last-n-blocks variants, speed targets) at several thresholds, with
+   Taylor orders 1-2, first/last-n-blocks variants) at several thresholds, with speed targets
+   (each plans its skipped steps on a calibration run of other images), with
    ComfyUI's native EasyCache, and with the re-implemented MagCache and TaylorSeer rules of
    ``fbcache_baselines.py``, all on the same runs.
 3. Reports PSNR and SSIM against the uncached output, in the model's own latent space (the
@@ -241,6 +242,7 @@ class Bench:
                     t,
                     cost,
                     threshold=calibration.threshold,
+                    plan=list(calibration.plan),
                     predicted_speedup_calls=round(calibration.speedup, 3),
                     predicted_psnr=round(calibration.psnr, 2),
                 )

@@ -12,11 +12,11 @@ plan is replayed on the record with the live rule (:func:`replay`: window,
 ``hit_residual``), which also gives the largest first-blocks distance of a planned skip: a later
 run computes a planned skip anyway when its distance is far above that (:data:`PLAN_GUARD`).
 
-Why not a threshold: a threshold on the first block's change skips where that change is small,
-and that is not where skips are cheap (near the end of sampling the first block barely moves
-while a skip costs the most); on the benchmark's toy models the plan reached the requested
-speed in model calls whenever ``max_consecutive_hits`` allowed it, where a calibrated threshold gave
-0.83-1.15x of it, at a similar PSNR (``docs/fbcache.md``).
+Why not a calibrated threshold: a threshold on the first block's change skips where that change
+is small, and that is not where skips are cheap (near the end of sampling the first block barely
+moves while a skip costs the most); and a threshold chosen on one run's images skips more or
+fewer steps on other images. A plan gives the requested speed in model calls whenever
+``max_consecutive_hits`` allows it (``docs/fbcache.md``).
 
 The quality estimate is a model, not a measurement. On a skipped call it takes the larger of
 two estimates of the error in the model's prediction (on the recorded samples): the forecast of
