@@ -4,7 +4,7 @@ Why a full run: what a skipped step costs depends on the steps computed around i
 is made from them). A run in which every step is computed records, for every model call, a
 strided sample of the first blocks' residual, of the cached span's residual and of the model's
 prediction. From those samples the error of skipping any step, forecast from any earlier
-computed steps, can be estimated without running the model again, and a greedy search (see
+computed steps, can be estimated without running the model again, and a search (see
 :func:`plan`) picks the steps to compute: where a skip is cheap (the middle of sampling, on most
 models) it skips, where it is expensive (the first steps and the last few) it computes. The
 plan is replayed on the record with the live rule (:func:`replay`: window,
@@ -328,7 +328,7 @@ class _Step:
 
 class _PlanErrors:
     """The estimated error a skipped step adds given the computed steps its forecast uses (memoized:
-    the greedy search asks for the same (step, history) pairs many times)."""
+    the plan search asks for the same (step, history) pairs many times)."""
 
     def __init__(self, steps: Sequence[_Step], settings: ReplaySettings) -> None:
         self.steps, self.settings = steps, settings
@@ -367,24 +367,66 @@ def _steps_of(calls: Sequence[CallTrace]) -> list[_Step]:
     return list(steps.values())
 
 
-def _plan_error(
-    computed: set[int], steps: Sequence[_Step], errors: _PlanErrors, keep: int, fixed: set[int], max_hits: int
-) -> float:
-    """Estimated error of computing exactly ``computed`` (inf when the plan breaks ``max_hits``)."""
-    history: list[int] = []
-    streak = 0
-    total = 0.0
-    for i in range(len(steps)):
-        if i in computed or i in fixed or not history:
-            history.append(i)
-            del history[:-keep]
-            streak = 0
-            continue
-        streak += 1
-        if 0 <= max_hits < streak:
-            return math.inf
-        total += errors(i, tuple(history))
-    return total
+PLAN_ELEMENTS = 16384
+"""Elements of each recorded sample the plan search uses (every k-th): it evaluates thousands of
+(step, history) pairs, and a quarter of the record ranks plans the same way at a quarter of the cost."""
+
+MAX_PLANNED_RUN = 6
+"""A plan skips at most this many steps in a row (fewer where ``max_consecutive_hits`` says so):
+longer runs are never worth their forecast error, and the bound keeps the search small."""
+
+
+def _best_plans(
+    steps: Sequence[_Step], errors: _PlanErrors, keep: int, fixed: set[int], run_cap: int
+) -> dict[int, tuple[float, list[int]]]:
+    """For every number of computed steps: the least estimated error of any plan and its steps.
+
+    Dynamic programming over (computed steps so far, the last ``keep`` computed steps): the
+    forecast of a skipped step depends only on those, so the error of a plan is a sum of terms
+    each fixed by such a state. Exact for the estimate (a greedy search, dropping one computed
+    step at a time, gets stuck where every single further skip would break the run limit).
+    """
+    n = len(steps)
+    next_fixed = [n] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        next_fixed[i] = i if i in fixed else next_fixed[i + 1]
+    # layers[m]: state (last computed steps) -> (error so far, previous state)
+    layers: list[dict[tuple[int, ...], tuple[float, tuple[int, ...] | None]]] = [{}, {(0,): (0.0, None)}]
+    best: dict[int, tuple[float, list[int]]] = {}
+    for m in range(1, n + 1):
+        layer = layers[m]
+        if not layer:
+            break
+        following: dict[tuple[int, ...], tuple[float, tuple[int, ...] | None]] = {}
+        finals: list[tuple[float, tuple[int, ...]]] = []
+        for state, (err, _) in layer.items():
+            b = state[-1]
+            limit = min(b + run_cap + 1, next_fixed[b + 1], n - 1) if b + 1 < n else b
+            hits = 0.0
+            for c in range(b + 1, limit + 1):
+                new = (*state, c)[-keep:]
+                total = err + hits
+                if total < following.get(new, (math.inf, None))[0]:
+                    following[new] = (total, state)
+                hits += errors(c, state)  # c skipped instead: forecast from this state
+                if not math.isfinite(hits):
+                    break
+            # the run may end here: the steps after b are skipped
+            if n - 1 - b <= run_cap and next_fixed[b + 1] >= n:
+                tail = sum(errors(i, state) for i in range(b + 1, n))
+                if math.isfinite(tail):
+                    finals.append((err + tail, state))
+        if finals:
+            total, state = min(finals)
+            chosen: list[int] = []
+            level, cursor = m, state
+            while cursor is not None:
+                chosen.append(cursor[-1])
+                cursor = layers[level][cursor][1]
+                level -= 1
+            best[m] = (total, sorted(chosen))
+        layers.append(following)
+    return best
 
 
 def plan(
@@ -395,17 +437,17 @@ def plan(
     target_speedup: float = 0.0,
     target_psnr: float = 0.0,
 ) -> Calibration:
-    """Choose which steps to compute for the targets: a greedy search on the estimated error.
+    """Choose which steps to compute for the targets (the least estimated error; see :func:`_best_plans`).
 
-    Starting from every step computed, it repeatedly stops computing the step whose skip adds the
-    least estimated error (each skip forecast from the computed steps the plan leaves before it),
-    until the speed target is reached, or until the next skip would take the estimated PSNR below
-    the quality target (both: whichever comes first). Steps outside the start/end window and the
-    first step are always computed; runs of skips respect ``max_consecutive_hits``. Which steps
-    matter differs a lot along a schedule (a skip near the end of sampling costs far more than
-    one in the middle), and a threshold on the first block's change cannot see that; the plan
-    does, from the recorded run. The plan's guard distance (see :data:`PLAN_GUARD`) is returned
-    as the calibration's threshold.
+    Speed target: the plan with the most computed steps that still reaches the speed (in model
+    calls). Quality target: the plan with the fewest computed steps whose estimated PSNR is at
+    least the target. Both: that speed, unless it costs more quality than the target (then the
+    fastest plan that keeps it; ``reached`` is False). Steps outside the start/end window and the
+    first step are always computed; runs of skips respect ``max_consecutive_hits`` (and at most
+    :data:`MAX_PLANNED_RUN`). Which steps matter differs a lot along a schedule (a skip near the
+    end of sampling costs far more than one in the middle), and a threshold on the first block's
+    change cannot see that; the plan does, from the recorded run. The plan's guard distance (see
+    :data:`PLAN_GUARD`) is returned as the calibration's threshold.
     """
     usable = [c for c in calls if c.keys and all(k in c.decision and k in c.span for k in c.keys)]
     if not usable:
@@ -419,27 +461,27 @@ def plan(
     }
     calls_at = [sum(len(c.keys) for c in st.calls) for st in steps]
     total_calls = sum(calls_at)
-    errors = _PlanErrors(steps, settings)
-    computed = set(range(len(steps)))
+    limit = settings.max_consecutive_hits
+    run_cap = MAX_PLANNED_RUN if limit < 0 else min(limit, MAX_PLANNED_RUN)
+    plans = _best_plans(steps, _PlanErrors(steps, settings), keep, fixed, run_cap)
 
-    def speedup(chosen: set[int]) -> float:
-        done = sum(calls_at[i] for i in chosen | fixed)
-        return total_calls / done if done else 1.0
+    def speedup(chosen: list[int]) -> float:
+        return total_calls / sum(calls_at[i] for i in chosen)
 
     def psnr(err: float) -> float:
         return math.inf if err <= 0 else 20 * math.log10(max(value_range, 1e-12) / err)
 
-    while not (target_speedup > 0 and speedup(computed) >= target_speedup - 1e-9):
-        best: tuple[float, int] | None = None
-        for j in sorted(computed - fixed):
-            e = _plan_error(computed - {j}, steps, errors, keep, fixed, settings.max_consecutive_hits)
-            if math.isfinite(e) and (best is None or e < best[0]):
-                best = (e, j)
-        if best is None or (target_psnr > 0 and psnr(best[0]) < target_psnr):
-            break
-        computed.discard(best[1])
-    chosen = computed | fixed
-    positions = frozenset(steps[i].position for i in chosen)
+    counts = sorted(plans)  # numbers of computed steps with a feasible plan
+    fast = [m for m in counts if target_speedup > 0 and speedup(plans[m][1]) >= target_speedup - 1e-9]
+    good = [m for m in counts if target_psnr > 0 and psnr(plans[m][0]) >= target_psnr]
+    if target_speedup > 0 and target_psnr > 0:
+        ok = [m for m in fast if m in good]
+        count = max(ok) if ok else (min(good) if good else max(counts))
+    elif target_speedup > 0:
+        count = max(fast) if fast else min(counts)
+    else:
+        count = min(good) if good else max(counts)
+    positions = frozenset(steps[i].position for i in plans[count][1])
     checked = replay(usable, math.inf, settings, keep, plan=positions)
     reached = (target_speedup <= 0 or checked.speedup >= target_speedup - 1e-9) and (
         target_psnr <= 0 or checked.psnr(value_range) >= target_psnr
@@ -457,10 +499,18 @@ def plan(
 
 
 def _to_cpu(call: CallTrace) -> CallTrace:
-    """The trace with its samples on the CPU: the search reads them thousands of times (no device syncs)."""
+    """The trace with its samples on the CPU, thinned to about :data:`PLAN_ELEMENTS`: the search reads
+    them thousands of times (no device syncs)."""
 
     def cpu(d: dict) -> dict:
-        return {k: v.detach().float().cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().float().cpu()
+                if v.ndim == 1 and v.numel() > PLAN_ELEMENTS:
+                    v = v[:: -(-v.numel() // PLAN_ELEMENTS)].clone()
+            out[k] = v
+        return out
 
     return CallTrace(
         call.keys,

@@ -533,6 +533,63 @@ def test_plan_respects_the_window_max_hits_and_quality():
     assert careful.speedup < loose.speedup
 
 
+def _random_traces(n: int, keys=(0, 1), seed: int = 0) -> list[CallTrace]:
+    g = torch.Generator().manual_seed(seed)
+
+    def sample() -> dict:
+        return {k: torch.randn(256, generator=g) for k in keys}
+
+    return [
+        CallTrace(
+            tuple(keys),
+            sigma=1 - k / n,
+            step=float(k),
+            dsigma=1 / n,
+            decision=sample(),
+            span=sample(),
+            output_rms={k: torch.tensor(1.0) for k in keys},
+            output=sample(),
+            guidance={k: i for i, k in enumerate(keys)},
+        )
+        for k in range(n)
+    ]
+
+
+def test_plan_is_the_least_estimated_error_and_never_stuck_by_the_run_limit():
+    """Noise-like traces (every skip costs about the same): a plan for 3x with at most 2 skips in a row
+    must compute exactly every third step; and for a short run the search's plan has the least
+    estimated error of all plans with that many computed steps (brute force)."""
+    settings = ReplaySettings(2, math.inf, -math.inf, "taylor1", True, True, 5.0)
+    cal = plan(_random_traces(30), settings, 2, 2.0, target_speedup=3.0)
+    assert cal.reached and cal.computed == 20 and cal.total == 60 and len(cal.plan) == 10
+
+    import itertools
+
+    from speedkit.fbcache import calibration as cm
+
+    traces = _random_traces(9, seed=3)
+    steps = cm._steps_of(traces)
+    errors = cm._PlanErrors(steps, settings)
+
+    def cost(chosen: set[int]) -> float:
+        history, run, total = [], 0, 0.0
+        for i in range(len(steps)):
+            if i in chosen:
+                history, run = [*history, i][-2:], 0
+                continue
+            run += 1
+            if run > 2:
+                return math.inf
+            total += errors(i, tuple(history))
+        return total
+
+    plans = cm._best_plans(steps, errors, 2, {0}, 2)
+    for m in range(3, 9):
+        brute = min(cost({0, *rest}) for rest in itertools.combinations(range(1, 9), m - 1))
+        assert plans[m][0] == pytest.approx(brute), m
+        assert cost(set(plans[m][1])) == pytest.approx(brute) and len(plans[m][1]) == m
+
+
 def test_planned_skip_is_computed_when_the_content_is_far_from_the_calibration():
     """The guard: a later run whose first-blocks distance at a planned skip exceeds PLAN_GUARD times
     the calibration's largest is computed there."""
