@@ -99,7 +99,50 @@ SDXL_SCRIPT = _RANDOM_SD + textwrap.dedent(
 )
 
 
-def _run_in_comfy(comfy_root: Path, script: str, *args: Path, timeout: float = 900) -> str:
+DIT_SCRIPT = _RANDOM_SD + textwrap.dedent(
+    """
+    # A diffusion model alone (what UNETLoader loads), random weights, keys as the original
+    # checkpoints have them: Flux.1-dev shapes (19 double + 38 single blocks, hidden 3072) or
+    # Wan 2.1 14B text-to-video shapes (40 blocks, dim 5120); "tiny" keeps what ComfyUI's model
+    # detection needs (Flux: hidden 3072) and cuts the rest.
+    import sys
+    if not torch.cuda.is_available():
+        from comfy.cli_args import args
+        args.cpu = True
+    import comfy.ops
+    from safetensors.torch import save_file
+
+    family, size, path = sys.argv[1], sys.argv[2], sys.argv[3]
+    tiny = size == "tiny"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ops = comfy.ops.disable_weight_init
+    if family == "flux":
+        from comfy.ldm.flux.model import Flux
+        model = Flux(
+            image_model="flux", in_channels=16, patch_size=2, out_channels=16, vec_in_dim=768,
+            context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1 if tiny else 19,
+            depth_single_blocks=1 if tiny else 38, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True,
+            guidance_embed=True, txt_ids_dims=[], dtype=torch.bfloat16, device="meta", operations=ops,
+        )
+    elif family == "wan":
+        from comfy.ldm.wan.model import WanModel
+        dim, layers = (256, 2) if tiny else (5120, 40)
+        model = WanModel(
+            model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=dim, ffn_dim=dim * 27 // 10,
+            freq_dim=256, text_dim=4096, out_dim=16, num_heads=dim // 128, num_layers=layers,
+            dtype=torch.bfloat16, device="meta", operations=ops,
+        )
+    else:
+        raise SystemExit(f"unknown family {family}")
+    sd = random_sd(model, "", dtype=torch.bfloat16, gen=gen)
+    save_file(sd, path)
+    print(f"{family} random diffusion model: {sum(t.numel() for t in sd.values()) / 1e9:.2f} B parameters")
+    """
+)
+
+
+def _run_in_comfy(comfy_root: Path, script: str, *args: Path | str, timeout: float = 900) -> str:
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     proc = subprocess.run(
         [python, "-c", script, *map(str, args)], cwd=comfy_root, capture_output=True, text=True, timeout=timeout
@@ -114,6 +157,17 @@ def build_models(comfy_root: Path, ckpt: Path, upscaler: Path) -> None:
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     upscaler.parent.mkdir(parents=True, exist_ok=True)
     _run_in_comfy(comfy_root, TINY_SD15_SCRIPT, ckpt, upscaler)
+
+
+def build_dit(comfy_root: Path, family: str, path: Path, tiny: bool = False) -> Path:
+    """A Flux-size (``flux``) or Wan 2.1 14B-size (``wan``) diffusion model with random weights at
+    ``path`` (reused when it exists); ``tiny`` for CPU runs."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        _run_in_comfy(comfy_root, DIT_SCRIPT, family, "tiny" if tiny else "full", partial, timeout=3600)
+        partial.replace(path)
+    return path
 
 
 def build_sdxl(comfy_root: Path, ckpt: Path) -> Path:

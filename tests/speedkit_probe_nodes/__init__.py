@@ -44,6 +44,7 @@ class ImageSink:
         return {"ui": {"probe": [info]}}
 
 
+from .fbcache_probes import FBCachePattern, LatentSink, RandomConditioning  # noqa: E402
 from .host_sync_model import HostSyncModel  # noqa: E402
 from .sampler_timing import SamplerTiming  # noqa: E402
 
@@ -51,4 +52,7 @@ NODE_CLASS_MAPPINGS = {
     "SpeedKitProbe_ImageSink": ImageSink,
     "SpeedKitProbe_SamplerTiming": SamplerTiming,
     "SpeedKitProbe_HostSyncModel": HostSyncModel,
+    "SpeedKitProbe_RandomConditioning": RandomConditioning,
+    "SpeedKitProbe_FBCachePattern": FBCachePattern,
+    "SpeedKitProbe_LatentSink": LatentSink,
 }

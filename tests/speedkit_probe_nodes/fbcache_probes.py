@@ -1,0 +1,83 @@
+"""Probe nodes for First Block Cache runs in a live server (tests and ``benchmarks/server_fbcache_bench.py``).
+
+- ``SpeedKitProbe_RandomConditioning``: a CONDITIONING of random text embeddings in the shapes a
+  model family expects (Flux: 256 x 4096 plus a 768 pooled vector and a guidance value; Wan 2.1:
+  512 x 4096), for checkpoints with random weights that come without their text encoders.
+- ``SpeedKitProbe_FBCachePattern``: the MODEL of ``SpeedKit_FirstBlockCache`` with a forced hit
+  pattern (the cache's benchmark hook ``force_pattern``): random weights have no meaningful
+  dynamics, so the speed of a given share of skipped steps is measured by forcing it.
+- ``SpeedKitProbe_LatentSink``: an output node that takes a LATENT (so a prompt can end at the
+  sampler without a VAE) and reports its shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HOLDER_KEY = "speedkit_fbcache"  # fbcache.holder.HOLDER_KEY (the pack is not importable by name here)
+
+
+class RandomConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's node API
+        return {
+            "required": {
+                "tokens": ("INT", {"default": 256, "min": 1, "max": 4096}),
+                "dim": ("INT", {"default": 4096, "min": 1, "max": 16384}),
+                "pooled_dim": ("INT", {"default": 0, "min": 0, "max": 8192}),
+                "guidance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            }
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, tokens, dim, pooled_dim, guidance, seed):
+        gen = torch.Generator().manual_seed(seed)
+        extra: dict = {}
+        if pooled_dim:
+            extra["pooled_output"] = torch.randn(1, pooled_dim, generator=gen)
+        if guidance >= 0:
+            extra["guidance"] = guidance
+        return ([[torch.randn(1, tokens, dim, generator=gen), extra]],)
+
+
+class FBCachePattern:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's node API
+        return {"required": {"model": ("MODEL",), "pattern": ("STRING", {"default": "01"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, model, pattern):
+        """``pattern``: one character per model evaluation of each conditioning, ``1`` = skip (repeats)."""
+        options = model.model_options.get("transformer_options", {})
+        holder = options.get(HOLDER_KEY)
+        if holder is None:
+            raise ValueError("SpeedKitProbe_FBCachePattern needs the MODEL output of SpeedKit_FirstBlockCache")
+        patched = model.clone()
+        patched.model_options = {**patched.model_options}
+        patched.model_options["transformer_options"] = {**options}
+        forced = holder.clone()
+        forced.force_pattern = tuple(c == "1" for c in pattern.strip()) or None
+        patched.model_options["transformer_options"][HOLDER_KEY] = forced
+        return (patched,)
+
+
+class LatentSink:
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's node API
+        return {"required": {"samples": ("LATENT",)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def run(self, samples):
+        latent = samples["samples"]
+        return {"ui": {"probe": [{"shape": list(latent.shape), "finite": bool(torch.isfinite(latent).all())}]}}
