@@ -29,7 +29,9 @@ Usage (from the pack folder, on a CUDA machine with ComfyUI's requirements insta
     COMFYUI_ROOT=/path/to/ComfyUI python benchmarks/server_fbcache_bench.py --assets /tmp/fbc_assets \\
         --families sdxl,flux,wan --out fbcache_server.json
 
-``--tiny`` runs the same cases on small models on the CPU (a check of the script, not a figure).
+The model files take about 5 GB (SDXL), 24 GB (Flux) and 28 GB (Wan) in ``--assets``; on a small
+disk run one family per call and delete its file after. ``--tiny`` runs the same cases on small
+models on the CPU (a check of the script, not a figure).
 """
 
 from __future__ import annotations
