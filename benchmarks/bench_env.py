@@ -88,3 +88,22 @@ def run_isolated_cases(
         results[case] = {"rc": proc.returncode, "result": json.loads(line[7:]) if line else None, "stderr": tail}
         log.info("%-32s rc=%-4d %s", case, proc.returncode, line[7:] if line else " | ".join(tail))
     return results
+
+
+def server_with_assets(server_cls, root: Path, work: Path, assets: Path, folders: Iterable[str], port: int, **kwargs):
+    """A ComfyServer (``server_cls``, not started) whose model ``folders`` link to ``assets``
+    (so large random-weight models are built once and shared by every server of a run)."""
+    server = server_cls(root=root, work=work, port=port, **kwargs)
+    server.models_dir.mkdir(parents=True, exist_ok=True)
+    for name in folders:
+        (assets / name).mkdir(parents=True, exist_ok=True)
+        (server.models_dir / name).symlink_to(assets / name, target_is_directory=True)
+    return server
+
+
+def run_header(server_args: str, **extra) -> dict:
+    """The first keys of a server benchmark's results: the GPU, the server's arguments, torch."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"gpu": gpu, "server_args": server_args or "(ComfyUI defaults)", "torch": torch.__version__, **extra}

@@ -46,7 +46,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_env import register_pack
+from bench_env import register_pack, run_header, server_with_assets
 
 REPO = register_pack()
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "gpu_server"), str(REPO / "benchmarks")]
@@ -266,25 +266,18 @@ def main() -> None:
         else:
             build_dit(root, family, unets / spec["file"], tiny=args.tiny)
     work = Path(tempfile.mkdtemp(prefix="fbcache_bench_"))
-    server = ComfyServer(
-        root=root,
-        work=work / "server",
-        port=free_port(),
+    server = server_with_assets(
+        ComfyServer,
+        root,
+        work / "server",
+        args.assets,
+        ("checkpoints", "diffusion_models"),
+        free_port(),
         cpu=args.tiny,
         extra_args=tuple(args.server_args.split()),
         extra_nodes=(PROBE_NODES,),
     )
-    server.models_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("checkpoints", "diffusion_models"):
-        (args.assets / name).mkdir(parents=True, exist_ok=True)
-        (server.models_dir / name).symlink_to(args.assets / name, target_is_directory=True)
-    results: dict = {
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "none (CPU)",
-        "server_args": args.server_args or "(ComfyUI defaults)",
-        "torch": torch.__version__,
-        "tiny": args.tiny,
-        "families": {},
-    }
+    results = run_header(args.server_args, tiny=args.tiny, families={})
     server.start()
     try:
         for family, spec in specs.items():

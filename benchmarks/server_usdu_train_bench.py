@@ -35,8 +35,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import torch
-from bench_env import register_pack
+from bench_env import register_pack, run_header, server_with_assets
 from PIL import Image
 
 REPO = register_pack()
@@ -230,24 +229,20 @@ def main() -> None:
     with tarfile.open(SSITU_TAR) as tar:
         tar.extractall(ssitu, filter="data")
     ssitu_dir = next(p for p in ssitu.iterdir() if p.is_dir())
-    server = ComfyServer(
-        root=root,
-        work=work / "server",
-        port=free_port(),
+    server = server_with_assets(
+        ComfyServer,
+        root,
+        work / "server",
+        args.assets,
+        ("checkpoints", "upscale_models"),
+        free_port(),
         cpu=False,
         extra_args=tuple(args.server_args.split()),
         extra_nodes=(PROBE_NODES, ssitu_dir),
         env={"SPEEDKIT_PROFILE_DIR": str(args.profile_dir)} if args.profile_dir else {},
     )
-    server.models_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("checkpoints", "upscale_models"):
-        (server.models_dir / name).symlink_to(args.assets / name, target_is_directory=True)
     server.input_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "server_args": args.server_args or "(ComfyUI defaults)",
-        "torch": torch.__version__,
-    }
+    results = run_header(args.server_args)
     server.start()
     try:
         for case in args.cases.split(","):
