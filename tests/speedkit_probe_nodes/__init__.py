@@ -9,7 +9,7 @@ is the graph's own work, not a PNG encoder's.
 
 from __future__ import annotations
 
-import os
+from .saving import save_probe_tensor
 
 
 class ImageSink:
@@ -33,14 +33,7 @@ class ImageSink:
             "inference": bool(image.is_inference()),
         }
         if save_name:
-            import folder_paths
-            from safetensors.torch import save_file
-
-            folder = os.path.join(folder_paths.get_output_directory(), "probe")
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, save_name + ".safetensors")
-            save_file({"image": image.detach().to("cpu").contiguous().clone()}, path)
-            info["path"] = path
+            info["path"] = save_probe_tensor(save_name, "image", image)
         return {"ui": {"probe": [info]}}
 
 

@@ -7,12 +7,14 @@
   pattern (the cache's benchmark hook ``force_pattern``): random weights have no meaningful
   dynamics, so the speed of a given share of skipped steps is measured by forcing it.
 - ``SpeedKitProbe_LatentSink``: an output node that takes a LATENT (so a prompt can end at the
-  sampler without a VAE) and reports its shape.
+  sampler without a VAE), reports its shape and, when given a name, saves it under ``output/probe/``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .saving import save_probe_tensor
 
 HOLDER_KEY = "speedkit_fbcache"  # fbcache.holder.HOLDER_KEY (the pack is not importable by name here)
 
@@ -71,13 +73,16 @@ class FBCachePattern:
 class LatentSink:
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's node API
-        return {"required": {"samples": ("LATENT",)}}
+        return {"required": {"samples": ("LATENT",)}, "optional": {"save_name": ("STRING", {"default": ""})}}
 
     RETURN_TYPES = ()
     FUNCTION = "run"
     OUTPUT_NODE = True
     CATEGORY = "testing"
 
-    def run(self, samples):
+    def run(self, samples, save_name: str = ""):
         latent = samples["samples"]
-        return {"ui": {"probe": [{"shape": list(latent.shape), "finite": bool(torch.isfinite(latent).all())}]}}
+        info = {"shape": list(latent.shape), "finite": bool(torch.isfinite(latent).all())}
+        if save_name:
+            info["path"] = save_probe_tensor(save_name, "latent", latent)
+        return {"ui": {"probe": [info]}}
