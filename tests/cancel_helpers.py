@@ -12,14 +12,13 @@ and that the server is alive. Each tier runs every entry of :data:`CASES` with a
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fake_musubi.fakeroot import FAKE_SITE, make_fake_root
+from fake_musubi.fakeroot import hanging_training_prompt, make_fake_workspace
 from PIL import Image
 
 from comfy_server import ComfyServer, process_alive, widget_inputs
@@ -225,26 +224,11 @@ def train_lora(server: ComfyServer, tmp_path: Path, jobs: CancelJobs) -> None:
 def musubi_training_tree(server: ComfyServer, tmp_path: Path, jobs: CancelJobs) -> None:
     """A musubi-tuner training (the fake CLI hanging with a child process; no GPU work): both
     processes gone after Cancel, no LoRA written."""
-    root = make_fake_root(tmp_path)
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(2):
-        Image.new("RGB", (64, 48), (i * 100, 50, 50)).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text(f"a test image {i}")
-    (tmp_path / "dit.safetensors").write_bytes(b"x")
+    root, data, models = make_fake_workspace(tmp_path)
     pid_file = tmp_path / "pids"
-    info = server.object_info()
-    prompt = {
-        "1": {"class_type": "MusubiTuner_Environment", "inputs": widget_inputs(
-            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
-            extra_env=f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_MODE=hang\nFAKE_MUSUBI_CHILD=1\n"
-                      f"FAKE_MUSUBI_PIDFILE={pid_file}")},
-        "2": {"class_type": "MusubiTuner_DatasetConfig", "inputs": widget_inputs(
-            info, "MusubiTuner_DatasetConfig", directory=str(data), name="cancel_timing")},
-        "3": {"class_type": "MusubiTuner_TrainLoRA_HunyuanVideo", "inputs": widget_inputs(
-            info, "MusubiTuner_TrainLoRA_HunyuanVideo", musubi_env=["1", 0], dataset=["2", 0],
-            dit=str(tmp_path / "dit.safetensors"), output_name="cancel_lora", output_dir=str(tmp_path / "out"))},
-    }  # fmt: skip
+    prompt = hanging_training_prompt(
+        server.object_info(), root, data, models / "dit.safetensors", tmp_path / "out", pid_file, "cancel_timing"
+    )
 
     def both_processes_up() -> bool:
         return pid_file.exists() and len(pid_file.read_text().split()) >= 2

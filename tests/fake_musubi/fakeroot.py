@@ -84,6 +84,46 @@ def make_fake_root(base: Path) -> Path:
     return root
 
 
+def make_fake_workspace(base: Path, model_files: tuple[str, ...] = ("dit.safetensors",)) -> tuple[Path, Path, Path]:
+    """A fake checkout, a two-image captioned dataset and placeholder model files under ``base``.
+
+    Returns ``(root, data, models)``: what a node graph driving the fake CLI needs (the fake never
+    reads the model files, it only needs paths that exist).
+    """
+    from PIL import Image
+
+    root = make_fake_root(base)
+    data = base / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 48), (i * 100, 50, 50)).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(f"a test image {i}")
+    models = base / "models"
+    models.mkdir()
+    for name in model_files:
+        (models / name).write_bytes(b"x")
+    return root, data, models
+
+
+def hanging_training_prompt(
+    info: dict, root: Path, data: Path, dit: Path, out_dir: Path, pid_file: Path, name: str
+) -> dict:
+    """An API prompt whose HunyuanVideo training hangs in the fake CLI with a child process, both
+    pids written to ``pid_file``: the graph the cancel tests press Cancel on."""
+    from comfy_server import widget_inputs
+
+    env = f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_MODE=hang\nFAKE_MUSUBI_CHILD=1\nFAKE_MUSUBI_PIDFILE={pid_file}"
+    return {
+        "1": {"class_type": "MusubiTuner_Environment", "inputs": widget_inputs(
+            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable, extra_env=env)},
+        "2": {"class_type": "MusubiTuner_DatasetConfig", "inputs": widget_inputs(
+            info, "MusubiTuner_DatasetConfig", directory=str(data), name=name)},
+        "3": {"class_type": "MusubiTuner_TrainLoRA_HunyuanVideo", "inputs": widget_inputs(
+            info, "MusubiTuner_TrainLoRA_HunyuanVideo", musubi_env=["1", 0], dataset=["2", 0],
+            dit=str(dit), output_name="cancel_lora", output_dir=str(out_dir))},
+    }  # fmt: skip
+
+
 def fake_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Extra environment variables that make ``python -m accelerate.commands.launch`` the fake."""
     return {"PYTHONPATH": str(FAKE_SITE), **(extra or {})}

@@ -10,7 +10,7 @@ import json
 import sys
 
 import pytest
-from fake_musubi.fakeroot import FAKE_SITE, make_fake_root
+from fake_musubi.fakeroot import FAKE_SITE, make_fake_workspace
 from PIL import Image
 
 from comfy_server import widget_inputs as widgets
@@ -24,17 +24,7 @@ TRAINERS = [(k, t.function) for k, s in archs.ARCHS.items() for t in s.trainers]
 
 @pytest.fixture
 def setup(comfy_server, tmp_path):
-    root = make_fake_root(tmp_path)
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(2):
-        Image.new("RGB", (64, 48), (i * 100, 50, 50)).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text(f"a test image {i}")
-    models = tmp_path / "models"
-    models.mkdir()
-    for name in ("dit.safetensors", "vae.safetensors", "te.safetensors"):
-        (models / name).write_bytes(b"x")
-    return root, data, models
+    return make_fake_workspace(tmp_path, ("dit.safetensors", "vae.safetensors", "te.safetensors"))
 
 
 def env_node(info, root, tmp_path, extra: str = "") -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_musubi.fakeroot import FAKE_SITE, LYCORIS_SITE, make_fake_root
+from fake_musubi.fakeroot import FAKE_SITE, LYCORIS_SITE, hanging_training_prompt, make_fake_workspace
 from PIL import Image
 
 from comfy_server import process_alive, widget_inputs
@@ -44,17 +44,7 @@ widgets = widget_inputs
 
 @pytest.fixture
 def fake_setup(comfy_server, tmp_path):
-    root = make_fake_root(tmp_path)
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(2):
-        Image.new("RGB", (64, 48), (i * 100, 50, 50)).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text(f"a test image {i}")
-    models = tmp_path / "models"
-    models.mkdir()
-    for name in ("dit.safetensors", "vae.safetensors", "t5.pth"):
-        (models / name).write_bytes(b"x")
-    return root, data, models
+    return make_fake_workspace(tmp_path, ("dit.safetensors", "vae.safetensors", "t5.pth"))
 
 
 def test_wan_training_graph_runs_the_fake_musubi(comfy_server, fake_setup, tmp_path):
@@ -148,17 +138,9 @@ def test_cancel_kills_the_training_tree(comfy_server, fake_setup, tmp_path):
     root, data, models = fake_setup
     info = comfy_server.object_info()
     pid_file = tmp_path / "pids"
-    prompt = {
-        "1": {"class_type": "MusubiTuner_Environment", "inputs": widgets(
-            info, "MusubiTuner_Environment", musubi_root=str(root), python=sys.executable,
-            extra_env=f"PYTHONPATH={FAKE_SITE}\nFAKE_MUSUBI_MODE=hang\nFAKE_MUSUBI_CHILD=1\n"
-                      f"FAKE_MUSUBI_PIDFILE={pid_file}")},
-        "2": {"class_type": "MusubiTuner_DatasetConfig", "inputs": widgets(
-            info, "MusubiTuner_DatasetConfig", directory=str(data), name="itest_cancel")},
-        "3": {"class_type": "MusubiTuner_TrainLoRA_HunyuanVideo", "inputs": widgets(
-            info, "MusubiTuner_TrainLoRA_HunyuanVideo", musubi_env=["1", 0], dataset=["2", 0],
-            dit=str(models / "dit.safetensors"), output_name="cancel_lora", output_dir=str(tmp_path / "o"))},
-    }  # fmt: skip
+    prompt = hanging_training_prompt(
+        info, root, data, models / "dit.safetensors", tmp_path / "o", pid_file, "itest_cancel"
+    )
     import threading
 
     errors = []
