@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs the GPU server tier once per server setting, the settings side by side (one pytest and one
+# ComfyUI server each, own asset folder), so the four settings fit one sitting on one GPU.
+#   bash tests/gpu_server/run_settings.sh [setting ...] [-- extra pytest arguments]
+# Settings: defaults highvram disable-dynamic-vram disable-cuda-malloc (default: all four).
+# Logs go to ${LOG_DIR:-${OUT:-/tmp}}/tier_<setting>.log; the summary line of each is printed.
+# Timing cases (Cancel within 2 s) share the GPU with the other settings' servers here; run one
+# setting alone to time it undisturbed.
+set -u
+settings=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do settings+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+[ ${#settings[@]} -eq 0 ] && settings=(defaults highvram disable-dynamic-vram disable-cuda-malloc)
+logs="${LOG_DIR:-${OUT:-/tmp}}"
+mkdir -p "$logs"
+pids=()
+for s in "${settings[@]}"; do
+    SPEEDKIT_GPU_ASSETS="${SPEEDKIT_GPU_ASSETS:-/tmp/speedkit_gpu_assets}_$s" \
+        python3 -m pytest -v -rfE -p no:cacheprovider tests/gpu_server -k "$s" "$@" >"$logs/tier_$s.log" 2>&1 &
+    pids+=($!)
+done
+status=0
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || status=1
+    echo "${settings[$i]}: $(tail -n 1 "$logs/tier_${settings[$i]}.log")"
+done
+exit $status
