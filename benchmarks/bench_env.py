@@ -83,8 +83,8 @@ def run_isolated_cases(
         )
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         lines = proc.stderr.strip().splitlines()
-        keys = ("terminate", "what()", "error", "Error", "Aborted", "warn")
-        tail = [x for x in lines if any(k in x for k in keys)][:8] + lines[-2:]
+        keys = ("terminate", "what()", "error", "Error", "Aborted", "warn", 'File "')
+        tail = [x for x in lines if any(k in x for k in keys)][:16] + lines[-2:]
         results[case] = {"rc": proc.returncode, "result": json.loads(line[7:]) if line else None, "stderr": tail}
         log.info("%-32s rc=%-4d %s", case, proc.returncode, line[7:] if line else " | ".join(tail))
     return results

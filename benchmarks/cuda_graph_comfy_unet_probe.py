@@ -7,7 +7,9 @@ refused passes, and the failed capture then aborts the process
 (ComfyUI v0.19.3's ``UNetModel`` with SDXL's configuration, random fp16 weights, under
 ``torch.inference_mode`` as ComfyUI samples) each in its own subprocess, so the piece that
 fails can be named without losing the probe. Per piece: the return code (negative = killed
-by a signal, i.e. the abort), whether it recorded, and replay vs eager max |diff|.
+by a signal, i.e. the abort), whether it recorded, and replay vs eager max |diff|. The whole
+UNet is also recorded in variants (:data:`VARIANTS`): on the stream of the checked run, twice in
+a row, without a shared pool; a variant that records where the pack's way aborts names the fix.
 
 Run on a CUDA machine from the pack folder::
 
@@ -34,12 +36,22 @@ SDXL_UNET = {
     "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }  # fmt: skip
-CASES = ["unet_full", "time_embed", "input_block_0", "input_block_1", "input_block_4", "middle", "attention", "out"]
+PIECES = ["unet_full", "time_embed", "input_block_0", "input_block_1", "input_block_4", "middle", "attention", "out"]
+VARIANTS = {
+    "": "recorded as the pack records (its own capture stream, shared pool, thread-local mode)",
+    "side": "recorded on the stream the checked run used (its cuBLAS/cuDNN workspaces exist before capture)",
+    "twice": "two recordings one after the other, sharing the pool",
+    "side_twice": "two recordings on the checked run's stream",
+    "nopool": "recorded without a shared pool",
+}
+CASES = [*PIECES, *(f"unet_full:{v}" for v in VARIANTS if v)]
 
 
-def run_case(name: str) -> dict:
-    """Build the UNet in this process (cwd = ComfyUI) and record one piece of it."""
+def run_case(case: str) -> dict:
+    """Build the UNet in this process (cwd = ComfyUI) and record one piece of it (``piece:variant``)."""
     import torch
+
+    name, _, variant = case.partition(":")
 
     sys.argv = sys.argv[:1]  # ComfyUI's argument parser reads sys.argv on import
     import comfy.ops
@@ -90,10 +102,16 @@ def run_case(name: str) -> dict:
                 torch.cuda.set_sync_debug_mode("default")
         torch.cuda.current_stream().wait_stream(side)
         eager = fn().clone()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=torch.cuda.graph_pool_handle(), capture_error_mode="thread_local"):
-            out = fn()
-        g.replay()
+        pool = None if variant == "nopool" else torch.cuda.graph_pool_handle()
+        stream = side if variant.startswith("side") else None
+        graphs = []
+        for _ in range(2 if variant.endswith("twice") else 1):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                out = fn()
+            graphs.append(g)
+        for g in graphs:
+            g.replay()
         torch.cuda.synchronize()
         return {"recorded": True, "max_err": float((out.float() - eager.float()).abs().max())}
 
@@ -113,7 +131,8 @@ def main() -> None:
     if not root:
         raise SystemExit("set COMFYUI_ROOT to a ComfyUI v0.19.3 checkout")
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync", PYTHONPATH=path)
+    # faulthandler prints the Python stack of an abort: the line whose recording failed
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync", PYTHONPATH=path, PYTHONFAULTHANDLER="1")
     results = run_isolated_cases(__file__, args.cases.split(",") if args.cases else CASES, env, cwd=root)
     if args.json:
         with open(args.json, "w") as f:
