@@ -415,6 +415,20 @@ def refuse_host_syncs() -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(previous)
 
 
+def capture_failure(exc: BaseException) -> str:
+    """One line for a failed CUDA-graph capture: the error and the last two Python lines that
+    ran (what to look at when the error only says "a previous error during capture", i.e. code
+    outside PyTorch broke the capture and the next PyTorch call reports it)."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        frames.append(f"{Path(code.co_filename).name}:{tb.tb_lineno} {code.co_name}")
+        tb = tb.tb_next
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return f"capture failed ({type(exc).__name__}: {first}; at {' <- '.join(reversed(frames[-2:]))})"
+
+
 class GraphBook:
     """Bookkeeping shared by the CUDA-graph replayers (USDU's denoiser calls, the LoRA
     trainer's micro-steps): graphs per input key, keys seen once, one memory pool, a cap, the

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..torch_utils import GraphBook
+from ..torch_utils import GraphBook, capture_failure
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class GraphedMicroStep(GraphBook):
             loss, grads = self.record(graph, lambda: self._compute(statics[0], statics[1], statics[2], s_cond))
         except Exception as exc:  # anything not capturable: the run continues eagerly
             torch.cuda.synchronize()
-            self.disable(f"capture failed ({type(exc).__name__}: {str(exc)[:200]})")
+            self.disable(capture_failure(exc))
             return None
         if ptrs != self.weight_ptrs():
             self.disable("the model's weights moved while recording")

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..torch_utils import GraphBook
+from ..torch_utils import GraphBook, capture_failure
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class GraphRunner(GraphBook):
         except Exception as exc:  # any capture failure: this run stays eager
             # A failed capture can leave the stream in an error state; make sure it is over.
             torch.cuda.synchronize(device)
-            self.disable(f"capture failed ({type(exc).__name__}: {str(exc)[:200]})")
+            self.disable(capture_failure(exc))
             return fn(*args, **kwargs, **passed)
         if weights != self.weight_ptrs():
             self.disable("the model's weights moved while recording")

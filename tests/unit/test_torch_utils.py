@@ -225,3 +225,19 @@ def test_refuse_host_syncs_raises_inside_and_restores_the_mode_after():
     with tu.refuse_host_syncs():
         y = x * 2  # device work only: allowed
     assert float(y.sum()) == 8.0
+
+
+def test_capture_failure_names_the_error_and_where_it_was_raised():
+    def inner():
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture\nmore text")
+
+    def outer():
+        inner()
+
+    try:
+        outer()
+    except RuntimeError as exc:
+        line = tu.capture_failure(exc)
+    assert line.startswith("capture failed (RuntimeError: CUDA error: operation failed due to a previous error")
+    assert "more text" not in line and "\n" not in line
+    assert "test_torch_utils.py" in line and " inner <- " in line and line.endswith(" outer)")
