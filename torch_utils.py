@@ -381,10 +381,11 @@ def graph_capture_blocker() -> str | None:
     can catch (``benchmarks/cuda_graph_allocator_results_h200.json``: every failed-capture
     pattern aborts, whether the failed graph is kept alive, captured in relaxed mode or under
     inference mode). The checked run of :meth:`GraphBook.record` finds host syncs, but not
-    every failure: ComfyUI's SDXL UNet records fine under the native allocator and fails under
-    this one with "invalid argument" after a clean checked run. Captures are therefore not
-    attempted there (the run stays eager), unless :data:`GRAPHS_WITH_MALLOC_ASYNC_ENV` is set
-    for a check.
+    every failure: ComfyUI's SDXL UNet on its own records and replays exactly under this
+    allocator (``benchmarks/cuda_graph_comfy_unet_results_h200.json``), yet in a ComfyUI server
+    the same recording failed with "invalid argument" after a clean checked run, i.e. something
+    of the server's besides the UNet breaks it. Captures are therefore not attempted there (the
+    run stays eager), unless :data:`GRAPHS_WITH_MALLOC_ASYNC_ENV` is set for a check.
     """
     if os.environ.get(GRAPHS_WITH_MALLOC_ASYNC_ENV) == "1":
         return None

@@ -11,6 +11,10 @@ by a signal, i.e. the abort), whether it recorded, and replay vs eager max |diff
 UNet is also recorded in variants (:data:`VARIANTS`): on the stream of the checked run, twice in
 a row, without a shared pool; a variant that records where the pack's way aborts names the fix.
 
+Result on an H200 (``cuda_graph_comfy_unet_results_h200.json``): the whole UNet records in every
+variant and replays exactly (max |diff| 0), and so does attention. The UNet alone does not fail
+under cudaMallocAsync; what broke the recording in a server is outside it.
+
 Run on a CUDA machine from the pack folder::
 
     COMFYUI_ROOT=/path/to/ComfyUI python benchmarks/cuda_graph_comfy_unet_probe.py [--json out.json]
