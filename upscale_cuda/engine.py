@@ -587,8 +587,10 @@ class Upscaler:
                     x = reader.get(i, j, prefetch=nxt)
                     try:
                         launched = (i, j, x, *self._launch(x, plan, batch))
-                    except Exception:
-                        if pending is not None:  # the batch before finished: keep it, retry from here
+                    except Exception as exc:
+                        if pending is not None and is_oom_error(exc):
+                            # the batch before finished: keep it, the retry resumes after it; any
+                            # other error (Cancel) must not wait for that batch's GPU work first
                             done, pending = pending, None
                             self._complete(done, plan, report, writer, progress, b)
                         raise

@@ -448,6 +448,35 @@ def test_progress_reaches_total_and_cancel_stops(device):
     assert all(p.device.type == "cpu" for p in up.cache.module(desc.model, up.fingerprint, up.dtype).parameters())
 
 
+def test_cancel_inside_a_batch_does_not_wait_for_the_batch_before(device):
+    """Whole frames: batch i+1 is queued before batch i is checked. A cancel raised while
+    queueing batch i+1 must end the run at once, not first finish batch i (on a GPU that is a
+    wait for its kernels; an out-of-memory error keeps it instead, so the retry resumes after it)."""
+    desc = load("compact_x2_nc8")
+    up = Upscaler(desc, fp32_options(batch_size=1), device=device, cache=ModelCache())
+    per_frame = {"n": 0}
+
+    def count():
+        per_frame["n"] += 1
+
+    up.upscale(torch.rand(1, 16, 16, 3), check_cancel=count)  # checks made for one frame's batch
+    calls = {"n": 0}
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel():
+        calls["n"] += 1
+        if calls["n"] > per_frame["n"] + 1:  # inside the second batch's model call
+            raise Cancelled
+
+    seen: list[int] = []
+    with pytest.raises(Cancelled):
+        up.upscale(torch.rand(3, 16, 16, 3), check_cancel=cancel, progress=lambda d, t: seen.append(d))
+    assert per_frame["n"] > 1 and calls["n"] == per_frame["n"] + 2
+    assert seen == []  # the first batch was dropped, not finished
+
+
 def test_model_cache_is_bounded_and_keyed_by_weights():
     a, b = load("compact_x2_nc8", seed=1), load("compact_x2_nc8", seed=2)
     fa, fb = model_fingerprint(a.model, "Compact"), model_fingerprint(b.model, "Compact")
