@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 
 import pytest
 from fake_musubi.fakeroot import FAKE_SITE, make_fake_workspace
@@ -147,11 +148,20 @@ def test_training_samples_show_on_the_node(comfy_server, setup, tmp_path):
                 queued = {"prompt": comfy_server.with_defaults(prompt), "client_id": "samples"}
                 prompt_id = comfy_server.post("/prompt", queued)["prompt_id"]
                 job = asyncio.get_running_loop().run_in_executor(None, comfy_server.wait, prompt_id, 120)
-                while not job.done():
+                # The job counts as done when /history says so, which can be before the server
+                # has sent the run's last websocket messages: read on until the socket is quiet.
+                drain_until = None
+                while drain_until is None or time.monotonic() < drain_until:
+                    if drain_until is None and job.done():
+                        drain_until = time.monotonic() + 10
                     try:
                         msg = await ws.receive(timeout=0.5)
                     except asyncio.TimeoutError:
+                        if job.done():
+                            break
                         continue
+                    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        break
                     if msg.type == aiohttp.WSMsgType.BINARY:
                         previews += 1
                     elif msg.type == aiohttp.WSMsgType.TEXT:
