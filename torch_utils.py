@@ -493,6 +493,12 @@ class GraphBook:
         self._seen.clear()
         self._pool = None
 
+    def capture_failed(self, exc: BaseException, device: torch.device | None = None) -> None:
+        """After a failed recording: wait until the stream is out of its error state, then turn
+        graphs off for the rest of the run, logging where the recording failed."""
+        torch.cuda.synchronize(device)
+        self.disable(capture_failure(exc))
+
     def disable(self, reason: str) -> None:
         if self.disabled is None:
             self.disabled = reason

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..torch_utils import GraphBook, capture_failure
+from ..torch_utils import GraphBook
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ class GraphedMicroStep(GraphBook):
         try:
             loss, grads = self.record(graph, lambda: self._compute(statics[0], statics[1], statics[2], s_cond))
         except Exception as exc:  # anything not capturable: the run continues eagerly
-            torch.cuda.synchronize()
-            self.disable(capture_failure(exc))
+            self.capture_failed(exc)
             return None
         if ptrs != self.weight_ptrs():
             self.disable("the model's weights moved while recording")

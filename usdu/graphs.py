@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..torch_utils import GraphBook, capture_failure
+from ..torch_utils import GraphBook
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +134,7 @@ class GraphRunner(GraphBook):
                 output = self.record(graph, lambda: fn(*s_args, **s_kwargs, **passed))
             _clone_output(output)  # checks the output type before it is trusted
         except Exception as exc:  # any capture failure: this run stays eager
-            # A failed capture can leave the stream in an error state; make sure it is over.
-            torch.cuda.synchronize(device)
-            self.disable(capture_failure(exc))
+            self.capture_failed(exc, device)
             return fn(*args, **kwargs, **passed)
         if weights != self.weight_ptrs():
             self.disable("the model's weights moved while recording")
