@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,6 +66,7 @@ def full_residency(model, label: str, working_bytes: int = 0) -> Iterator[object
             logger.info("%s: model kept on ComfyUI's dynamic VRAM loading: %s", label, reason)
         yield model
         return
+    started = time.perf_counter()
     try:
         resident = model.clone(disable_dynamic=True)
         mm.load_models_gpu([resident], force_full_load=True)
@@ -80,7 +82,12 @@ def full_residency(model, label: str, working_bytes: int = 0) -> Iterator[object
             _release(resident)
         yield model
         return
-    logger.info("%s: model loaded fully on the GPU for this run (%.1f GiB)", label, resident.model_size() / 2**30)
+    logger.info(
+        "%s: model loaded fully on the GPU for this run (%.1f GiB in %.2f s)",
+        label,
+        resident.model_size() / 2**30,
+        time.perf_counter() - started,
+    )
     try:
         yield resident
     finally:

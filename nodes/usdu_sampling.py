@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from .. import torch_utils
 from ..usdu import pipeline, runner
 from ..usdu import sampling as usdu_sampling
+from ..usdu.stage_clock import StageClock
 from .comfy_bridge import progress_bar, throw_if_interrupted
 from .usdu_wrappers import with_cuda_graphs, with_tile_adm
 
@@ -61,10 +63,12 @@ def decode(vae, samples: torch.Tensor, tiled: bool) -> torch.Tensor:
     return vae.decode_tiled(samples, tile_x=tile, tile_y=tile, overlap=tile // 8)
 
 
-def make_process(s: Sampling, canvas: usdu_sampling.Canvas) -> runner.ProcessFn:
+def make_process(s: Sampling, canvas: usdu_sampling.Canvas, clock: StageClock | None = None) -> runner.ProcessFn:
     """``process(batch) -> pixels`` for tiles of ``canvas``: one ComfyUI sampler call per
-    :class:`usdu.sampling.TileCall` of the batch."""
+    :class:`usdu.sampling.TileCall` of the batch (stages timed on ``clock``)."""
     import comfy.sample
+
+    clock = clock or StageClock()
 
     conditioner = usdu_sampling.TileConditioner(s.positive, s.negative, canvas)
 
@@ -76,11 +80,19 @@ def make_process(s: Sampling, canvas: usdu_sampling.Canvas) -> runner.ProcessFn:
         model = s.model
         if call.sizes is not None:
             model = with_tile_adm(model, call.sizes, batch.images)
-        latent = s.vae.encode(batch.pixels[..., :3])
+        with clock.stage("VAE encode"):
+            latent = s.vae.encode(batch.pixels[..., :3])
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = usdu_sampling.tile_noise(latent, batch.seeds, batch.images)
+        with clock.stage("sampling"):
+            samples = _sample(model, noise, latent, call, batch)
+        with clock.stage("VAE decode"):
+            decoded = decode(s.vae, samples, s.tiled_decode)
+            return decoded[..., :3].to(device=batch.pixels.device, dtype=torch.float32)
+
+    def _sample(model, noise, latent, call: usdu_sampling.TileCall, batch: runner.TileBatch) -> torch.Tensor:
         if s.custom_sampler is not None and s.custom_sigmas is not None:
-            samples = comfy.sample.sample_custom(
+            return comfy.sample.sample_custom(
                 model,
                 noise,
                 s.cfg,
@@ -93,24 +105,21 @@ def make_process(s: Sampling, canvas: usdu_sampling.Canvas) -> runner.ProcessFn:
                 disable_pbar=True,
                 seed=batch.seeds[0],
             )
-        else:
-            samples = comfy.sample.sample(
-                model,
-                noise,
-                s.steps,
-                s.cfg,
-                s.sampler_name,
-                s.scheduler,
-                call.positive,
-                call.negative,
-                latent,
-                denoise=batch.denoise,
-                callback=cancel_callback,
-                disable_pbar=True,
-                seed=batch.seeds[0],
-            )
-        decoded = decode(s.vae, samples, s.tiled_decode)
-        return decoded[..., :3].to(device=batch.pixels.device, dtype=torch.float32)
+        return comfy.sample.sample(
+            model,
+            noise,
+            s.steps,
+            s.cfg,
+            s.sampler_name,
+            s.scheduler,
+            call.positive,
+            call.negative,
+            latent,
+            denoise=batch.denoise,
+            callback=cancel_callback,
+            disable_pbar=True,
+            seed=batch.seeds[0],
+        )
 
     def process(batch: runner.TileBatch) -> torch.Tensor:
         parts = [sample(call) for call in conditioner.calls(batch)]
@@ -119,7 +128,7 @@ def make_process(s: Sampling, canvas: usdu_sampling.Canvas) -> runner.ProcessFn:
     return process
 
 
-def make_model_fn(upscale_model) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_model_fn(upscale_model, clock: StageClock | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``[B,H,W,C] -> [B,H*s,W*s,C]`` through the pack's upscale engine (``upscale_cuda``),
     the one the Upscale Image (SpeedKit CUDA) node and the CLI use: reduced precision where
     the architecture allows (fp32 redo of overflowed frames), whole frames or VRAM-sized
@@ -133,10 +142,11 @@ def make_model_fn(upscale_model) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(image: torch.Tensor) -> torch.Tensor:
         device = mm.get_torch_device()
         upscaler = Upscaler(upscale_model, UpscaleOptions(), device=device, cache=UpscaleImageCUDA.cache)
-        mm.free_memory(upscaler.memory_estimate(image.shape[1], image.shape[2]), device)
-        out, _report = upscaler.upscale(
-            image, out_device=device, out_dtype=torch.float32, check_cancel=throw_if_interrupted
-        )
+        with clock.stage("upscale model") if clock is not None else nullcontext():
+            mm.free_memory(upscaler.memory_estimate(image.shape[1], image.shape[2]), device)
+            out, _report = upscaler.upscale(
+                image, out_device=device, out_dtype=torch.float32, check_cancel=throw_if_interrupted
+            )
         return out
 
     return run
@@ -175,13 +185,14 @@ def redraw(
     made); the CUDA-graph clone, when used, lives only for this call."""
     source_h, source_w = image.shape[1:3]
     graphs = None
+    clock = StageClock(device)
     if cuda_graphs:
         sampling.model, graphs = with_cuda_graphs(sampling.model, device)
     state: dict = {}
 
     def on_canvas(canvas: torch.Tensor) -> None:
         ch, cw = canvas.shape[1:3]
-        state["process"] = make_process(sampling, usdu_sampling.Canvas(cw, ch, source_w, source_h, factor))
+        state["process"] = make_process(sampling, usdu_sampling.Canvas(cw, ch, source_w, source_h, factor), clock)
 
     def process(batch: runner.TileBatch) -> torch.Tensor:
         return state["process"](batch)
@@ -191,7 +202,7 @@ def redraw(
             state["pbar"] = progress_bar(max(total, 1))
         state["pbar"].update_absolute(done, total)
 
-    model_fn = make_model_fn(upscale_model) if upscale_model is not None else None
+    model_fn = make_model_fn(upscale_model, clock) if upscale_model is not None else None
     try:
         return pipeline.upscale_then_redraw(
             image,
@@ -207,6 +218,11 @@ def redraw(
             image_name=image_name,
         )
     finally:
+        if clock.stages:
+            try:
+                logger.info("USDU: time per stage: %s", clock.summary())
+            except Exception as exc:  # noqa: BLE001 - a broken CUDA context must not hide the run's own error
+                logger.debug("USDU: no stage times: %s", exc)
         if graphs is not None:
             if graphs.captures:
                 logger.info(
