@@ -446,7 +446,8 @@ class GraphBook:
         self.label = label
         self._graphs: dict[Hashable, object] = {}
         self._seen: set[Hashable] = set()
-        self._pool = None
+        self._pool: torch.cuda.MemPool | None = None
+        self._stream: torch.cuda.Stream | None = None
         self.disabled: str | None = None
         self.captures = 0
         self.replays = 0
@@ -454,11 +455,17 @@ class GraphBook:
     def weight_ptrs(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for t in self._weights())
 
-    def pool(self):
-        """The memory pool every graph of this book records into."""
+    def pool(self) -> torch.cuda.MemPool:
+        """The memory pool every graph of this book records into (and its checked runs run in)."""
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+            self._pool = torch.cuda.MemPool()
         return self._pool
+
+    def stream(self) -> torch.cuda.Stream:
+        """The stream every checked run and recording of this book runs on."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(torch.cuda.current_device())
+        return self._stream
 
     def wants_capture(self, key: Hashable) -> bool:
         """True when ``key`` occurred before, graphs are on and the cap is not reached (marks it seen)."""
@@ -474,24 +481,33 @@ class GraphBook:
 
         The checked run finds the usual cause of a failed capture (``.item()``, a blocking
         copy, ``nonzero``...) in Python, before recording starts, and doubles as the warm-up.
-        It cannot rule out every failure, which is why :func:`graph_capture_blocker` keeps
-        captures off under cudaMallocAsync, where a failed one aborts the process. The capture
-        is thread-local, so another thread of the server touching CUDA cannot invalidate it.
+        It runs in the book's memory pool on the stream the recording uses, so the recording
+        finds the memory it needs already reserved there and asks the driver for none: with
+        ComfyUI's dynamic VRAM on, device allocations go through comfy-aimdo's hooks, and a
+        recording that allocated through them has failed ("operation failed due to a previous
+        error during capture") where the same recording without them succeeds. It cannot rule
+        out every failure, which is why :func:`graph_capture_blocker` keeps captures off under
+        cudaMallocAsync, where a failed one aborts the process. The capture is thread-local, so
+        another thread of the server touching CUDA cannot invalidate it.
         """
         current = torch.cuda.current_stream()
-        side = torch.cuda.Stream(current.device)
+        side = self.stream()
         side.wait_stream(current)
-        with torch.cuda.stream(side), refuse_host_syncs():
+        pool = self.pool()
+        with torch.cuda.stream(side), refuse_host_syncs(), torch.cuda.use_mem_pool(pool):
             fn()  # lazy initialisations happen here, outside the capture
         current.wait_stream(side)
-        with torch.cuda.graph(graph, pool=self.pool(), capture_error_mode="thread_local"):
-            return fn()
+        with torch.cuda.graph(graph, pool=pool.id, stream=side, capture_error_mode="thread_local"):
+            output = fn()
+        current.wait_stream(side)
+        return output
 
     def close(self) -> None:
         """Drop every graph (their memory returns to the caching allocator)."""
         self._graphs.clear()
         self._seen.clear()
         self._pool = None
+        self._stream = None
 
     def capture_failed(self, exc: BaseException, device: torch.device | None = None) -> None:
         """After a failed recording: wait until the stream is out of its error state, then turn
