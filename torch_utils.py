@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -369,8 +369,7 @@ def pad_to_multiple(image: torch.Tensor, multiple: int, mode: str = "reflect") -
 GRAPHS_WITH_MALLOC_ASYNC_ENV = "SPEEDKIT_GRAPHS_WITH_MALLOC_ASYNC"
 """Maintainers' switch (``1``): record CUDA graphs under cudaMallocAsync too, to check on a GPU
 (``benchmarks/cuda_graph_allocator_probe.py``, the graphed-vs-eager tests) whether a torch and
-driver combination records safely there. With torch 2.11 it does not (a ComfyUI server running
-USDU with it set aborts). Never set by the pack."""
+driver combination records safely there. Never set by the pack."""
 
 
 def graph_capture_blocker() -> str | None:
@@ -380,12 +379,13 @@ def graph_capture_blocker() -> str | None:
     fails ends in a C++ ``terminate`` that aborts the whole process, which no Python handler
     can catch (``benchmarks/cuda_graph_allocator_results_h200.json``: every failed-capture
     pattern aborts, whether the failed graph is kept alive, captured in relaxed mode or under
-    inference mode). The checked run of :meth:`GraphBook.record` finds host syncs, but not
-    every failure: ComfyUI's SDXL UNet on its own records and replays exactly under this
-    allocator (``benchmarks/cuda_graph_comfy_unet_results_h200.json``), yet in a ComfyUI server
-    the same recording failed with "invalid argument" after a clean checked run, i.e. something
-    of the server's besides the UNet breaks it. Captures are therefore not attempted there (the
-    run stays eager), unless :data:`GRAPHS_WITH_MALLOC_ASYNC_ENV` is set for a check.
+    inference mode: the allocator frees the capture's memory from tensor destructors, which
+    cannot raise). The checked run of :meth:`GraphBook.record` finds host syncs, but cannot
+    rule out every failure, so captures are not attempted there (the run stays eager) unless
+    :data:`GRAPHS_WITH_MALLOC_ASYNC_ENV` is set for a check. (The "invalid argument" once seen
+    in a server under this allocator was USDU reading a graph's output before its first
+    replay, when cudaMallocAsync has not mapped the graph's memory yet; fixed, and tested in
+    ``tests/unit/test_usdu_graphs.py``.)
     """
     if os.environ.get(GRAPHS_WITH_MALLOC_ASYNC_ENV) == "1":
         return None
@@ -446,7 +446,7 @@ class GraphBook:
         self.label = label
         self._graphs: dict[Hashable, object] = {}
         self._seen: set[Hashable] = set()
-        self._pool: torch.cuda.MemPool | None = None
+        self._pool: torch.cuda.MemPool | tuple[int, int] | None = None
         self._stream: torch.cuda.Stream | None = None
         self.disabled: str | None = None
         self.captures = 0
@@ -455,10 +455,15 @@ class GraphBook:
     def weight_ptrs(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for t in self._weights())
 
-    def pool(self) -> torch.cuda.MemPool:
-        """The memory pool every graph of this book records into (and its checked runs run in)."""
+    def pool(self) -> torch.cuda.MemPool | tuple[int, int]:
+        """The memory pool every graph of this book records into (and its checked runs run in);
+        a plain graph pool handle where the allocator has no ``MemPool`` (cudaMallocAsync)."""
         if self._pool is None:
-            self._pool = torch.cuda.MemPool()
+            try:
+                self._pool = torch.cuda.MemPool()
+            except Exception as exc:  # noqa: BLE001 - only the checked run's placement is lost
+                logger.debug("%s: no MemPool (%s); checked runs use the default pool", self.label, exc)
+                self._pool = torch.cuda.graph_pool_handle()
         return self._pool
 
     def stream(self) -> torch.cuda.Stream:
@@ -494,10 +499,11 @@ class GraphBook:
         side = self.stream()
         side.wait_stream(current)
         pool = self.pool()
-        with torch.cuda.stream(side), refuse_host_syncs(), torch.cuda.use_mem_pool(pool):
+        shared = isinstance(pool, torch.cuda.MemPool)
+        with torch.cuda.stream(side), refuse_host_syncs(), torch.cuda.use_mem_pool(pool) if shared else nullcontext():
             fn()  # lazy initialisations happen here, outside the capture
         current.wait_stream(side)
-        with torch.cuda.graph(graph, pool=pool.id, stream=side, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool.id if shared else pool, stream=side, capture_error_mode="thread_local"):
             output = fn()
         current.wait_stream(side)
         return output

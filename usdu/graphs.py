@@ -68,12 +68,23 @@ def _rebuild(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> tuple[tu
     return new_args, new_kwargs
 
 
+def _check_output(out: Any) -> None:
+    """Refuse outputs other than tensors and (nested) tuples/lists of them, without reading
+    their memory: right after a recording, memory the graph allocated may not exist until
+    the first replay (cudaMallocAsync maps graph allocations at launch; reading them before
+    fails with "invalid argument")."""
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            _check_output(o)
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"graph output of type {type(out).__name__} is not supported")
+
+
 def _clone_output(out: Any) -> Any:
+    """A copy of a replayed graph's output (the graph overwrites its own at the next replay)."""
     if isinstance(out, torch.Tensor):
         return out.clone()
-    if isinstance(out, (tuple, list)):
-        return type(out)(_clone_output(o) for o in out)
-    raise TypeError(f"graph output of type {type(out).__name__} is not supported")
+    return type(out)(_clone_output(o) for o in out)
 
 
 class GraphRunner(GraphBook):
@@ -132,7 +143,7 @@ class GraphRunner(GraphBook):
         try:
             with torch.cuda.device(device):
                 output = self.record(graph, lambda: fn(*s_args, **s_kwargs, **passed))
-            _clone_output(output)  # checks the output type before it is trusted
+            _check_output(output)  # before it is trusted; replayed (so readable) only below
         except Exception as exc:  # any capture failure: this run stays eager
             self.capture_failed(exc, device)
             return fn(*args, **kwargs, **passed)

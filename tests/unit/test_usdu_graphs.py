@@ -115,3 +115,42 @@ def test_host_sync_inside_the_model_falls_back_to_eager():
     assert torch.cuda.get_sync_debug_mode() == 0
     for o in outs:
         torch.testing.assert_close(o, net(x, t, context=c))
+
+
+_ASYNC_CHILD = """
+import sys, types
+import torch
+pkg = types.ModuleType("speedkit")
+pkg.__path__ = [sys.argv[1]]
+sys.modules["speedkit"] = pkg  # the pack without its ComfyUI-loading __init__, as tests/conftest.py does
+from speedkit.usdu.graphs import GraphRunner
+assert torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1)).cuda().eval()
+g = GraphRunner(lambda: list(net.parameters()))
+with torch.inference_mode():
+    for step in range(4):
+        x = torch.rand(2, 4, 16, 16, device="cuda")
+        torch.testing.assert_close(g(lambda x: net(x), x), net(x), rtol=0, atol=1e-6)
+assert g.captures == 1 and g.disabled is None, (g.captures, g.disabled)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_recording_under_cuda_malloc_async_never_reads_output_before_replay():
+    """Under cudaMallocAsync a graph's own allocations exist only once it is launched: reading
+    the recorded output before the first replay failed with "invalid argument" (and the process
+    then aborted). Run in a child process with that allocator and the maintainers' switch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync", SPEEDKIT_GRAPHS_WITH_MALLOC_ASYNC="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _ASYNC_CHILD, str(root)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
