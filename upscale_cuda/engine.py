@@ -422,6 +422,17 @@ class Upscaler:
         # Plain memory, filled while the GPU works (see host_io); never pinned for the caller.
         out = torch.empty((b, h * s, w * s, self.traits.out_channels), dtype=out_dtype, device=out_device)
         start = time.perf_counter()
+        stopped: list[float] = []  # when check_cancel raised, to report how long stopping took
+        if check_cancel is not None:
+            user_check = check_cancel
+
+            def check_cancel() -> None:
+                try:
+                    user_check()
+                except BaseException:
+                    stopped.append(time.perf_counter())
+                    raise
+
         self._check_cancel = check_cancel
         try:
             with self._numerics():
@@ -436,6 +447,13 @@ class Upscaler:
             used = [m for m in self._ready.values() if isinstance(m, torch.nn.Module)]
             self._ready.clear()
             self.cache.offload(keep=used if self.options.keep_loaded else ())
+            if stopped:
+                logger.info(
+                    "upscale: cancelled after %d of %d frames; stopping took %.2f s (GPU work already queued)",
+                    self._done,
+                    b,
+                    time.perf_counter() - stopped[0],
+                )
         report.seconds = time.perf_counter() - start
         logger.info("upscale: %s", report.text().replace("\n", "; "))
         return out, report
