@@ -23,8 +23,9 @@ class Cancelled(Exception):
     pass
 
 
-def test_cancel_is_checked_inside_a_model_call():
+def test_cancel_is_checked_inside_a_model_call(caplog):
     # One call holds every frame (a long call on the CPU): the cancel must not wait for its end.
+    caplog.set_level(logging.INFO, logger=engine_mod.__name__)
     desc = load("esrgan_x4_nf16_nb2")
     checks = []
     progress = []
@@ -38,6 +39,7 @@ def test_cancel_is_checked_inside_a_model_call():
     with pytest.raises(Cancelled):
         up.upscale(torch.rand(8, 24, 24, 3), progress=lambda d, t: progress.append(d), check_cancel=check_cancel)
     assert progress == []  # stopped inside the first (and only) call
+    assert "cancelled after 0 of 8 frames; stopping took" in caplog.text  # how long stopping took is logged
     copy = up.cache.module(desc.model, up.fingerprint, up.dtype)
     assert not any(m._forward_pre_hooks for m in copy.modules())  # the checks are gone after the run
     out, _ = up.upscale(torch.rand(1, 24, 24, 3))  # and a later run without cancel is unaffected
