@@ -349,13 +349,43 @@ class ModelCache:
         modules in ``keep`` (the copies a run was asked to keep loaded), which
         :meth:`kept_modules` then lists until the next call."""
         keep = list(keep)
-        kept = {id(m) for m in keep}
         with self._lock:
-            for entry in self._entries.values():
-                for m in entry.modules():
-                    if id(m) not in kept:
-                        m.to("cpu")
-            self._kept = keep
+            self._offload_locked(keep)
+
+    def offload_in_background(self, keep: Iterable[torch.nn.Module] = ()) -> threading.Thread:
+        """:meth:`offload` in a worker thread, returning at once.
+
+        For a cancelled run: moving a copy to the CPU waits for the GPU work already queued
+        with its weights (up to a batch or two), which would delay the Cancel by as long. The
+        cache stays locked until the move is done, so the next run waits for it instead of
+        picking up a copy that is being moved.
+        """
+        keep = list(keep)
+        self._lock.acquire()
+
+        def work() -> None:
+            try:
+                self._offload_locked(keep)
+            except Exception as exc:  # noqa: BLE001 - the copies stay where they are; the next run moves them
+                logger.warning("upscale: moving the model copies to the CPU failed: %s", exc)
+            finally:
+                self._lock.release()
+
+        thread = threading.Thread(target=work, name="speedkit-upscale-offload", daemon=True)
+        try:
+            thread.start()
+        except BaseException:
+            self._lock.release()
+            raise
+        return thread
+
+    def _offload_locked(self, keep: list[torch.nn.Module]) -> None:
+        kept = {id(m) for m in keep}
+        for entry in self._entries.values():
+            for m in entry.modules():
+                if id(m) not in kept:
+                    m.to("cpu")
+        self._kept = keep
 
     def kept_modules(self) -> list[torch.nn.Module]:
         """The cached copies the last run kept loaded on its device (still in the cache)."""

@@ -208,3 +208,31 @@ def test_explicit_tile_that_cannot_fit_the_memory_limit_is_reduced(caplog):
     with caplog.at_level(logging.WARNING):
         assert up.plan(64, 64).whole
     assert "does not fit" not in caplog.text
+
+
+def test_background_offload_keeps_the_cache_locked_until_the_move_is_done(monkeypatch):
+    """After a Cancel the copies move to the CPU in a worker thread; a run that starts meanwhile
+    must wait for the move (not pick up a copy being moved), also when the move fails."""
+    from speedkit.upscale_cuda.cache import ModelCache
+
+    cache = ModelCache()
+    moved = threading.Event()
+
+    def slow_move(keep):
+        time.sleep(0.3)
+        moved.set()
+
+    monkeypatch.setattr(cache, "_offload_locked", slow_move)
+    t0 = time.perf_counter()
+    thread = cache.offload_in_background()
+    assert time.perf_counter() - t0 < 0.2  # returns at once
+    cache.kept_modules()  # takes the cache's lock: waits for the move
+    assert moved.is_set() and time.perf_counter() - t0 >= 0.3
+    thread.join()
+
+    def failing_move(keep):
+        raise RuntimeError("CUDA error")
+
+    monkeypatch.setattr(cache, "_offload_locked", failing_move)
+    cache.offload_in_background().join(5)
+    assert cache.kept_modules() == []  # the lock was given back
