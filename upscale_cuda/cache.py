@@ -352,20 +352,21 @@ class ModelCache:
         with self._lock:
             self._offload_locked(keep)
 
-    def offload_in_background(self, keep: Iterable[torch.nn.Module] = ()) -> threading.Thread:
-        """:meth:`offload` in a worker thread, returning at once.
+    def offload_in_background(self) -> threading.Thread:
+        """Move every cached copy to the CPU in a worker thread, returning at once.
 
-        For a cancelled run: moving a copy to the CPU waits for the GPU work already queued
-        with its weights (up to a batch or two), which would delay the Cancel by as long. The
-        cache stays locked until the move is done, so the next run waits for it instead of
-        picking up a copy that is being moved.
+        For a cancelled run (which keeps nothing loaded): moving a copy to the CPU waits for the
+        GPU work already queued with its weights (up to a batch or two), which would delay the
+        Cancel by as long. The cache stays locked until the move is done, so the next run waits
+        for it instead of picking up a copy that is being moved; :meth:`kept_modules` answers at
+        once (nothing is kept).
         """
-        keep = list(keep)
         self._lock.acquire()
+        self._kept = []
 
         def work() -> None:
             try:
-                self._offload_locked(keep)
+                self._offload_locked([])
             except Exception as exc:  # noqa: BLE001 - the copies stay where they are; the next run moves them
                 logger.warning("upscale: moving the model copies to the CPU failed: %s", exc)
             finally:
@@ -389,6 +390,8 @@ class ModelCache:
 
     def kept_modules(self) -> list[torch.nn.Module]:
         """The cached copies the last run kept loaded on its device (still in the cache)."""
+        if not self._kept:  # nothing kept: no need to wait for a move in progress
+            return []
         with self._lock:
             live = {id(m) for entry in self._entries.values() for m in entry.modules()}
             return [m for m in self._kept if id(m) in live]

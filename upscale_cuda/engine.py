@@ -446,11 +446,11 @@ class Upscaler:
             # own copies when the caller asked to keep them loaded.
             used = [m for m in self._ready.values() if isinstance(m, torch.nn.Module)]
             self._ready.clear()
-            keep = used if self.options.keep_loaded else ()
             if stopped and self.device.type == "cuda":
-                self.cache.offload_in_background(keep)  # the Cancel must not wait for the queued GPU work
+                # a cancelled run keeps nothing loaded, and the Cancel must not wait for the queued GPU work
+                self.cache.offload_in_background()
             else:
-                self.cache.offload(keep=keep)
+                self.cache.offload(keep=used if self.options.keep_loaded else ())
             if stopped:
                 logger.info(
                     "upscale: cancelled after %d of %d frames; stopping took %.2f s (GPU work already queued)",

@@ -226,7 +226,9 @@ def test_background_offload_keeps_the_cache_locked_until_the_move_is_done(monkey
     t0 = time.perf_counter()
     thread = cache.offload_in_background()
     assert time.perf_counter() - t0 < 0.2  # returns at once
-    cache.kept_modules()  # takes the cache's lock: waits for the move
+    assert cache.kept_modules() == []  # answers at once: a cancelled run keeps nothing
+    assert not moved.is_set()
+    cache.clear()  # takes the cache's lock (as fetching a copy does): waits for the move
     assert moved.is_set() and time.perf_counter() - t0 >= 0.3
     thread.join()
 
@@ -235,4 +237,7 @@ def test_background_offload_keeps_the_cache_locked_until_the_move_is_done(monkey
 
     monkeypatch.setattr(cache, "_offload_locked", failing_move)
     cache.offload_in_background().join(5)
-    assert cache.kept_modules() == []  # the lock was given back
+    done = threading.Thread(target=cache.clear)  # needs the cache's lock: it was given back
+    done.start()
+    done.join(5)
+    assert not done.is_alive()
