@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -139,10 +138,12 @@ def make_model_fn(upscale_model, clock: StageClock | None = None) -> Callable[[t
     from ..upscale_cuda.engine import UpscaleOptions, Upscaler
     from .upscale_cuda import UpscaleImageCUDA
 
+    clock = clock or StageClock()
+
     def run(image: torch.Tensor) -> torch.Tensor:
         device = mm.get_torch_device()
         upscaler = Upscaler(upscale_model, UpscaleOptions(), device=device, cache=UpscaleImageCUDA.cache)
-        with clock.stage("upscale model") if clock is not None else nullcontext():
+        with clock.stage("upscale model"):
             mm.free_memory(upscaler.memory_estimate(image.shape[1], image.shape[2]), device)
             out, _report = upscaler.upscale(
                 image, out_device=device, out_dtype=torch.float32, check_cancel=throw_if_interrupted
