@@ -272,18 +272,30 @@ class Upscaler:
         module = self._ready.get(dtype)
         if module is None:
             key, transform = self._variant(dtype)
-            module = self._place(self.cache.module(self.descriptor.model, key, dtype, transform))
+            # Copying, transforming and moving a model take up to a second on the first run:
+            # a Cancel pressed meanwhile is answered between the steps, not after the first call.
+            copy_ = self.cache.module(self.descriptor.model, key, dtype, transform)
+            self._cancel_point()
+            module = self._place(copy_)
+            self._cancel_point()
             self._ready[dtype] = module
             self._watch_cancel(module)
         return module
 
-    def _watch_cancel(self, module: torch.nn.Module) -> None:
-        """Check for cancel inside eager model calls, before each block or layer.
+    def _cancel_point(self) -> None:
+        if self._check_cancel is not None:
+            self._check_cancel()
 
-        One call can take many seconds on the CPU (a whole frame, or a large tile batch):
-        checking only between calls made a cancel wait that long. The hooks sit on our own
-        copy for this run only (removed when the run ends) and are left out for compiled
-        models, whose graphs they would break.
+    def _watch_cancel(self, module: torch.nn.Module) -> None:
+        """Check for cancel inside eager model calls, before each layer.
+
+        One call can take many seconds on the CPU (a whole frame, or a large tile batch), and
+        on a GPU the first call of a run autotunes cuDNN inside each new conv shape (about a
+        second for RRDB's full-resolution convs): checking only between calls, or between
+        blocks, made a cancel wait that long. A check is a flag read, microseconds per layer
+        against milliseconds of GPU work. The hooks sit on our own copy for this run only
+        (removed when the run ends) and are left out for compiled models, whose graphs they
+        would break.
         """
         if self._check_cancel is None or self.backend.startswith("compiled"):
             return
@@ -292,11 +304,8 @@ class Upscaler:
         def hook(_module, _args) -> None:
             check()
 
-        # On the CPU every layer (one conv over a large batch can take a second); on a GPU, where
-        # calls are short and the host must stay ahead of the kernels, every block.
-        every_layer = self.device.type == "cpu"
         for sub in module.modules():
-            if sub is not module and (every_layer or next(sub.children(), None) is not None):
+            if sub is not module:
                 self._hooks.append(sub.register_forward_pre_hook(hook))
 
     def _place(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -102,8 +102,17 @@ class FusedDenseBlock(torch.nn.Module):
                 k = torch.zeros(gc, nf, 3, 3, dtype=ref.dtype, device=ref.device)
                 k[:, :, 1, 1] = extra.weight.detach()[:, :, 0, 0]
                 weight.append(k)
-            fused = torch.nn.Conv2d(cin, sum(w.shape[0] for w in weight), 3, padding=1, bias=source == 0)
-            fused.to(device=ref.device, dtype=ref.dtype)
+            # No random init: every value is copied below.
+            fused = torch.nn.utils.skip_init(
+                torch.nn.Conv2d,
+                cin,
+                sum(w.shape[0] for w in weight),
+                3,
+                padding=1,
+                bias=source == 0,
+                device=ref.device,
+                dtype=ref.dtype,
+            )
             with torch.no_grad():
                 fused.weight.copy_(torch.cat(weight, 0))
                 if source == 0:

@@ -46,6 +46,48 @@ def test_cancel_is_checked_inside_a_model_call(caplog):
     assert out.shape == (1, 96, 96, 3)
 
 
+def test_cancel_is_answered_between_preparing_the_model_and_its_first_call():
+    # The first run copies, transforms and moves the model (up to a second for RRDB on a GPU):
+    # a Cancel pressed meanwhile must not wait for the first model call.
+    desc = load("esrgan_x4_nf16_nb2")
+    checks = []
+    layers = []
+
+    def check_cancel():
+        checks.append(1)
+        if len(checks) == 2:  # the first check is before the first batch; the second follows the copy
+            raise Cancelled
+
+    up = Upscaler(desc, UpscaleOptions(precision="fp32"), device="cpu")
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: layers.append(m))
+    try:
+        with pytest.raises(Cancelled):
+            up.upscale(torch.rand(2, 16, 16, 3), check_cancel=check_cancel)
+    finally:
+        handle.remove()
+    assert layers == []  # no layer of the model ran
+    assert len(checks) == 2
+
+
+def test_every_layer_of_the_copy_is_a_cancel_point():
+    # A single conv can take a second (cuDNN autotuning a new shape on a GPU's first call): the
+    # checks sit before each layer, not only before each block.
+    desc = load("esrgan_x4_nf16_nb2")
+    up = Upscaler(desc, UpscaleOptions(precision="fp32"), device="cpu")
+    copy = up.cache.module(desc.model, up.fingerprint, up.dtype)
+    up._check_cancel = lambda: None
+    up.device = torch.device("cuda")  # as on a GPU (no GPU work is done here)
+    try:
+        up._watch_cancel(copy)
+        convs = [m for m in copy.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(m._forward_pre_hooks for m in convs)
+    finally:
+        for handle in up._hooks:
+            handle.remove()
+        up._hooks.clear()
+        up._check_cancel = None
+
+
 def test_automatic_tile_batch_fits_the_free_memory(monkeypatch):
     desc = load("esrgan_x4_nf16_nb2")
     budget = 300 * 1024**2
