@@ -33,6 +33,23 @@ from tiny_models import build_models
 from comfy_server import REPO_ROOT, ComfyServer, free_port
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Write each test's time and any failure's reason the moment it ends.
+
+    GPU runs are cut by a wall-clock limit; pytest's own summary comes only at the end, so a
+    cut run used to show which tests failed but never why.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    terminal = item.config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is None or (report.when != "call" and not report.failed):
+        return
+    terminal.write_line(f"[{report.when} {report.outcome} in {report.duration:.1f} s] {item.nodeid}")
+    if report.failed:
+        terminal.write_line(report.longreprtext[-6000:])
+
+
 @pytest.fixture(scope="session")
 def gpu_assets(tmp_path_factory) -> Path:
     """Model and input folders shared by every server of the session."""

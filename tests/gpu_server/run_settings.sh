@@ -3,7 +3,11 @@
 # ComfyUI server each, own asset folder), so the four settings fit one sitting on one GPU.
 #   bash tests/gpu_server/run_settings.sh [setting ...] [-- extra pytest arguments]
 # Settings: defaults highvram disable-dynamic-vram disable-cuda-malloc (default: all four).
-# Logs go to ${LOG_DIR:-${OUT:-/tmp}}/tier_<setting>.log; the summary line of each is printed.
+# Logs go to ${LOG_DIR:-${OUT:-/tmp}}/tier_<setting>.log (each test's time and any failure's reason
+# as it ends), each server's log to server_<setting>.log beside it; the summary line of each is
+# printed. TIER_TIMEOUT_S stops every pytest after that many seconds (0: never), so a run under a
+# wall-clock limit still brings its logs back. TIER_K narrows the tests (a pytest -k expression,
+# e.g. TIER_K="not cancel"; a -k among the extra arguments would replace the setting's).
 # Timing cases (Cancel within 2 s) share the GPU with the other settings' servers here; run one
 # setting alone to time it undisturbed.
 set -u
@@ -16,12 +20,17 @@ mkdir -p "$logs"
 pids=()
 for s in "${settings[@]}"; do
     SPEEDKIT_GPU_ASSETS="${SPEEDKIT_GPU_ASSETS:-/tmp/speedkit_gpu_assets}_$s" \
-        python3 -m pytest -v -rfE -p no:cacheprovider tests/gpu_server -k "$s" "$@" >"$logs/tier_$s.log" 2>&1 &
+        timeout "${TIER_TIMEOUT_S:-0}" python3 -m pytest -v -rfE -p no:cacheprovider --basetemp="/tmp/speedkit_tier_$s" \
+        tests/gpu_server -k "$s${TIER_K:+ and ($TIER_K)}" "$@" >"$logs/tier_$s.log" 2>&1 &
     pids+=($!)
 done
 status=0
 for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || status=1
-    echo "${settings[$i]}: $(tail -n 1 "$logs/tier_${settings[$i]}.log")"
+    s="${settings[$i]}"
+    echo "$s: $(tail -n 1 "$logs/tier_$s.log")"
+    for log in /tmp/speedkit_tier_"$s"/server-*/comfyui.log; do
+        [ -f "$log" ] && cp "$log" "$logs/server_$s.log"
+    done
 done
 exit $status
