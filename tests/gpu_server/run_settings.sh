@@ -17,9 +17,14 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do settings+=("$1"); shift; done
 [ ${#settings[@]} -eq 0 ] && settings=(defaults highvram disable-dynamic-vram disable-cuda-malloc)
 logs="${LOG_DIR:-${OUT:-/tmp}}"
 mkdir -p "$logs"
+assets="${SPEEDKIT_GPU_ASSETS:-/tmp/speedkit_gpu_assets}"
+# The random-weight checkpoints (a full-size SDXL among them) are built once, then linked.
+dirs=()
+for s in "${settings[@]}"; do dirs+=("${assets}_$s"); done
+python3 tests/gpu_server/shared_assets.py "${assets}_shared" "${dirs[@]}" || exit 1
 pids=()
 for s in "${settings[@]}"; do
-    SPEEDKIT_GPU_ASSETS="${SPEEDKIT_GPU_ASSETS:-/tmp/speedkit_gpu_assets}_$s" \
+    SPEEDKIT_GPU_ASSETS="${assets}_$s" \
         timeout "${TIER_TIMEOUT_S:-0}" python3 -m pytest -v -rfE -p no:cacheprovider --basetemp="/tmp/speedkit_tier_$s" \
         tests/gpu_server -k "$s${TIER_K:+ and ($TIER_K)}" "$@" >"$logs/tier_$s.log" 2>&1 &
     pids+=($!)
