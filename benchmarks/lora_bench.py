@@ -64,10 +64,9 @@ UNET_CONFIGS = {
 RESOLUTION = {"sdxl": 1024, "sd15": 512}
 
 
-def build_model(family: str):
-    """ComfyUI ModelPatcher of the full-size UNet with random bf16 weights on the GPU."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
+def random_model(family: str, device: torch.device, model_channels: int = 320, heads: dict | None = None):
+    """ComfyUI's model of ``family`` (its UNet block structure; width ``model_channels``, attention
+    heads ``heads`` to override the family's) with random bf16 weights on ``device``, frozen."""
     import comfy.supported_models as sm
 
     cfg = dict(
@@ -75,16 +74,15 @@ def build_model(family: str):
         image_size=32,
         in_channels=4,
         out_channels=4,
-        model_channels=320,
+        model_channels=model_channels,
         use_spatial_transformer=True,
         legacy=False,
         use_temporal_resblock=False,
         use_temporal_attention=False,
-        **UNET_CONFIGS[family],
+        **{**UNET_CONFIGS[family], **(heads or {})},
     )
     model_config = (sm.SDXL if family == "sdxl" else sm.SD15)(cfg)
     model_config.set_inference_dtype(torch.bfloat16, None)
-    device = mm.get_torch_device()
     model = model_config.get_model({}, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -94,6 +92,16 @@ def build_model(family: str):
             elif t.ndim > 1:
                 t.copy_(torch.randn(t.shape, generator=gen, device=device) / math.sqrt(t[0].numel()))
     model.diffusion_model.requires_grad_(False)
+    return model
+
+
+def build_model(family: str):
+    """ComfyUI ModelPatcher of the full-size UNet with random bf16 weights on the GPU."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    device = mm.get_torch_device()
+    model = random_model(family, device)
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 

@@ -22,7 +22,6 @@ import argparse
 import collections
 import json
 import logging
-import math
 import os
 import sys
 
@@ -35,7 +34,7 @@ REPO = register_pack()
 if os.environ.get("COMFYUI_ROOT") and os.environ["COMFYUI_ROOT"] not in sys.path:
     sys.path.insert(0, os.environ["COMFYUI_ROOT"])  # benchmark script only; the pack never edits sys.path
 
-from lora_bench import UNET_CONFIGS  # noqa: E402
+from lora_bench import UNET_CONFIGS, random_model  # noqa: E402
 
 from speedkit.lora_train.layers import LoRASet, find_unet_targets  # noqa: E402
 from speedkit.lora_train.trainer import Sample, TrainConfig, Trainer, checkpointed  # noqa: E402
@@ -64,32 +63,8 @@ def build_unet(family: str) -> torch.nn.Module:
 
     args.cpu = True  # this process only: ComfyUI's model management must not look for a GPU
     args.use_pytorch_cross_attention = True  # the attention ComfyUI picks on NVIDIA (CPU picks a chunked one)
-    import comfy.supported_models as sm
-
     heads = {"num_head_channels": 8} if family == "sdxl" else {"num_heads": 4}
-    cfg = dict(
-        use_checkpoint=False,
-        image_size=32,
-        in_channels=4,
-        out_channels=4,
-        model_channels=32,
-        use_spatial_transformer=True,
-        legacy=False,
-        use_temporal_resblock=False,
-        use_temporal_attention=False,
-        **{**UNET_CONFIGS[family], **heads},
-    )
-    model_config = (sm.SDXL if family == "sdxl" else sm.SD15)(cfg)
-    model_config.set_inference_dtype(torch.bfloat16, None)
-    unet = model_config.get_model({}, device=torch.device("cpu")).diffusion_model
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, t in unet.state_dict(keep_vars=True).items():
-            if t.ndim == 1:
-                t.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif t.ndim > 1:
-                t.copy_(torch.randn(t.shape, generator=gen) / math.sqrt(t[0].numel()))
-    unet.requires_grad_(False)
+    unet = random_model(family, torch.device("cpu"), model_channels=32, heads=heads).diffusion_model
     return unet.to(torch.bfloat16)
 
 
