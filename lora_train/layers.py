@@ -66,6 +66,9 @@ class LoRALayer(nn.Module):
         self.alpha = float(alpha)
         self.name = name
         self.multiplier = 1.0
+        # (down, up) in the compute dtype, refreshed by the LoRASet once per step (see
+        # LoRASet.use_working_copies); None: cast the fp32 masters on every call
+        self.working: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters()
 
     @property
@@ -86,43 +89,76 @@ class LoRALayer(nn.Module):
         out = self.base(x, *args, **kwargs)
         if self.multiplier == 0.0:
             return out
+        scale = self.scale * self.multiplier
+        working = self.working
         if torch.is_autocast_enabled(x.device.type):
-            delta = self.lora_up(self.lora_down(x))
+            dtype = torch.get_autocast_dtype(x.device.type)
+            if working is None or working[0].dtype != dtype or working[0].device != x.device:
+                return torch.add(out, self.lora_up(self.lora_down(x)).to(out.dtype), alpha=scale)
+            x = x.to(dtype)  # what autocast does to a Linear's input; the working copies need no cast
+        if working is not None and working[0].dtype == x.dtype and working[0].device == x.device:
+            down, up = working
         else:
             # compute in the activations' dtype; the fp32 master weights get their grads through .to()
             down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
-            if isinstance(self.lora_down, nn.Conv2d):
-                c = self.lora_down
-                delta = F.conv2d(F.conv2d(x, down, None, c.stride, c.padding, c.dilation), up)
-            else:
-                delta = _LowRankLinear.apply(x, down, up)
-        return torch.add(out, delta.to(out.dtype), alpha=self.scale * self.multiplier)
+        if isinstance(self.lora_down, nn.Conv2d):
+            c = self.lora_down
+            delta = F.conv2d(F.conv2d(x, down, None, c.stride, c.padding, c.dilation), up)
+            return torch.add(out, delta.to(out.dtype), alpha=scale)
+        if out.dtype == x.dtype:
+            return _LoRALinear.apply(out, x, down, up, scale)
+        return torch.add(out, _LoRALinear.apply(None, x, down, up, 1.0).to(out.dtype), alpha=scale)
 
 
-class _LowRankLinear(torch.autograd.Function):
-    """``x @ down.T @ up.T`` as one autograd node with a hand-written backward.
+class _LoRALinear(torch.autograd.Function):
+    """``out + scale * x @ down.T @ up.T`` as one autograd node with a hand-written backward.
 
-    Same math as two ``F.linear`` calls, but about half the dispatched ops and one graph node
-    instead of several: on a fast GPU the LoRA step is bound by per-op CPU overhead.
+    Same math as two ``F.linear`` calls and an add, in two kernels (``mm`` and ``addmm``) and one
+    graph node instead of several: without CUDA graphs a LoRA step on a fast GPU is bound by
+    the host's per-op cost, and the LoRA layers dispatch most of its ops. ``out`` may be None
+    (returns ``scale * x @ down.T @ up.T``).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, out, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         hidden = torch.mm(flat, down.t())
         ctx.save_for_backward(flat, hidden, down, up)
         ctx.x_shape = x.shape
-        return torch.mm(hidden, up.t()).view(*x.shape[:-1], up.shape[0])
+        ctx.scale = scale
+        shape = (*x.shape[:-1], up.shape[0])
+        if out is None:
+            result = torch.mm(hidden, up.t())
+            return result.view(shape) if scale == 1.0 else result.mul_(scale).view(shape)
+        return torch.addmm(out.reshape(-1, up.shape[0]), hidden, up.t(), alpha=scale).view(shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         flat, hidden, down, up = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
+        if ctx.scale != 1.0:
+            g = g * ctx.scale
         g_hidden = torch.mm(g, up)
-        grad_x = torch.mm(g_hidden, down).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_down = torch.mm(g_hidden.t(), flat) if ctx.needs_input_grad[1] else None
-        grad_up = torch.mm(g.t(), hidden) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_down, grad_up
+        grad_x = torch.mm(g_hidden, down).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        grad_down = torch.mm(g_hidden.t(), flat) if ctx.needs_input_grad[2] else None
+        grad_up = torch.mm(g.t(), hidden) if ctx.needs_input_grad[3] else None
+        grad_out = grad if ctx.needs_input_grad[0] else None
+        return grad_out, grad_x, grad_down, grad_up, None
+
+
+@dataclass
+class _Working:
+    """One flat buffer each for the fp32 masters, their grads, the working copies and theirs."""
+
+    layers: list[LoRALayer]
+    params: list[nn.Parameter]
+    master: torch.Tensor
+    master_grad: torch.Tensor
+    master_grad_views: list[torch.Tensor]
+    work: torch.Tensor
+    work_grad: torch.Tensor
+    leaves: list[torch.Tensor]
+    leaf_grad_views: list[torch.Tensor]
 
 
 @dataclass
@@ -142,6 +178,7 @@ class LoRASet:
 
     def __init__(self) -> None:
         self._slots: dict[str, _Slot] = {}
+        self._working: _Working | None = None
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -193,8 +230,131 @@ class LoRASet:
     def detach(self) -> None:
         """Put every original module back (the LoRA tensors stay readable on the layers)."""
         for slot in self._slots.values():
+            slot.layer.working = None
             if getattr(slot.parent, slot.attr) is slot.layer:
                 setattr(slot.parent, slot.attr, slot.original)
+        self._working = None
+
+    # ----- working copies -----------------------------------------------------------------
+    def use_working_copies(self, dtype: torch.dtype, device: torch.device | str) -> int:
+        """Keep a copy of the LoRA weights in ``dtype`` for the layers to compute with.
+
+        Without it every layer casts its fp32 masters to the compute dtype in every forward (twice
+        with checkpointing) and casts the grads back: six small kernels and autograd nodes per
+        layer and step, thousands per SDXL step, on a step bound by the host. Here the masters of
+        the layers on ``device`` move into one flat fp32 buffer (the ``Parameter`` objects stay
+        the same; their ``.grad`` are views of a second one), the working copies are views of a
+        flat ``dtype`` buffer: :meth:`sync` refreshes them all with one copy, :meth:`flush_grads`
+        moves their grads into the masters' with one add. Returns the number of layers covered;
+        layers on another device keep casting.
+        """
+        if self._working is not None:
+            raise RuntimeError("working copies are already in use")
+        device = torch.device(device)
+        chosen = [
+            slot.layer
+            for slot in self._slots.values()
+            if slot.layer.lora_down.weight.device == device and slot.layer.lora_down.weight.dtype == torch.float32
+        ]
+        if dtype == torch.float32 or not chosen:
+            return 0
+        params = [p for layer in chosen for p in (layer.lora_down.weight, layer.lora_up.weight)]
+        total = sum(p.numel() for p in params)
+        master = torch.empty(total, dtype=torch.float32, device=device)
+        master_grad = torch.zeros(total, dtype=torch.float32, device=device)
+        work = torch.empty(total, dtype=dtype, device=device)
+        work_grad = torch.zeros(total, dtype=dtype, device=device)
+        grad_views, leaves, leaf_grad_views = [], [], []
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                n, shape = p.numel(), p.shape
+                view = master[offset : offset + n].view(shape)
+                view.copy_(p)
+                p.data = view
+                grad_views.append(master_grad[offset : offset + n].view(shape))
+                p.grad = grad_views[-1]
+                leaves.append(work[offset : offset + n].view(shape).detach().requires_grad_(True))
+                leaf_grad_views.append(work_grad[offset : offset + n].view(shape))
+                offset += n
+        for i, layer in enumerate(chosen):
+            layer.working = (leaves[2 * i], leaves[2 * i + 1])
+        self._working = _Working(
+            chosen, params, master, master_grad, grad_views, work, work_grad, leaves, leaf_grad_views
+        )
+        self.sync()
+        return len(chosen)
+
+    @property
+    def has_working_copies(self) -> bool:
+        return self._working is not None
+
+    def sync(self) -> None:
+        """Refresh the working copies from the fp32 masters (after every change to the masters)."""
+        w = self._working
+        if w is not None:
+            with torch.no_grad():
+                w.work.copy_(w.master)
+
+    def attach_working_grads(self) -> None:
+        """Give every working copy its slot of the grad buffer as ``.grad``, for code that adds
+        into existing grads (the CUDA-graph step). Without it ``backward()`` leaves each working
+        copy a new grad tensor, which :meth:`flush_grads` gathers with one foreach add."""
+        w = self._working
+        if w is not None:
+            for leaf, view in zip(w.leaves, w.leaf_grad_views, strict=True):
+                leaf.grad = view
+
+    def flush_grads(self) -> None:
+        """Add the working copies' grads into the masters' ``.grad`` (one foreach add into the
+        grad buffer, one add into the masters' buffer, one zero). A master whose ``.grad`` was
+        set to None or replaced since gets its view back first, so no grad is ever dropped."""
+        w = self._working
+        if w is None:
+            return
+        with torch.no_grad():
+            for p, view in zip(w.params, w.master_grad_views, strict=True):
+                if p.grad is not view:
+                    if p.grad is None:
+                        view.zero_()
+                    else:
+                        view.copy_(p.grad)
+                    p.grad = view
+            fresh, slots = [], []
+            for leaf, view in zip(w.leaves, w.leaf_grad_views, strict=True):
+                grad = leaf.grad
+                if grad is not None and grad is not view:
+                    fresh.append(grad)
+                    slots.append(view)
+                    leaf.grad = None
+            if fresh:
+                torch._foreach_add_(slots, fresh)
+            w.master_grad.add_(w.work_grad)
+            w.work_grad.zero_()
+
+    def zero_grads(self) -> bool:
+        """Zero the masters' grads with one kernel; False when some master has no working copy
+        (then the optimizer's ``zero_grad`` is needed)."""
+        w = self._working
+        if w is None:
+            return False
+        with torch.no_grad():
+            w.master_grad.zero_()
+        return len(w.layers) == len(self._slots)
+
+    def working_parameters(self, group: str | None = None) -> list[torch.Tensor]:
+        """The working copies the layers of ``group`` compute with (down then up per layer), for
+        ``torch.autograd.grad``; empty without working copies."""
+        w = self._working
+        if w is None:
+            return []
+        covered = {id(layer) for layer in w.layers}
+        out: list[torch.Tensor] = []
+        for slot in self._slots.values():
+            if id(slot.layer) in covered and (group is None or slot.group == group):
+                assert slot.layer.working is not None
+                out += list(slot.layer.working)
+        return out
 
     def parameters(self, group: str | None = None) -> list[nn.Parameter]:
         """LoRA parameters (down then up per layer, in insertion order), optionally of one group."""
@@ -212,6 +372,7 @@ class LoRASet:
         generator = torch.Generator().manual_seed(seed)
         for slot in self._slots.values():
             slot.layer.reset_parameters(generator)
+        self.sync()
 
     def set_multiplier(self, value: float) -> None:
         for slot in self._slots.values():
@@ -243,6 +404,7 @@ class LoRASet:
                 with torch.no_grad():
                     param.copy_(value.to(param.dtype))
             expected.add(f"{name}.alpha")
+        self.sync()
         extra = sorted(k for k in tensors if k not in expected)
         if extra:
             raise ValueError(f"LoRA state has {len(extra)} keys this run does not train, e.g. {extra[0]}")

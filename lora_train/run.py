@@ -31,7 +31,15 @@ from . import data, layers, text_cache, validation
 from .inputs import Extras
 from .prepare import build_samples
 from .sample_prompts import SamplePrompt
-from .trainer import RunInfo, Sample, TrainConfig, Trainer, precompute_conditioning, stack_conditioning
+from .trainer import (
+    PRECISION_DTYPES,
+    RunInfo,
+    Sample,
+    TrainConfig,
+    Trainer,
+    precompute_conditioning,
+    stack_conditioning,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +47,6 @@ CHECKPOINT_BLOCKS = ("BasicTransformerBlock", "ResBlock")
 """Blocks recomputed in the backward pass under gradient checkpointing. With the fused LoRA
 branch, recomputing the ResBlocks too was measured both faster and smaller than the transformer
 blocks alone (README, "Speed (measured)")."""
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TEXT_CACHE_SUBDIR = "text_encoder"  # inside <dataset>/_latent_cache
 TEXT_LAYOUTS = {
     "sd15": text_cache.Layout("sd15", context_dim=768),

@@ -34,6 +34,9 @@ from .data import process_caption
 from .graphed import GraphedMicroStep
 from .layers import LoRASet
 
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""The dtype each ``precision`` computes in."""
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -201,6 +204,10 @@ class Trainer:
         # model training in bf16 it would just add casts around every norm (CPU-bound on fast GPUs)
         self.use_autocast = config.precision != "fp32" if autocast is None else autocast
         self.compile_blocks = compile_blocks
+        if config.precision != "fp32":
+            # the LoRA layers compute in the run's dtype (natively or under autocast) with working
+            # copies in that dtype instead of casting their fp32 masters on every call
+            lora.use_working_copies(PRECISION_DTYPES[config.precision], self.device)
         self._graphed = self._make_graphed(cuda_graphs, graph_weights)
         self.acp = schedule.alphas_cumprod().to(self.device)
         self.losses: list[float] = []
@@ -236,7 +243,16 @@ class Trainer:
         if reason is not None:
             logger.info("LoRA training: CUDA graphs not used: %s", reason)
             return None
-        return GraphedMicroStep(self._loss, self.lora.parameters("unet"), weights)
+        # grads of the layers' working copies and of the masters of any layer without one
+        targets = [*self.lora.working_parameters("unet"), *self.lora.parameters("unet")]
+        self.lora.attach_working_grads()  # the graphed step adds into existing grads
+        return GraphedMicroStep(self._loss, targets, weights)
+
+    @property
+    def _grads_to_none(self) -> bool:
+        """Graphed steps and working copies add into existing ``.grad`` tensors (views of one
+        buffer with working copies): zero those instead of freeing them."""
+        return self._graphed is None and not self.lora.has_working_copies
 
     @property
     def graph_stats(self) -> dict[str, Any]:
@@ -344,9 +360,11 @@ class Trainer:
         with self._autocast():
             cond = self._conditioning(indices, captions)
         if self._graphed is not None:
-            return float(self._graphed(x0, noise, t, cond, scale=1.0 / cfg.grad_accum))
-        loss = self._loss(x0, noise, t, cond)
-        self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss = self._graphed(x0, noise, t, cond, scale=1.0 / cfg.grad_accum)
+        else:
+            loss = self._loss(x0, noise, t, cond)
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+        self.lora.flush_grads()
         return float(loss.detach())
 
     def train_step(self) -> float:
@@ -356,7 +374,7 @@ class Trainer:
         if not math.isfinite(loss):
             # refuse before the optimizer step: the weights stay those of the last good step, which
             # is what run() then saves (a NaN step would poison the LoRA and the resume state)
-            self.optimizer.zero_grad(set_to_none=self._graphed is None)
+            self.optimizer.zero_grad(set_to_none=self._grads_to_none)
             raise FloatingPointError(
                 f"loss became {loss} at step {self.step + 1}: lower the learning rate or use precision=bf16/fp32; "
                 f"the LoRA of step {self.step} is kept"
@@ -367,8 +385,9 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        # graphed steps add into existing .grad tensors: zero them instead of freeing them
-        self.optimizer.zero_grad(set_to_none=self._graphed is None)
+        self.lora.sync()
+        if not self.lora.zero_grads():
+            self.optimizer.zero_grad(set_to_none=self._grads_to_none)
         self.scheduler.step()
         self.step += 1
         self.losses.append(loss)

@@ -150,3 +150,84 @@ def test_linear_lora_gradients_match_autograd_reference(shape):
     (ref * weight).sum().backward()
     for a, b in zip(got, (x_ref.grad, down.grad, up.grad), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _bf16_unet_with_lora(preset: str, working: bool):
+    torch.manual_seed(3)
+    # a transformer container (1x1-conv proj_in/out), not a whole UNet: its time embedding is fp32
+    unet = nn.ModuleDict({"t": toy.SpatialTransformer(16, 8, 2, 1, False)}).requires_grad_(False).bfloat16()
+    lora = layers.LoRASet()
+    lora.add(unet, layers.find_unet_targets(unet, preset), rank=4, alpha=2, prefix="lora_unet")
+    lora.reset(7)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.3)  # up is zero after reset: give every branch a value and a gradient
+    if working:
+        assert lora.use_working_copies(torch.bfloat16, "cpu") == len(lora)
+    return unet, lora
+
+
+@pytest.mark.parametrize("preset", ["attention", "attention+mlp"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_working_copies_give_the_outputs_and_grads_of_casting_every_call(preset, autocast):
+    """Working copies only remove casts: same output, same fp32 master grads as casting the
+    masters in every call (bitwise natively; within bf16 rounding under autocast), for Linear and
+    1x1-conv targets."""
+    x, ctx = torch.randn(2, 16, 4, 4), torch.randn(2, 3, 8)
+    results = []
+    for working in (False, True):
+        unet, lora = _bf16_unet_with_lora(preset, working)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = unet["t"](x.bfloat16(), ctx.bfloat16())
+        (out.float() ** 2).mean().backward()
+        lora.flush_grads()
+        grads = [p.grad.clone() for p in lora.parameters()]
+        assert all(g.dtype == torch.float32 for g in grads)
+        results.append((out.detach(), grads))
+    (out_cast, grads_cast), (out_work, grads_work) = results
+    assert any(g.abs().sum() > 0 for g in grads_work)
+    if not autocast:
+        assert torch.equal(out_cast, out_work)
+        for a, b in zip(grads_cast, grads_work, strict=True):
+            assert torch.equal(a, b)
+        return
+    # under autocast the casting path is two Linear modules and an add, the working one a single
+    # addmm (one rounding instead of two): equal within bf16 rounding
+    torch.testing.assert_close(out_work, out_cast, rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads_cast, grads_work, strict=True):
+        assert float((b - a).norm()) <= 2e-2 * float(a.norm()) + 1e-6
+
+
+def test_working_copies_follow_the_masters_and_keep_accumulating():
+    unet, lora = _bf16_unet_with_lora("attention", working=True)
+    params = lora.parameters()
+    first = params[0]
+    x, ctx = torch.randn(2, 16, 4, 4, dtype=torch.bfloat16), torch.randn(2, 3, 8, dtype=torch.bfloat16)
+
+    def grads_of_one_pass():
+        (unet["t"](x, ctx).float() ** 2).mean().backward()
+        lora.flush_grads()
+        return first.grad.clone()
+
+    once = grads_of_one_pass()
+    assert torch.equal(grads_of_one_pass(), 2 * once), "two passes accumulate into the master grads"
+    # an optimizer that frees grads (zero_grad(set_to_none=True)) must not lose the next ones
+    for p in params:
+        p.grad = None
+    assert torch.equal(grads_of_one_pass(), once)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    optimizer.step()
+    before = unet["t"](x, ctx)
+    lora.sync()
+    after = unet["t"](x, ctx)
+    assert not torch.equal(before, after), "sync must bring the optimizer's step into the forward"
+    down, up = lora.layers[next(iter(lora.layers))].working
+    assert torch.equal(down, first.detach().bfloat16())
+    state = lora.state_dict()
+    with torch.no_grad():
+        first.zero_()
+    lora.load_state_dict(state)
+    assert torch.equal(down, first.detach().bfloat16()), "loading a state refreshes the working copies"
+    assert lora.zero_grads() and all(torch.count_nonzero(p.grad) == 0 for p in params)
+    lora.detach()
+    assert all(layer.working is None for layer in lora.layers.values())
