@@ -199,7 +199,8 @@ class TinyUNet(nn.Module):
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(timesteps, self.dim))
+        # in the weights' dtype, as ComfyUI's UNet does: a bf16 toy computes natively in bf16
+        emb = self.time_embed(timestep_embedding(timesteps, self.dim).to(x.dtype))
         if self.label_emb is not None:
             if y is None:
                 raise ValueError("this TinyUNet has adm_dim > 0 and needs the vector conditioning y")

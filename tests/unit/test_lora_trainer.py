@@ -26,8 +26,13 @@ def _one_thread():
 def make_run(naming="diffusers", preset="attention", *, train_te=False, adm=False, **overrides):
     device = torch.device(overrides.pop("device", "cpu"))
     cuda_graphs = overrides.pop("cuda_graphs", True)
+    # a UNet in bf16/fp16 computes natively in that dtype (no autocast), as a ComfyUI model loaded
+    # in the run's precision does; None: fp32 weights, the run's precision through autocast
+    model_dtype = overrides.pop("model_dtype", None)
     torch.manual_seed(0)
     unet = toy.TinyUNet(naming, dim=16, context_dim=16, adm_dim=22 if adm else 0).requires_grad_(False).to(device)
+    if model_dtype is not None:
+        unet.to(model_dtype)
     te = toy.TinyTextEncoder(16).requires_grad_(False).to(device)
     latents = [torch.randn(4, 4, 4) for _ in CAPTIONS]
     samples = [
@@ -49,7 +54,11 @@ def make_run(naming="diffusers", preset="attention", *, train_te=False, adm=Fals
         return cond
 
     def denoise(x, t, cond):
-        return unet(x, t, cond["context"], cond.get("y"))
+        if model_dtype is None:
+            return unet(x, t, cond["context"], cond.get("y"))
+        y = cond.get("y")
+        y = None if y is None else y.to(model_dtype)
+        return unet(x.to(model_dtype), t, cond["context"].to(model_dtype), y)
 
     settings = dict(
         steps=300, rank=rank, alpha=rank, unet_lr=5e-3, precision="fp32", grad_checkpointing=False, seed=1, batch_size=4
@@ -68,6 +77,7 @@ def make_run(naming="diffusers", preset="attention", *, train_te=False, adm=Fals
         checkpoint_blocks=blocks,
         text_modules=[te],
         cuda_graphs=cuda_graphs,
+        autocast=None if model_dtype is None else False,
     )
     return tr, unet, te, latents
 
@@ -236,6 +246,24 @@ def test_bf16_autocast_runs(tmp_path):
     assert all(p.dtype == torch.float32 for p in tr.lora.parameters()), "LoRA weights stay fp32"
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_working_copies_train_exactly_what_casting_every_call_trains(tmp_path, monkeypatch, accum):
+    """A UNet in bf16 computing natively: the LoRA layers' bf16 working copies (one refresh per
+    step, grads moved into the fp32 masters once per micro-step) give bit for bit the LoRA that
+    casting the fp32 masters in every call gives."""
+    common = dict(steps=6, precision="bf16", model_dtype=torch.bfloat16, grad_accum=accum, grad_checkpointing=True)
+    working, *_ = make_run(**common)
+    assert working.lora.has_working_copies
+    working.run(tmp_path / "a", info())
+    monkeypatch.setattr(layers.LoRASet, "use_working_copies", lambda self, dtype, device: 0)
+    casting, *_ = make_run(**common)
+    assert not casting.lora.has_working_copies
+    casting.run(tmp_path / "b", info())
+    assert working.losses == casting.losses
+    for p, q in zip(working.lora.parameters(), casting.lora.parameters(), strict=True):
+        assert p.dtype == torch.float32 and torch.equal(p, q)
+
+
 @pytest.mark.parametrize(
     "field,value,match",
     [("steps", 0, "steps=0"), ("precision", "fp8", "precision='fp8'"), ("caption_dropout", 1.5, "caption_dropout")],
@@ -289,13 +317,18 @@ def test_cuda_graphs_are_not_used_on_cpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "precision,checkpointing,accum,adm",
-    [("fp32", True, 1, False), ("bf16", True, 2, True), ("fp32", False, 1, True)],
+    [("fp32", True, 1, False), ("bf16", True, 2, True), ("fp32", False, 1, True), ("bf16-native", True, 2, True)],
 )
 def test_cuda_graphs_train_the_same_lora_as_eager(tmp_path, precision, checkpointing, accum, adm):
-    """Graph replay computes the same steps: same losses, same LoRA weights, and it really replays."""
+    """Graph replay computes the same steps: same losses, same LoRA weights, and it really replays.
+    ``bf16-native``: a bf16 UNet without autocast, the LoRA layers on their bf16 working copies."""
+    native = precision.endswith("-native")
+    precision = precision.removesuffix("-native")
     common = dict(
         steps=8, precision=precision, grad_checkpointing=checkpointing, grad_accum=accum, adm=adm, device="cuda"
     )
+    if native:
+        common["model_dtype"] = torch.bfloat16
     eager, *_ = make_run(cuda_graphs=False, **common)
     graphed, *_ = make_run(cuda_graphs=True, **common)
     eager.run(tmp_path / "a", info())
