@@ -345,16 +345,12 @@ class LoRASet:
     def working_parameters(self, group: str | None = None) -> list[torch.Tensor]:
         """The working copies the layers of ``group`` compute with (down then up per layer), for
         ``torch.autograd.grad``; empty without working copies."""
-        w = self._working
-        if w is None:
-            return []
-        covered = {id(layer) for layer in w.layers}
-        out: list[torch.Tensor] = []
-        for slot in self._slots.values():
-            if id(slot.layer) in covered and (group is None or slot.group == group):
-                assert slot.layer.working is not None
-                out += list(slot.layer.working)
-        return out
+        return [
+            tensor
+            for slot in self._slots.values()
+            if slot.layer.working is not None and (group is None or slot.group == group)
+            for tensor in slot.layer.working
+        ]
 
     def parameters(self, group: str | None = None) -> list[nn.Parameter]:
         """LoRA parameters (down then up per layer, in insertion order), optionally of one group."""
