@@ -31,8 +31,9 @@ REPO = register_pack()
 if os.environ.get("COMFYUI_ROOT") and os.environ["COMFYUI_ROOT"] not in sys.path:
     sys.path.insert(0, os.environ["COMFYUI_ROOT"])  # benchmark script only; the pack never edits sys.path
 
+from speedkit.lora_train.block_checkpoint import checkpointed  # noqa: E402
 from speedkit.lora_train.layers import LoRASet, find_unet_targets  # noqa: E402
-from speedkit.lora_train.trainer import Sample, TrainConfig, Trainer, checkpointed  # noqa: E402
+from speedkit.lora_train.trainer import Sample, TrainConfig, Trainer  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

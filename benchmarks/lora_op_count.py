@@ -36,8 +36,9 @@ if os.environ.get("COMFYUI_ROOT") and os.environ["COMFYUI_ROOT"] not in sys.path
 
 from lora_bench import UNET_CONFIGS, random_model  # noqa: E402
 
+from speedkit.lora_train.block_checkpoint import checkpointed  # noqa: E402
 from speedkit.lora_train.layers import LoRASet, find_unet_targets  # noqa: E402
-from speedkit.lora_train.trainer import Sample, TrainConfig, Trainer, checkpointed  # noqa: E402
+from speedkit.lora_train.trainer import Sample, TrainConfig, Trainer  # noqa: E402
 
 log = logging.getLogger("lora_op_count")
 CHECKPOINT_BLOCKS = ("BasicTransformerBlock", "ResBlock")  # the node's default (lora_train/run.py)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, optim, schedule, validation
+from .block_checkpoint import checkpointed
 from .data import process_caption
 from .graphed import GraphedMicroStep
 from .layers import LoRASet
@@ -599,40 +600,3 @@ def stack_conditioning(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.
             values = [v.repeat(1, target // v.shape[1], 1) for v in values]
         out[key] = torch.cat(values, dim=0)
     return out
-
-
-class checkpointed(contextlib.AbstractContextManager):
-    """Run each block's forward under non-reentrant activation checkpointing while active.
-
-    With ``compile=True`` the block forward is also compiled with ``torch.compile`` (regional
-    compilation: blocks of one class share the compiled code). The per-instance ``forward``
-    attribute is removed on exit, so no patch outlives the run.
-    """
-
-    def __init__(self, blocks: Iterable[nn.Module], checkpoint: bool = True, compile: bool = False) -> None:
-        self.blocks = list(blocks) if (checkpoint or compile) else []
-        self.checkpoint = checkpoint
-        self.compile = compile
-
-    def __enter__(self):
-        from torch.utils.checkpoint import checkpoint
-
-        for block in self.blocks:
-            original = torch.compile(block.forward, dynamic=False) if self.compile else block.forward
-            if not self.checkpoint:
-                block.forward = original
-                continue
-
-            def run(*args, _f=original, **kwargs):
-                if not torch.is_grad_enabled():
-                    return _f(*args, **kwargs)
-                # No RNG state round trip: the UNet runs in eval mode (no dropout), and reading the
-                # CUDA RNG state is not allowed while a CUDA graph records the step.
-                return checkpoint(_f, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
-
-            block.forward = run
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for block in self.blocks:
-            block.__dict__.pop("forward", None)

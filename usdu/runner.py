@@ -189,14 +189,17 @@ def run_passes(
             logger.debug("USDU: pass %s skipped (denoise 0)", p.name)
     total = sum(len(groups) for _, groups in plans)
     done = 0
+    profiler = torch_utils.StepProfiler(f"usdu_b{batch_size}", wait=1, active=2)
     for tile_pass, groups in plans:
         for group in groups:
             if check_cancel is not None:
                 check_cancel()
             _run_group(out, group, tile_pass, process, seed, tile_seed_mode, multiple, precision)
             done += 1
+            profiler.step()
             if on_batch_done is not None:
                 on_batch_done(done, total)
+    profiler.close()
     return out
 
 
