@@ -186,7 +186,17 @@ def fbcache_sampling(server: ComfyServer, tmp_path: Path, jobs: CancelJobs) -> N
     }  # fmt: skip
     prompt["7"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}}
     prompt["8"] = save_image(["7", 0], "cancel_fbcache")
-    check_cancel(server, prompt, _settle(jobs, "fbcache_sampling"), prefix="cancel_fbcache")
+    # ComfyUI does not check Cancel while it loads the model (stock code, seconds on a busy GPU):
+    # press it once the sampler's progress bar has started
+    bar = f"/{jobs.sampler_steps} ["
+    bars = server.log_text().count(bar)
+    check_cancel(
+        server,
+        prompt,
+        _settle(jobs, "fbcache_sampling"),
+        ready=lambda: server.log_text().count(bar) > bars,
+        prefix="cancel_fbcache",
+    )
 
 
 def train_lora(server: ComfyServer, tmp_path: Path, jobs: CancelJobs) -> None:
