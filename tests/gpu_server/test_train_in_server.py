@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from test_example_workflows_in_server import SDXL_NAME, make_dataset, sdxl_checkpoint  # noqa: F401 - fixture
 
+from comfy_server import PromptError
 from speedkit.torch_utils import GRAPHS_WITH_MALLOC_ASYNC_ENV
 
 pytestmark = pytest.mark.gpu
@@ -71,4 +72,27 @@ def test_graphed_training_matches_eager(gpu_server, sdxl_checkpoint):  # noqa: F
     assert any(float(eager[k].abs().max()) > 0 for k in ups), "the eager run trained nothing"
     for key, value in eager.items():
         torch.testing.assert_close(graphed[key], value, rtol=2e-2, atol=2e-3, msg=key)
+    assert gpu_server.alive()
+
+
+def test_training_after_a_cancel_inside_a_block_trains(gpu_server, sdxl_checkpoint):  # noqa: F811
+    """A Cancel raised inside a checkpointed UNet block (the probe presses it from the first
+    ResBlock's first layer) ends that run as interrupted, and the next training run in the same
+    server trains: no checkpoint region of the cancelled run is left on ComfyUI's worker thread."""
+    tag = gpu_server.setting
+    dataset = make_dataset(gpu_server.input_dir / "train_set")
+    cancelled = train_prompt(str(dataset), f"cancelled_{tag}", True)
+    cancelled["50"] = {"class_type": "SpeedKitProbe_CancelInsideBlock", "inputs": {"model": ["1", 0]}}
+    cancelled["7"]["inputs"]["model"] = ["50", 0]
+    with pytest.raises(PromptError) as info:
+        gpu_server.run_prompt(cancelled, 900)
+    assert "execution_interrupted" in str(info.value), str(info.value)[-3000:]
+    before = len(gpu_server.log_text())
+    after = train_prompt(str(dataset), f"after_cancel_{tag}", True)
+    after["7"]["inputs"]["steps"] = 3
+    gpu_server.run_prompt(after, 900)
+    log = gpu_server.log_text()[before:]
+    assert "3 steps in" in log, log[-3000:]
+    lora = load_file(str(gpu_server.models_dir / "loras" / f"after_cancel_{tag}.safetensors"))
+    assert len(lora) > 100 and all(torch.isfinite(v).all() for v in lora.values())
     assert gpu_server.alive()

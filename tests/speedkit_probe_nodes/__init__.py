@@ -37,6 +37,7 @@ class ImageSink:
         return {"ui": {"probe": [info]}}
 
 
+from .cancel_inside_block import CancelInsideBlock  # noqa: E402
 from .fbcache_probes import FBCachePattern, LatentSink, RandomConditioning  # noqa: E402
 from .host_sync_model import HostSyncModel  # noqa: E402
 from .sampler_timing import SamplerTiming  # noqa: E402
@@ -45,6 +46,7 @@ NODE_CLASS_MAPPINGS = {
     "SpeedKitProbe_ImageSink": ImageSink,
     "SpeedKitProbe_SamplerTiming": SamplerTiming,
     "SpeedKitProbe_HostSyncModel": HostSyncModel,
+    "SpeedKitProbe_CancelInsideBlock": CancelInsideBlock,
     "SpeedKitProbe_RandomConditioning": RandomConditioning,
     "SpeedKitProbe_FBCachePattern": FBCachePattern,
     "SpeedKitProbe_LatentSink": LatentSink,
