@@ -84,7 +84,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         if finished and mode == "calibrating":
             holder.finish_calibration(holder.value_range)
         text = holder.summary_text()
-        if mode != "off" and not holder.stats:
+        if mode != "off" and not holder.stats and not finished:
+            # cancelled (or failed) before the model reached its first block: nothing to report
+            text = f"First Block Cache ({holder.description}): the run stopped before its first step."
+            logger.info(text)
+        elif mode != "off" and not holder.stats:
             text = (
                 f"First Block Cache was attached ({holder.description}) but its hooks never ran: this model did "
                 "not call them, so nothing was cached. Please report the model type."

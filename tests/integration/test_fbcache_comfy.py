@@ -165,6 +165,34 @@ def test_report_in_log_and_attach_messages(report):
     assert "computed /" in log and "hit rate" in log and "estimated speedup" in log and "cache memory" in log
 
 
+CANCEL_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
+    """
+    import comfy.model_management as mm
+    mp, *inputs = tiny_case("sd15", torch.device("cpu"))
+    run = sampler_for(*inputs, steps=10)
+    cached = node.execute(mp, 0.3).args[0]
+    mm.interrupt_current_processing(True)  # Cancel pressed before the first model call
+    try:
+        run(cached)
+        outcome = "finished"
+    except mm.InterruptProcessingException:
+        outcome = "interrupted"
+    emit_report({"outcome": outcome, "after": bool(torch.isfinite(run(cached)).all())})
+    """
+)
+
+
+def test_a_run_cancelled_before_its_first_step_is_no_unsupported_model():
+    """Cancel before the first model call: no "hooks never ran ... report the model type" warning,
+    and the next run on the same patched model is cached as usual."""
+    result = run_comfy_script(CANCEL_SCRIPT)
+    assert result["data"] == {"outcome": "interrupted", "after": True}
+    log = result["log"]
+    assert "the run stopped before its first step" in log, log[-3000:]
+    assert "hooks never ran" not in log, log[-3000:]
+    assert "computed /" in log, log[-3000:]
+
+
 def test_bad_input_messages(report):
     assert "residual_diff_threshold=-1.0" in report["data"]["negative_threshold"]
     assert "not a ComfyUI MODEL" in report["data"]["bad_model"]
