@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-TARGET = "diffusion_model.input_blocks.1.0.in_layers.0"
+from .object_patch_probe import ObjectPatchProbe
 
 
 class _CancelOnce(torch.nn.Module):
@@ -32,16 +32,6 @@ class _CancelOnce(torch.nn.Module):
         return self.inner(x)
 
 
-class CancelInsideBlock:
-    @classmethod
-    def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's node API
-        return {"required": {"model": ("MODEL",)}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "run"
-    CATEGORY = "testing"
-
-    def run(self, model):
-        patched = model.clone()
-        patched.add_object_patch(TARGET, _CancelOnce(model.get_model_object(TARGET)))
-        return (patched,)
+class CancelInsideBlock(ObjectPatchProbe):
+    TARGET = "diffusion_model.input_blocks.1.0.in_layers.0"
+    WRAPPER = _CancelOnce

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .object_patch_probe import ObjectPatchProbe
+
 
 class _SyncingOut(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module) -> None:
@@ -23,17 +25,6 @@ class _SyncingOut(torch.nn.Module):
         return self.inner(x)
 
 
-class HostSyncModel:
-    @classmethod
-    def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's node API
-        return {"required": {"model": ("MODEL",)}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "run"
-    CATEGORY = "testing"
-
-    def run(self, model):
-        patched = model.clone()
-        inner = model.get_model_object("diffusion_model.out")
-        patched.add_object_patch("diffusion_model.out", _SyncingOut(inner))
-        return (patched,)
+class HostSyncModel(ObjectPatchProbe):
+    TARGET = "diffusion_model.out"
+    WRAPPER = _SyncingOut
