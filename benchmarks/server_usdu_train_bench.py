@@ -10,7 +10,8 @@ CheckpointLoaderSimple; API prompts are queued over HTTP and timed by the server
 - ``usdu``: 1024x1024 photo -> 2048x2048, RealESRGAN_x4plus, 20 steps, denoise 0.3, 512 tiles,
   every other input at each node's default: ssitu's ``UltimateSDUpscale`` and
   ``SpeedKit_UltimateSDUpscale`` (defaults, and ``batch_size=1, cuda_graphs=False`` as the plain
-  per-tile path; ``batch_size=4`` as the batched path). The first run of each (model loads) is reported apart; then ``--repeats``
+  per-tile path; ``batch_size=4`` as the batched path; ``batching="fast"``, which batches consecutive
+  tiles and so changes the picture). The first run of each (model loads) is reported apart; then ``--repeats``
   runs with new seeds. Our default output is compared with our plain path (same seed).
 - ``train``: SDXL 1024, rank 32, bf16, 4 images: ComfyUI's ``TrainLoraNode`` (its defaults)
   and ``SpeedKit_TrainLoRA`` (its defaults); the per-step rate is taken from a short and a
@@ -61,6 +62,8 @@ USDU_METHODS = {
     "ours": ("SpeedKit_UltimateSDUpscale", {}),
     "ours_per_tile": ("SpeedKit_UltimateSDUpscale", {"batch_size": 1, "cuda_graphs": False}),
     "ours_batch4": ("SpeedKit_UltimateSDUpscale", {"batch_size": 4}),
+    # consecutive tiles share a call, all cut before any is pasted back (another picture)
+    "ours_fast": ("SpeedKit_UltimateSDUpscale", {"batching": "fast"}),
 }
 
 
