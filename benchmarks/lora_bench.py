@@ -33,6 +33,7 @@ if os.environ.get("COMFYUI_ROOT") and os.environ["COMFYUI_ROOT"] not in sys.path
 
 from speedkit.lora_train.block_checkpoint import checkpointed  # noqa: E402
 from speedkit.lora_train.layers import LoRASet, find_unet_targets  # noqa: E402
+from speedkit.lora_train.run import COMPILED_BLOCKS, transformer_block_call  # noqa: E402
 from speedkit.lora_train.trainer import Sample, TrainConfig, Trainer  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -174,9 +175,12 @@ def bench_ours(
     names = {
         "resblock+transformer": ("BasicTransformerBlock", "ResBlock"),
         "transformer": ("BasicTransformerBlock",),
-        "none": ("BasicTransformerBlock", "ResBlock") if compile else (),
+        "none": (),
     }
     blocks = [m for m in unet.modules() if type(m).__name__ in names.get(blocks_kind, ())]
+    # compiled as the node does under SPEEDKIT_TRAIN_COMPILE: the transformer blocks only, with the
+    # per-block transformer_options left out (lora_train/run.py, transformer_block_call)
+    compiled = [m for m in unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
     config = TrainConfig(
         steps=steps + warmup, rank=rank, alpha=rank, unet_lr=1e-4, precision="bf16", grad_checkpointing=bool(blocks)
     )
@@ -193,7 +197,9 @@ def bench_ours(
         cuda_graphs=graphs,
     )
     try:
-        with checkpointed(blocks, checkpoint=blocks_kind != "none", compile=compile):
+        with checkpointed(
+            blocks, checkpoint=bool(blocks), compile=compile, compiled=compiled, call=transformer_block_call
+        ):
             start = time.perf_counter()
             for _ in range(warmup):
                 trainer.train_step()

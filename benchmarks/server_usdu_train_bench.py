@@ -217,6 +217,13 @@ def main() -> None:
     parser.add_argument("--profile-dir", type=Path, help="SPEEDKIT_PROFILE_DIR for the server (per-op tables)")
     parser.add_argument("--train-steps", default="10,50", help="short,long step counts of our trainer")
     parser.add_argument("--server-args", default="", help="extra ComfyUI arguments, e.g. --disable-dynamic-vram")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the server, e.g. SPEEDKIT_TRAIN_COMPILE=1 (repeatable)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -242,10 +249,15 @@ def main() -> None:
         cpu=False,
         extra_args=tuple(args.server_args.split()),
         extra_nodes=(PROBE_NODES, ssitu_dir),
-        env={"SPEEDKIT_PROFILE_DIR": str(args.profile_dir)} if args.profile_dir else {},
+        env={
+            **({"SPEEDKIT_PROFILE_DIR": str(args.profile_dir)} if args.profile_dir else {}),
+            **dict(item.split("=", 1) for item in args.server_env),
+        },
     )
     server.input_dir.mkdir(parents=True, exist_ok=True)
     results = run_header(args.server_args)
+    if args.server_env:
+        results["server_env"] = args.server_env
     server.start()
     try:
         for case in args.cases.split(","):

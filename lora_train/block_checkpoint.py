@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -20,27 +20,62 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-class checkpointed(contextlib.AbstractContextManager):
-    """Run each block's forward under non-reentrant activation checkpointing while active.
+class _CompiledForward:
+    """A block's forward through ``torch.compile``. A compile failure (raised before the block
+    runs anything) logs one line and the blocks of the run go on eagerly (``state`` is shared by
+    the blocks of one :class:`checkpointed`)."""
 
-    With ``compile=True`` the block forward is also compiled with ``torch.compile`` (regional
-    compilation: blocks of one class share the compiled code). The per-instance ``forward``
-    attribute is removed on exit, so no patch outlives the run.
+    def __init__(self, fn: Callable, state: dict[str, str]) -> None:
+        self.fn = fn
+        # dynamic=None: the first shape is compiled static, a second one (another aspect bucket)
+        # once with dynamic sizes, so buckets do not pile up compiled variants
+        self.compiled = torch.compile(fn, dynamic=None)
+        self.state = state
+
+    def __call__(self, *args, **kwargs):
+        if "failed" in self.state:
+            return self.fn(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.state["failed"] = reason
+            logger.warning("Train LoRA: torch.compile of the blocks failed (%s); they run eagerly", reason)
+            return self.fn(*args, **kwargs)
+
+
+class checkpointed(contextlib.AbstractContextManager):
+    """Run each block's forward under non-reentrant activation checkpointing while active, and
+    optionally through ``torch.compile``.
+
+    ``compile=True`` compiles the forward of the blocks in ``compiled`` (default: ``blocks``),
+    or ``call(block)`` when given (e.g. the forward with arguments the run never varies fixed, so
+    the compiled code does not specialise on them); compiled blocks in ``blocks`` are also
+    checkpointed. The per-instance ``forward`` attributes are removed on exit, so no patch
+    outlives the run.
     """
 
-    def __init__(self, blocks: Iterable[nn.Module], checkpoint: bool = True, compile: bool = False) -> None:
-        self.blocks = list(blocks) if (checkpoint or compile) else []
-        self.checkpoint = checkpoint
-        self.compile = compile
+    def __init__(
+        self,
+        blocks: Iterable[nn.Module],
+        checkpoint: bool = True,
+        compile: bool = False,
+        compiled: Iterable[nn.Module] | None = None,
+        call: Callable[[nn.Module], Callable] | None = None,
+    ) -> None:
+        blocks = list(blocks)
+        self.blocks = blocks if checkpoint else []
+        self.compiled = (blocks if compiled is None else list(compiled)) if compile else []
+        self.call = call
+        self.state: dict[str, str] = {}
 
     def __enter__(self):
         from torch.utils.checkpoint import checkpoint
 
+        for block in self.compiled:
+            block.forward = _CompiledForward(self.call(block) if self.call else block.forward, self.state)
         for block in self.blocks:
-            original = torch.compile(block.forward, dynamic=False) if self.compile else block.forward
-            if not self.checkpoint:
-                block.forward = original
-                continue
+            original = block.forward
 
             def run(*args, _f=original, **kwargs):
                 if not torch.is_grad_enabled():
@@ -57,7 +92,7 @@ class checkpointed(contextlib.AbstractContextManager):
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for block in self.blocks:
+        for block in [*self.compiled, *self.blocks]:
             block.__dict__.pop("forward", None)
 
 

@@ -16,6 +16,7 @@ the closing report. The step loop itself is :mod:`.trainer`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -55,6 +56,13 @@ TEXT_LAYOUTS = {
 TEXT_CACHE_PROBE = "speedkit text cache probe, a photo of a red cube on a table"
 """Encoded once per run to fingerprint the text encoder as it will really encode (patches,
 clip skip, dtype), not only its weights."""
+COMPILE_ENV = "SPEEDKIT_TRAIN_COMPILE"
+"""Maintainers' switch (``1``): run the UNet's transformer blocks through ``torch.compile`` (the
+CUDA-graph steps are then off), to measure in a server whether compiled blocks cut the host
+time of the eager steps that ComfyUI's default allocator leaves. Never set by the pack."""
+COMPILED_BLOCKS = ("BasicTransformerBlock",)
+"""Blocks compiled under :data:`COMPILE_ENV`. ComfyUI's ResBlocks are left eager (compiled and
+checkpointed, their recompute met a metadata mismatch)."""
 LOSS_EVENT_SECONDS = 0.1
 """Least time between two live loss events (the last step is always sent)."""
 
@@ -216,6 +224,24 @@ def materialize_inference_tensors(module: nn.Module) -> int:
     return count
 
 
+def transformer_block_call(block: nn.Module) -> Callable:
+    """What is compiled of a ComfyUI ``BasicTransformerBlock``: its forward with an empty
+    ``transformer_options``.
+
+    The trainer calls the UNet with an empty ``transformer_options`` (no patches of other nodes
+    reach it); the UNet only writes each block's position into it (``block``, ``block_index``,
+    ...), which the block reads for patch lookups that find nothing. Compiled with those values,
+    the code would be specialised (and recompiled) for every block; without them one compiled
+    graph serves every block of a shape, with the same result.
+    """
+    forward = block.forward
+
+    def call(x: torch.Tensor, context: torch.Tensor | None = None, transformer_options: dict | None = None):
+        return forward(x, context=context, transformer_options={})
+
+    return call
+
+
 @dataclass
 class _Between:
     """The work between steps and what it needs: held-out images, their conditioning, the renderer."""
@@ -343,6 +369,7 @@ class TrainingRun:
         try:
             self._inject(lora, unet, loaded.device)
             blocks = [m for m in unet.modules() if type(m).__name__ in CHECKPOINT_BLOCKS]
+            compile_blocks = os.environ.get(COMPILE_ENV) == "1"
             trainer = Trainer(
                 config,
                 lora,
@@ -356,6 +383,9 @@ class TrainingRun:
                 # a model already in the compute dtype runs natively, as the host samples it
                 autocast=loaded.dtype != PRECISION_DTYPES[config.precision],
                 cuda_graphs=loaded.cuda_graphs and job.cuda_graphs,
+                compile_blocks=compile_blocks,
+                compiled_blocks=[m for m in unet.modules() if type(m).__name__ in COMPILED_BLOCKS],
+                compiled_call=transformer_block_call,
                 graph_weights=lambda: list(unet.parameters()),
             )
             if job.resume_from is not None:

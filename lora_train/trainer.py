@@ -185,6 +185,8 @@ class Trainer:
         cond_cache: dict[tuple[str, int], dict[str, torch.Tensor]] | None = None,
         autocast: bool | None = None,
         compile_blocks: bool = False,
+        compiled_blocks: Iterable[nn.Module] | None = None,
+        compiled_call: Callable[[nn.Module], Callable] | None = None,
         cuda_graphs: bool = True,
         graph_weights: Callable[[], list[torch.Tensor]] | None = None,
     ) -> None:
@@ -205,6 +207,10 @@ class Trainer:
         # model training in bf16 it would just add casts around every norm (CPU-bound on fast GPUs)
         self.use_autocast = config.precision != "fp32" if autocast is None else autocast
         self.compile_blocks = compile_blocks
+        # which blocks torch.compile takes (default: the checkpointed ones) and what it compiles
+        # of each (default: its forward); see block_checkpoint.checkpointed
+        self.compiled_blocks = None if compiled_blocks is None else list(compiled_blocks)
+        self.compiled_call = compiled_call
         if config.precision != "fp32":
             # the LoRA layers compute in the run's dtype (natively or under autocast) with working
             # copies in that dtype instead of casting their fp32 masters on every call
@@ -452,7 +458,13 @@ class Trainer:
         start = time.time()
         cancelled = False
         start_step = saved_step = self.step
-        blocks = checkpointed(self.checkpoint_blocks, checkpoint=cfg.grad_checkpointing, compile=self.compile_blocks)
+        blocks = checkpointed(
+            self.checkpoint_blocks,
+            checkpoint=cfg.grad_checkpointing,
+            compile=self.compile_blocks,
+            compiled=self.compiled_blocks,
+            call=self.compiled_call,
+        )
         periodic = [(int(n), fn) for n, fn in every if n and n > 0]
         for m in self.text_modules:
             m.train(cfg.train_te)
