@@ -61,8 +61,9 @@ COMPILE_ENV = "SPEEDKIT_TRAIN_COMPILE"
 CUDA-graph steps are then off), to measure in a server whether compiled blocks cut the host
 time of the eager steps that ComfyUI's default allocator leaves. Never set by the pack."""
 COMPILED_BLOCKS = ("BasicTransformerBlock",)
-"""Blocks compiled under :data:`COMPILE_ENV`. ComfyUI's ResBlocks are left eager (compiled and
-checkpointed, their recompute met a metadata mismatch)."""
+"""Blocks compiled under :data:`COMPILE_ENV`. ComfyUI's ResBlocks are left eager: SDXL's dozen
+ResBlock layouts would all go through one compiled function, past dynamo's cache limit of 8
+graphs per function (the rest would silently run eagerly)."""
 LOSS_EVENT_SECONDS = 0.1
 """Least time between two live loss events (the last step is always sent)."""
 
