@@ -416,6 +416,14 @@ def refuse_host_syncs() -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(previous)
 
 
+def error_line(exc: BaseException, limit: int | None = None) -> str:
+    """``"<ExceptionType>: <first line of its message>"`` (the message cut to ``limit`` characters),
+    for the one log line a fast path writes when it falls back."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:limit] if text else ""
+    return f"{type(exc).__name__}: {first}"
+
+
 def capture_failure(exc: BaseException) -> str:
     """One line for a failed CUDA-graph capture: the error and the last two Python lines that
     ran (what to look at when the error only says "a previous error during capture", i.e. code
@@ -426,8 +434,7 @@ def capture_failure(exc: BaseException) -> str:
         code = tb.tb_frame.f_code
         frames.append(f"{Path(code.co_filename).name}:{tb.tb_lineno} {code.co_name}")
         tb = tb.tb_next
-    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-    return f"capture failed ({type(exc).__name__}: {first}; at {' <- '.join(reversed(frames[-2:]))})"
+    return f"capture failed ({error_line(exc, 160)}; at {' <- '.join(reversed(frames[-2:]))})"
 
 
 class GraphBook:

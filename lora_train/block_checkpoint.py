@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..torch_utils import error_line
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ class _CompiledForward:
         try:
             return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            reason = error_line(exc)
             self.state["failed"] = reason
             logger.warning("Train LoRA: torch.compile of the blocks failed (%s); they run eagerly", reason)
             return self.fn(*args, **kwargs)

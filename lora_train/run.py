@@ -385,7 +385,9 @@ class TrainingRun:
                 autocast=loaded.dtype != PRECISION_DTYPES[config.precision],
                 cuda_graphs=loaded.cuda_graphs and job.cuda_graphs,
                 compile_blocks=compile_blocks,
-                compiled_blocks=[m for m in unet.modules() if type(m).__name__ in COMPILED_BLOCKS],
+                compiled_blocks=[m for m in unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
+                if compile_blocks
+                else None,
                 compiled_call=transformer_block_call,
                 graph_weights=lambda: list(unet.parameters()),
             )

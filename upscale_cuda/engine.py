@@ -29,6 +29,7 @@ import torch
 from ..torch_utils import (
     check_image,
     dtype_name,
+    error_line,
     free_memory_bytes,
     host_available_bytes,
     is_oom_error,
@@ -753,7 +754,7 @@ class Upscaler:
         except Exception as exc:
             if is_oom_error(exc) or isinstance(exc, ValueError):
                 raise
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            reason = error_line(exc)
             logger.warning("upscale: torch.compile failed (%s); falling back to eager for this model", reason)
             self.cache.mark_compile_failed(key, dtype, reason)
             self.backend, self.backend_reason = "eager", f"compile failed: {reason}"
