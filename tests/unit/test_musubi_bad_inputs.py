@@ -368,9 +368,9 @@ def test_cancelled_run_leaves_no_file_under_its_final_name_and_kills_its_tree(tm
     text = str(info.value)
     assert "process tree was killed" in text and "lora.safetensors.partial" in text and f"Log: {log}" in text
     child = int(pids.read_text())
-    while time.monotonic() - t0 < 5 and runner._pid_alive(child):
+    while time.monotonic() - t0 < 5 and runner.pid_alive(child):
         time.sleep(0.05)
-    assert not runner._pid_alive(child)
+    assert not runner.pid_alive(child)
 
 
 @POSIX
@@ -388,9 +388,9 @@ def test_cancel_kills_a_child_that_left_the_process_group(tmp_path):
     with pytest.raises(MusubiCancelled):
         run_command(_script(tmp_path, code), cwd=tmp_path, grace_s=1.0, should_cancel=pids.exists)
     child = int(pids.read_text())
-    while time.monotonic() - t0 < 5 and runner._pid_alive(child):
+    while time.monotonic() - t0 < 5 and runner.pid_alive(child):
         time.sleep(0.05)
-    alive = runner._pid_alive(child)
+    alive = runner.pid_alive(child)
     if alive:
         os.kill(child, 9)
     assert not alive, "a process that left the run's process group survived Cancel"
