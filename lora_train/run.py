@@ -15,12 +15,13 @@ the closing report. The step loop itself is :mod:`.trainer`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 
 from .. import torch_utils
-from . import data, layers, text_cache, validation
+from ..torch_utils import error_line
+from . import data, layers, text_cache, validation, worker
 from .inputs import Extras
 from .prepare import build_samples
 from .sample_prompts import SamplePrompt
@@ -119,6 +121,9 @@ class LoadedUNet:
     dtype: torch.dtype  # the dtype the UNet computes in (autocast is skipped when it is the run's)
     cuda_graphs: bool = True  # False when the host may move the weights between calls
     handle: object = None  # the host's model object, handed back to the sample renderer
+    # how ``denoise`` is made from a UNet module, by reference (module-level, picklable): lets the
+    # run train in a worker process (:mod:`.worker`); None when only the host can call its UNet
+    denoise_factory: worker.DenoiseFactory | None = None
 
 
 class SampleRenderer(Protocol):
@@ -175,6 +180,16 @@ class ModelSide(Protocol):
         memory back on exit."""
         ...
 
+    def worker_setup(self) -> worker.WorkerSetup | None:
+        """What a worker process needs to load the host's UNet module (import paths, settings);
+        None when this host cannot train in a worker process."""
+        ...
+
+    def lora_handle(self, lora_file: Path) -> object:
+        """The host's model with the LoRA in ``lora_file`` applied, for the sample renderer
+        (sample images of a run trained in a worker process)."""
+        ...
+
 
 class RunHooks:
     """How a run reports to its host. Every method is a no-op here (scripts, tests)."""
@@ -194,6 +209,28 @@ class RunHooks:
 
     def check_interrupt(self) -> None:
         """Raise the host's cancel exception when the user cancelled (else return)."""
+
+
+class _WorkerModelSide:
+    """What a worker process knows of the host's model: enough for :meth:`TrainingRun._train_on`
+    with frozen text encoders (captions were encoded by the host)."""
+
+    def __init__(self, family: Family, device: torch.device, rename: Callable[[str], str] | None) -> None:
+        self.family, self.device, self._rename = family, device, rename
+
+    def unet_key_rename(self) -> Callable[[str], str] | None:
+        return self._rename
+
+    def text_encoders(self) -> list[tuple[str, nn.Module]]:
+        return []
+
+    def text_training(self, modules: list[nn.Module]) -> AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+def worker_model_side(family: Family, device: torch.device, rename: Callable[[str], str] | None) -> ModelSide:
+    """The model side of a run inside a worker process (see :mod:`.worker`)."""
+    return _WorkerModelSide(family, device, rename)  # type: ignore[return-value]
 
 
 @dataclass
@@ -262,6 +299,7 @@ class TrainingRun:
         self.config = job.config
         self.validation_points: list[tuple[int, float]] = []
         self.sample_images: list[torch.Tensor] = []
+        self.lora: layers.LoRASet | None = None  # the LoRA being trained, while it trains
 
     def run(self) -> Outcome:
         """Encode the dataset, train, save; raises the host's cancel exception after a cancel
@@ -296,9 +334,82 @@ class TrainingRun:
                     disk_text.misses,
                 )
             between = _Between(held, held_conds, renderer)
-            with model.load(keep_text_encoder=cond_cache is None) as loaded:
-                lora_path, losses = self._train_on(loaded, samples, encode, cond_cache, between)
+            trained = None
+            setup = self._worker_setup(cond_cache)
+            if setup is not None:
+                trained = self._train_in_worker(setup, samples, cond_cache, between)
+            if trained is None:
+                with model.load(keep_text_encoder=cond_cache is None) as loaded:
+                    trained = self._train_on(loaded, samples, encode, cond_cache, between)
+        lora_path, losses = trained
         return Outcome(lora_path, losses, self.validation_points, self.sample_images)
+
+    # ----- in a worker process --------------------------------------------------------------
+    def _worker_setup(self, cond_cache) -> worker.WorkerSetup | None:
+        """How to start a worker process when this run trains in one (:mod:`.worker`), else None."""
+        mode = os.environ.get(worker.WORKER_ENV, "auto")
+        config = self.config
+        if mode == "0" or not self.job.cuda_graphs or os.environ.get(COMPILE_ENV) == "1":
+            return None
+        if config.precision == "fp16" or config.train_te or cond_cache is None:
+            return None  # no CUDA graphs for this run anyway (trainer.Trainer._make_graphed)
+        if mode != "1" and not worker.allocator_rules_out_graphs(self.model.device):
+            return None
+        setup = self.model.worker_setup()
+        if setup is not None:
+            why = f"{worker.WORKER_ENV}=1" if mode == "1" else "this process allocates with cudaMallocAsync"
+            logger.info("Train LoRA: training in a separate process, where the steps can run as CUDA graphs (%s)", why)
+        return setup
+
+    def _train_in_worker(self, setup: worker.WorkerSetup, samples, cond_cache, between: _Between):
+        """Train in a worker process; None when it cannot start (the run then trains here)."""
+        job, model = self.job, self.model
+        with model.load(keep_text_encoder=False) as loaded:
+            if loaded.denoise_factory is None or not loaded.cuda_graphs:
+                logger.info("Train LoRA: training in this process: the model is not fully loaded on one device")
+                return None
+            rename = model.unet_key_rename()
+            folder = worker.job_folder(worker.module_bytes(loaded.unet))
+            try:
+                worker.write_job(
+                    folder,
+                    loaded.unet,
+                    worker.WorkerJob(
+                        job=replace(job, items=[]),
+                        family=model.family,
+                        rename=rename,
+                        samples=samples,
+                        cond_cache=cond_cache,
+                        held=between.held,
+                        held_conds=between.held_conds,
+                        device=str(loaded.device),
+                        dtype=loaded.dtype,
+                        denoise_factory=loaded.denoise_factory,
+                        sample_every=(self.job.extras.sample_every or self.config.steps) if between.renderer else 0,
+                        module_attrs=setup.module_attrs,
+                    ),
+                )
+            except Exception as exc:  # noqa: BLE001 - e.g. a module that does not pickle: train here
+                import shutil
+
+                shutil.rmtree(folder, ignore_errors=True)
+                logger.warning("Train LoRA: training in this process: %s", error_line(exc, 300))
+                return None
+        renderer, hooks, total = between.renderer, self.hooks, self.config.steps
+
+        def render(step: int, lora_file: Path) -> None:
+            renderer.render(model.lora_handle(lora_file), step, lambda image: hooks.preview(step, total, image))
+            self.sample_images = renderer.last
+
+        try:
+            result = worker.run_worker(folder, setup.import_paths, hooks, render if renderer is not None else None)
+        except worker.WorkerUnavailable as exc:
+            logger.warning("Train LoRA: the training process did not start (%s); training in this process", exc)
+            return None
+        self.validation_points = result.validation_points
+        if result.cancelled:  # the worker logged where it stopped and what it saved
+            hooks.check_interrupt()
+        return result.lora_path, result.losses
 
     # ----- before training ----------------------------------------------------------------
     def _encode_latents(self) -> list[Sample]:
@@ -366,7 +477,7 @@ class TrainingRun:
         unet = loaded.unet
         materialize_inference_tensors(unet)
         text_models = [module for _, module in self.model.text_encoders()] if config.train_te else []
-        lora = layers.LoRASet()
+        lora = self.lora = layers.LoRASet()
         try:
             self._inject(lora, unet, loaded.device)
             blocks = [m for m in unet.modules() if type(m).__name__ in CHECKPOINT_BLOCKS]

@@ -9,6 +9,7 @@ bar, custom events and interrupt. Every ComfyUI import is inside a function.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from ..lora_train.chart import loss_chart
 from ..lora_train.naming import ldm_to_diffusers_path
 from ..lora_train.run import Family, Job, LoadedUNet, Outcome, RunHooks, TrainingRun
 from ..lora_train.sample_prompts import SamplePrompt
+from ..lora_train.worker import WorkerSetup, ldm_unet_denoise
 from . import comfy_bridge, lora_samples, residency
 
 logger = logging.getLogger(__name__)
@@ -167,7 +169,9 @@ class ComfyModelSide:
         nrb = unet_config["num_res_blocks"]
         if isinstance(nrb, int):
             nrb = [nrb] * len(unet_config["channel_mult"])
-        return lambda path: ldm_to_diffusers_path(path, nrb)
+        return functools.partial(
+            ldm_to_diffusers_path, num_res_blocks=nrb
+        )  # by reference: a worker process unpickles it
 
     def text_training(self, modules: list[torch.nn.Module]) -> OutOfPlaceClipLayers:
         return OutOfPlaceClipLayers(modules)
@@ -189,26 +193,29 @@ class ComfyModelSide:
             mm.load_models_gpu(models, force_full_load=True)
             unet = patcher.model.diffusion_model
             dtype = patcher.model.get_dtype_inference()
-
-            def denoise(x, t, cond):
-                y = cond.get("y")
-                return unet(
-                    x.to(dtype),
-                    t.float(),
-                    context=cond["context"].to(dtype),
-                    y=None if y is None else y.to(dtype),
-                    transformer_options={},  # fresh per call: the UNet writes into it
-                )
-
             yield LoadedUNet(
                 unet,
-                denoise,
+                ldm_unet_denoise(unet, dtype),
                 patcher.load_device,
                 dtype,
                 # weights streamed by ComfyUI's dynamic VRAM manager move between calls
                 cuda_graphs=not getattr(patcher, "is_dynamic", lambda: False)(),
                 handle=patcher,
+                denoise_factory=ldm_unet_denoise,
             )
+
+    def worker_setup(self) -> WorkerSetup:
+        """ComfyUI's root on the worker's path (its ``comfy`` modules unpickle the UNet) and this
+        server's parsed command line (the model code reads it at import: device, attention)."""
+        import comfy.cli_args
+        import comfy.model_management  # ``comfy`` itself is a namespace package (no __file__)
+
+        root = str(Path(comfy.model_management.__file__).resolve().parent.parent)
+        return WorkerSetup([root], [("comfy.cli_args", "args", comfy.cli_args.args)])
+
+    def lora_handle(self, lora_file: Path):
+        """The MODEL with the LoRA file applied by ComfyUI's own loader (sample images of a worker run)."""
+        return apply_lora_file(self.patcher, None, lora_file)[0]
 
 
 class ComfyHooks(RunHooks):

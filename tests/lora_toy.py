@@ -270,3 +270,31 @@ class TinyTextEncoder(nn.Module):
             h = layer(h)
         h = self.text_model.final_layer_norm(h)
         return h, h.mean(dim=1)
+
+
+def toy_denoise(unet: nn.Module, dtype: torch.dtype):
+    """``denoise(x, t, cond)`` over a :class:`TinyUNet`, made from the module by reference (a
+    Train LoRA worker process is handed this function, as ComfyUI's run hands it
+    ``lora_train.worker.ldm_unet_denoise``)."""
+
+    def denoise(x, t, cond):
+        return unet(x, t, cond["context"], cond.get("y"))
+
+    return denoise
+
+
+def crashing_denoise(unet: nn.Module, dtype: torch.dtype, after: int):
+    """:func:`toy_denoise` whose process dies (exit code 134, as an abort) on call ``after + 1``:
+    stands in for a native crash inside a worker process."""
+    import os
+
+    calls = [0]
+    inner = toy_denoise(unet, dtype)
+
+    def denoise(x, t, cond):
+        calls[0] += 1
+        if calls[0] > after:
+            os._exit(134)
+        return inner(x, t, cond)
+
+    return denoise

@@ -139,7 +139,11 @@ class ToyModel:
 
 @pytest.fixture
 def dataset(tmp_path):
-    folder = tmp_path / "data"
+    return make_dataset(tmp_path / "data")
+
+
+def make_dataset(folder):
+    """Four 64-px images with captions in ``folder``."""
     folder.mkdir()
     for i, caption in enumerate(CAPTIONS):
         Image.new("RGB", (64, 64), (40 * i, 200 - 30 * i, 90)).save(folder / f"img{i}.png")

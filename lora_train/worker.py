@@ -1,0 +1,439 @@
+"""Train LoRA in a worker process, where the CUDA-graph steps can run under any host allocator.
+
+ComfyUI allocates GPU memory with PyTorch's cudaMallocAsync backend on NVIDIA. Under it a CUDA
+graph recording that fails aborts the whole process (the allocator frees the failed recording's
+memory from tensor destructors, which cannot raise), so in ComfyUI's own process the trainer
+never records graphs and an SDXL step runs eagerly, bound by the host (thousands of small kernel
+launches per step). A child process started with the same Python but without that allocator
+setting (PyTorch's native allocator) records and replays the steps as a script would; a failed
+recording there is a Python error that falls back to eager steps, and even a hard crash ends only
+the child: the host process, its queue and the last saved LoRA stay.
+
+Parent side (:func:`write_job`, then :func:`run_worker`): the UNet module as the host loaded it
+(its weights with every patch merged) and the run's data (a pickled :class:`WorkerJob`) go to a
+job folder; the child is started on it; its log lines are relayed to this process's log; its
+events become the run's hooks (progress, loss points, validation points); sample images are
+rendered here on request (the host's sampler lives in the host); Cancel asks the child to save
+and stop, and anything that goes wrong here stops the child's whole process tree.
+
+Child side (:func:`child_main`): loads the module on the device and runs the same
+:class:`~.run.TrainingRun` step loop the host would run, with CUDA graphs allowed.
+
+Wire: the child writes events to its stdout as JSON, one per line after :data:`EVENT_PREFIX`;
+every other line of its output is log text. The parent writes commands to the child's stdin,
+one per line: ``stop`` (save the LoRA and a resume state, then end) and ``continue`` (the
+sample images of the requested step are rendered). End of stdin means the parent is gone: the
+child saves and stops.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .. import process_tree
+from ..torch_utils import error_line, is_oom_error
+
+if TYPE_CHECKING:
+    from .run import Family, Job, RunHooks
+    from .trainer import Sample
+
+logger = logging.getLogger(__name__)
+
+EVENT_PREFIX = "\x1espeedkit-train-event "
+"""Starts every event line of the child's stdout (a record separator no log line begins with)."""
+JOB_FILE, UNET_FILE = "job.pt", "unet.pt"
+WORKER_ENV = "SPEEDKIT_TRAIN_WORKER"
+"""``0``: never train in a worker process; ``1``: always when the run allows CUDA graphs (also on
+the CPU, for tests); unset/``auto``: when the host's allocator rules the graphs out in its own
+process (cudaMallocAsync, ComfyUI's default on NVIDIA)."""
+STOP_GRACE_S = 120.0
+"""How long a stopped child may take to save its LoRA and resume state before it is killed."""
+TAIL_LINES = 30
+
+# Started with ``python -c``: registers the pack's package under the name it has in the parent
+# (so pickled objects of the pack resolve to the same modules) without running the pack's
+# ``__init__`` (which registers ComfyUI nodes), puts the host's import paths first, and runs
+# :func:`child_main`. argv: package name, pack folder, JSON list of paths, job folder.
+_BOOT = (
+    "import importlib, json, sys, types\n"
+    "name, root, paths, job = sys.argv[1:5]\n"
+    "sys.path[:0] = json.loads(paths)\n"
+    "pkg = types.ModuleType(name)\n"
+    "pkg.__path__ = [root]\n"
+    "sys.modules[name] = pkg\n"
+    "sys.exit(importlib.import_module(name + '.lora_train.worker').child_main(job))\n"
+)
+
+
+class WorkerUnavailable(RuntimeError):
+    """The worker ended before it started training: the run can go on in the host's process."""
+
+
+DenoiseFactory = Callable[[nn.Module, torch.dtype], Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]]
+
+
+def ldm_unet_denoise(unet: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]:
+    """``denoise(x, t, cond)`` over an LDM-style UNet called as ``unet(x, timesteps, context=,
+    y=, transformer_options=)`` computing in ``dtype`` (ComfyUI's SD1.5/SDXL UNet).
+
+    Module level so the worker can be handed it by reference (a host closure does not pickle).
+    """
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        y = cond.get("y")
+        return unet(
+            x.to(dtype),
+            t.float(),
+            context=cond["context"].to(dtype),
+            y=None if y is None else y.to(dtype),
+            transformer_options={},  # fresh per call: the UNet writes into it
+        )
+
+    return denoise
+
+
+@dataclass
+class WorkerSetup:
+    """What a host tells a worker process so that it can load the host's UNet module."""
+
+    import_paths: list[str]  # put first on the child's sys.path (where the module's classes live)
+    # ``(module, attribute, value)`` set in the child before the UNet is loaded: the host's own
+    # settings its model code reads at import time (e.g. ComfyUI's parsed command line)
+    module_attrs: list[tuple[str, str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class WorkerJob:
+    """Everything the child needs besides the UNet module (pickled; plain data and the pack's own classes)."""
+
+    job: Job
+    family: Family
+    rename: Callable[[str], str] | None
+    samples: list[Sample]
+    cond_cache: dict
+    held: list[Sample]
+    held_conds: list[dict[str, torch.Tensor]] | None
+    device: str
+    dtype: torch.dtype
+    denoise_factory: DenoiseFactory
+    sample_every: int  # 0: no sample images
+    module_attrs: list[tuple[str, str, Any]] = field(default_factory=list)
+
+
+def allocator_rules_out_graphs(device: torch.device) -> bool:
+    """True where this process allocates with cudaMallocAsync on ``device``'s CUDA (see the module docstring)."""
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+    except RuntimeError:
+        return False
+
+
+def job_folder(needed_bytes: int) -> Path:
+    """A fresh folder for the job files: in RAM (``/dev/shm``) when it has room, else the temp folder."""
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        try:
+            if shutil.disk_usage(shm).free > needed_bytes * 1.2 + 2**30:
+                return Path(tempfile.mkdtemp(prefix="speedkit_train_", dir=shm))
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix="speedkit_train_"))
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def write_job(folder: Path, unet: nn.Module, job: WorkerJob) -> None:
+    """Write the UNet (as loaded: device tensors are copied to the file) and the job into ``folder``."""
+    started = time.perf_counter()
+    torch.save(unet, folder / UNET_FILE)
+    torch.save(job, folder / JOB_FILE)
+    logger.info(
+        "Train LoRA: model handed to the training process (%.1f GiB in %.1f s)",
+        module_bytes(unet) / 2**30,
+        time.perf_counter() - started,
+    )
+
+
+def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The host's environment without an allocator backend choice (the child uses PyTorch's native one)."""
+    env = process_tree.subprocess_env(base=base)
+    conf = [p for p in env.get("PYTORCH_CUDA_ALLOC_CONF", "").split(",") if p and not p.strip().startswith("backend")]
+    if conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(conf)
+    else:
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    return env
+
+
+def _command(folder: Path, import_paths: list[str]) -> list[str]:
+    package = __name__.rsplit(".", 2)[0]
+    pack_dir = str(Path(__file__).resolve().parent.parent)
+    return [sys.executable, "-c", _BOOT, package, pack_dir, json.dumps(import_paths), str(folder)]
+
+
+@dataclass
+class WorkerResult:
+    lora_path: Path
+    losses: list[float]
+    validation_points: list[tuple[int, float]]
+    cancelled: bool
+
+
+class _Child:
+    """The running child: its output lines, its stdin, and stopping it."""
+
+    def __init__(self, folder: Path, import_paths: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            _command(folder, import_paths),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+            cwd=str(folder),
+            **process_tree.popen_kwargs(),
+        )
+        self.lines: queue.Queue = queue.Queue()
+        self.tail: list[str] = []
+        self.stop_sent = False
+        threading.Thread(target=process_tree.split_lines, args=(self.proc.stdout, self.lines), daemon=True).start()
+
+    def send(self, command: str) -> None:
+        try:
+            self.proc.stdin.write((command + "\n").encode())
+            self.proc.stdin.flush()
+        except (OSError, ValueError):  # the child is gone; its end shows as EOF on its output
+            pass
+
+    def stop(self) -> None:
+        if not self.stop_sent:
+            self.stop_sent = True
+            self.send("stop")
+
+    def next_line(self, timeout: float) -> str | None:
+        """The next output line ('' when none came within ``timeout``; None at the end of output)."""
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return ""
+
+    def log(self, line: str) -> None:
+        self.tail = [*self.tail[-(TAIL_LINES - 1) :], line]
+        logger.info("Train LoRA worker: %s", line)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            process_tree.kill_process_tree(self.proc, grace_s=3.0)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def run_worker(
+    folder: Path,
+    import_paths: list[str],
+    hooks: RunHooks,
+    render: Callable[[int, Path], None] | None,
+) -> WorkerResult:
+    """Train in a child process on the job in ``folder`` (removed afterwards).
+
+    ``render(step, lora_file)``: renders the sample images of ``step`` with the LoRA saved in
+    ``lora_file``. Raises :class:`WorkerUnavailable` when the child ends before training starts,
+    ``RuntimeError`` when it fails later (its message, and the files it saved are kept).
+    """
+    child = _Child(folder, import_paths)
+    started = False
+    result: WorkerResult | None = None
+    failure: dict[str, Any] | None = None
+    try:
+        while True:
+            line = child.next_line(0.1)
+            if line is None:
+                break
+            if line.startswith(EVENT_PREFIX):
+                event = json.loads(line[len(EVENT_PREFIX) :])
+                kind = event.pop("event")
+                if kind == "ready":
+                    started = True
+                elif kind == "progress":
+                    hooks.progress("train", event["step"], event["total"])
+                elif kind == "loss":
+                    hooks.loss(event["step"], event["total"], event["loss"], event.get("validation_loss"))
+                elif kind == "samples":
+                    if render is not None and not child.stop_sent:
+                        render(event["step"], Path(event["lora"]))
+                    child.send("continue")
+                elif kind == "done":
+                    result = WorkerResult(
+                        Path(event["lora"]),
+                        [float(x) for x in event["losses"]],
+                        [(int(s), float(v)) for s, v in event["validation"]],
+                        bool(event["cancelled"]),
+                    )
+                elif kind == "error":
+                    failure = event
+            elif line:
+                child.log(line)
+            if not child.stop_sent and hooks.should_stop():
+                child.stop()
+        code = child.proc.wait()
+    except BaseException:
+        # something failed here (a Cancel while rendering samples, an error in a hook): let the
+        # child save what it trained, then make sure nothing of it is left running
+        if child.proc.poll() is None:
+            child.stop()
+            try:
+                child.proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                logger.warning("Train LoRA: the training process did not stop in %.0f s; killed", STOP_GRACE_S)
+        raise
+    finally:
+        child.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+    if result is not None:
+        return result
+    tail = "\n".join(child.tail[-10:])
+    if failure is not None:
+        message = failure["message"]
+        if not started:
+            raise WorkerUnavailable(message)
+        hint = " (out of GPU memory: lower the batch size or resolution)" if failure.get("oom") else ""
+        raise RuntimeError(f"Train LoRA: training failed in its process: {message}{hint}")
+    if not started:
+        raise WorkerUnavailable(f"it ended with exit code {code} before training; last output:\n{tail}")
+    raise RuntimeError(
+        f"Train LoRA: the training process ended unexpectedly (exit code {code}); the LoRA and resume state "
+        f"of the last save_every step are kept. Last output:\n{tail}"
+    )
+
+
+# ----- the child ----------------------------------------------------------------------------
+
+
+class _Wire:
+    """The child's end: events out, commands in (read by a thread)."""
+
+    def __init__(self) -> None:
+        self.out = sys.stdout
+        self.stop = threading.Event()
+        self.resume = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for raw in sys.stdin:
+            command = raw.strip()
+            if command == "stop":
+                self.stop.set()
+                self.resume.set()
+            elif command == "continue":
+                self.resume.set()
+        self.stop.set()  # the parent is gone
+        self.resume.set()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.out.write(EVENT_PREFIX + json.dumps({"event": event, **fields}) + "\n")
+        self.out.flush()
+
+
+def _child_hooks(wire: _Wire):
+    from .run import RunHooks
+
+    class ChildHooks(RunHooks):
+        def progress(self, phase: str, done: int, total: int) -> None:
+            if phase == "train":
+                wire.emit("progress", step=done, total=total)
+
+        def loss(self, step: int, total: int, loss: float | None, validation_loss: float | None = None) -> None:
+            wire.emit("loss", step=step, total=total, loss=loss, validation_loss=validation_loss)
+
+        def should_stop(self) -> bool:
+            return wire.stop.is_set()
+
+    return ChildHooks()
+
+
+class _RemoteRenderer:
+    """Sample images in the worker: the LoRA of the step goes to a file, the host renders it."""
+
+    def __init__(self, wire: _Wire, folder: Path, lora: Callable[[], dict[str, torch.Tensor]]) -> None:
+        self.wire, self.folder, self.lora = wire, folder, lora
+        self.last: list[torch.Tensor] = []
+
+    def render(self, handle: object, step: int, preview=None) -> list[Path]:
+        from safetensors.torch import save_file
+
+        if self.wire.stop.is_set():
+            return []
+        path = self.folder / f"samples_{step:06d}.safetensors"
+        save_file(self.lora(), str(path))
+        self.wire.resume.clear()
+        self.wire.emit("samples", step=step, lora=str(path))
+        self.wire.resume.wait()
+        path.unlink(missing_ok=True)
+        return []
+
+
+def _no_text_encoder(captions, samples):
+    raise RuntimeError("the training process has no text encoder: every caption must be encoded up front")
+
+
+def child_main(folder_arg: str) -> int:
+    """Entry of the worker process (see :data:`_BOOT`); the exit code says whether it trained."""
+    from .run import LoadedUNet, TrainingRun, _Between, worker_model_side
+
+    # the pack's own lines (progress of the run, its closing figures) reach the host's log; the
+    # host model code's import chatter (device banners) only when it warns
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger(__name__.rsplit(".", 2)[0]).setLevel(logging.INFO)
+    folder = Path(folder_arg)
+    wire = _Wire()
+    try:
+        job: WorkerJob = torch.load(folder / JOB_FILE, weights_only=False)
+        for module, attribute, value in job.module_attrs:
+            setattr(importlib.import_module(module), attribute, value)
+        device = torch.device(job.device)
+        started = time.perf_counter()
+        unet = torch.load(folder / UNET_FILE, map_location=device, weights_only=False)
+        (folder / UNET_FILE).unlink(missing_ok=True)
+        logger.info("model loaded in %.1f s (%s)", time.perf_counter() - started, device)
+        run = TrainingRun(job.job, worker_model_side(job.family, device, job.rename), _child_hooks(wire))
+        renderer = None
+        if job.sample_every:
+            renderer = _RemoteRenderer(wire, folder, lambda: run.lora.state_dict(torch.float32))
+        loaded = LoadedUNet(unet, job.denoise_factory(unet, job.dtype), device, job.dtype)
+        between = _Between(job.held, job.held_conds, renderer)
+        wire.emit("ready")
+        lora_path, losses = run._train_on(loaded, job.samples, _no_text_encoder, job.cond_cache, between)
+        wire.emit(
+            "done",
+            lora=str(lora_path),
+            losses=losses,
+            validation=run.validation_points,
+            cancelled=wire.stop.is_set(),
+        )
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
+        logger.exception("training process failed")
+        wire.emit("error", kind=type(exc).__name__, message=error_line(exc, 2000), oom=is_oom_error(exc))
+        return 1

@@ -1,0 +1,195 @@
+"""Train LoRA in a worker process (``lora_train.worker``), on the CPU with the toy models.
+
+The worker is how the CUDA-graph steps run under ComfyUI's default allocator; here the same
+machinery runs forced on the CPU (``SPEEDKIT_TRAIN_WORKER=1``) so every part is seen without a
+GPU: the LoRA a worker trains is the one the host's own process trains, events reach the host's
+hooks, sample images are rendered by the host from the step's LoRA, Cancel saves and stops,
+a worker that cannot start leaves the run to the host, a crash mid-run is an error naming what
+was kept, and no child process outlives any of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from pathlib import Path
+
+import lora_toy as toy
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_lora_run import Cancelled, Recorder, ToyModel, make_dataset, make_job
+
+from speedkit import process_tree
+from speedkit.lora_train import run, worker
+from speedkit.lora_train.inputs import Extras
+from speedkit.lora_train.sample_prompts import SamplePrompt
+
+TESTS_DIR = str(Path(toy.__file__).resolve().parent)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _worker_env(monkeypatch):
+    monkeypatch.setenv(worker.WORKER_ENV, "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child's threads: deterministic and light on CI
+
+
+def _children() -> set[int]:
+    import os
+
+    return {pid for pid, ppid, _ in process_tree._proc_table() if ppid == os.getpid()}
+
+
+class WorkerToy(ToyModel):
+    """A host that can train in a worker process: its UNet loads whole, by-reference denoise."""
+
+    def __init__(self, *args, factory=toy.toy_denoise, paths=(TESTS_DIR,), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.factory, self.paths = factory, list(paths)
+        self.handles: list[tuple[Path, list[str]]] = []
+
+    @contextlib.contextmanager
+    def load(self, keep_text_encoder):
+        self.loads.append(keep_text_encoder)
+        yield run.LoadedUNet(
+            self.unet,
+            self.factory(self.unet, torch.float32),
+            self.device,
+            torch.float32,
+            cuda_graphs=True,
+            handle="the model",
+            denoise_factory=self.factory,
+        )
+
+    def worker_setup(self):
+        return worker.WorkerSetup(self.paths)
+
+    def lora_handle(self, lora_file):
+        self.handles.append((lora_file, sorted(load_file(str(lora_file)))))
+        return "the model + LoRA file"
+
+
+def _in_process(tmp_path, dataset, monkeypatch, **job):
+    monkeypatch.setenv(worker.WORKER_ENV, "0")
+    model, hooks = WorkerToy(), Recorder()
+    outcome = run.TrainingRun(make_job(tmp_path / "host", dataset, **job), model, hooks).run()
+    monkeypatch.setenv(worker.WORKER_ENV, "1")
+    return outcome, hooks
+
+
+def test_a_worker_trains_the_lora_the_host_process_trains(tmp_path, dataset, monkeypatch, caplog):
+    reference, ref_hooks = _in_process(tmp_path, dataset, monkeypatch)
+    model, hooks = WorkerToy(), Recorder()
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    with caplog.at_level(logging.INFO):
+        outcome = run.TrainingRun(make_job(tmp_path / "worker", dataset), model, hooks).run()
+
+    assert "training in a separate process" in caplog.text
+    assert "Train LoRA worker: Train LoRA: 4 steps in" in caplog.text  # the child's log, relayed
+    assert outcome.lora_path == tmp_path / "worker" / "loras" / "toy_lora.safetensors"
+    ours, theirs = load_file(str(outcome.lora_path)), load_file(str(reference.lora_path))
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-7)
+    assert outcome.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert [e[2] for e in hooks.of("progress") if e[1] == "train"] == [0, 1, 2, 3, 4]
+    assert hooks.of("loss")[-1][1] == 4 and hooks.of("loss")[-1][2] == pytest.approx(outcome.losses[-1])
+    assert model.loads == [False]
+    assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())
+    assert not _children()
+
+
+def test_samples_are_rendered_by_the_host_from_the_steps_lora_and_validation_comes_back(tmp_path, dataset, monkeypatch):
+    prompt = SamplePrompt("a red cube", "", 64, 64, 7, 4, 5.0)
+    extras = Extras(prompts=(prompt, prompt), sample_every=3, validation_split=0.25, validate_every=2)
+    reference, _ = _in_process(tmp_path, dataset, monkeypatch, extras=extras, steps=5)
+    model, hooks = WorkerToy(), Recorder()
+    outcome = run.TrainingRun(make_job(tmp_path / "worker", dataset, extras=extras, steps=5), model, hooks).run()
+
+    assert [step for step, _ in outcome.validation_points] == [2, 4, 5]
+    for (_, ours), (_, theirs) in zip(outcome.validation_points, reference.validation_points, strict=True):
+        assert ours == pytest.approx(theirs, rel=1e-5)
+    assert [(e[1], e[3]) for e in hooks.of("loss") if e[2] is None] == list(outcome.validation_points)
+    # the host rendered with its own model and the LoRA of steps 3 and 5, written by the worker
+    assert model.renderer.calls == [("the model + LoRA file", 3), ("the model + LoRA file", 5)]
+    final_keys = sorted(load_file(str(outcome.lora_path)))
+    assert [keys for _, keys in model.handles] == [final_keys, final_keys]
+    assert all(not path.exists() for path, _ in model.handles)  # the job folder is gone
+    assert [e[1] for e in hooks.of("preview")] == [3, 3, 5, 5]
+    assert len(outcome.sample_images) == 2 and float(outcome.sample_images[0][0, 0, 0]) == pytest.approx(0.05)
+    assert not _children()
+
+
+def test_cancel_saves_the_lora_and_a_resume_state_then_raises_the_hosts_cancel(tmp_path, dataset):
+    model, hooks = WorkerToy(), Recorder(stop_at=2)
+    job = make_job(tmp_path, dataset, steps=400)
+    with pytest.raises(Cancelled):
+        run.TrainingRun(job, model, hooks).run()
+
+    state = tmp_path / "state" / "toy_lora-state.json"
+    assert (tmp_path / "loras" / "toy_lora.safetensors").is_file() and state.is_file()
+    import json
+
+    step = json.loads(state.read_text())["step"]
+    assert 2 <= step < 400
+    assert not _children()
+
+
+def test_a_worker_that_cannot_start_leaves_the_run_to_the_host(tmp_path, dataset, caplog):
+    model, hooks = WorkerToy(paths=()), Recorder()  # the child cannot import the toy UNet's module
+    with caplog.at_level(logging.INFO):
+        outcome = run.TrainingRun(make_job(tmp_path, dataset), model, hooks).run()
+
+    assert "the training process did not start" in caplog.text and "lora_toy" in caplog.text
+    assert len(outcome.losses) == 4 and outcome.lora_path.is_file()
+    assert model.loads == [False, False]  # loaded for the worker, then again to train here
+    assert not _children()
+
+
+def test_a_crash_in_the_worker_is_an_error_and_the_host_lives_on(tmp_path, dataset):
+    model = WorkerToy(factory=functools.partial(toy.crashing_denoise, after=2))
+    with pytest.raises(RuntimeError, match=r"ended unexpectedly \(exit code 134\)"):
+        run.TrainingRun(make_job(tmp_path, dataset, steps=6), model, Recorder()).run()
+    assert not _children()
+
+
+def test_a_cancel_while_the_host_renders_samples_stops_the_worker_after_it_saved(tmp_path, dataset):
+    prompt = SamplePrompt("a red cube", "", 64, 64, 7, 4, 5.0)
+    model, hooks = WorkerToy(), Recorder()
+
+    def cancel_in_render(handle):
+        raise Cancelled
+
+    model.lora_handle = cancel_in_render
+    job = make_job(tmp_path, dataset, steps=50, extras=Extras(prompts=(prompt,), sample_every=3))
+    with pytest.raises(Cancelled):
+        run.TrainingRun(job, model, hooks).run()
+    assert (tmp_path / "loras" / "toy_lora.safetensors").is_file()
+    assert (tmp_path / "state" / "toy_lora-state.json").is_file()
+    assert not _children()
+
+
+def test_runs_that_cannot_use_cuda_graphs_stay_in_the_host_process(tmp_path, dataset, monkeypatch):
+    for name, settings in {"fp16": {"precision": "fp16"}, "te": {"train_te": True}}.items():
+        model = WorkerToy()
+        paths = run.TrainingRun(make_job(tmp_path / name, dataset, **settings), model, Recorder())._worker_setup({})
+        assert paths is None, name
+    monkeypatch.setenv(worker.WORKER_ENV, "auto")  # auto: only under cudaMallocAsync on CUDA
+    assert run.TrainingRun(make_job(tmp_path, dataset), WorkerToy(), Recorder())._worker_setup({}) is None
+    monkeypatch.setenv(worker.WORKER_ENV, "1")
+    assert run.TrainingRun(make_job(tmp_path, dataset), WorkerToy(), Recorder())._worker_setup({}).import_paths == [
+        TESTS_DIR
+    ]
+
+
+def test_the_child_allocates_without_the_hosts_allocator_backend():
+    env = worker.child_env({"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync", "X": "1"})
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in env and env["X"] == "1"
+    env = worker.child_env({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,backend:cudaMallocAsync"})
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
