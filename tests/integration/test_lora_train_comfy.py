@@ -497,3 +497,60 @@ def test_sample_images_and_validation_loss(comfy_server, checkpoints, dataset):
         int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "validation loss" in line and "at step" in line
     ]
     assert steps == [4, 8, 12], log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def worker_server(tmp_path_factory, checkpoints):
+    """A second server whose Train LoRA runs always train in a worker process (``SPEEDKIT_TRAIN_WORKER=1``;
+    on NVIDIA with ComfyUI's defaults that is automatic), with the same SDXL checkpoint."""
+    from conftest import comfyui_root
+
+    from comfy_server import ComfyServer, free_port
+
+    server = ComfyServer(
+        root=comfyui_root(),
+        work=tmp_path_factory.mktemp("comfyui_worker"),
+        port=free_port(),
+        env={"SPEEDKIT_TRAIN_WORKER": "1"},
+    )
+    (server.models_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(checkpoints["sdxl"], server.models_dir / "checkpoints" / checkpoints["sdxl"].name)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_worker_process_trains_the_lora_comfyuis_own_process_trains(
+    comfy_server, worker_server, checkpoints, dataset
+):
+    """The run ComfyUI's defaults put in a worker process on NVIDIA (forced here on the CPU): the
+    UNet as ComfyUI loaded it goes to the child, which trains; sample images are rendered by the
+    server from the step's LoRA; the validation loss comes back; the LoRA equals the one the
+    server's own process trains."""
+    from safetensors.torch import load_file
+
+    ckpt = checkpoints["sdxl"].name
+    extras = dict(
+        steps=6, batch_size=1, sample_every=3, sample_prompts="sks square --s 2", sample_size=64,
+        validation_split=0.25, validate_every=3,
+    )  # fmt: skip
+    comfy_server.run_prompt(train_prompt(ckpt, dataset, "speedkit_test_here", **extras), timeout=1200)
+    start = len(worker_server.log_text())
+    worker_server.run_prompt(train_prompt(ckpt, dataset, "speedkit_test_worker", **extras), timeout=1200)
+    log = worker_server.log_text()[start:]
+    assert "training in a separate process" in log, log[-3000:]
+    assert "Train LoRA worker: Train LoRA: 6 steps in" in log, log[-3000:]
+    here = load_file(str(comfy_server.models_dir / "loras" / "speedkit_test_here.safetensors"))
+    there = load_file(str(worker_server.models_dir / "loras" / "speedkit_test_worker.safetensors"))
+    assert sorted(here) == sorted(there)
+    for key, value in here.items():
+        torch.testing.assert_close(there[key].float(), value.float(), rtol=2e-3, atol=2e-4)  # fp16 files
+    folder = worker_server.models_dir / "loras" / "speedkit_test_worker_samples"
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"speedkit_test_worker_{s:06d}_00.png" for s in (3, 6)]
+    steps = [
+        int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "validation loss" in line and "at step" in line
+    ]
+    assert steps == [3, 6], log[-3000:]
+    assert not list(Path("/dev/shm").glob("speedkit_train_*")), "the job folder must be removed"
