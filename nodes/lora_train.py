@@ -334,7 +334,8 @@ class TrainLoRA(io.ComfyNode):
                     optional=True,
                     advanced=True,
                     tooltip="Replay each training step as a CUDA graph where it is safe (the same LoRA up to "
-                    "rounding, much less CPU work per step). Off: every step runs eagerly.",
+                    "rounding, much less CPU work per step); with ComfyUI's default allocator the steps "
+                    "then run in a separate process. Off: every step runs eagerly in ComfyUI's process.",
                 ),
             ],
             outputs=[
