@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from server_cases import make_photo
 from test_example_workflows_in_server import make_dataset, sdxl_checkpoint  # noqa: F401 - fixture
 from test_graph_paths_in_server import usdu_prompt
-from test_train_in_server import graphs_expected, train_prompt
+from test_train_in_server import in_worker, train_prompt
 
 pytestmark = pytest.mark.gpu
 SYNCING = {"class_type": "SpeedKitProbe_HostSyncModel", "inputs": {"model": ["1", 0]}}
@@ -28,7 +28,10 @@ def on_syncing_model(prompt: dict, node: str) -> dict:
 
 
 def stepped_aside(log: str, setting: str) -> bool:
-    if graphs_expected(setting):
+    """Under PyTorch's native allocator the capture fails in Python and says why; under
+    cudaMallocAsync nothing is captured in ComfyUI's process (a training run's worker process
+    cannot load the probe's module, which lives in a custom node, so the run trains here eagerly)."""
+    if not in_worker(setting):
         return "capture failed" in log and "synchroniz" in log
     return "cudaMallocAsync" in log
 
