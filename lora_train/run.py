@@ -364,20 +364,19 @@ class TrainingRun:
     def _train_in_worker(self, setup: worker.WorkerSetup, samples, cond_cache, between: _Between):
         """Train in a worker process; None when it cannot start (the run then trains here)."""
         job, model = self.job, self.model
-        with model.load(keep_text_encoder=False) as loaded:
-            if loaded.denoise_factory is None or not loaded.cuda_graphs:
-                logger.info("Train LoRA: training in this process: the model is not fully loaded on one device")
-                return None
-            rename = model.unet_key_rename()
-            folder = worker.job_folder(worker.module_bytes(loaded.unet))
-            try:
+        folder = worker.job_folder(setup.model_bytes)
+        process = worker.WorkerProcess(folder, setup, model.device)  # starts up while the UNet is written
+        try:
+            with model.load(keep_text_encoder=False) as loaded:
+                if loaded.denoise_factory is None or not loaded.cuda_graphs:
+                    raise ValueError("the model is not fully loaded on one device")
                 worker.write_job(
                     folder,
                     loaded.unet,
                     worker.WorkerJob(
                         job=replace(job, items=[]),
                         family=model.family,
-                        rename=rename,
+                        rename=model.unet_key_rename(),
                         samples=samples,
                         cond_cache=cond_cache,
                         held=between.held,
@@ -385,16 +384,14 @@ class TrainingRun:
                         device=str(loaded.device),
                         dtype=loaded.dtype,
                         denoise_factory=loaded.denoise_factory,
-                        sample_every=(self.job.extras.sample_every or self.config.steps) if between.renderer else 0,
-                        module_attrs=setup.module_attrs,
+                        sample_every=(job.extras.sample_every or self.config.steps) if between.renderer else 0,
                     ),
                 )
-            except Exception as exc:  # noqa: BLE001 - e.g. a module that does not pickle: train here
-                import shutil
-
-                shutil.rmtree(folder, ignore_errors=True)
-                logger.warning("Train LoRA: training in this process: %s", error_line(exc, 300))
-                return None
+        except Exception as exc:  # noqa: BLE001 - e.g. a module that does not pickle: train here
+            process.abandon()
+            logger.warning("Train LoRA: training in this process: %s", error_line(exc, 300))
+            return None
+        process.go()
         renderer, hooks, total = between.renderer, self.hooks, self.config.steps
 
         def render(step: int, lora_file: Path) -> None:
@@ -402,7 +399,7 @@ class TrainingRun:
             self.sample_images = renderer.last
 
         try:
-            result = worker.run_worker(folder, setup.import_paths, hooks, render if renderer is not None else None)
+            result = process.follow(hooks, render if renderer is not None else None)
         except worker.WorkerUnavailable as exc:
             logger.warning("Train LoRA: the training process did not start (%s); training in this process", exc)
             return None

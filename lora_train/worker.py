@@ -9,20 +9,22 @@ setting (PyTorch's native allocator) records and replays the steps as a script w
 recording there is a Python error that falls back to eager steps, and even a hard crash ends only
 the child: the host process, its queue and the last saved LoRA stay.
 
-Parent side (:func:`write_job`, then :func:`run_worker`): the UNet module as the host loaded it
+Parent side (:class:`WorkerProcess`): the child is started first, so that it imports the host's
+model code and sets up CUDA while the host loads the UNet; the UNet module as the host loaded it
 (its weights with every patch merged) and the run's data (a pickled :class:`WorkerJob`) go to a
-job folder; the child is started on it; its log lines are relayed to this process's log; its
-events become the run's hooks (progress, loss points, validation points); sample images are
-rendered here on request (the host's sampler lives in the host); Cancel asks the child to save
-and stop, and anything that goes wrong here stops the child's whole process tree.
+job folder (:func:`write_job`), then the child is told to go; its log lines are relayed to this
+process's log; its events become the run's hooks (progress, loss points, validation points);
+sample images are rendered here on request (the host's sampler lives in the host); Cancel asks
+the child to save and stop, and anything that goes wrong here stops the child's whole process
+tree.
 
 Child side (:func:`child_main`): loads the module on the device and runs the same
 :class:`~.run.TrainingRun` step loop the host would run, with CUDA graphs allowed.
 
 Wire: the child writes events to its stdout as JSON, one per line after :data:`EVENT_PREFIX`;
 every other line of its output is log text. The parent writes commands to the child's stdin,
-one per line: ``stop`` (save the LoRA and a resume state, then end) and ``continue`` (the
-sample images of the requested step are rendered). End of stdin means the parent is gone: the
+one per line: ``go`` (the job is written), ``stop`` (save the LoRA and a resume state, then end)
+and ``continue`` (the sample images of the requested step are rendered). End of stdin means the parent is gone: the
 child saves and stops.
 """
 
@@ -57,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 EVENT_PREFIX = "\x1espeedkit-train-event "
 """Starts every event line of the child's stdout (a record separator no log line begins with)."""
-JOB_FILE, UNET_FILE = "job.pt", "unet.pt"
+SETUP_FILE, JOB_FILE, UNET_FILE = "setup.pt", "job.pt", "unet.pt"
 WORKER_ENV = "SPEEDKIT_TRAIN_WORKER"
 """``0``: never train in a worker process; ``1``: always when the run allows CUDA graphs (also on
 the CPU, for tests); unset/``auto``: when the host's allocator rules the graphs out in its own
@@ -65,20 +67,6 @@ process (cudaMallocAsync, ComfyUI's default on NVIDIA)."""
 STOP_GRACE_S = 120.0
 """How long a stopped child may take to save its LoRA and resume state before it is killed."""
 TAIL_LINES = 30
-
-# Started with ``python -c``: registers the pack's package under the name it has in the parent
-# (so pickled objects of the pack resolve to the same modules) without running the pack's
-# ``__init__`` (which registers ComfyUI nodes), puts the host's import paths first, and runs
-# :func:`child_main`. argv: package name, pack folder, JSON list of paths, job folder.
-_BOOT = (
-    "import importlib, json, sys, types\n"
-    "name, root, paths, job = sys.argv[1:5]\n"
-    "sys.path[:0] = json.loads(paths)\n"
-    "pkg = types.ModuleType(name)\n"
-    "pkg.__path__ = [root]\n"
-    "sys.modules[name] = pkg\n"
-    "sys.exit(importlib.import_module(name + '.lora_train.worker').child_main(job))\n"
-)
 
 
 class WorkerUnavailable(RuntimeError):
@@ -116,6 +104,9 @@ class WorkerSetup:
     # ``(module, attribute, value)`` set in the child before the UNet is loaded: the host's own
     # settings its model code reads at import time (e.g. ComfyUI's parsed command line)
     module_attrs: list[tuple[str, str, Any]] = field(default_factory=list)
+    # modules the child imports while the host still prepares the UNet (they are needed to load it)
+    preload: list[str] = field(default_factory=list)
+    model_bytes: int = 0  # about how large the UNet file will be (where the job folder goes)
 
 
 @dataclass
@@ -133,7 +124,6 @@ class WorkerJob:
     dtype: torch.dtype
     denoise_factory: DenoiseFactory
     sample_every: int  # 0: no sample images
-    module_attrs: list[tuple[str, str, Any]] = field(default_factory=list)
 
 
 def allocator_rules_out_graphs(device: torch.device) -> bool:
@@ -186,9 +176,11 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _command(folder: Path, import_paths: list[str]) -> list[str]:
+    """The worker's command line: this Python running ``worker_boot.py`` (see there)."""
     package = __name__.rsplit(".", 2)[0]
-    pack_dir = str(Path(__file__).resolve().parent.parent)
-    return [sys.executable, "-c", _BOOT, package, pack_dir, json.dumps(import_paths), str(folder)]
+    here = Path(__file__).resolve().parent
+    boot = str(here / "worker_boot.py")
+    return [sys.executable, boot, package, str(here.parent), json.dumps(import_paths), str(folder)]
 
 
 @dataclass
@@ -199,12 +191,20 @@ class WorkerResult:
     cancelled: bool
 
 
-class _Child:
-    """The running child: its output lines, its stdin, and stopping it."""
+class WorkerProcess:
+    """A worker process on a job folder: started early (it imports and sets up CUDA while the host
+    still writes the UNet), told to go, followed to its end; the folder is removed at the end.
 
-    def __init__(self, folder: Path, import_paths: list[str]) -> None:
+    ``follow`` raises :class:`WorkerUnavailable` when the child ends before training starts,
+    ``RuntimeError`` when it fails later (with its message; the files it saved are kept).
+    """
+
+    def __init__(self, folder: Path, setup: WorkerSetup, device: torch.device) -> None:
+        self.folder = folder
+        torch.save({"module_attrs": setup.module_attrs, "preload": setup.preload, "device": str(device)},
+                   folder / SETUP_FILE)  # fmt: skip
         self.proc = subprocess.Popen(
-            _command(folder, import_paths),
+            _command(folder, setup.import_paths),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -224,23 +224,21 @@ class _Child:
         except (OSError, ValueError):  # the child is gone; its end shows as EOF on its output
             pass
 
+    def go(self) -> None:
+        """The job files are written: train."""
+        self.send("go")
+
     def stop(self) -> None:
         if not self.stop_sent:
             self.stop_sent = True
             self.send("stop")
 
-    def next_line(self, timeout: float) -> str | None:
-        """The next output line ('' when none came within ``timeout``; None at the end of output)."""
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            return ""
+    def abandon(self) -> None:
+        """The host could not write the job: end the child and remove the folder."""
+        self.stop()
+        self._close()
 
-    def log(self, line: str) -> None:
-        self.tail = [*self.tail[-(TAIL_LINES - 1) :], line]
-        logger.info("Train LoRA worker: %s", line)
-
-    def kill(self) -> None:
+    def _close(self) -> None:
         if self.proc.poll() is None:
             process_tree.kill_process_tree(self.proc, grace_s=3.0)
         for stream in (self.proc.stdin, self.proc.stdout):
@@ -248,84 +246,80 @@ class _Child:
                 stream.close()
             except OSError:
                 pass
+        shutil.rmtree(self.folder, ignore_errors=True)
 
+    def _log(self, line: str) -> None:
+        self.tail = [*self.tail[-(TAIL_LINES - 1) :], line]
+        logger.info("Train LoRA worker: %s", line)
 
-def run_worker(
-    folder: Path,
-    import_paths: list[str],
-    hooks: RunHooks,
-    render: Callable[[int, Path], None] | None,
-) -> WorkerResult:
-    """Train in a child process on the job in ``folder`` (removed afterwards).
-
-    ``render(step, lora_file)``: renders the sample images of ``step`` with the LoRA saved in
-    ``lora_file``. Raises :class:`WorkerUnavailable` when the child ends before training starts,
-    ``RuntimeError`` when it fails later (its message, and the files it saved are kept).
-    """
-    child = _Child(folder, import_paths)
-    started = False
-    result: WorkerResult | None = None
-    failure: dict[str, Any] | None = None
-    try:
-        while True:
-            line = child.next_line(0.1)
-            if line is None:
-                break
-            if line.startswith(EVENT_PREFIX):
-                event = json.loads(line[len(EVENT_PREFIX) :])
-                kind = event.pop("event")
-                if kind == "ready":
-                    started = True
-                elif kind == "progress":
-                    hooks.progress("train", event["step"], event["total"])
-                elif kind == "loss":
-                    hooks.loss(event["step"], event["total"], event["loss"], event.get("validation_loss"))
-                elif kind == "samples":
-                    if render is not None and not child.stop_sent:
-                        render(event["step"], Path(event["lora"]))
-                    child.send("continue")
-                elif kind == "done":
-                    result = WorkerResult(
-                        Path(event["lora"]),
-                        [float(x) for x in event["losses"]],
-                        [(int(s), float(v)) for s, v in event["validation"]],
-                        bool(event["cancelled"]),
-                    )
-                elif kind == "error":
-                    failure = event
-            elif line:
-                child.log(line)
-            if not child.stop_sent and hooks.should_stop():
-                child.stop()
-        code = child.proc.wait()
-    except BaseException:
-        # something failed here (a Cancel while rendering samples, an error in a hook): let the
-        # child save what it trained, then make sure nothing of it is left running
-        if child.proc.poll() is None:
-            child.stop()
-            try:
-                child.proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                logger.warning("Train LoRA: the training process did not stop in %.0f s; killed", STOP_GRACE_S)
-        raise
-    finally:
-        child.kill()
-        shutil.rmtree(folder, ignore_errors=True)
-    if result is not None:
-        return result
-    tail = "\n".join(child.tail[-10:])
-    if failure is not None:
-        message = failure["message"]
+    def follow(self, hooks: RunHooks, render: Callable[[int, Path], None] | None) -> WorkerResult:
+        """Relay the child's events to ``hooks`` until it ends; ``render(step, lora_file)`` renders
+        the sample images of ``step`` with the LoRA saved in ``lora_file``."""
+        started = False
+        result: WorkerResult | None = None
+        failure: dict[str, Any] | None = None
+        try:
+            while True:
+                try:
+                    line = self.lines.get(timeout=0.1)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    break
+                if line.startswith(EVENT_PREFIX):
+                    event = json.loads(line[len(EVENT_PREFIX) :])
+                    kind = event.pop("event")
+                    if kind == "ready":
+                        started = True
+                    elif kind == "progress":
+                        hooks.progress("train", event["step"], event["total"])
+                    elif kind == "loss":
+                        hooks.loss(event["step"], event["total"], event["loss"], event.get("validation_loss"))
+                    elif kind == "samples":
+                        if render is not None and not self.stop_sent:
+                            render(event["step"], Path(event["lora"]))
+                        self.send("continue")
+                    elif kind == "done":
+                        result = WorkerResult(
+                            Path(event["lora"]),
+                            [float(x) for x in event["losses"]],
+                            [(int(s), float(v)) for s, v in event["validation"]],
+                            bool(event["cancelled"]),
+                        )
+                    elif kind == "error":
+                        failure = event
+                elif line:
+                    self._log(line)
+                if not self.stop_sent and hooks.should_stop():
+                    self.stop()
+            code = self.proc.wait()
+        except BaseException:
+            # something failed here (a Cancel while rendering samples, an error in a hook): let the
+            # child save what it trained, then make sure nothing of it is left running
+            if self.proc.poll() is None:
+                self.stop()
+                try:
+                    self.proc.wait(STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    logger.warning("Train LoRA: the training process did not stop in %.0f s; killed", STOP_GRACE_S)
+            raise
+        finally:
+            self._close()
+        if result is not None:
+            return result
+        tail = "\n".join(self.tail[-10:])
+        if failure is not None:
+            message = failure["message"]
+            if not started:
+                raise WorkerUnavailable(message)
+            hint = " (out of GPU memory: lower the batch size or resolution)" if failure.get("oom") else ""
+            raise RuntimeError(f"Train LoRA: training failed in its process: {message}{hint}")
         if not started:
-            raise WorkerUnavailable(message)
-        hint = " (out of GPU memory: lower the batch size or resolution)" if failure.get("oom") else ""
-        raise RuntimeError(f"Train LoRA: training failed in its process: {message}{hint}")
-    if not started:
-        raise WorkerUnavailable(f"it ended with exit code {code} before training; last output:\n{tail}")
-    raise RuntimeError(
-        f"Train LoRA: the training process ended unexpectedly (exit code {code}); the LoRA and resume state "
-        f"of the last save_every step are kept. Last output:\n{tail}"
-    )
+            raise WorkerUnavailable(f"it ended with exit code {code} before training; last output:\n{tail}")
+        raise RuntimeError(
+            f"Train LoRA: the training process ended unexpectedly (exit code {code}); the LoRA and resume state "
+            f"of the last save_every step are kept. Last output:\n{tail}"
+        )
 
 
 # ----- the child ----------------------------------------------------------------------------
@@ -338,18 +332,23 @@ class _Wire:
         self.out = sys.stdout
         self.stop = threading.Event()
         self.resume = threading.Event()
+        self.go = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         for raw in sys.stdin:
             command = raw.strip()
-            if command == "stop":
+            if command == "go":
+                self.go.set()
+            elif command == "stop":
                 self.stop.set()
                 self.resume.set()
+                self.go.set()
             elif command == "continue":
                 self.resume.set()
         self.stop.set()  # the parent is gone
         self.resume.set()
+        self.go.set()
 
     def emit(self, event: str, **fields: Any) -> None:
         self.out.write(EVENT_PREFIX + json.dumps({"event": event, **fields}) + "\n")
@@ -399,7 +398,7 @@ def _no_text_encoder(captions, samples):
 
 
 def child_main(folder_arg: str) -> int:
-    """Entry of the worker process (see :data:`_BOOT`); the exit code says whether it trained."""
+    """Entry of the worker process (from ``worker_boot.py``); the exit code says whether it trained."""
     from .run import LoadedUNet, TrainingRun, _Between, worker_model_side
 
     # the pack's own lines (progress of the run, its closing figures) reach the host's log; the
@@ -409,12 +408,21 @@ def child_main(folder_arg: str) -> int:
     folder = Path(folder_arg)
     wire = _Wire()
     try:
-        job: WorkerJob = torch.load(folder / JOB_FILE, weights_only=False)
-        for module, attribute, value in job.module_attrs:
+        # while the host still writes the UNet: its settings, its model code, a CUDA context
+        setup = torch.load(folder / SETUP_FILE, weights_only=False)
+        for module, attribute, value in setup["module_attrs"]:
             setattr(importlib.import_module(module), attribute, value)
-        device = torch.device(job.device)
+        for module in setup["preload"]:
+            importlib.import_module(module)
+        device = torch.device(setup["device"])
+        torch.empty(1, device=device)
+        wire.go.wait()
+        if wire.stop.is_set():
+            return 0
+        job: WorkerJob = torch.load(folder / JOB_FILE, weights_only=False)
         started = time.perf_counter()
-        unet = torch.load(folder / UNET_FILE, map_location=device, weights_only=False)
+        # mmap: the file (in RAM) goes to the device without a second host copy
+        unet = torch.load(folder / UNET_FILE, map_location=device, weights_only=False, mmap=True)
         (folder / UNET_FILE).unlink(missing_ok=True)
         logger.info("model loaded in %.1f s (%s)", time.perf_counter() - started, device)
         run = TrainingRun(job.job, worker_model_side(job.family, device, job.rename), _child_hooks(wire))

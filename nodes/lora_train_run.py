@@ -211,7 +211,12 @@ class ComfyModelSide:
         import comfy.model_management  # ``comfy`` itself is a namespace package (no __file__)
 
         root = str(Path(comfy.model_management.__file__).resolve().parent.parent)
-        return WorkerSetup([root], [("comfy.cli_args", "args", comfy.cli_args.args)])
+        return WorkerSetup(
+            [root],
+            [("comfy.cli_args", "args", comfy.cli_args.args)],
+            preload=[type(self.patcher.model.diffusion_model).__module__],
+            model_bytes=self.patcher.model_size(),
+        )
 
     def lora_handle(self, lora_file: Path):
         """The MODEL with the LoRA file applied by ComfyUI's own loader (sample images of a worker run)."""

@@ -34,16 +34,26 @@ def dataset(tmp_path):
     return make_dataset(tmp_path / "data")
 
 
+def _all_children() -> set[int]:
+    import os
+
+    return {pid for pid, ppid, _ in process_tree._proc_table() if ppid == os.getpid()}
+
+
+_BEFORE: set[int] = set()
+
+
 @pytest.fixture(autouse=True)
 def _worker_env(monkeypatch):
     monkeypatch.setenv(worker.WORKER_ENV, "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child's threads: deterministic and light on CI
+    _BEFORE.clear()
+    _BEFORE.update(_all_children())  # e.g. the integration tier's ComfyUI server in the same session
 
 
 def _children() -> set[int]:
-    import os
-
-    return {pid for pid, ppid, _ in process_tree._proc_table() if ppid == os.getpid()}
+    """Child processes of this test process that the test started and left running."""
+    return _all_children() - _BEFORE
 
 
 class WorkerToy(ToyModel):
@@ -52,6 +62,7 @@ class WorkerToy(ToyModel):
     def __init__(self, *args, factory=toy.toy_denoise, paths=(TESTS_DIR,), **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.factory, self.paths = factory, list(paths)
+        self.handover_factory = factory
         self.handles: list[tuple[Path, list[str]]] = []
 
     @contextlib.contextmanager
@@ -64,7 +75,7 @@ class WorkerToy(ToyModel):
             torch.float32,
             cuda_graphs=True,
             handle="the model",
-            denoise_factory=self.factory,
+            denoise_factory=self.handover_factory,
         )
 
     def worker_setup(self):
@@ -193,3 +204,13 @@ def test_the_child_allocates_without_the_hosts_allocator_backend():
     assert "PYTORCH_CUDA_ALLOC_CONF" not in env and env["X"] == "1"
     env = worker.child_env({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,backend:cudaMallocAsync"})
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_a_model_the_host_cannot_hand_over_trains_here_and_the_early_worker_ends(tmp_path, dataset, caplog):
+    model, hooks = WorkerToy(), Recorder()
+    model.handover_factory = None  # e.g. a UNet only the host knows how to call
+    with caplog.at_level(logging.INFO):
+        outcome = run.TrainingRun(make_job(tmp_path, dataset), model, hooks).run()
+    assert "training in this process: ValueError: the model is not fully loaded" in caplog.text
+    assert len(outcome.losses) == 4 and model.loads == [False, False]
+    assert not _children() and not list(Path("/dev/shm").glob("speedkit_train_*"))
