@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .. import process_tree
-from ..torch_utils import error_line, is_oom_error
+from ..torch_utils import is_oom_error
 
 if TYPE_CHECKING:
     from .run import Family, Job, RunHooks
@@ -67,6 +67,24 @@ process (cudaMallocAsync, ComfyUI's default on NVIDIA)."""
 STOP_GRACE_S = 120.0
 """How long a stopped child may take to save its LoRA and resume state before it is killed."""
 TAIL_LINES = 30
+MESSAGE_CHARS = 4000
+RERAISED = {"ValueError": ValueError, "FloatingPointError": FloatingPointError, "OSError": OSError}
+"""Errors of the child raised again as the same class with the same message: they name the input
+to change (a resume state that does not fit, a diverged run, a full disk), as in ComfyUI's process."""
+
+
+def _reraised(failure: dict[str, Any]) -> BaseException:
+    """The host-side exception for the child's error event."""
+    kind, message = failure["kind"], failure["message"]
+    if failure.get("oom"):
+        return torch.OutOfMemoryError(
+            f"Train LoRA: out of GPU memory in the training process ({message.splitlines()[0]}); lower the "
+            f"batch size or resolution, or turn gradient_checkpointing on"
+        )
+    cls = RERAISED.get(kind)
+    if cls is not None:
+        return cls(message)
+    return RuntimeError(f"Train LoRA: training failed in its process: {kind}: {message}")
 
 
 class WorkerUnavailable(RuntimeError):
@@ -309,11 +327,9 @@ class WorkerProcess:
             return result
         tail = "\n".join(self.tail[-10:])
         if failure is not None:
-            message = failure["message"]
             if not started:
-                raise WorkerUnavailable(message)
-            hint = " (out of GPU memory: lower the batch size or resolution)" if failure.get("oom") else ""
-            raise RuntimeError(f"Train LoRA: training failed in its process: {message}{hint}")
+                raise WorkerUnavailable(f"{failure['kind']}: {failure['message'].splitlines()[0]}")
+            raise _reraised(failure)
         if not started:
             raise WorkerUnavailable(f"it ended with exit code {code} before training; last output:\n{tail}")
         raise RuntimeError(
@@ -443,5 +459,5 @@ def child_main(folder_arg: str) -> int:
         return 0
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
         logger.exception("training process failed")
-        wire.emit("error", kind=type(exc).__name__, message=error_line(exc, 2000), oom=is_oom_error(exc))
+        wire.emit("error", kind=type(exc).__name__, message=str(exc)[:MESSAGE_CHARS], oom=is_oom_error(exc))
         return 1

@@ -298,3 +298,17 @@ def crashing_denoise(unet: nn.Module, dtype: torch.dtype, after: int):
         return inner(x, t, cond)
 
     return denoise
+
+
+def raising_denoise(unet: nn.Module, dtype: torch.dtype, after: int, message: str):
+    """:func:`toy_denoise` raising ``ValueError(message)`` on call ``after + 1``."""
+    calls = [0]
+    inner = toy_denoise(unet, dtype)
+
+    def denoise(x, t, cond):
+        calls[0] += 1
+        if calls[0] > after:
+            raise ValueError(message)
+        return inner(x, t, cond)
+
+    return denoise

@@ -214,3 +214,26 @@ def test_a_model_the_host_cannot_hand_over_trains_here_and_the_early_worker_ends
     assert "training in this process: ValueError: the model is not fully loaded" in caplog.text
     assert len(outcome.losses) == 4 and model.loads == [False, False]
     assert not _children() and not list(Path("/dev/shm").glob("speedkit_train_*"))
+
+
+def test_an_error_in_the_worker_reaches_the_node_as_it_would_in_comfyuis_process(tmp_path, dataset):
+    """A ValueError names the input to change: it arrives as a ValueError with its message, and
+    the LoRA of the steps done is saved, as in-process."""
+    message = "resume_from: made-up mismatch; set rank to 4"
+    model = WorkerToy(factory=functools.partial(toy.raising_denoise, after=3, message=message))
+    with pytest.raises(ValueError) as info:
+        run.TrainingRun(make_job(tmp_path, dataset, steps=8), model, Recorder()).run()
+    assert str(info.value) == message
+    assert (tmp_path / "loras" / "toy_lora.safetensors").is_file()
+    assert not _children()
+
+
+def test_error_events_become_the_hosts_exceptions():
+    oom = worker._reraised(
+        {"kind": "OutOfMemoryError", "message": "CUDA out of memory. Tried 2 GiB\nmore", "oom": True}
+    )
+    assert isinstance(oom, torch.OutOfMemoryError) and "Tried 2 GiB" in str(oom) and "batch size" in str(oom)
+    other = worker._reraised({"kind": "KeyError", "message": "'x'", "oom": False})
+    assert type(other) is RuntimeError and "KeyError: 'x'" in str(other)
+    disk = worker._reraised({"kind": "OSError", "message": "No space left on device", "oom": False})
+    assert type(disk) is OSError and str(disk) == "No space left on device"
