@@ -20,6 +20,10 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 
 
 def _load() -> None:
+    import os
+
+    if os.environ.get("SPEEDKIT_TRAIN_WORKER_CHILD") == "1":
+        return  # Train LoRA's worker process imports the pack for its training loop only
     from .registry import MIN_COMFYUI, collect_nodes, missing_modules
 
     if missing_modules(["comfy"]):

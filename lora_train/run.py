@@ -356,6 +356,10 @@ class TrainingRun:
         if mode != "1" and not worker.allocator_rules_out_graphs(self.model.device):
             return None
         setup = self.model.worker_setup()
+        blocker = None if setup is None else worker.pack_import_blocker(setup.import_paths)
+        if blocker is not None:
+            logger.info("Train LoRA: training in this process (no worker process: %s; rename the folder)", blocker)
+            return None
         if setup is not None:
             why = f"{worker.WORKER_ENV}=1" if mode == "1" else "this process allocates with cudaMallocAsync"
             logger.info("Train LoRA: training in a separate process, where the steps can run as CUDA graphs (%s)", why)

@@ -33,6 +33,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
+import pickle
 import queue
 import shutil
 import subprocess
@@ -40,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,23 +185,75 @@ def write_job(folder: Path, unet: nn.Module, job: WorkerJob) -> None:
     )
 
 
-def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The host's environment without an allocator backend choice (the child uses PyTorch's native one)."""
+CHILD_ENV = "SPEEDKIT_TRAIN_WORKER_CHILD"
+"""Set (``1``) in the worker's environment: the pack's ``__init__`` then registers no ComfyUI nodes
+(the child imports the pack only to run :func:`child_main`)."""
+_CHILD_MAIN = (
+    "import importlib, sys; "
+    "sys.exit(importlib.import_module(sys.argv[1] + '.lora_train.worker').child_main(sys.argv[2], sys.argv[3]))"
+)
+
+
+def _pack_dir() -> Path:
+    """The pack's folder as the host found it (a linked folder keeps its link's name)."""
+    return Path(os.path.abspath(__file__)).parent.parent
+
+
+def pack_import_blocker(import_paths: list[str]) -> str | None:
+    """Why the child could not import the pack by its folder name, or None when it can: a dot in
+    the name would split it, and a module of that name in the host's import paths (which come
+    first) would be imported instead (a pack folder named ``main`` beside ComfyUI's ``main.py``)."""
+    name = _pack_dir().name
+    if "." in name:
+        return f"the pack's folder name {name!r} has a dot"
+    for path in import_paths:
+        if (Path(path) / name).exists() or (Path(path) / f"{name}.py").exists():
+            return f"the pack's folder name {name!r} is also a module in {path}"
+    return None
+
+
+def child_env(import_paths: list[str], base: dict[str, str] | None = None) -> dict[str, str]:
+    """The host's environment without an allocator backend choice (the child uses PyTorch's native
+    one), the host's import paths and then the pack's parent folder on ``PYTHONPATH``."""
     env = process_tree.subprocess_env(base=base)
     conf = [p for p in env.get("PYTORCH_CUDA_ALLOC_CONF", "").split(",") if p and not p.strip().startswith("backend")]
     if conf:
         env["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(conf)
     else:
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    paths = [*import_paths, str(_pack_dir().parent), *filter(None, [env.get("PYTHONPATH")])]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env[CHILD_ENV] = "1"
     return env
 
 
-def _command(folder: Path, import_paths: list[str]) -> list[str]:
-    """The worker's command line: this Python running ``worker_boot.py`` (see there)."""
-    package = __name__.rsplit(".", 2)[0]
-    here = Path(__file__).resolve().parent
-    boot = str(here / "worker_boot.py")
-    return [sys.executable, boot, package, str(here.parent), json.dumps(import_paths), str(folder)]
+def _command(folder: Path) -> list[str]:
+    """The worker's command line: this Python importing the pack by its folder name (argv: that
+    name, the pack's package name in the host, the job folder)."""
+    return [sys.executable, "-c", _CHILD_MAIN, _pack_dir().name, _package(), str(folder)]
+
+
+def _package() -> str:
+    """This pack's package name in this process (ComfyUI names it by its folder path)."""
+    return __name__.rsplit(".", 2)[0]
+
+
+def _unpickler_module(host_package: str) -> types.ModuleType:
+    """A ``pickle_module`` for ``torch.load`` that finds the host's names of the pack's classes
+    under this process's name of the pack (the host pickled them under its own)."""
+    here = _package()
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if module == host_package or module.startswith(host_package + "."):
+                module = here + module[len(host_package) :]
+            return super().find_class(module, name)
+
+    shim = types.ModuleType("speedkit_worker_pickle")
+    shim.Unpickler = Unpickler  # type: ignore[attr-defined]
+    shim.load = pickle.load  # type: ignore[attr-defined]
+    shim.__version__ = "1"  # type: ignore[attr-defined]
+    return shim
 
 
 @dataclass
@@ -222,12 +277,12 @@ class WorkerProcess:
         torch.save({"module_attrs": setup.module_attrs, "preload": setup.preload, "device": str(device)},
                    folder / SETUP_FILE)  # fmt: skip
         self.proc = subprocess.Popen(
-            _command(folder, setup.import_paths),
+            _command(folder),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=child_env(),
-            cwd=str(folder),
+            env=child_env(setup.import_paths),
+            cwd=str(folder),  # holds no module: nothing shadows the host's imports
             **process_tree.popen_kwargs(),
         )
         self.lines: queue.Queue = queue.Queue()
@@ -413,8 +468,8 @@ def _no_text_encoder(captions, samples):
     raise RuntimeError("the training process has no text encoder: every caption must be encoded up front")
 
 
-def child_main(folder_arg: str) -> int:
-    """Entry of the worker process (from ``worker_boot.py``); the exit code says whether it trained."""
+def child_main(host_package: str, folder_arg: str) -> int:
+    """Entry of the worker process (see :data:`_CHILD_MAIN`); the exit code says whether it trained."""
     from .run import LoadedUNet, TrainingRun, _Between, worker_model_side
 
     # the pack's own lines (progress of the run, its closing figures) reach the host's log; the
@@ -435,10 +490,13 @@ def child_main(folder_arg: str) -> int:
         wire.go.wait()
         if wire.stop.is_set():
             return 0
-        job: WorkerJob = torch.load(folder / JOB_FILE, weights_only=False)
+        unpickler = _unpickler_module(host_package)
+        job: WorkerJob = torch.load(folder / JOB_FILE, weights_only=False, pickle_module=unpickler)
         started = time.perf_counter()
         # mmap: the file (in RAM) goes to the device without a second host copy
-        unet = torch.load(folder / UNET_FILE, map_location=device, weights_only=False, mmap=True)
+        unet = torch.load(
+            folder / UNET_FILE, map_location=device, weights_only=False, mmap=True, pickle_module=unpickler
+        )
         (folder / UNET_FILE).unlink(missing_ok=True)
         logger.info("model loaded in %.1f s (%s)", time.perf_counter() - started, device)
         run = TrainingRun(job.job, worker_model_side(job.family, device, job.rename), _child_hooks(wire))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from pathlib import Path
 
 import lora_toy as toy
@@ -199,11 +200,32 @@ def test_runs_that_cannot_use_cuda_graphs_stay_in_the_host_process(tmp_path, dat
     ]
 
 
-def test_the_child_allocates_without_the_hosts_allocator_backend():
-    env = worker.child_env({"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync", "X": "1"})
+def test_the_child_allocates_without_the_hosts_allocator_backend_and_imports_the_host_paths_first():
+    base = {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync", "X": "1", "PYTHONPATH": "/site"}
+    env = worker.child_env(["/comfy"], base)
     assert "PYTORCH_CUDA_ALLOC_CONF" not in env and env["X"] == "1"
-    env = worker.child_env({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,backend:cudaMallocAsync"})
+    pack_parent = str(Path(worker.__file__).resolve().parents[2])
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/comfy", pack_parent, "/site"]
+    assert (
+        env[worker.CHILD_ENV] == "1"
+        and f'"{worker.CHILD_ENV}"'
+        in (Path(pack_parent) / Path(worker.__file__).resolve().parents[1].name / "__init__.py").read_text()
+    )
+    env = worker.child_env([], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,backend:cudaMallocAsync"})
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_the_child_finds_the_hosts_names_of_the_packs_classes_under_its_own():
+    """ComfyUI names the pack by its folder path; the child imports it by its folder name."""
+    import io
+    import pickle
+
+    from speedkit.lora_train.trainer import TrainConfig
+
+    data = pickle.dumps(TrainConfig(rank=7), protocol=0)  # text names: renamed in place
+    renamed = data.replace(b"speedkit.lora_train.trainer", b"/x/custom_nodes/Pack.lora_train.trainer")
+    loaded = worker._unpickler_module("/x/custom_nodes/Pack").Unpickler(io.BytesIO(renamed)).load()
+    assert type(loaded) is TrainConfig and loaded.rank == 7
 
 
 def test_a_model_the_host_cannot_hand_over_trains_here_and_the_early_worker_ends(tmp_path, dataset, caplog):
@@ -237,3 +259,10 @@ def test_error_events_become_the_hosts_exceptions():
     assert type(other) is RuntimeError and "KeyError: 'x'" in str(other)
     disk = worker._reraised({"kind": "OSError", "message": "No space left on device", "oom": False})
     assert type(disk) is OSError and str(disk) == "No space left on device"
+
+
+def test_a_pack_folder_name_the_host_paths_would_shadow_keeps_the_run_in_the_host(tmp_path):
+    name = worker._pack_dir().name
+    assert worker.pack_import_blocker([str(tmp_path)]) is None
+    (tmp_path / f"{name}.py").write_text("")  # e.g. a pack folder named main beside ComfyUI's main.py
+    assert "is also a module" in worker.pack_import_blocker([str(tmp_path)])

@@ -21,23 +21,9 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert f"{setup}\n{test_command}" in readme
 
 
-CHILD_MAIN_SCRIPTS = {Path("lora_train/worker_boot.py")}
-"""Main scripts of the pack's own child processes (a fresh interpreter each, never ComfyUI's):
-they set up that interpreter's imports, and no pack module imports them."""
-
-
-def test_child_main_scripts_are_never_imported():
-    for script in CHILD_MAIN_SCRIPTS:
-        for path in PACK_SOURCES:
-            imports = rf"^\s*(?:import|from)\b.*\b{script.stem}\b"
-            assert not re.search(imports, path.read_text(), re.MULTILINE), path
-
-
 def test_pack_never_edits_sys_modules_or_sys_path():
     offenders = []
     for path in PACK_SOURCES:
-        if path.relative_to(REPO) in CHILD_MAIN_SCRIPTS:
-            continue
         text = path.read_text()
         if re.search(r"sys\.modules\s*\[|sys\.modules\.(pop|update|setdefault)|del\s+sys\.modules", text) or re.search(
             r"sys\.path\.(insert|append|extend)|sys\.path\s*=", text
