@@ -388,7 +388,7 @@ class TrainingRun:
                         device=str(loaded.device),
                         dtype=loaded.dtype,
                         denoise_factory=loaded.denoise_factory,
-                        sample_every=(job.extras.sample_every or self.config.steps) if between.renderer else 0,
+                        render_samples=between.renderer is not None,
                     ),
                 )
         except Exception as exc:  # noqa: BLE001 - e.g. a module that does not pickle: train here

@@ -144,7 +144,7 @@ class WorkerJob:
     device: str
     dtype: torch.dtype
     denoise_factory: DenoiseFactory
-    sample_every: int  # 0: no sample images
+    render_samples: bool  # sample prompts were given: the host renders them at the run's sampling steps
 
 
 def allocator_rules_out_graphs(device: torch.device) -> bool:
@@ -501,7 +501,7 @@ def child_main(host_package: str, folder_arg: str) -> int:
         logger.info("model loaded in %.1f s (%s)", time.perf_counter() - started, device)
         run = TrainingRun(job.job, worker_model_side(job.family, device, job.rename), _child_hooks(wire))
         renderer = None
-        if job.sample_every:
+        if job.render_samples:
             renderer = _RemoteRenderer(wire, folder, lambda: run.lora.state_dict(torch.float32))
         loaded = LoadedUNet(unet, job.denoise_factory(unet, job.dtype), device, job.dtype)
         between = _Between(job.held, job.held_conds, renderer)
