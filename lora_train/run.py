@@ -211,7 +211,7 @@ class RunHooks:
         """Raise the host's cancel exception when the user cancelled (else return)."""
 
 
-class _WorkerModelSide:
+class WorkerModelSide:
     """What a worker process knows of the host's model: enough for :meth:`TrainingRun._train_on`
     with frozen text encoders (captions were encoded by the host)."""
 
@@ -226,11 +226,6 @@ class _WorkerModelSide:
 
     def text_training(self, modules: list[nn.Module]) -> AbstractContextManager:
         return contextlib.nullcontext()
-
-
-def worker_model_side(family: Family, device: torch.device, rename: Callable[[str], str] | None) -> ModelSide:
-    """The model side of a run inside a worker process (see :mod:`.worker`)."""
-    return _WorkerModelSide(family, device, rename)  # type: ignore[return-value]
 
 
 @dataclass

@@ -169,10 +169,6 @@ def job_folder(needed_bytes: int) -> Path:
     return Path(tempfile.mkdtemp(prefix="speedkit_train_"))
 
 
-def module_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
 def write_job(folder: Path, unet: nn.Module, job: WorkerJob) -> None:
     """Write the UNet (as loaded: device tensors are copied to the file) and the job into ``folder``."""
     started = time.perf_counter()
@@ -180,7 +176,7 @@ def write_job(folder: Path, unet: nn.Module, job: WorkerJob) -> None:
     torch.save(job, folder / JOB_FILE)
     logger.info(
         "Train LoRA: model handed to the training process (%.1f GiB in %.1f s)",
-        module_bytes(unet) / 2**30,
+        (folder / UNET_FILE).stat().st_size / 2**30,
         time.perf_counter() - started,
     )
 
@@ -470,7 +466,7 @@ def _no_text_encoder(captions, samples):
 
 def child_main(host_package: str, folder_arg: str) -> int:
     """Entry of the worker process (see :data:`_CHILD_MAIN`); the exit code says whether it trained."""
-    from .run import LoadedUNet, TrainingRun, _Between, worker_model_side
+    from .run import LoadedUNet, TrainingRun, WorkerModelSide, _Between
 
     # the pack's own lines (progress of the run, its closing figures) reach the host's log; the
     # host model code's import chatter (device banners) only when it warns
@@ -499,7 +495,8 @@ def child_main(host_package: str, folder_arg: str) -> int:
         )
         (folder / UNET_FILE).unlink(missing_ok=True)
         logger.info("model loaded in %.1f s (%s)", time.perf_counter() - started, device)
-        run = TrainingRun(job.job, worker_model_side(job.family, device, job.rename), _child_hooks(wire))
+        side = WorkerModelSide(job.family, device, job.rename)
+        run = TrainingRun(job.job, side, _child_hooks(wire))  # type: ignore[arg-type]
         renderer = None
         if job.render_samples:
             renderer = _RemoteRenderer(wire, folder, lambda: run.lora.state_dict(torch.float32))

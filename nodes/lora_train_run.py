@@ -169,9 +169,8 @@ class ComfyModelSide:
         nrb = unet_config["num_res_blocks"]
         if isinstance(nrb, int):
             nrb = [nrb] * len(unet_config["channel_mult"])
-        return functools.partial(
-            ldm_to_diffusers_path, num_res_blocks=nrb
-        )  # by reference: a worker process unpickles it
+        # a partial of a module-level function, not a closure: a worker process unpickles it
+        return functools.partial(ldm_to_diffusers_path, num_res_blocks=nrb)
 
     def text_training(self, modules: list[torch.nn.Module]) -> OutOfPlaceClipLayers:
         return OutOfPlaceClipLayers(modules)
