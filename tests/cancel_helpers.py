@@ -133,11 +133,11 @@ def save_image(source: list, prefix: str) -> dict:
     return {"class_type": "SaveImage", "inputs": {"images": source, "filename_prefix": prefix}}
 
 
-def upscaler_automatic_batch(server: ComfyServer, tmp_path: Path, jobs: CancelJobs) -> None:
-    """``jobs.frames`` copies of the picture in SpeedKit_UpscaleImageCUDA's automatic batch (the
-    case that once took 47 s to stop)."""
+def upscaler_prompt(server: ComfyServer, jobs: CancelJobs, prefix: str) -> dict:
+    """``jobs.frames`` copies of the picture through SpeedKit_UpscaleImageCUDA (its widget
+    defaults: automatic batch), saved under ``prefix``."""
     info = server.object_info()
-    prompt = {
+    return {
         "1": {"class_type": "LoadImage", "inputs": {"image": jobs.picture}},
         "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": jobs.frames}},
         "3": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": jobs.batch_upscaler}},
@@ -145,8 +145,14 @@ def upscaler_automatic_batch(server: ComfyServer, tmp_path: Path, jobs: CancelJo
             "class_type": "SpeedKit_UpscaleImageCUDA",
             "inputs": widget_inputs(info, "SpeedKit_UpscaleImageCUDA", upscale_model=["3", 0], image=["2", 0]),
         },
-        "5": save_image(["4", 0], "cancel_upscale"),
+        "5": save_image(["4", 0], prefix),
     }
+
+
+def upscaler_automatic_batch(server: ComfyServer, tmp_path: Path, jobs: CancelJobs) -> None:
+    """``jobs.frames`` copies of the picture in SpeedKit_UpscaleImageCUDA's automatic batch (the
+    case that once took 47 s to stop)."""
+    prompt = upscaler_prompt(server, jobs, "cancel_upscale")
     check_cancel(server, prompt, _settle(jobs, "upscaler_automatic_batch"), prefix="cancel_upscale")
 
 
