@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +373,15 @@ GRAPHS_WITH_MALLOC_ASYNC_ENV = "SPEEDKIT_GRAPHS_WITH_MALLOC_ASYNC"
 driver combination records safely there. Never set by the pack."""
 
 
-def graph_capture_blocker() -> str | None:
+def malloc_async_active() -> bool:
+    """True when PyTorch allocates with cudaMallocAsync (ComfyUI's default on NVIDIA)."""
+    try:
+        return torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+    except Exception:  # noqa: BLE001 - a torch without CUDA support: nothing to record anyway
+        return False
+
+
+def graph_capture_blocker(forward_only: bool = False) -> str | None:
     """Why CUDA graphs must not be recorded in this process, or None.
 
     Under PyTorch's cudaMallocAsync allocator (ComfyUI's default on NVIDIA) a capture that
@@ -380,20 +389,24 @@ def graph_capture_blocker() -> str | None:
     can catch (``benchmarks/cuda_graph_allocator_results_h200.json``: every failed-capture
     pattern aborts, whether the failed graph is kept alive, captured in relaxed mode or under
     inference mode: the allocator frees the capture's memory from tensor destructors, which
-    cannot raise). The checked run of :meth:`GraphBook.record` finds host syncs, but cannot
-    rule out every failure, so captures are not attempted there (the run stays eager) unless
-    :data:`GRAPHS_WITH_MALLOC_ASYNC_ENV` is set for a check. (The "invalid argument" once seen
-    in a server under this allocator was USDU reading a graph's output before its first
-    replay, when cudaMallocAsync has not mapped the graph's memory yet; fixed, and tested in
-    ``tests/unit/test_usdu_graphs.py``.)
+    cannot raise). So a capture there must not be able to fail:
+
+    - ``forward_only`` books (USDU's denoiser calls: inference, one fixed code path per input
+      layout) record there, after a checked run of the very call they record that refuses
+      host syncs and calls only PyTorch's own operators (:func:`checked_run`): what fails a
+      capture is found in Python before recording starts. In a ComfyUI server with its
+      defaults the GPU tier records and replays SDXL calls this way and runs a model that
+      syncs in every call (refused by the checked run, server alive, eager output);
+    - other books (the LoRA trainer's micro-steps: autograd, optimizer state, more ways to
+      fail) do not record there; the trainer runs them in a worker process instead.
+
+    (The "invalid argument" once seen in a server under this allocator was USDU reading a
+    graph's output before its first replay, when cudaMallocAsync has not mapped the graph's
+    memory yet; fixed, and tested in ``tests/unit/test_usdu_graphs.py``.)
     """
-    if os.environ.get(GRAPHS_WITH_MALLOC_ASYNC_ENV) == "1":
+    if forward_only or os.environ.get(GRAPHS_WITH_MALLOC_ASYNC_ENV) == "1":
         return None
-    try:
-        backend = torch.cuda.get_allocator_backend()
-    except Exception:  # noqa: BLE001 - a torch without CUDA support: nothing to record anyway
-        return None
-    if backend == "cudaMallocAsync":
+    if malloc_async_active():
         return (
             "the cudaMallocAsync allocator is active (ComfyUI's default on NVIDIA; start ComfyUI with "
             "--disable-cuda-malloc to allow CUDA graphs)"
@@ -401,13 +414,60 @@ def graph_capture_blocker() -> str | None:
     return None
 
 
+PYTORCH_OP_NAMESPACES = frozenset({"aten", "prims"})
+"""Operator namespaces of PyTorch itself: what a checked run under cudaMallocAsync may call."""
+
+
+class _OpAudit(TorchDispatchMode):
+    """Notes every operator outside :data:`PYTORCH_OP_NAMESPACES` that runs in the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.foreign: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace = getattr(func, "namespace", "aten")
+        if namespace not in PYTORCH_OP_NAMESPACES and str(func) not in self.foreign:
+            self.foreign.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def checked_run(fn: Callable[[], Any], pytorch_ops_only: bool = False) -> Any:
+    """Run ``fn`` with host syncs refused (and, with ``pytorch_ops_only``, under inference or
+    no-grad and calling only PyTorch's own operators); raise ``RuntimeError`` naming what
+    would make a capture of the same call fail, else return its output.
+
+    Other libraries' operators (xformers, custom CUDA kernels, quantized-weight kernels) may
+    allocate, synchronize or launch in ways the sync check cannot see; under cudaMallocAsync a
+    capture they break would abort the process, so there such a call is not recorded.
+    """
+    if not pytorch_ops_only:
+        with refuse_host_syncs():
+            return fn()
+    if torch.is_grad_enabled():
+        raise RuntimeError("the call runs with autograd on; only inference calls are recorded under cudaMallocAsync")
+    audit = _OpAudit()
+    with refuse_host_syncs(), audit:
+        out = fn()
+    if audit.foreign:
+        raise RuntimeError(
+            f"the call runs operators from outside PyTorch ({', '.join(audit.foreign[:3])}), which are not "
+            "recorded under cudaMallocAsync"
+        )
+    return out
+
+
 @contextmanager
 def refuse_host_syncs() -> Iterator[None]:
     """Make synchronizing CUDA operations raise for the duration of the block.
 
     Used for the checked run before a CUDA-graph capture. The setting is PyTorch's
-    process-wide sync debug mode; it is restored on exit, even when the block raises.
+    process-wide sync debug mode; it is restored on exit, even when the block raises. Without
+    CUDA there is nothing to refuse (and asking would initialise CUDA): the block just runs.
     """
+    if not torch.cuda.is_available():
+        yield
+        return
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -447,8 +507,11 @@ class GraphBook:
     shapes cost no recording. Subclasses do the recording and replaying.
     """
 
-    def __init__(self, weights: Callable[[], Iterable[torch.Tensor]], max_graphs: int, label: str) -> None:
+    def __init__(
+        self, weights: Callable[[], Iterable[torch.Tensor]], max_graphs: int, label: str, forward_only: bool = False
+    ) -> None:
         self._weights = weights
+        self.forward_only = forward_only
         self.max_graphs = max_graphs
         self.label = label
         self._graphs: dict[Hashable, object] = {}
@@ -483,23 +546,23 @@ class GraphBook:
         """True when ``key`` occurred before, graphs are on and the cap is not reached (marks it seen)."""
         seen = key in self._seen
         self._seen.add(key)
-        if seen and self.disabled is None and (reason := graph_capture_blocker()) is not None:
+        if seen and self.disabled is None and (reason := graph_capture_blocker(self.forward_only)) is not None:
             self.disable(reason)
         return seen and self.disabled is None and len(self._graphs) < self.max_graphs
 
     def record(self, graph: torch.cuda.CUDAGraph, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` once with host syncs refused, then record it into ``graph``; returns the
-        recorded call's output.
+        """Run ``fn`` once with host syncs refused (:func:`checked_run`), then record it into
+        ``graph``; returns the recorded call's output.
 
         The checked run finds the usual cause of a failed capture (``.item()``, a blocking
         copy, ``nonzero``...) in Python, before recording starts, and doubles as the warm-up.
-        It runs in the book's memory pool on the stream the recording uses, so the recording
-        finds the memory it needs already reserved there and asks the driver for none: with
-        ComfyUI's dynamic VRAM on, device allocations go through comfy-aimdo's hooks, and a
-        recording that allocated through them has failed ("operation failed due to a previous
-        error during capture") where the same recording without them succeeds. It cannot rule
-        out every failure, which is why :func:`graph_capture_blocker` keeps captures off under
-        cudaMallocAsync, where a failed one aborts the process. The capture is thread-local, so
+        Under cudaMallocAsync (only ``forward_only`` books record there) it also refuses calls
+        with autograd on or with operators from outside PyTorch. It runs in the book's memory
+        pool on the stream the recording uses, so the recording finds the memory it needs
+        already reserved there and asks the driver for none: with ComfyUI's dynamic VRAM on,
+        device allocations go through comfy-aimdo's hooks, and a recording that allocated
+        through them has failed ("operation failed due to a previous error during capture")
+        where the same recording without them succeeds. The capture is thread-local, so
         another thread of the server touching CUDA cannot invalidate it.
         """
         current = torch.cuda.current_stream()
@@ -507,8 +570,9 @@ class GraphBook:
         side.wait_stream(current)
         pool = self.pool()
         shared = isinstance(pool, torch.cuda.MemPool)
-        with torch.cuda.stream(side), refuse_host_syncs(), torch.cuda.use_mem_pool(pool) if shared else nullcontext():
-            fn()  # lazy initialisations happen here, outside the capture
+        strict = malloc_async_active()
+        with torch.cuda.stream(side), torch.cuda.use_mem_pool(pool) if shared else nullcontext():
+            checked_run(fn, pytorch_ops_only=strict)  # lazy initialisations happen here, outside the capture
         current.wait_stream(side)
         with torch.cuda.graph(graph, pool=pool.id if shared else pool, stream=side, capture_error_mode="thread_local"):
             output = fn()

@@ -192,12 +192,14 @@ def _inputs(kind: str) -> list:
         ),
         io.Int.Input(
             "batch_size",
-            default=4,
-            min=1,
+            default=0,
+            min=0,
             max=4096,
             step=1,
-            tooltip="Most tiles per sampler call. More is faster and uses more VRAM; with batching 'exact' "
-            "the picture is the same as one tile at a time.",
+            tooltip="Most tiles per sampler call; 0 = automatic: 1 when the model's calls replay as CUDA "
+            "graphs (the exact one-tile-at-a-time picture), else 4. More tiles per call run faster without "
+            "graphs and use more VRAM; with batching 'exact' the picture matches one tile at a time up to "
+            "kernel rounding.",
         ),
     ]
     if kind == "custom":

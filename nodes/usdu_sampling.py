@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -189,6 +189,13 @@ def redraw(
     clock = StageClock(device)
     if cuda_graphs:
         sampling.model, graphs = with_cuda_graphs(sampling.model, device)
+    if settings.batch_size == 0:
+        settings = replace(settings, batch_size=pipeline.resolve_batch_size(0, graphs is not None))
+        logger.info(
+            "USDU: batch_size automatic: %d tile(s) per sampler call (%s)",
+            settings.batch_size,
+            "the calls replay as CUDA graphs" if graphs is not None else "eager calls",
+        )
     state: dict = {}
 
     def on_canvas(canvas: torch.Tensor) -> None:

@@ -11,8 +11,11 @@ Safety rules (any doubt means "run eagerly", never a wrong picture):
   eagerly the first time and captured the second time, so one-off shapes cost no capture;
 - the parameters' storage addresses are recorded at capture and checked before every replay:
   weights that moved (offloading, a LoRA re-patch) invalidate the graphs;
-- anything that fails during capture (a host sync inside the model, an unsupported op)
-  disables graphs for the rest of the run with one log line, and that call runs eagerly;
+- every capture is preceded by a checked run of the same call that refuses host syncs and,
+  under cudaMallocAsync (ComfyUI's default on NVIDIA, where a failed capture would abort the
+  process), autograd and operators from outside PyTorch (:func:`torch_utils.checked_run`);
+- anything that fails there or during capture disables graphs for the rest of the run with
+  one log line, and that call runs eagerly;
 - at most ``max_graphs`` graphs, sharing one memory pool; :meth:`GraphRunner.close` frees them.
 
 This module has no ComfyUI import; the USDU adapter wraps the denoiser call with it.
@@ -102,7 +105,7 @@ class GraphRunner(GraphBook):
         max_graphs: int = 4,
         passthrough: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(weights, max_graphs, "USDU")
+        super().__init__(weights, max_graphs, "USDU", forward_only=True)
         self.passthrough = passthrough
         self.eager_calls = 0
 

@@ -320,7 +320,7 @@ def _cases() -> list[Case]:
     add("usdu-normalize", usdu(normalize="auto"), "normalize")
     add("usdu-tile-seed", usdu(tile_seed="random"), "tile_seed")
     add("usdu-batching", usdu(batching="quick"), "batching")
-    add("usdu-batch-zero", usdu(batch_size=0), "batch_size")
+    add("usdu-batch-negative", usdu(batch_size=-1), "batch_size")
     add("usdu-steps-zero", usdu(steps=0), "steps")
     add("usdu-seed-negative", usdu(seed=-1), "seed")
     add("usdu-sampler", usdu(sampler_name="warp"), "sampler_name")

@@ -139,10 +139,11 @@ def test_pad_to_multiple():
     assert torch.equal(padded[..., :10, :13], x)
 
 
-def test_graphs_are_never_recorded_under_cuda_malloc_async(monkeypatch, caplog):
+def test_only_forward_only_books_record_under_cuda_malloc_async(monkeypatch, caplog):
     monkeypatch.delenv(tu.GRAPHS_WITH_MALLOC_ASYNC_ENV, raising=False)
-    # A failed capture under cudaMallocAsync aborted ComfyUI (an uncatchable C++ exception):
-    # the book turns graphs off before the first capture instead.
+    # A failed capture under cudaMallocAsync aborts ComfyUI (an uncatchable C++ exception): a
+    # training book turns graphs off before the first capture there; a forward-only book
+    # (USDU) records, behind the stricter checked run.
     import logging
 
     from speedkit.torch_utils import GraphBook, graph_capture_blocker
@@ -152,12 +153,35 @@ def test_graphs_are_never_recorded_under_cuda_malloc_async(monkeypatch, caplog):
     assert graph_capture_blocker() is None
     assert not book.wants_capture("k") and book.wants_capture("k")  # second sighting records
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    assert tu.malloc_async_active()
     book = GraphBook(lambda: [], 4, "T")
     with caplog.at_level(logging.INFO):
         assert not book.wants_capture("k") and not book.wants_capture("k")
     assert "cudaMallocAsync" in (book.disabled or "") and "--disable-cuda-malloc" in caplog.text
+    forward = GraphBook(lambda: [], 4, "T", forward_only=True)
+    assert not forward.wants_capture("k") and forward.wants_capture("k")
+    assert forward.disabled is None and graph_capture_blocker(forward_only=True) is None
     monkeypatch.setenv(tu.GRAPHS_WITH_MALLOC_ASYNC_ENV, "1")  # the maintainers' check switch
     assert graph_capture_blocker() is None
+
+
+_LIB = torch.library.Library("speedkit_audit_test", "DEF")  # a test-only operator
+_LIB.define("twice(Tensor x) -> Tensor")
+_LIB.impl("twice", lambda x: x * 2, "CompositeExplicitAutograd")
+
+
+def test_checked_run_refuses_what_would_break_a_capture_under_cuda_malloc_async():
+    x = torch.randn(4, 8)
+    lin = torch.nn.Linear(8, 8)
+    with torch.inference_mode():
+        out = tu.checked_run(lambda: torch.nn.functional.gelu(lin(x)).softmax(-1), pytorch_ops_only=True)
+        assert torch.equal(out, torch.nn.functional.gelu(lin(x)).softmax(-1))  # same result, audit or not
+        with pytest.raises(RuntimeError, match=r"outside PyTorch \(speedkit_audit_test\.twice"):
+            tu.checked_run(lambda: torch.ops.speedkit_audit_test.twice(lin(x)), pytorch_ops_only=True)
+        # the plain checked run (native allocator: a failed capture is an ordinary exception) lets it run
+        assert torch.equal(tu.checked_run(lambda: torch.ops.speedkit_audit_test.twice(x)), x * 2)
+    with pytest.raises(RuntimeError, match="autograd on"):
+        tu.checked_run(lambda: lin(x), pytorch_ops_only=True)
 
 
 def test_step_profiler_writes_a_report_only_when_asked(tmp_path, monkeypatch):

@@ -448,3 +448,11 @@ def test_seam_visibility_ratio_detects_a_tile_step():
     stepped[:, :, 64:128] = (stepped[:, :, 64:128] + 0.2).clamp(0, 1)
     assert 0.8 < clean < 1.2
     assert metrics.seam_visibility_ratio(stepped, 64, 64) > clean + 0.3
+
+
+def test_automatic_batch_size_is_one_tile_per_call_under_graphs_else_the_eager_batch():
+    from speedkit.usdu.pipeline import AUTO_EAGER_BATCH, resolve_batch_size
+
+    assert resolve_batch_size(0, graphs=True) == 1
+    assert resolve_batch_size(0, graphs=False) == AUTO_EAGER_BATCH > 1
+    assert resolve_batch_size(3, graphs=True) == resolve_batch_size(3, graphs=False) == 3  # a chosen size stays

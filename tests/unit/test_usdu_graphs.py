@@ -142,14 +142,16 @@ torch.cuda.synchronize()
 def test_recording_under_cuda_malloc_async_never_reads_output_before_replay():
     """Under cudaMallocAsync a graph's own allocations exist only once it is launched: reading
     the recorded output before the first replay failed with "invalid argument" (and the process
-    then aborted). Run in a child process with that allocator and the maintainers' switch."""
+    then aborted). Run in a child process with that allocator, where USDU's forward-only graphs
+    record by default (behind the checked run)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync", SPEEDKIT_GRAPHS_WITH_MALLOC_ASYNC="1")
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync")
+    env.pop("SPEEDKIT_GRAPHS_WITH_MALLOC_ASYNC", None)
     proc = subprocess.run(
         [sys.executable, "-c", _ASYNC_CHILD, str(root)], env=env, capture_output=True, text=True, timeout=300
     )
