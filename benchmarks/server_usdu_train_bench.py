@@ -62,6 +62,7 @@ USDU_METHODS = {
     "ours": ("SpeedKit_UltimateSDUpscale", {}),
     "ours_per_tile": ("SpeedKit_UltimateSDUpscale", {"batch_size": 1, "cuda_graphs": False}),
     "ours_batch4": ("SpeedKit_UltimateSDUpscale", {"batch_size": 4}),
+    "ours_eager_batch4": ("SpeedKit_UltimateSDUpscale", {"batch_size": 4, "cuda_graphs": False}),
     # consecutive tiles share a call, all cut before any is pasted back (another picture)
     "ours_fast": ("SpeedKit_UltimateSDUpscale", {"batching": "fast"}),
 }
