@@ -190,6 +190,11 @@ class ModelSide(Protocol):
         (sample images of a run trained in a worker process)."""
         ...
 
+    def make_room(self) -> None:
+        """Before a worker process trains: free the device memory it needs (its own UNet copy
+        and working memory), unloading the host's models where it must."""
+        ...
+
 
 class RunHooks:
     """How a run reports to its host. Every method is a no-op here (scripts, tests)."""
@@ -390,6 +395,7 @@ class TrainingRun:
             process.abandon()
             logger.warning("Train LoRA: training in this process: %s", error_line(exc, 300))
             return None
+        model.make_room()
         process.go()
         renderer, hooks, total = between.renderer, self.hooks, self.config.steps
 

@@ -221,6 +221,22 @@ class ComfyModelSide:
         """The MODEL with the LoRA file applied by ComfyUI's own loader (sample images of a worker run)."""
         return apply_lora_file(self.patcher, None, lora_file)[0]
 
+    def make_room(self) -> None:
+        """Before the worker trains: this process's allocator hands its cached blocks back to
+        the driver (under cudaMallocAsync freed memory stays in the process's pool, where the
+        worker cannot use it), then ComfyUI unloads what it must, least recently used first
+        (``free_memory``), so the worker finds room for its UNet copy and working memory. On a
+        large GPU nothing is unloaded."""
+        import comfy.model_management as mm
+
+        device = self.patcher.load_device
+        if getattr(device, "type", "cpu") != "cuda":
+            return
+        need = int(self.patcher.model_size() * (1 + WORKING_MEMORY_FACTOR))
+        mm.soft_empty_cache()
+        mm.free_memory(need, device)
+        mm.soft_empty_cache()
+
 
 class ComfyHooks(RunHooks):
     """Progress bar (with sample previews), live loss chart events and Cancel for one node."""

@@ -65,6 +65,7 @@ class WorkerToy(ToyModel):
         self.factory, self.paths = factory, list(paths)
         self.handover_factory = factory
         self.handles: list[tuple[Path, list[str]]] = []
+        self.rooms = 0  # make_room calls (once per worker run, after the hand-off)
 
     @contextlib.contextmanager
     def load(self, keep_text_encoder):
@@ -85,6 +86,9 @@ class WorkerToy(ToyModel):
     def lora_handle(self, lora_file):
         self.handles.append((lora_file, sorted(load_file(str(lora_file)))))
         return "the model + LoRA file"
+
+    def make_room(self):
+        self.rooms += 1
 
 
 def _in_process(tmp_path, dataset, monkeypatch, **job):
@@ -113,6 +117,7 @@ def test_a_worker_trains_the_lora_the_host_process_trains(tmp_path, dataset, mon
     assert [e[2] for e in hooks.of("progress") if e[1] == "train"] == [0, 1, 2, 3, 4]
     assert hooks.of("loss")[-1][1] == 4 and hooks.of("loss")[-1][2] == pytest.approx(outcome.losses[-1])
     assert model.loads == [False]
+    assert model.rooms == 1  # the host freed the worker's room once, after handing the UNet over
     assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())
     assert not _children()
 
