@@ -400,7 +400,12 @@ class TrainingRun:
         renderer, hooks, total = between.renderer, self.hooks, self.config.steps
 
         def render(step: int, lora_file: Path) -> None:
-            renderer.render(model.lora_handle(lora_file), step, lambda image: hooks.preview(step, total, image))
+            # Sampled the way the host samples anywhere else (ComfyUI: KSampler, inference mode):
+            # the host's model was never touched by training here, and its weights may be
+            # inference tensors, which ops outside inference mode refuse on CUDA ("Inference
+            # tensors do not track version counter").
+            with torch.inference_mode():
+                renderer.render(model.lora_handle(lora_file), step, lambda image: hooks.preview(step, total, image))
             self.sample_images = renderer.last
 
         try:

@@ -66,6 +66,7 @@ class WorkerToy(ToyModel):
         self.handover_factory = factory
         self.handles: list[tuple[Path, list[str]]] = []
         self.rooms = 0  # make_room calls (once per worker run, after the hand-off)
+        self.inference_mode: list[bool] = []  # whether each sample round ran in inference mode
 
     @contextlib.contextmanager
     def load(self, keep_text_encoder):
@@ -85,6 +86,7 @@ class WorkerToy(ToyModel):
 
     def lora_handle(self, lora_file):
         self.handles.append((lora_file, sorted(load_file(str(lora_file)))))
+        self.inference_mode.append(torch.is_inference_mode_enabled())
         return "the model + LoRA file"
 
     def make_room(self):
@@ -138,6 +140,8 @@ def test_samples_are_rendered_by_the_host_from_the_steps_lora_and_validation_com
     final_keys = sorted(load_file(str(outcome.lora_path)))
     assert [keys for _, keys in model.handles] == [final_keys, final_keys]
     assert all(not path.exists() for path, _ in model.handles)  # the job folder is gone
+    # as ComfyUI samples anywhere (KSampler): the host's weights may be inference tensors
+    assert model.inference_mode == [True, True]
     assert [e[1] for e in hooks.of("preview")] == [3, 3, 5, 5]
     assert len(outcome.sample_images) == 2 and float(outcome.sample_images[0][0, 0, 0]) == pytest.approx(0.05)
     assert not _children()
