@@ -368,7 +368,8 @@ def pad_to_multiple(image: torch.Tensor, multiple: int, mode: str = "reflect") -
 
 
 GRAPHS_WITH_MALLOC_ASYNC_ENV = "SPEEDKIT_GRAPHS_WITH_MALLOC_ASYNC"
-"""Maintainers' switch (``1``): record CUDA graphs under cudaMallocAsync too, to check on a GPU
+"""Maintainers' switch (``1``): let every book record CUDA graphs under cudaMallocAsync (by
+default only ``forward_only`` books do: USDU's, not the trainer's), to check on a GPU
 (``benchmarks/cuda_graph_allocator_probe.py``, the graphed-vs-eager tests) whether a torch and
 driver combination records safely there. Never set by the pack."""
 
