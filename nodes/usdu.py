@@ -197,7 +197,7 @@ def _inputs(kind: str) -> list:
             max=4096,
             step=1,
             tooltip="Most tiles per sampler call; 0 = automatic: 1 when the model's calls replay as CUDA "
-            "graphs (the exact one-tile-at-a-time picture), else 4. More tiles per call run faster without "
+            "graphs with batching 'exact' (the exact one-tile-at-a-time picture), else 4. More tiles per call run faster without "
             "graphs and use more VRAM; with batching 'exact' the picture matches one tile at a time up to "
             "kernel rounding.",
         ),

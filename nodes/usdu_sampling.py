@@ -190,11 +190,13 @@ def redraw(
     if cuda_graphs:
         sampling.model, graphs = with_cuda_graphs(sampling.model, device)
     if settings.batch_size == 0:
-        settings = replace(settings, batch_size=pipeline.resolve_batch_size(0, graphs is not None))
+        size = pipeline.resolve_batch_size(0, graphs is not None, settings.batching)
+        settings = replace(settings, batch_size=size)
         logger.info(
-            "USDU: batch_size automatic: %d tile(s) per sampler call (%s)",
-            settings.batch_size,
+            "USDU: batch_size automatic: %d tile(s) per sampler call (%s, batching %s)",
+            size,
             "the calls replay as CUDA graphs" if graphs is not None else "eager calls",
+            settings.batching,
         )
     state: dict = {}
 

@@ -37,15 +37,16 @@ AUTO_EAGER_BATCH = 4
 """Tiles per sampler call that ``batch_size`` 0 means when the model's calls run eagerly."""
 
 
-def resolve_batch_size(batch_size: int, graphs: bool) -> int:
+def resolve_batch_size(batch_size: int, graphs: bool, batching: str = "exact") -> int:
     """``batch_size``, or for 0 (automatic) what suits the run: 1 tile per call when the
-    denoiser's calls are replayed as CUDA graphs (each call is then one launch, so batching
-    buys little, and the picture is exactly the one-tile-at-a-time picture: batched
-    convolutions pick other kernels, whose rounding 20 steps carry into visible differences),
-    else :data:`AUTO_EAGER_BATCH` (host-bound eager steps gain most from batching)."""
+    denoiser's calls are replayed as CUDA graphs and the picture must be exact (each call is
+    then one launch, so batching buys less, and the picture is exactly the one-tile-at-a-time
+    picture: batched convolutions pick other kernels, whose rounding 20 steps carry into
+    visible differences), else :data:`AUTO_EAGER_BATCH` (host-bound eager steps gain most from
+    batching; ``fast`` batching has already given up that exactness)."""
     if batch_size > 0:
         return batch_size
-    return 1 if graphs else AUTO_EAGER_BATCH
+    return 1 if graphs and batching == "exact" else AUTO_EAGER_BATCH
 
 
 def check_settings(settings: UsduSettings) -> None:

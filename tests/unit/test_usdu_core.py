@@ -456,3 +456,4 @@ def test_automatic_batch_size_is_one_tile_per_call_under_graphs_else_the_eager_b
     assert resolve_batch_size(0, graphs=True) == 1
     assert resolve_batch_size(0, graphs=False) == AUTO_EAGER_BATCH > 1
     assert resolve_batch_size(3, graphs=True) == resolve_batch_size(3, graphs=False) == 3  # a chosen size stays
+    assert resolve_batch_size(0, graphs=True, batching="fast") == AUTO_EAGER_BATCH  # not exact anyway
