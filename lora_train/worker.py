@@ -157,16 +157,40 @@ def allocator_rules_out_graphs(device: torch.device) -> bool:
         return False
 
 
+JOB_PREFIX = "speedkit_train_"
+
+
 def job_folder(needed_bytes: int) -> Path:
-    """A fresh folder for the job files: in RAM (``/dev/shm``) when it has room, else the temp folder."""
+    """A fresh folder for the job files, named for this process: in RAM (``/dev/shm``) when it has
+    room, else the temp folder. Folders that a killed server left behind go first."""
     shm = Path("/dev/shm")
+    prefix = f"{JOB_PREFIX}{os.getpid()}_"
+    for base in (shm, Path(tempfile.gettempdir())):
+        remove_stale_job_folders(base)
     if shm.is_dir():
         try:
             if shutil.disk_usage(shm).free > needed_bytes * 1.2 + 2**30:
-                return Path(tempfile.mkdtemp(prefix="speedkit_train_", dir=shm))
+                return Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
         except OSError:
             pass
-    return Path(tempfile.mkdtemp(prefix="speedkit_train_"))
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def remove_stale_job_folders(base: Path) -> int:
+    """Remove the job folders in ``base`` whose server process is gone (killed mid-run, so its own
+    clean-up never ran: a UNet file left in ``/dev/shm`` holds gigabytes of RAM until a reboot).
+    Only where ``/proc`` tells which processes live (Linux); returns how many were removed."""
+    if not Path("/proc/self").exists() or not base.is_dir():
+        return 0
+    removed = 0
+    for folder in base.glob(f"{JOB_PREFIX}*_*"):
+        pid = folder.name[len(JOB_PREFIX) :].split("_", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_tree.pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    if removed:
+        logger.info("Train LoRA: removed %d job folder(s) of training runs whose server had ended", removed)
+    return removed
 
 
 def write_job(folder: Path, unet: nn.Module, job: WorkerJob) -> None:
@@ -460,13 +484,36 @@ class _RemoteRenderer:
         return []
 
 
+def matmul_weights_to(unet: nn.Module, dtype: torch.dtype) -> int:
+    """Give the Linear and Conv layers of the worker's own UNet copy their weights and biases in
+    ``dtype``, the dtype autocast casts them to in every call; returns how many tensors changed.
+
+    Autocast rounds such a weight to ``dtype`` each time a layer runs (forward, checkpoint
+    recompute), so the values the kernels see are the same, bit for bit; what goes is those
+    cast kernels and their memory traffic in every step (an SDXL UNet's 2.6 B weights, twice a
+    step with checkpointing). Norm layers keep their weights: autocast runs them in fp32. Only
+    ever applied to the worker's copy, never to the host's model.
+    """
+    changed = 0
+    for module in unet.modules():
+        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        for name in ("weight", "bias"):
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dtype != dtype:
+                with torch.no_grad():
+                    setattr(module, name, nn.Parameter(tensor.detach().to(dtype), requires_grad=tensor.requires_grad))
+                changed += 1
+    return changed
+
+
 def _no_text_encoder(captions, samples):
     raise RuntimeError("the training process has no text encoder: every caption must be encoded up front")
 
 
 def child_main(host_package: str, folder_arg: str) -> int:
     """Entry of the worker process (see :data:`_CHILD_MAIN`); the exit code says whether it trained."""
-    from .run import LoadedUNet, TrainingRun, WorkerModelSide, _Between
+    from .run import PRECISION_DTYPES, LoadedUNet, TrainingRun, WorkerModelSide, _Between
 
     # the pack's own lines (progress of the run, its closing figures) reach the host's log; the
     # host model code's import chatter (device banners) only when it warns
@@ -500,6 +547,10 @@ def child_main(host_package: str, folder_arg: str) -> int:
         renderer = None
         if job.render_samples:
             renderer = _RemoteRenderer(wire, folder, lambda: run.lora.state_dict(torch.float32))
+        compute = PRECISION_DTYPES[job.job.config.precision]
+        if job.job.config.precision != "fp32" and compute != job.dtype:  # the run computes under autocast
+            changed = matmul_weights_to(unet, compute)
+            logger.info("%d Linear/Conv weights held in %s, the dtype autocast computes them in", changed, compute)
         loaded = LoadedUNet(unet, job.denoise_factory(unet, job.dtype), device, job.dtype)
         between = _Between(job.held, job.held_conds, renderer)
         wire.emit("ready")

@@ -553,4 +553,5 @@ def test_a_worker_process_trains_the_lora_comfyuis_own_process_trains(
         int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "validation loss" in line and "at step" in line
     ]
     assert steps == [3, 6], log[-3000:]
-    assert not list(Path("/dev/shm").glob("speedkit_train_*")), "the job folder must be removed"
+    left = list(Path("/dev/shm").glob(f"speedkit_train_{worker_server.pid}_*"))
+    assert not left, "the job folder must be removed"

@@ -244,7 +244,7 @@ def test_a_model_the_host_cannot_hand_over_trains_here_and_the_early_worker_ends
         outcome = run.TrainingRun(make_job(tmp_path, dataset), model, hooks).run()
     assert "training in this process: ValueError: the model is not fully loaded" in caplog.text
     assert len(outcome.losses) == 4 and model.loads == [False, False]
-    assert not _children() and not list(Path("/dev/shm").glob("speedkit_train_*"))
+    assert not _children() and not list(Path("/dev/shm").glob(f"speedkit_train_{os.getpid()}_*"))
 
 
 def test_an_error_in_the_worker_reaches_the_node_as_it_would_in_comfyuis_process(tmp_path, dataset):
@@ -275,3 +275,63 @@ def test_a_pack_folder_name_the_host_paths_would_shadow_keeps_the_run_in_the_hos
     assert worker.pack_import_blocker([str(tmp_path)]) is None
     (tmp_path / f"{name}.py").write_text("")  # e.g. a pack folder named main beside ComfyUI's main.py
     assert "is also a module" in worker.pack_import_blocker([str(tmp_path)])
+
+
+def test_matmul_weights_are_held_in_the_autocast_dtype_and_compute_what_autocast_computes():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 4)
+    ).to(torch.float16)
+    norm = torch.nn.GroupNorm(2, 8).to(torch.float16)
+    x = torch.randn(2, 4, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = net(x)
+    assert worker.matmul_weights_to(torch.nn.ModuleList([net, norm]), torch.bfloat16) == 4  # conv, linear: w + b
+    assert norm.weight.dtype == torch.float16  # norms keep their weights (CUDA autocast runs them in fp32)
+    assert net[0].weight.dtype == net[3].bias.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after = net(x)
+    assert torch.equal(before, after)
+    assert worker.matmul_weights_to(net, torch.bfloat16) == 0
+
+
+def test_a_worker_run_under_autocast_trains_the_lora_the_host_trains(tmp_path, dataset, monkeypatch, caplog):
+    """Weights in another dtype than the run computes in (an fp16 checkpoint trained in bf16 on a
+    GPU; fp32 weights trained in bf16 here, where CPU autocast cannot mix fp16 norms): the worker
+    holds its copy's Linear/Conv weights in the compute dtype, which changes no value autocast
+    computes with."""
+    reference, _ = _in_process(tmp_path, dataset, monkeypatch, precision="bf16")
+    model = WorkerToy()
+    with caplog.at_level(logging.INFO):
+        outcome = run.TrainingRun(make_job(tmp_path / "worker", dataset, precision="bf16"), model, Recorder()).run()
+    assert "Linear/Conv weights held in torch.bfloat16" in caplog.text
+    ours, theirs = load_file(str(outcome.lora_path)), load_file(str(reference.lora_path))
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+    assert outcome.losses == reference.losses
+    assert all(p.dtype == torch.float32 for p in model.unet.parameters())  # the host's model untouched
+
+
+def test_job_folders_of_ended_servers_are_removed_before_a_new_one_is_made(tmp_path):
+    import subprocess
+    import sys
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    names = {
+        "ended": f"speedkit_train_{ended.pid}_abc",
+        "live": f"speedkit_train_{os.getppid()}_def",  # another process that still runs
+        "ours": f"speedkit_train_{os.getpid()}_ghi",
+        "other": "speedkit_train_nopid",  # not a name this pack makes: left alone
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "unet.pt").write_bytes(b"x")
+    assert worker.remove_stale_job_folders(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if k != "ended")
+    folder = worker.job_folder(0)
+    try:
+        assert folder.name.startswith(f"speedkit_train_{os.getpid()}_")
+    finally:
+        folder.rmdir()
