@@ -491,16 +491,26 @@ def matmul_weights_to(unet: nn.Module, dtype: torch.dtype) -> int:
     Autocast rounds such a weight to ``dtype`` each time a layer runs (forward, checkpoint
     recompute), so the values the kernels see are the same, bit for bit; what goes is those
     cast kernels and their memory traffic in every step (an SDXL UNet's 2.6 B weights, twice a
-    step with checkpointing). Norm layers keep their weights: autocast runs them in fp32. Only
-    ever applied to the worker's copy, never to the host's model.
+    step with checkpointing). Norm layers keep their weights: autocast runs them in fp32. Layers
+    that cast their own weights on every call (ComfyUI's ``comfy_cast_weights`` or weight
+    functions: patches, quantized weights) and tensor subclasses are left as they are: their
+    cast follows the input's dtype, not autocast's. Only ever applied to the worker's copy,
+    never to the host's model.
     """
     changed = 0
     for module in unet.modules():
         if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             continue
+        if (
+            getattr(module, "comfy_cast_weights", False)
+            or getattr(module, "weight_function", None)
+            or getattr(module, "bias_function", None)
+        ):
+            continue
         for name in ("weight", "bias"):
             tensor = getattr(module, name, None)
-            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dtype != dtype:
+            plain = type(tensor) in (torch.Tensor, nn.Parameter)
+            if plain and tensor.dtype in (torch.float16, torch.bfloat16, torch.float32) and tensor.dtype != dtype:
                 with torch.no_grad():
                     setattr(module, name, nn.Parameter(tensor.detach().to(dtype), requires_grad=tensor.requires_grad))
                 changed += 1

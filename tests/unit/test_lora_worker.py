@@ -293,6 +293,9 @@ def test_matmul_weights_are_held_in_the_autocast_dtype_and_compute_what_autocast
         after = net(x)
     assert torch.equal(before, after)
     assert worker.matmul_weights_to(net, torch.bfloat16) == 0
+    own_cast = torch.nn.Linear(4, 4).to(torch.float16)
+    own_cast.comfy_cast_weights = True  # ComfyUI casts this one to the input's dtype in every call
+    assert worker.matmul_weights_to(own_cast, torch.bfloat16) == 0 and own_cast.weight.dtype == torch.float16
 
 
 def test_a_worker_run_under_autocast_trains_the_lora_the_host_trains(tmp_path, dataset, monkeypatch, caplog):
