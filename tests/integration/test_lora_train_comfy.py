@@ -555,3 +555,34 @@ def test_a_worker_process_trains_the_lora_comfyuis_own_process_trains(
     assert steps == [3, 6], log[-3000:]
     left = list(Path("/dev/shm").glob(f"speedkit_train_{worker_server.pid}_*"))
     assert not left, "the job folder must be removed"
+
+
+OPS_ATTRIBUTES = textwrap.dedent(
+    """
+    import json
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.ops
+
+    out = {}
+    for name in ("disable_weight_init", "manual_cast"):
+        ops = getattr(comfy.ops, name)
+        layers = (ops.Linear(4, 4), ops.Conv2d(4, 4, 1))
+        out[name] = [[m.comfy_cast_weights, list(m.weight_function), list(m.bias_function)] for m in layers]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_comfyuis_layers_still_say_whether_they_cast_their_own_weights(comfy_server):
+    """The worker holds Linear/Conv weights in the autocast dtype (``worker.matmul_weights_to``)
+    except in layers ComfyUI casts itself on every call, which it recognises by ComfyUI's
+    ``comfy_cast_weights`` / ``weight_function`` / ``bias_function``: those must keep meaning that."""
+    python, env = _comfy_python(comfy_server)
+    proc = subprocess.run(
+        [python, "-c", OPS_ATTRIBUTES], cwd=comfy_server.root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["disable_weight_init"] == [[False, [], []], [False, [], []]]
+    assert out["manual_cast"] == [[True, [], []], [True, [], []]]
