@@ -123,6 +123,7 @@ def test_nodes_are_registered_with_upstream_inputs(usdu_models):
     assert order[:6] == ["image", "model", "positive", "negative", "vae", "upscale_by"]
     assert order[-2:] == ["normalize", "tile_seed"]
     assert "cuda_graphs" in main["input"]["optional"]  # optional: prompts saved before it stay valid
+    assert req["batch_size"][1]["default"] == 0 and req["batch_size"][1]["min"] == 0  # 0 = automatic
     custom = info["SpeedKit_UltimateSDUpscaleCustomSample"]["input"]
     assert {"upscale_model", "custom_sampler", "custom_sigmas"} <= set(custom["optional"])
     no_up = info["SpeedKit_UltimateSDUpscaleNoUpscale"]["input"]["required"]
@@ -143,6 +144,23 @@ def test_main_node_upscales_and_redraws(usdu_models):
     out = saved_image(usdu_models, entry)
     assert out.shape == (120, 96, 3)
     assert out.std() > 0.01  # not a blank image
+
+
+def test_automatic_batch_size_is_the_eager_batch_without_graphs(usdu_models):
+    """batch_size 0 (the default): no CUDA graphs on the CPU, so 4 tiles per sampler call, the
+    same picture as asking for 4."""
+    start = len(usdu_models.log_text())
+    auto = saved_image(
+        usdu_models,
+        usdu_models.run_prompt(graph("SpeedKit_UltimateSDUpscaleNoUpscale", {"batch_size": 0}, "usdu_auto")),
+    )
+    log = usdu_models.log_text()[start:]
+    assert "batch_size automatic: 4 tile(s) per sampler call (eager calls, batching exact)" in log, log[-3000:]
+    four = saved_image(
+        usdu_models,
+        usdu_models.run_prompt(graph("SpeedKit_UltimateSDUpscaleNoUpscale", {"batch_size": 4}, "usdu_four")),
+    )
+    assert np.array_equal(auto, four)
 
 
 def test_no_upscale_node_keeps_size(usdu_models):
