@@ -46,7 +46,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -158,11 +158,14 @@ def allocator_rules_out_graphs(device: torch.device) -> bool:
 
 
 JOB_PREFIX = "speedkit_train_"
+LOCK_FILE = ".lock"
+UNLOCKED_GRACE_S = 600.0
+"""A job folder without a lock file is left alone this long (its server may be about to lock it)."""
 
 
 def job_folder(needed_bytes: int) -> Path:
     """A fresh folder for the job files, named for this process: in RAM (``/dev/shm``) when it has
-    room, else the temp folder. Folders that a killed server left behind go first."""
+    room, else the temp folder. Folders that an ended server left behind go first."""
     shm = Path("/dev/shm")
     prefix = f"{JOB_PREFIX}{os.getpid()}_"
     for base in (shm, Path(tempfile.gettempdir())):
@@ -176,16 +179,50 @@ def job_folder(needed_bytes: int) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
+def hold_folder_lock(folder: Path) -> IO[str] | None:
+    """Lock ``folder`` for as long as the returned file stays open (an advisory ``flock``, which
+    the kernel releases when the holder ends, however it ends); None where there is no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no stale-folder clean-up there either
+        return None
+    handle = open(folder / LOCK_FILE, "w")  # noqa: SIM115 - held until the run ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise
+    return handle
+
+
+def stale_job_folder(folder: Path) -> bool:
+    """Whether no server holds ``folder`` any more: its lock file can be locked, or it has none and
+    is older than :data:`UNLOCKED_GRACE_S`. Folders we cannot open (another user's) count as held."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    lock = folder / LOCK_FILE
+    try:
+        if not lock.exists():
+            return time.time() - folder.stat().st_mtime > UNLOCKED_GRACE_S
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+        return True
+    except OSError:
+        return False
+
+
 def remove_stale_job_folders(base: Path) -> int:
-    """Remove the job folders in ``base`` whose server process is gone (killed mid-run, so its own
-    clean-up never ran: a UNet file left in ``/dev/shm`` holds gigabytes of RAM until a reboot).
-    Only where ``/proc`` tells which processes live (Linux); returns how many were removed."""
-    if not Path("/proc/self").exists() or not base.is_dir():
+    """Remove the job folders in ``base`` that no server holds (a server killed mid-run never ran
+    its own clean-up: a UNet file left in ``/dev/shm`` holds gigabytes of RAM until a reboot);
+    returns how many were removed. The lock, not the process id in the name, decides: a process
+    id says nothing across containers that share ``/dev/shm``."""
+    if not base.is_dir():
         return 0
     removed = 0
-    for folder in base.glob(f"{JOB_PREFIX}*_*"):
-        pid = folder.name[len(JOB_PREFIX) :].split("_", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_tree.pid_alive(int(pid)):
+    for folder in base.glob(f"{JOB_PREFIX}*"):
+        if folder.is_dir() and stale_job_folder(folder):
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     if removed:
@@ -294,6 +331,7 @@ class WorkerProcess:
 
     def __init__(self, folder: Path, setup: WorkerSetup, device: torch.device) -> None:
         self.folder = folder
+        self._lock = hold_folder_lock(folder)  # until _close: marks the folder as in use
         torch.save({"module_attrs": setup.module_attrs, "preload": setup.preload, "device": str(device)},
                    folder / SETUP_FILE)  # fmt: skip
         self.proc = subprocess.Popen(
@@ -340,6 +378,8 @@ class WorkerProcess:
             except OSError:
                 pass
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()
 
     def _log(self, line: str) -> None:
         self.tail = [*self.tail[-(TAIL_LINES - 1) :], line]

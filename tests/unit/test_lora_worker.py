@@ -14,6 +14,8 @@ import contextlib
 import functools
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lora_toy as toy
@@ -316,23 +318,44 @@ def test_a_worker_run_under_autocast_trains_the_lora_the_host_trains(tmp_path, d
     assert all(p.dtype == torch.float32 for p in model.unet.parameters())  # the host's model untouched
 
 
-def test_job_folders_of_ended_servers_are_removed_before_a_new_one_is_made(tmp_path):
-    import subprocess
-    import sys
+_HOLD_LOCK = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "w")
+fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(600)
+"""
 
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    ended.wait()
-    names = {
-        "ended": f"speedkit_train_{ended.pid}_abc",
-        "live": f"speedkit_train_{os.getppid()}_def",  # another process that still runs
-        "ours": f"speedkit_train_{os.getpid()}_ghi",
-        "other": "speedkit_train_nopid",  # not a name this pack makes: left alone
-    }
-    for name in names.values():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "unet.pt").write_bytes(b"x")
-    assert worker.remove_stale_job_folders(tmp_path) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if k != "ended")
+
+def test_job_folders_no_server_holds_are_removed_before_a_new_one_is_made(tmp_path):
+    held = tmp_path / "speedkit_train_1_held"  # a server's run in progress holds its lock
+    ended = tmp_path / "speedkit_train_2_ended"  # its server is gone: the lock is free
+    young = tmp_path / "speedkit_train_3_young"  # no lock yet: its server may be about to take it
+    old = tmp_path / "speedkit_train_4_old"  # no lock and long untouched: left by an ended server
+    other = tmp_path / "unrelated_folder"
+    for folder in (held, ended, young, old, other):
+        folder.mkdir()
+        (folder / "unet.pt").write_bytes(b"x")
+    (ended / worker.LOCK_FILE).write_text("")
+    os.utime(old, (1e9, 1e9))
+    lock = worker.hold_folder_lock(held)
+    try:
+        assert not worker.stale_job_folder(held) and worker.stale_job_folder(ended)
+        assert worker.remove_stale_job_folders(tmp_path) == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in (held, young, other))
+    finally:
+        lock.close()
+    assert worker.stale_job_folder(held)  # the kernel releases the lock with its holder
+    killed = tmp_path / "speedkit_train_5_killed"
+    killed.mkdir()
+    holder = subprocess.Popen(  # a server killed mid-run: its lock goes with it
+        [sys.executable, "-c", _HOLD_LOCK, str(killed / worker.LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    assert not worker.stale_job_folder(killed)
+    holder.kill()
+    holder.wait()
+    assert worker.stale_job_folder(killed)
     folder = worker.job_folder(0)
     try:
         assert folder.name.startswith(f"speedkit_train_{os.getpid()}_")
