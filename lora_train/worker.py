@@ -181,17 +181,21 @@ def job_folder(needed_bytes: int) -> Path:
 
 def hold_folder_lock(folder: Path) -> IO[str] | None:
     """Lock ``folder`` for as long as the returned file stays open (an advisory ``flock``, which
-    the kernel releases when the holder ends, however it ends); None where there is no ``flock``."""
+    the kernel releases when the holder ends, however it ends); None where there is no ``flock``
+    (the run goes on; only the clean-up after a killed server is lost)."""
     try:
         import fcntl
     except ImportError:  # Windows: no stale-folder clean-up there either
         return None
-    handle = open(folder / LOCK_FILE, "w")  # noqa: SIM115 - held until the run ends
+    try:
+        handle = open(folder / LOCK_FILE, "w")  # noqa: SIM115 - held until the run ends
+    except OSError:
+        return None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError:  # a file system without flock: the folder is only cleaned up by its own run
         handle.close()
-        raise
+        return None
     return handle
 
 
