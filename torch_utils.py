@@ -395,9 +395,9 @@ def graph_capture_blocker(forward_only: bool = False) -> str | None:
     - ``forward_only`` books (USDU's denoiser calls: inference, one fixed code path per input
       layout) record there, after a checked run of the very call they record that refuses
       host syncs and calls only PyTorch's own operators (:func:`checked_run`): what fails a
-      capture is found in Python before recording starts. In a ComfyUI server with its
-      defaults the GPU tier records and replays SDXL calls this way and runs a model that
-      syncs in every call (refused by the checked run, server alive, eager output);
+      capture is found in Python before recording starts (the USDU adapter also records only
+      models made of ComfyUI's and PyTorch's own layers there). In a ComfyUI server with its
+      defaults the GPU tier records and replays SDXL calls this way;
     - other books (the LoRA trainer's micro-steps: autograd, optimizer state, more ways to
       fail) do not record there; the trainer runs them in a worker process instead.
 

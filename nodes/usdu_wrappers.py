@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from .. import torch_utils
 from ..usdu import cond as usdu_cond
 from ..usdu import graphs as graphs_mod
 from ..usdu.forward_args import ForwardArgs
@@ -90,10 +91,36 @@ def with_tile_adm(model, sizes: list[dict], images: int):
     return patched
 
 
+OWN_CODE = ("comfy.", "torch.")
+"""Module prefixes of the layer classes recorded under cudaMallocAsync: ComfyUI's and PyTorch's."""
+
+
+def foreign_layer(model) -> str | None:
+    """The first layer of the diffusion model (object patches included) whose class comes from
+    neither ComfyUI nor PyTorch (another extension's quantized or custom layers), or None."""
+    modules = list(model.model.diffusion_model.modules())
+    modules += [m for m in getattr(model, "object_patches", {}).values() if isinstance(m, torch.nn.Module)]
+    for module in modules:
+        origin = type(module).__module__
+        if not origin.startswith(OWN_CODE):
+            return f"{type(module).__name__} from {origin}"
+    return None
+
+
 def graph_blocker(model, device: torch.device) -> str | None:
-    """Why the model's calls cannot be replayed as CUDA graphs, or None when they can."""
+    """Why the model's calls cannot be replayed as CUDA graphs, or None when they can.
+
+    Under cudaMallocAsync (ComfyUI's default on NVIDIA) a capture that fails aborts the process,
+    so there only ComfyUI's and PyTorch's own layers are recorded: another extension's layers may
+    call kernels outside PyTorch's dispatcher, where the checked run before a capture cannot see
+    a sync or an allocation."""
     if device.type != "cuda":
         return "not a CUDA device"
+    if torch_utils.malloc_async_active() and (foreign := foreign_layer(model)) is not None:
+        return (
+            f"the model runs {foreign}, not ComfyUI's own model code (under ComfyUI's default "
+            "cudaMallocAsync allocator only that is recorded; --disable-cuda-malloc records it too)"
+        )
     if getattr(model, "is_dynamic", lambda: False)():
         return "the model is streamed by ComfyUI's dynamic VRAM manager"
     options = model.model_options.get("transformer_options", {})

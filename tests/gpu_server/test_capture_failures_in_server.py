@@ -1,6 +1,7 @@
 """The crash cases: a CUDA-graph capture that cannot succeed, inside a live server, under every
 setting. A failed capture under cudaMallocAsync aborts the whole ComfyUI process, so there the
-checked run before each capture must find the failure in Python.
+failure must be found in Python before any capture (USDU: the probe's layer is not ComfyUI's own
+code, so nothing is recorded; under the native allocator the checked run meets the host read).
 
 ``SpeedKitProbe_HostSyncModel`` gives the checkpoint's UNet a host read in every call, so any
 capture of it must fail. USDU and Train LoRA run on that MODEL with their graph paths on: the
@@ -58,7 +59,12 @@ def test_usdu_survives_a_capture_that_must_fail(gpu_server, sdxl_checkpoint):  #
     a = load_file(str(probe / f"sync_graphs_{tag}.safetensors"))["image"]
     b = load_file(str(probe / f"sync_eager_{tag}.safetensors"))["image"]
     assert gpu_server.alive()
-    assert refused(log), log[-3000:]  # in every setting: USDU records under cudaMallocAsync too
+    if tag == "disable-cuda-malloc":
+        assert refused(log), log[-3000:]
+    else:
+        # under cudaMallocAsync the probe's layer (a class from a custom node) keeps graphs off
+        # before any checked run: only ComfyUI's and PyTorch's own layers are recorded there
+        assert "CUDA graphs not used" in log and "not ComfyUI's own model code" in log, log[-3000:]
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 

@@ -659,6 +659,19 @@ ADAPTER_INTERNALS_SCRIPT = textwrap.dedent(
     m.set_model_unet_function_wrapper(lambda f, p: f(p["input"], p["timestep"], **p["c"]))
     blocked["function_wrapper"] = wrappers.graph_blocker(m, cuda)
     result["blocked"] = blocked
+
+    # Which layers count as ComfyUI's own (the only ones recorded under cudaMallocAsync).
+    import comfy.ops
+    holder = torch.nn.Module()
+    holder.diffusion_model = torch.nn.Sequential(comfy.ops.disable_weight_init.Linear(4, 4), torch.nn.SiLU())
+    unet = comfy.model_patcher.ModelPatcher(holder, load_device=cpu, offload_device=cpu)
+
+    class Quantized(torch.nn.Linear):  # another extension's layer
+        pass
+
+    patched = unet.clone()
+    patched.add_object_patch("diffusion_model.0", Quantized(4, 4))
+    result["foreign"] = [wrappers.foreign_layer(unet), wrappers.foreign_layer(patched)]
     print("RESULT" + json.dumps(result))
     """
 )
@@ -692,3 +705,4 @@ def test_comfyui_objects_the_usdu_adapter_reads(usdu_models, tmp_path):
     assert blocked["replace"].startswith("the model carries patches_replace")
     assert blocked["wrapper"] == "the model carries wrappers from another node"
     assert blocked["function_wrapper"] == "the model carries a model_function_wrapper"
+    assert result["foreign"] == [None, "Quantized from __main__"]
