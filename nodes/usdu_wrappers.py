@@ -98,7 +98,10 @@ OWN_CODE = ("comfy.", "torch.")
 def foreign_layer(model) -> str | None:
     """The first layer of the diffusion model (object patches included) whose class comes from
     neither ComfyUI nor PyTorch (another extension's quantized or custom layers), or None."""
-    modules = list(model.model.diffusion_model.modules())
+    diffusion = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(diffusion, torch.nn.Module):
+        return "a diffusion model that is not a torch module"
+    modules = list(diffusion.modules())
     modules += [m for m in getattr(model, "object_patches", {}).values() if isinstance(m, torch.nn.Module)]
     for module in modules:
         origin = type(module).__module__
