@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .. import process_tree
-from ..torch_utils import is_oom_error
+from ..torch_utils import is_oom_error, malloc_async_active
 
 if TYPE_CHECKING:
     from .run import Family, Job, RunHooks
@@ -149,12 +149,7 @@ class WorkerJob:
 
 def allocator_rules_out_graphs(device: torch.device) -> bool:
     """True where this process allocates with cudaMallocAsync on ``device``'s CUDA (see the module docstring)."""
-    if device.type != "cuda":
-        return False
-    try:
-        return torch.cuda.get_allocator_backend() == "cudaMallocAsync"
-    except RuntimeError:
-        return False
+    return device.type == "cuda" and malloc_async_active()
 
 
 JOB_PREFIX = "speedkit_train_"
