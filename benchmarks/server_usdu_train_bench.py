@@ -132,7 +132,9 @@ def run_usdu(server: ComfyServer, repeats: int, methods: list[str]) -> dict:
     return res
 
 
-TRAIN_METHODS = ("comfy", "ours", "ours_no_checkpointing")
+# ours: the node's defaults (gradient_checkpointing auto); the others force it on / off
+TRAIN_METHODS = ("comfy", "ours", "ours_checkpointing", "ours_no_checkpointing")
+CHECKPOINTING = {"ours_checkpointing": "on", "ours_no_checkpointing": "off"}
 
 
 def train_graphs(method: str, steps: int, dataset: Path, name: str) -> dict:
@@ -159,7 +161,7 @@ def train_graphs(method: str, steps: int, dataset: Path, name: str) -> dict:
                 "rank": 32,
                 "resolution": 1024,
                 "precision": "bf16",
-                **({"gradient_checkpointing": False} if method == "ours_no_checkpointing" else {}),
+                **({"gradient_checkpointing": CHECKPOINTING[method]} if method in CHECKPOINTING else {}),
             },
         }
     return g
@@ -194,8 +196,9 @@ def run_train(server: ComfyServer, short: int, long: int, methods: list[str], re
     for m in methods:
         if m != "comfy" and "comfy" in methods:
             res[f"{m}_vs_comfy"] = res[f"{m}_it_s"] / res["comfy_it_s"]
-    peaks = [line for line in server.log_text().splitlines() if "peak VRAM" in line]
-    res["ours_peak_vram_lines"] = peaks[-3:]
+    lines = server.log_text().splitlines()
+    res["ours_peak_vram_lines"] = [line for line in lines if "peak VRAM" in line][-3:]
+    res["ours_checkpointing_lines"] = [line for line in lines if "gradient_checkpointing auto" in line][-2:]
     return res
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, optim, schedule, validation
+from . import checkpoint, checkpoint_choice, optim, schedule, validation
 from .block_checkpoint import checkpointed
 from .data import process_caption
 from .graphed import GraphedMicroStep
@@ -72,7 +72,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     precision: str = "bf16"
-    grad_checkpointing: bool = True
+    grad_checkpointing: bool | str = "auto"  # auto / on / off (True / False: on / off)
     seed: int = 0
     prediction: str = "eps"
     min_snr_gamma: float = 0.0
@@ -106,6 +106,7 @@ class TrainConfig:
             ("save_dtype", self.save_dtype in checkpoint.SAVE_DTYPES, f"one of {tuple(checkpoint.SAVE_DTYPES)}"),
             ("optimizer", self.optimizer in optim.OPTIMIZERS, f"one of {optim.OPTIMIZERS}"),
             ("lr_scheduler", self.lr_scheduler in optim.SCHEDULERS, f"one of {optim.SCHEDULERS}"),
+            ("grad_checkpointing", checkpoint_choice.is_mode(self.grad_checkpointing), f"one of {checkpoint_choice.MODES}"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -232,6 +233,9 @@ class Trainer:
         lora.reset(config.seed)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.started_at = time.time()
+        # whether the run checkpoints its blocks; ``auto`` is settled by a trial step in run()
+        mode = checkpoint_choice.checkpointing_mode(config.grad_checkpointing)
+        self.checkpointing: bool | None = None if mode == "auto" else mode == "on"
 
     def _make_graphed(self, wanted: bool, weights) -> GraphedMicroStep | None:
         """The CUDA-graph micro-step when this run can use it (see :mod:`.graphed`), else None."""
@@ -426,6 +430,50 @@ class Trainer:
                     count += 1
         return total / count
 
+    def _trial_step(self) -> None:
+        """One forward/backward of the largest batch as the run would compute it (whatever the
+        block wrappers in place do). Gradients are returned, not stored, and the noise comes from
+        its own generator: the run's weights, grads and randomness are untouched."""
+        cfg = self.config
+        bucket = max(self._bucket_keys, key=lambda b: b[0] * b[1])
+        members = self._by_bucket[bucket]
+        indices = [members[i % len(members)] for i in range(cfg.batch_size)]
+        gen = torch.Generator().manual_seed(cfg.seed)
+        x0 = torch.stack([self.samples[i].latent for i in indices]).to(self.device, torch.float32)
+        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        t = torch.randint(0, schedule.NUM_TIMESTEPS, (x0.shape[0],), generator=gen).to(self.device)
+        targets = [*self.lora.working_parameters(), *self.lora.parameters()]
+        with self._autocast():
+            cond = self._conditioning(indices, [self.samples[i].caption for i in indices])
+        torch.autograd.grad(self._loss(x0, noise, t, cond), targets, allow_unused=True)
+
+    def _trial_step_bytes(self) -> int | None:
+        """Extra CUDA bytes at the peak of :meth:`_trial_step` without checkpointing (the blocks
+        are not wrapped yet); None when it runs out of memory."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        try:
+            self._trial_step()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        except torch.OutOfMemoryError:
+            return None
+        finally:
+            torch.cuda.empty_cache()  # the trial's blocks go back for the run (and its graph pool)
+
+    def _choose_checkpointing(self) -> bool:
+        """``auto``: checkpointing off only when a step without it fits (see :mod:`.checkpoint_choice`)."""
+        if self.device.type != "cuda":
+            logger.info("LoRA training: gradient_checkpointing auto: on (memory is measured on CUDA devices only)")
+            return True
+        free, total = torch.cuda.mem_get_info(self.device)
+        # blocks the caching allocator holds unused are free for this process too
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        on, why = checkpoint_choice.decide(self._trial_step_bytes(), free, total)
+        logger.info("LoRA training: gradient_checkpointing auto: %s (%s)", "on" if on else "off", why)
+        return on
+
     # ----- the run ------------------------------------------------------------------------
     def run(
         self,
@@ -458,9 +506,11 @@ class Trainer:
         start = time.time()
         cancelled = False
         start_step = saved_step = self.step
+        if self.checkpointing is None:
+            self.checkpointing = self._choose_checkpointing()
         blocks = checkpointed(
             self.checkpoint_blocks,
-            checkpoint=cfg.grad_checkpointing,
+            checkpoint=self.checkpointing,
             compile=self.compile_blocks,
             compiled=self.compiled_blocks,
             call=self.compiled_call,
@@ -552,7 +602,7 @@ class Trainer:
             "ss_batch_size_per_device": str(cfg.batch_size),
             "ss_total_batch_size": str(cfg.batch_size * cfg.grad_accum),
             "ss_gradient_accumulation_steps": str(cfg.grad_accum),
-            "ss_gradient_checkpointing": str(cfg.grad_checkpointing),
+            "ss_gradient_checkpointing": "auto" if self.checkpointing is None else str(self.checkpointing),
             "ss_mixed_precision": cfg.precision if cfg.precision != "fp32" else "no",
             "ss_save_precision": cfg.save_dtype,
             "ss_optimizer": cfg.optimizer,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
-from ..lora_train import checkpoint, data, inputs, layers, optim, validation
+from ..lora_train import checkpoint, checkpoint_choice, data, inputs, layers, optim, validation
 from ..lora_train.run import Buckets, Job
 from ..lora_train.sample_prompts import SEED_MAX, SIZE_MAX
 from ..lora_train.trainer import PRECISIONS, TrainConfig, check_resume
@@ -139,11 +139,12 @@ class TrainLoRA(io.ComfyNode):
                     "scaling) or fp32 (no autocast). LoRA weights are always kept in fp32.",
                     advanced=True,
                 ),
-                io.Boolean.Input(
+                io.Combo.Input(
                     "gradient_checkpointing",
-                    default=True,
-                    tooltip="Recompute block activations in the backward pass: much less VRAM, slower steps. Keep it on "
-                    "for SDXL at 1024 px; turn it off for speed when the model fits without it.",
+                    options=list(checkpoint_choice.MODES),
+                    default="auto",
+                    tooltip="Recompute block activations in the backward pass: much less VRAM, slower steps. auto: "
+                    "off when a trial step without it fits in free VRAM, else on.",
                     advanced=True,
                 ),
                 io.Int.Input(
@@ -355,6 +356,14 @@ class TrainLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, gradient_checkpointing: object = "auto") -> bool | str:
+        """Workflows saved while this input was a switch carry true/false: ComfyUI's list check
+        would refuse them, so this check (which replaces it) takes them as on/off."""
+        return checkpoint_choice.is_mode(gradient_checkpointing) or (
+            f"gradient_checkpointing={gradient_checkpointing!r}: choose one of {', '.join(checkpoint_choice.MODES)}"
+        )
+
+    @classmethod
     def execute(
         cls,
         model,
@@ -376,7 +385,7 @@ class TrainLoRA(io.ComfyNode):
         warmup_steps: int = 0,
         grad_accumulation: int = 1,
         precision: str = "bf16",
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: str = "auto",
         seed: int = 0,
         min_snr_gamma: float = 0.0,
         noise_offset: float = 0.0,
@@ -437,7 +446,7 @@ class TrainLoRA(io.ComfyNode):
             lr_scheduler=lr_scheduler,
             warmup_steps=warmup_steps,
             precision=precision,
-            grad_checkpointing=gradient_checkpointing,
+            grad_checkpointing=checkpoint_choice.checkpointing_mode(gradient_checkpointing),
             seed=seed,
             prediction=family.prediction,
             min_snr_gamma=min_snr_gamma,

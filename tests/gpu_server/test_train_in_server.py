@@ -30,7 +30,7 @@ def in_worker(setting: str) -> bool:
     return setting != "disable-cuda-malloc" and os.environ.get(GRAPHS_WITH_MALLOC_ASYNC_ENV) != "1"
 
 
-def train_prompt(dataset: str, name: str, cuda_graphs: bool) -> dict:
+def train_prompt(dataset: str, name: str, cuda_graphs: bool, checkpointing: str = "auto") -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL_NAME}},
         "7": {
@@ -48,6 +48,7 @@ def train_prompt(dataset: str, name: str, cuda_graphs: bool) -> dict:
                 "seed": 3,
                 "save_precision": "fp32",
                 "cuda_graphs": cuda_graphs,
+                "gradient_checkpointing": checkpointing,
             },
         },
     }
@@ -69,6 +70,8 @@ def test_graphed_training_matches_eager(gpu_server, sdxl_checkpoint):  # noqa: F
     assert "recorded a CUDA graph" in log, log[-3000:]
     assert "CUDA graphs off" not in log and "did not start" not in log, log[-3000:]
     assert ("Train LoRA worker: " in log) == in_worker(tag), log[-3000:]
+    # the node's default on a data-centre GPU: a trial step without checkpointing fits
+    assert "gradient_checkpointing auto: off (a step without it needs" in log, log[-3000:]
     ups = [k for k in eager if "lora_up" in k]
     assert any(float(eager[k].abs().max()) > 0 for k in ups), "the eager run trained nothing"
     for key, value in eager.items():
@@ -82,14 +85,14 @@ def test_training_after_a_cancel_inside_a_block_trains(gpu_server, sdxl_checkpoi
     server trains: no checkpoint region of the cancelled run is left on ComfyUI's worker thread."""
     tag = gpu_server.setting
     dataset = make_dataset(gpu_server.input_dir / "train_set")
-    cancelled = train_prompt(str(dataset), f"cancelled_{tag}", True)
+    cancelled = train_prompt(str(dataset), f"cancelled_{tag}", True, checkpointing="on")
     cancelled["50"] = {"class_type": "SpeedKitProbe_CancelInsideBlock", "inputs": {"model": ["1", 0]}}
     cancelled["7"]["inputs"]["model"] = ["50", 0]
     with pytest.raises(PromptError) as info:
         gpu_server.run_prompt(cancelled, 900)
     assert "execution_interrupted" in str(info.value), str(info.value)[-3000:]
     before = len(gpu_server.log_text())
-    after = train_prompt(str(dataset), f"after_cancel_{tag}", True)
+    after = train_prompt(str(dataset), f"after_cancel_{tag}", True, checkpointing="on")
     after["7"]["inputs"]["steps"] = 3
     gpu_server.run_prompt(after, 900)
     log = gpu_server.log_text()[before:]

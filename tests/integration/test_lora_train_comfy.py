@@ -356,6 +356,8 @@ def test_bad_inputs_fail_clearly(comfy_server, checkpoints, dataset, tmp_path):
         (train_prompt(sd15, dataset, "e11", sample_prompts="a cat --w 70"), "sample_prompts line 1: width 70"),
         (train_prompt(sd15, dataset, "e12", sample_prompts="a cat --x 1"), "unknown option --x"),
         (train_prompt(sd15, single, "e13", validation_split=0.5), "leaves none to train on"),
+        # ComfyUI's own list check is replaced by the node's (saved workflows carry true/false)
+        (train_prompt(sd15, dataset, "e14", gradient_checkpointing="sometimes"), "choose one of auto, on, off"),
     ]
     for prompt, expected in cases:
         if expected == "bitsandbytes" and _has_module("bitsandbytes"):
@@ -476,6 +478,7 @@ def test_sample_images_and_validation_loss(comfy_server, checkpoints, dataset):
             sample_size=64,
             validation_split=0.25,
             validate_every=4,
+            gradient_checkpointing="auto",
         ),
         timeout=1200,
     )
