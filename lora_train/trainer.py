@@ -106,7 +106,11 @@ class TrainConfig:
             ("save_dtype", self.save_dtype in checkpoint.SAVE_DTYPES, f"one of {tuple(checkpoint.SAVE_DTYPES)}"),
             ("optimizer", self.optimizer in optim.OPTIMIZERS, f"one of {optim.OPTIMIZERS}"),
             ("lr_scheduler", self.lr_scheduler in optim.SCHEDULERS, f"one of {optim.SCHEDULERS}"),
-            ("grad_checkpointing", checkpoint_choice.is_mode(self.grad_checkpointing), f"one of {checkpoint_choice.MODES}"),
+            (
+                "grad_checkpointing",
+                checkpoint_choice.is_mode(self.grad_checkpointing),
+                f"one of {checkpoint_choice.MODES}",
+            ),
         ]
         for name, ok, rule in checks:
             if not ok:

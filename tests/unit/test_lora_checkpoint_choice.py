@@ -12,7 +12,9 @@ from speedkit.lora_train import checkpoint_choice as cc
 GIB = cc.GIB
 
 
-@pytest.mark.parametrize(("value", "mode"), [("auto", "auto"), ("on", "on"), ("off", "off"), (True, "on"), (False, "off")])
+@pytest.mark.parametrize(
+    ("value", "mode"), [("auto", "auto"), ("on", "on"), ("off", "off"), (True, "on"), (False, "off")]
+)
 def test_modes_and_switch_values_of_saved_workflows(value, mode):
     assert cc.is_mode(value) and cc.checkpointing_mode(value) == mode
 
