@@ -95,15 +95,33 @@ OWN_CODE = ("comfy.", "torch.")
 """Module prefixes of the layer classes recorded under cudaMallocAsync: ComfyUI's and PyTorch's."""
 
 
+def run_modules(model) -> list[torch.nn.Module]:
+    """The modules ``model``'s diffusion model runs: its own object patches in, and any other
+    clone's patches out. Clones share one module tree, and ComfyUI leaves the last loaded
+    clone's object patches applied to it until another clone loads; the originals wait in the
+    shared ``object_patches_backup`` and ``get_model_object`` resolves a path as ``model`` sees it."""
+    diffusion = model.model.diffusion_model
+    keys = {*getattr(model, "object_patches_backup", {}), *getattr(model, "object_patches", {})}
+    keys = {k for k in keys if k == "diffusion_model" or k.startswith("diffusion_model.")}
+    modules = [
+        m
+        for name, m in diffusion.named_modules(prefix="diffusion_model")
+        if not any(name == k or name.startswith(k + ".") for k in keys)
+    ]
+    for key in sorted(keys):
+        obj = model.get_model_object(key) if hasattr(model, "get_model_object") else None
+        if isinstance(obj, torch.nn.Module):
+            modules.extend(obj.modules())
+    return modules
+
+
 def foreign_layer(model) -> str | None:
-    """The first layer of the diffusion model (object patches included) whose class comes from
+    """The first layer the diffusion model runs (object patches included) whose class comes from
     neither ComfyUI nor PyTorch (another extension's quantized or custom layers), or None."""
     diffusion = getattr(getattr(model, "model", None), "diffusion_model", None)
     if not isinstance(diffusion, torch.nn.Module):
         return "a diffusion model that is not a torch module"
-    modules = list(diffusion.modules())
-    modules += [m for m in getattr(model, "object_patches", {}).values() if isinstance(m, torch.nn.Module)]
-    for module in modules:
+    for module in run_modules(model):
         origin = type(module).__module__
         if not origin.startswith(OWN_CODE):
             return f"{type(module).__name__} from {origin}"

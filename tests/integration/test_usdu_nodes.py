@@ -672,6 +672,16 @@ ADAPTER_INTERNALS_SCRIPT = textwrap.dedent(
     patched = unet.clone()
     patched.add_object_patch("diffusion_model.0", Quantized(4, 4))
     result["foreign"] = [wrappers.foreign_layer(unet), wrappers.foreign_layer(patched)]
+    # ComfyUI leaves the last loaded clone's object patch applied to the shared module tree: the
+    # plain clone still runs its own layers, the patched one still runs the other extension's
+    patched.patch_model()
+    applied = type(holder.diffusion_model[0]).__name__
+    result["foreign_applied"] = [applied, wrappers.foreign_layer(unet), wrappers.foreign_layer(patched)]
+    patched.unpatch_model()
+    result["foreign_unpatched"] = [type(holder.diffusion_model[0]).__name__, wrappers.foreign_layer(unet)]
+    whole = unet.clone()  # a wrapper put in place of the whole diffusion model
+    whole.add_object_patch("diffusion_model", torch.nn.Sequential(Quantized(4, 4)))
+    result["foreign_whole"] = wrappers.foreign_layer(whole)
     print("RESULT" + json.dumps(result))
     """
 )
@@ -706,3 +716,6 @@ def test_comfyui_objects_the_usdu_adapter_reads(usdu_models, tmp_path):
     assert blocked["wrapper"] == "the model carries wrappers from another node"
     assert blocked["function_wrapper"] == "the model carries a model_function_wrapper"
     assert result["foreign"] == [None, "Quantized from __main__"]
+    assert result["foreign_applied"] == ["Quantized", None, "Quantized from __main__"]
+    assert result["foreign_unpatched"] == ["Linear", None]
+    assert result["foreign_whole"] == "Quantized from __main__"
