@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -470,11 +471,20 @@ def refuse_host_syncs() -> Iterator[None]:
         yield
         return
     previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
+    _set_sync_debug_mode("error")
     try:
         yield
     finally:
-        torch.cuda.set_sync_debug_mode(previous)
+        _set_sync_debug_mode(previous)
+
+
+def _set_sync_debug_mode(mode: str | int) -> None:
+    """``torch.cuda.set_sync_debug_mode`` without its "prototype feature" UserWarning, which
+    would otherwise reach the server's console on every checked run (the filter lasts only
+    for this call)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Synchronization debug mode is a prototype feature")
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def error_line(exc: BaseException, limit: int | None = None) -> str:

@@ -251,6 +251,32 @@ def test_refuse_host_syncs_raises_inside_and_restores_the_mode_after():
     assert float(y.sum()) == 8.0
 
 
+def test_refuse_host_syncs_keeps_pytorchs_prototype_warning_off_the_console(monkeypatch):
+    """PyTorch warns that sync debug mode is a prototype on every switch: the checked run would
+    print it to the server's console each time. Other warnings still pass, and the mode is
+    restored."""
+    import warnings
+
+    modes = []
+
+    def set_mode(mode):
+        warnings.warn(
+            "Synchronization debug mode is a prototype feature and does not yet detect all", UserWarning, stacklevel=2
+        )
+        warnings.warn("another warning", UserWarning, stacklevel=2)
+        modes.append(mode)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with tu.refuse_host_syncs():
+            pass
+    assert modes == ["error", 0]
+    assert [str(w.message) for w in seen] == ["another warning", "another warning"]
+
+
 def test_capture_failure_names_the_error_and_where_it_was_raised():
     def inner():
         raise RuntimeError("CUDA error: operation failed due to a previous error during capture\nmore text")
