@@ -16,7 +16,10 @@ Safety rules (any doubt means "run eagerly", never a wrong picture):
   process), autograd and operators from outside PyTorch (:func:`torch_utils.checked_run`);
 - anything that fails there or during capture disables graphs for the rest of the run with
   one log line, and that call runs eagerly;
-- at most ``max_graphs`` graphs, sharing one memory pool; :meth:`GraphRunner.close` frees them.
+- at most ``max_graphs`` graphs, sharing one memory pool; :meth:`GraphRunner.close` frees them;
+- a graph's output is copied into buffers made outside the recording, so nothing the recording
+  allocated outlives it (under cudaMallocAsync, freeing such memory after the recording makes
+  PyTorch print "Attempting uncaptured free of a captured allocation" when the run ends).
 
 This module has no ComfyUI import; the USDU adapter wraps the denoiser call with it.
 """
@@ -83,6 +86,15 @@ def _check_output(out: Any) -> None:
         raise TypeError(f"graph output of type {type(out).__name__} is not supported")
 
 
+def _copy_output(static: Any, out: Any) -> None:
+    """Copy ``out`` into ``static`` (same nesting)."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(out)
+        return
+    for s, o in zip(static, out, strict=True):
+        _copy_output(s, o)
+
+
 def _clone_output(out: Any) -> Any:
     """A copy of a replayed graph's output (the graph overwrites its own at the next replay)."""
     if isinstance(out, torch.Tensor):
@@ -143,10 +155,20 @@ class GraphRunner(GraphBook):
         s_args, s_kwargs = _rebuild(args, kwargs, statics)
         weights = self.weight_ptrs()
         graph = torch.cuda.CUDAGraph()
+        held: list[Any] = []  # the output buffers, made by the checked run, outside the recording
+
+        def call() -> Any:
+            out = fn(*s_args, **s_kwargs, **passed)
+            if not held:  # the checked run (see GraphBook.record): keep a copy as the buffers
+                _check_output(out)
+                held.append(_clone_output(out))
+            else:  # the recording: it writes into those buffers and frees its own output inside
+                _copy_output(held[0], out)
+            return held[0]
+
         try:
             with torch.cuda.device(device):
-                output = self.record(graph, lambda: fn(*s_args, **s_kwargs, **passed))
-            _check_output(output)  # before it is trusted; replayed (so readable) only below
+                output = self.record(graph, call)
         except Exception as exc:  # any capture failure: this run stays eager
             self.capture_failed(exc, device)
             return fn(*args, **kwargs, **passed)
