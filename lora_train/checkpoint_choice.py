@@ -37,18 +37,20 @@ def spare_bytes(total_bytes: int) -> int:
     return max(MIN_SPARE_BYTES, int(SPARE_FRACTION * total_bytes))
 
 
-def decide(need_bytes: int | None, free_bytes: int, total_bytes: int) -> tuple[bool, str]:
+def decide(need_bytes: int | None, free_bytes: int, total_bytes: int, reserve_bytes: int = 0) -> tuple[bool, str]:
     """``(checkpointing on, why)`` for ``auto`` from the trial step's extra peak (None: it ran
-    out of memory) and the memory free before it."""
+    out of memory) and the memory free before it. ``reserve_bytes``: what another process needs
+    meanwhile (the server rendering a worker run's sample images holds its model), kept free too."""
     if need_bytes is None:
         return True, "a step without it ran out of memory"
     if need_bytes <= 0:
         return True, "the trial step's memory could not be measured"
-    spare = spare_bytes(total_bytes)
+    spare = spare_bytes(total_bytes) + max(0, reserve_bytes)
     fits = need_bytes + spare <= free_bytes
     verdict = "fits" if fits else "does not fit"
+    kept = f" (of which {reserve_bytes / GIB:.2f} GiB for the sample images)" if reserve_bytes > 0 else ""
     why = (
         f"a step without it needs {need_bytes / GIB:.2f} GiB, which {verdict} in the "
-        f"{free_bytes / GIB:.2f} GiB free with {spare / GIB:.2f} GiB to spare"
+        f"{free_bytes / GIB:.2f} GiB free with {spare / GIB:.2f} GiB to spare{kept}"
     )
     return not fits, why

@@ -287,6 +287,9 @@ class _Between:
     held: list[Sample]
     held_conds: list[dict[str, torch.Tensor]] | None
     renderer: SampleRenderer | None
+    # GPU memory another process needs while this one trains (the server rendering the sample
+    # images of a worker run): gradient_checkpointing auto leaves it free
+    reserve_bytes: int = 0
 
 
 class TrainingRun:
@@ -508,6 +511,7 @@ class TrainingRun:
                 else None,
                 compiled_call=transformer_block_call,
                 graph_weights=lambda: list(unet.parameters()),
+                reserve_bytes=between.reserve_bytes,
             )
             if job.resume_from is not None:
                 trainer.load_state(job.resume_from)

@@ -194,6 +194,7 @@ class Trainer:
         compiled_call: Callable[[nn.Module], Callable] | None = None,
         cuda_graphs: bool = True,
         graph_weights: Callable[[], list[torch.Tensor]] | None = None,
+        reserve_bytes: int = 0,
     ) -> None:
         config.validate()
         if not samples:
@@ -240,6 +241,7 @@ class Trainer:
         # whether the run checkpoints its blocks; ``auto`` is settled by a trial step in run()
         mode = checkpoint_choice.checkpointing_mode(config.grad_checkpointing)
         self.checkpointing: bool | None = None if mode == "auto" else mode == "on"
+        self.reserve_bytes = int(reserve_bytes)  # memory ``auto`` leaves to others (see checkpoint_choice)
 
     def _make_graphed(self, wanted: bool, weights) -> GraphedMicroStep | None:
         """The CUDA-graph micro-step when this run can use it (see :mod:`.graphed`), else None."""
@@ -474,7 +476,7 @@ class Trainer:
         free, total = torch.cuda.mem_get_info(self.device)
         # blocks the caching allocator holds unused are free for this process too
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        on, why = checkpoint_choice.decide(self._trial_step_bytes(), free, total)
+        on, why = checkpoint_choice.decide(self._trial_step_bytes(), free, total, self.reserve_bytes)
         logger.info("LoRA training: gradient_checkpointing auto: %s (%s)", "on" if on else "off", why)
         return on
 

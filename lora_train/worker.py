@@ -601,7 +601,9 @@ def child_main(host_package: str, folder_arg: str) -> int:
             changed = matmul_weights_to(unet, compute)
             logger.info("%d Linear/Conv weights held in %s, the dtype autocast computes them in", changed, compute)
         loaded = LoadedUNet(unet, job.denoise_factory(unet, job.dtype), device, job.dtype)
-        between = _Between(job.held, job.held_conds, renderer)
+        # the server renders the samples with its own copy of the model while this process trains
+        reserve = sum(t.numel() * t.element_size() for t in unet.parameters()) if renderer is not None else 0
+        between = _Between(job.held, job.held_conds, renderer, reserve)
         wire.emit("ready")
         lora_path, losses = run._train_on(loaded, job.samples, _no_text_encoder, job.cond_cache, between)
         wire.emit(

@@ -92,3 +92,30 @@ def test_auto_checkpoints_when_a_step_runs_out_of_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(tr, "_trial_step", oom)
     tr.run(tmp_path, info())
     assert tr.checkpointing is True
+
+
+def test_memory_another_process_needs_is_kept_free_too():
+    total = 80 * GIB
+    spare = cc.spare_bytes(total)
+    assert not cc.decide(10 * GIB, 10 * GIB + spare, total)[0]
+    on, why = cc.decide(10 * GIB, 10 * GIB + spare, total, reserve_bytes=5 * GIB)
+    assert on and "(of which 5.00 GiB for the sample images)" in why
+    assert not cc.decide(10 * GIB, 15 * GIB + spare, total, reserve_bytes=5 * GIB)[0]
+
+
+def test_auto_weighs_the_trial_step_against_free_memory_less_the_reserve(monkeypatch, caplog):
+    """The trainer's side of ``auto`` (CUDA calls stood in): free memory is the driver's free
+    memory plus the allocator's unused blocks, less ``reserve_bytes``."""
+    tr, *_ = make_run(steps=2, grad_checkpointing="auto")
+    tr.device = torch.device("cuda")
+    tr.reserve_bytes = 4 * GIB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * GIB)
+    # 22 GiB free: 10 GiB + 8 GiB spare + 4 GiB reserve fits exactly, one byte more does not
+    monkeypatch.setattr(tr, "_trial_step_bytes", lambda: 10 * GIB)
+    with caplog.at_level("INFO", logger="speedkit.lora_train.trainer"):
+        assert tr._choose_checkpointing() is False
+    monkeypatch.setattr(tr, "_trial_step_bytes", lambda: 10 * GIB + 1)
+    assert tr._choose_checkpointing() is True
+    assert "22.00 GiB free with 12.00 GiB to spare (of which 4.00 GiB for the sample images)" in caplog.text
