@@ -360,6 +360,16 @@ class Trainer:
         per_sample = schedule.mse_per_sample(pred, schedule.target(x0, noise, t, self.acp, cfg.prediction))
         return (per_sample * schedule.min_snr_weights(t, self.acp, cfg.min_snr_gamma, cfg.prediction)).mean()
 
+    def _batch(self, indices: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents, noise and timesteps of a micro-batch on the device, drawn from ``gen``."""
+        x0 = torch.stack([self.samples[i].latent for i in indices]).to(self.device, torch.float32)
+        noise = torch.randn(x0.shape, generator=gen)
+        if self.config.noise_offset > 0:
+            noise = noise + self.config.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen)
+        noise = noise.to(self.device)
+        t = torch.randint(0, schedule.NUM_TIMESTEPS, (x0.shape[0],), generator=gen).to(self.device)
+        return x0, noise, t
+
     def _micro_step(self, step: int, micro: int) -> float:
         cfg = self.config
         gen, rng = self._generators(step, micro)
@@ -368,12 +378,7 @@ class Trainer:
             process_caption(self.samples[i].caption, rng, cfg.caption_dropout, cfg.shuffle_captions, cfg.keep_tokens)
             for i in indices
         ]
-        x0 = torch.stack([self.samples[i].latent for i in indices]).to(self.device, torch.float32)
-        noise = torch.randn(x0.shape, generator=gen)
-        if cfg.noise_offset > 0:
-            noise = noise + cfg.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen)
-        noise = noise.to(self.device)
-        t = torch.randint(0, schedule.NUM_TIMESTEPS, (x0.shape[0],), generator=gen).to(self.device)
+        x0, noise, t = self._batch(indices, gen)
         with self._autocast():
             cond = self._conditioning(indices, captions)
         if self._graphed is not None:
@@ -444,10 +449,7 @@ class Trainer:
         bucket = max(self._bucket_keys, key=lambda b: b[0] * b[1])
         members = self._by_bucket[bucket]
         indices = [members[i % len(members)] for i in range(cfg.batch_size)]
-        gen = torch.Generator().manual_seed(cfg.seed)
-        x0 = torch.stack([self.samples[i].latent for i in indices]).to(self.device, torch.float32)
-        noise = torch.randn(x0.shape, generator=gen).to(self.device)
-        t = torch.randint(0, schedule.NUM_TIMESTEPS, (x0.shape[0],), generator=gen).to(self.device)
+        x0, noise, t = self._batch(indices, torch.Generator().manual_seed(cfg.seed))
         targets = [*self.lora.working_parameters(), *self.lora.parameters()]
         with self._autocast():
             cond = self._conditioning(indices, [self.samples[i].caption for i in indices])
