@@ -14,7 +14,7 @@ memory: pinned outputs were faster to fill but page-locking a fresh 400 MB tenso
 costs more than it saves, and pinned blocks handed to the host application stay cached by
 PyTorch long after it drops them. While the GPU computes a frame, a second pool touches the
 pages of that frame's output slot, so the first-touch page faults of a fresh tensor are off
-the critical path.
+the critical path; a frame's host copies wait for its touches (a touch writes zeros).
 
 The worker threads run under ``torch.inference_mode()``: inference mode is thread-local, and
 a host application that runs nodes under it (ComfyUI does) hands us inputs and gets outputs
@@ -50,7 +50,12 @@ def _touch_pages(target: torch.Tensor) -> None:
         flat[::step].zero_()
 
 
-def _host_copy(done: torch.cuda.Event, buf: torch.Tensor, target: torch.Tensor) -> None:
+def _host_copy(done: torch.cuda.Event, buf: torch.Tensor, target: torch.Tensor, after: tuple[Future, ...] = ()) -> None:
+    """Copy a finished staging buffer into ``target`` once ``done`` fired and the page touches
+    in ``after`` (those writing into ``target``'s frames) ended: a touch that ran after the
+    copy would zero one value per page of the frame."""
+    for touch in after:
+        touch.result()
     done.synchronize()
     with torch.inference_mode():  # the target may be an inference tensor (see the module docstring)
         target.copy_(buf)
@@ -81,7 +86,7 @@ class FrameWriter:
         self._slots: list[list] = [[None, None] for _ in range(max(1, slots))]  # [pinned buffer, pending copy]
         self._turn = 0
         self._prepared = 0  # frames [0, _prepared) have had their pages touched
-        self._touches: list[Future] = []
+        self._touches: list[tuple[int, int, Future]] = []  # (first frame, end frame, touch)
         if self.async_:
             self._stream = torch.cuda.Stream(device)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speedkit-d2h")
@@ -99,9 +104,13 @@ class FrameWriter:
         self._prepared = j
         region = self.out[i:j].view(-1)
         step = -(-region.numel() // self._touch_workers)
-        self._touches = [f for f in self._touches if not f.done()]
+        self._touches = [t for t in self._touches if not t[2].done()]
         for k in range(0, region.numel(), step):
-            self._touches.append(self._toucher.submit(_touch_pages, region[k : k + step]))
+            self._touches.append((i, j, self._toucher.submit(_touch_pages, region[k : k + step])))
+
+    def _touches_of(self, i: int, j: int) -> tuple[Future, ...]:
+        """The page touches still writing into frames ``[i, j)``."""
+        return tuple(t[2] for t in self._touches if t[0] < j and i < t[1] and not t[2].done())
 
     # -- copies -----------------------------------------------------------------------------
     def _slot(self, numel: int) -> torch.Tensor:
@@ -124,6 +133,7 @@ class FrameWriter:
         src = frames.to(self.transfer_dtype).contiguous()
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))
+        touches = self._touches_of(index, index + n)
         row = src[0, 0].numel() if src.ndim == 4 else src[0].numel()
         rows = max(1, self.chunk_bytes // (row * src.element_size()))
         for f in range(n):
@@ -137,7 +147,8 @@ class FrameWriter:
                     buf.copy_(piece, non_blocking=True)
                     done = torch.cuda.Event()
                     done.record(self._stream)
-                slot[1] = self._pool.submit(_host_copy, done, buf, self.out[index + f, r0 : r0 + rows])
+                target = self.out[index + f, r0 : r0 + rows]
+                slot[1] = self._pool.submit(_host_copy, done, buf, target, touches)
         # The allocator must not hand src's memory to the next frame before the copies end.
         src.record_stream(self._stream)
 
@@ -148,7 +159,7 @@ class FrameWriter:
             for slot in self._slots:
                 if slot[1] is not None:
                     slot[1].result()
-            for fut in self._touches:
+            for *_, fut in self._touches:
                 fut.result()
         finally:
             self._pool.shutdown(wait=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -63,6 +64,26 @@ def test_touching_pages_keeps_the_tensor_usable_and_works_in_a_thread():
     assert int((out == 5.0).sum()) == out.numel() - sum(len(range(0, p.numel(), 1024)) for p in parts)
 
 
+def test_host_copy_waits_for_the_page_touches_of_its_frame():
+    # A touch writes one zero per page: run after the copy, it would punch zeros into the frame.
+    with torch.inference_mode():
+        target = torch.full((64, 1024), 7.0)
+    buf = torch.rand(64, 1024)
+    gate = threading.Event()
+
+    def slow_touch() -> None:
+        gate.wait(5)
+        _touch_pages(target)
+
+    with ThreadPoolExecutor(1) as toucher, ThreadPoolExecutor(1) as copier:
+        touch = toucher.submit(slow_touch)
+        copied = copier.submit(_host_copy, _DoneEvent(), buf, target, (touch,))
+        assert not copied.done()  # held back by the touch still to come
+        gate.set()
+        copied.result(timeout=10)
+    torch.testing.assert_close(target, buf, atol=0, rtol=0)
+
+
 def test_cpu_writer_is_a_plain_copy():
     out = torch.zeros(3, 4, 5, 3)
     w = FrameWriter(out, torch.device("cpu"), torch.float32)
@@ -86,6 +107,31 @@ def test_gpu_writer_chunks_reuse_slots_and_fill_an_inference_output(chunk_bytes)
         w.put(0, frames[:2])
         w.put(2, frames[2:3].permute(0, 2, 1, 3).transpose(1, 2))  # non-contiguous input
         w.put(3, frames[3:])
+    finally:
+        w.close()
+    torch.testing.assert_close(out, frames.half().float().cpu(), atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_writer_copies_after_slow_page_touches(monkeypatch):
+    # Touches slower than the copies (a busy host): each frame must still end up whole.
+    from speedkit.upscale_cuda import host_io
+
+    real = host_io._touch_pages
+
+    def slow(target):
+        time.sleep(0.05)
+        real(target)
+
+    monkeypatch.setattr(host_io, "_touch_pages", slow)
+    with torch.inference_mode():
+        out = torch.empty(6, 64, 256, 3)
+        frames = torch.rand(6, 64, 256, 3, device="cuda") + 0.5
+    w = FrameWriter(out, torch.device("cuda"), torch.float16, slots=4, chunk_bytes=16 << 10)
+    try:
+        w.prepare(0, 1)
+        for f in range(6):
+            w.put(f, frames[f : f + 1])
     finally:
         w.close()
     torch.testing.assert_close(out, frames.half().float().cpu(), atol=0, rtol=0)
