@@ -12,6 +12,7 @@ Conventions:
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -576,6 +577,11 @@ class GraphBook:
         where the same recording without them succeeds. The capture is thread-local, so
         another thread of the server touching CUDA cannot invalidate it.
         """
+        # A memory pool freed while any pool is in use (the checked run's ``use_mem_pool``, the
+        # recording) trips an internal assert of PyTorch's allocator, which aborts the process.
+        # Unreachable cycles holding an earlier run's pool are what the collector would free at
+        # a random moment inside that window: free them now, before it opens.
+        gc.collect()
         current = torch.cuda.current_stream()
         side = self.stream()
         side.wait_stream(current)
