@@ -509,6 +509,27 @@ def capture_failure(exc: BaseException) -> str:
     return f"capture failed ({error_line(exc, 160)}; at {' <- '.join(reversed(frames[-2:]))})"
 
 
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Keep Python's cyclic garbage collector from running inside the block (restored after).
+
+    A CUDA memory pool freed while any pool is in use (a checked run's ``use_mem_pool``, a
+    recording) trips an internal assert of PyTorch's caching allocator, which aborts the
+    process. An earlier run's graph book left in a reference cycle is freed by the collector
+    at whatever allocation triggers it; inside these windows that would be fatal. A full
+    collection instead (what ``torch.cuda.graph`` once did) costs a server holding large
+    models a noticeable fraction of a second per recording; pausing costs nothing, and what
+    is pending is collected after the block.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class GraphBook:
     """Bookkeeping shared by the CUDA-graph replayers (USDU's denoiser calls, the LoRA
     trainer's micro-steps): graphs per input key, keys seen once, one memory pool, a cap, the
@@ -577,22 +598,20 @@ class GraphBook:
         where the same recording without them succeeds. The capture is thread-local, so
         another thread of the server touching CUDA cannot invalidate it.
         """
-        # A memory pool freed while any pool is in use (the checked run's ``use_mem_pool``, the
-        # recording) trips an internal assert of PyTorch's allocator, which aborts the process.
-        # Unreachable cycles holding an earlier run's pool are what the collector would free at
-        # a random moment inside that window: free them now, before it opens.
-        gc.collect()
         current = torch.cuda.current_stream()
         side = self.stream()
         side.wait_stream(current)
         pool = self.pool()
         shared = isinstance(pool, torch.cuda.MemPool)
         strict = malloc_async_active()
-        with torch.cuda.stream(side), torch.cuda.use_mem_pool(pool) if shared else nullcontext():
-            checked_run(fn, pytorch_ops_only=strict)  # lazy initialisations happen here, outside the capture
-        current.wait_stream(side)
-        with torch.cuda.graph(graph, pool=pool.id if shared else pool, stream=side, capture_error_mode="thread_local"):
-            output = fn()
+        with collector_paused():
+            with torch.cuda.stream(side), torch.cuda.use_mem_pool(pool) if shared else nullcontext():
+                checked_run(fn, pytorch_ops_only=strict)  # lazy initialisations happen here, outside the capture
+            current.wait_stream(side)
+            with torch.cuda.graph(
+                graph, pool=pool.id if shared else pool, stream=side, capture_error_mode="thread_local"
+            ):
+                output = fn()
         current.wait_stream(side)
         return output
 
