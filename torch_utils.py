@@ -517,9 +517,9 @@ def collector_paused() -> Iterator[None]:
     recording) trips an internal assert of PyTorch's caching allocator, which aborts the
     process. An earlier run's graph book left in a reference cycle is freed by the collector
     at whatever allocation triggers it; inside these windows that would be fatal. A full
-    collection instead (what ``torch.cuda.graph`` once did) costs a server holding large
-    models a noticeable fraction of a second per recording; pausing costs nothing, and what
-    is pending is collected after the block.
+    collection before each recording (what ``torch.cuda.graph`` once did) would walk every live
+    object of the server each time; pausing costs nothing, and what is pending is collected
+    after the block.
     """
     was_enabled = gc.isenabled()
     gc.disable()
