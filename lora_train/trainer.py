@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..torch_utils import free_memory_bytes
 from . import checkpoint, checkpoint_choice, optim, schedule, validation
 from .block_checkpoint import checkpointed
 from .data import process_caption
@@ -475,9 +476,8 @@ class Trainer:
         if self.device.type != "cuda":
             logger.info("LoRA training: gradient_checkpointing auto: on (memory is measured on CUDA devices only)")
             return True
-        free, total = torch.cuda.mem_get_info(self.device)
-        # blocks the caching allocator holds unused are free for this process too
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        total = torch.cuda.mem_get_info(self.device)[1]
+        free = free_memory_bytes(self.device)  # the caching allocator's unused blocks count as free
         on, why = checkpoint_choice.decide(self._trial_step_bytes(), free, total, self.reserve_bytes)
         logger.info("LoRA training: gradient_checkpointing auto: %s (%s)", "on" if on else "off", why)
         return on
