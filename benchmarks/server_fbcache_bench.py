@@ -120,7 +120,9 @@ def patterns(steps: int, toy: str | None) -> dict[str, str]:
     return out
 
 
-def graph(family: str, spec: dict, steps: int, seed: int, pattern: str | None, info: dict, fbc: dict) -> dict:
+def graph(
+    family: str, spec: dict, steps: int, seed: int, pattern: str | None, info: dict, fbc: dict, sync_debug: bool = False
+) -> dict:
     """An API prompt: load, condition, (patch), sample, sink."""
     g: dict = {}
     if family == "sdxl":
@@ -139,7 +141,10 @@ def graph(family: str, spec: dict, steps: int, seed: int, pattern: str | None, i
             "class_type": "SpeedKit_FirstBlockCache",
             "inputs": widget_inputs(info, "SpeedKit_FirstBlockCache", model=model, **fbc),
         }
-        g["6"] = {"class_type": "SpeedKitProbe_FBCachePattern", "inputs": {"model": ["5", 0], "pattern": pattern}}
+        g["6"] = {
+            "class_type": "SpeedKitProbe_FBCachePattern",
+            "inputs": {"model": ["5", 0], "pattern": pattern, "sync_debug": sync_debug},
+        }
         model = ["6", 0]
     g["7"] = {
         "class_type": "KSampler",
@@ -233,6 +238,10 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
             entry["skipped"] = full_pattern.count("1")
         res["cases"][name] = entry
         log.info("%s %s: first %.2f s, median %.2f s", family, name, first, entry["median_s"])
+    if args.sync_debug:
+        pattern = toy or "01"
+        server.run_prompt(graph(family, spec, args.steps, 99, pattern, info, fbc, sync_debug=True), 7200)
+        log.info("%s: one run of pattern %s with CUDA sync debug 'warn' (see the server log)", family, pattern)
     base = res["cases"]["unpatched"]["median_s"]
     for entry in res["cases"].values():
         entry["speedup"] = round(base / entry["median_s"], 3)
@@ -251,6 +260,11 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="extra ComfyUI arguments, e.g. --disable-dynamic-vram")
     parser.add_argument("--tiny", action="store_true", help="small models on the CPU: checks the script only")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-count prediction")
+    parser.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="one more run per family with CUDA sync debug 'warn': each place the host waits for the GPU is logged",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -82,6 +82,24 @@ that builds new patch functions for every call would otherwise add a variant (an
 residuals) per call; beyond this, the least recently used variant's state is dropped (its next
 call is computed)."""
 
+AHEAD_SAMPLERS = frozenset(
+    f"sample_{name}"
+    for name in (
+        "euler", "euler_ancestral", "euler_ancestral_RF", "euler_cfg_pp", "euler_ancestral_cfg_pp", "lms",
+        "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu",
+        "lcm", "ipndm", "ipndm_v", "deis", "ddpm", "er_sde", "gradient_estimation",
+    )
+)  # fmt: skip
+"""Samplers (ComfyUI's k-diffusion function names) that call the model once per step, at the
+schedule's sigma of that step, and report every step to the callback: there the sigma of a call
+is known on the host without reading the GPU (see :meth:`FBCacheHolder.count_steps`)."""
+
+AHEAD_LAG = 2
+"""Decided-ahead calls whose GPU values (sigma check, first-blocks distances) may stay unread: the
+values of call ``k`` are read when call ``k + AHEAD_LAG`` decides. The host then runs up to that
+many calls ahead of the GPU, which hides a skipped step's host work behind the GPU work of the
+steps before it; a planned skip that the guard would have refused is noticed that many calls late."""
+
 MAX_TARGET_SPEEDUP = 20.0
 MAX_TARGET_PSNR = 100.0
 
@@ -217,6 +235,20 @@ class _Computed:
     tensors: dict[str, torch.Tensor | None]
     sigma: float | None
     step: float = 0.0
+
+
+@dataclass
+class _Pending:
+    """GPU values of a call decided ahead, read ``AHEAD_LAG`` calls later (see :meth:`FBCacheHolder.decide`)."""
+
+    values: torch.Tensor  # [sigma?, distance per measured key], copied to the host without waiting
+    event: torch.cuda.Event | None  # set when the copy is done (None: a CPU tensor, ready now)
+    keys: tuple[Hashable, ...]
+    measured: list[int]
+    sigma_guess: float | None
+    sigma_on_device: bool  # values[0] is the call's sigma
+    planned_hit: bool  # a calibrated plan's skip: the guard checks its distances
+    step: float
 
 
 @dataclass
@@ -359,8 +391,10 @@ class FBCacheHolder:
             )
             logger.info(self.off_reason)
             return self.run_mode
+        self._ahead_ok = False
         if not self.targeted or self.force_pattern is not None:
             self.run_mode = "manual"
+            self._ahead_ok = self.force_pattern is not None and self._may_decide_ahead(sampler)
             return self.run_mode
         self._calibration_key = (sampler, tuple(round(s, 6) for s in self.schedule or ()), tuple(shape))
         found = self.calibrations.get(self._calibration_key)
@@ -378,7 +412,11 @@ class FBCacheHolder:
             self.threshold = found.threshold
             self.calibration = found
             self._plan = frozenset(found.plan) if found.plan else None
+            self._ahead_ok = self._plan is not None and self._may_decide_ahead(sampler)
         return self.run_mode
+
+    def _may_decide_ahead(self, sampler: str) -> bool:
+        return bool(self.schedule) and len(self.schedule) > 1 and sampler in AHEAD_SAMPLERS
 
     def _target_text(self) -> str:
         parts = []
@@ -452,6 +490,12 @@ class FBCacheHolder:
         self._trace: list[CallTrace] = []
         self._plan: frozenset[float] | None = None  # calibrated runs: the schedule positions to compute
         self.value_range = 0.0  # calibration runs: the run's latent value range (the adapter sets it)
+        # Deciding ahead of the GPU (see count_steps): allowed for this run, steps reported, why it stopped.
+        self._ahead_ok = False
+        self._counting = False
+        self._steps_done = 0
+        self._pending: list[_Pending] = []
+        self.ahead_stopped = ""
 
     def _soft_reset(self, reason: str) -> None:
         """Forget the cache but keep the run's counters (they describe the whole run)."""
@@ -587,6 +631,90 @@ class FBCacheHolder:
         weights = taylor_weights([r.step for r in history], step, order)
         return combine([r.residual for r in history], weights)
 
+    # ------------------------------------------------------------------ deciding ahead of the GPU
+    def count_steps(self) -> Callable[[int], None]:
+        """The sampler reports its finished steps to the returned function (the adapter wraps the
+        sampler callback with it). With the step count known, a run whose skips are fixed in advance
+        (a calibrated plan, or a forced pattern) on a sampler of :data:`AHEAD_SAMPLERS` decides
+        without reading the GPU: the sigma of a call is the schedule's entry of the step."""
+        self._counting = True
+        self._steps_done = 0
+
+        def step_done(index: int) -> None:
+            self._steps_done = int(index) + 1
+
+        return step_done
+
+    @property
+    def ahead(self) -> bool:
+        """True while this run decides without waiting for the GPU (see :meth:`count_steps`)."""
+        return self._ahead_ok and self._counting and not self.ahead_stopped
+
+    def _stop_ahead(self, reason: str) -> None:
+        if not self.ahead_stopped:
+            self.ahead_stopped = reason
+            logger.info("First Block Cache: decisions wait for the GPU again for the rest of this run: %s", reason)
+
+    def _queue_pending(self, pending: _Pending) -> None:
+        """Copy a call's GPU values to the host without waiting (read later by :meth:`_read_pending`)."""
+        values = pending.values
+        if values.device.type == "cuda":
+            pending.values = values.to("cpu", non_blocking=True)
+            pending.event = torch.cuda.Event()
+            pending.event.record()
+        self._pending.append(pending)
+
+    def _read_pending(self, keep: int) -> None:
+        """Read the values of the decided-ahead calls but the last ``keep`` (in call order, so the
+        decisions do not depend on how fast the GPU is): record the distances, check that the guessed
+        sigma was the call's, and stop deciding ahead when it was not or a planned skip crossed the
+        guard."""
+        while len(self._pending) > keep:
+            p = self._pending.pop(0)
+            if p.event is not None:
+                p.event.synchronize()
+            host = p.values.tolist()
+            if p.sigma_on_device:
+                sigma = host.pop(0)
+                guess = p.sigma_guess
+                if guess is None or abs(sigma - guess) > _SIGMA_RTOL * max(abs(guess), 1e-8) + 1e-8:
+                    self._stop_ahead(f"a model call at sigma {sigma:.4g} where the schedule said {guess}")
+                    self._soft_reset("a call off the schedule while deciding ahead")
+            diffs = dict(zip(p.measured, host, strict=True))
+            for i, d in diffs.items():
+                st = self.stats.get(p.keys[i])
+                if st is not None:
+                    st.diffs.append(d)
+            if p.planned_hit and any(d >= self.threshold for d in diffs.values()):
+                self._stop_ahead(
+                    f"the planned skip at step {p.step:g} was {max(diffs.values()):.4g} from its reference, past "
+                    f"the calibration's guard {self.threshold:.4g} (this run strays from the calibration run)"
+                )
+            if self.verbose:
+                logger.info(
+                    "First Block Cache: step %g (decided ahead) diffs=%s",
+                    p.step,
+                    [round(diffs[i], 4) if i in diffs else None for i in range(len(p.keys))],
+                )
+
+    def flush(self) -> None:
+        """Read every value still pending (at the end of a run, before its report)."""
+        self._read_pending(0)
+
+    def _distances(
+        self, keys: tuple[Hashable, ...], chunks: Sequence[torch.Tensor], forecast_step: float | None
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """Relative L1 distances (0-dim, on the device) for the keys with a reference of the same size."""
+        measured: list[int] = []
+        values: list[torch.Tensor] = []
+        for i, (key, chunk) in enumerate(zip(keys, chunks, strict=True)):
+            history = self._refs.get(key)
+            if history and history[-1].residual.shape == chunk.shape:
+                expected = self._expected(key, forecast_step) if forecast_step is not None else history[-1].residual
+                values.append(F.l1_loss(chunk, expected).float() / history[-1].denominator)
+                measured.append(i)
+        return measured, values
+
     @torch.compiler.disable  # host-side branch and bookkeeping: torch.compile graph-breaks here cleanly
     def decide(self, residual: torch.Tensor) -> bool:
         """Compare the first blocks' residual with the reference; True = skip the cached blocks.
@@ -595,6 +723,10 @@ class FBCacheHolder:
         together. On a miss the residual becomes the new reference (and its mean |.| the cached
         denominator); on a hit the reference stays, so the next call is compared with the last
         computed one. During a calibration run every call is computed and recorded.
+
+        Deciding ahead (:attr:`ahead`: the skips are fixed in advance and the sampler reports its
+        steps) there is no sync: the call's sigma is the schedule's, and the distances and the sigma
+        are read :data:`AHEAD_LAG` calls later, for the report, a check of the sigma and the plan's guard.
         """
         if self.call is None:
             self.begin_call({})
@@ -607,47 +739,57 @@ class FBCacheHolder:
         keys, chunks = self._split(residual)
         if call.keys != keys:
             call.keys = keys
+        if self._pending:
+            self._read_pending(AHEAD_LAG - 1 if self.ahead else 0)  # call k's values are read by call k + LAG
+        if self.ahead and self._steps_done >= len(self.schedule) - 1:
+            self._stop_ahead("a model call after the schedule's last step")
         sigma = call.sigma
-        sigma_host: float | None = None
-        if not isinstance(sigma, torch.Tensor):
-            sigma_host = None if sigma is None else float(sigma)
-        # The forecast step is needed before the sync only for forecast decisions; it comes from the
-        # host sigma of the previous sync (the same value when the sigma tensor is not yet known).
-        forecast_step = None
-        if self.forecast_decision and taylor_order(self.hit_residual):
+        ahead = self.ahead
+        diffs: dict[int, float] = {}
+        pending_values: torch.Tensor | None = None
+        if ahead:
+            sigma_value: float | None = self.schedule[self._steps_done]
+            measured, values = self._distances(keys, chunks, float(self._steps_done))
             if isinstance(sigma, torch.Tensor):
-                sigma_host = float(sigma.detach().reshape(-1).max())  # one extra sync, forecast decisions only
-                sigma = sigma_host
-            forecast_step = self._step_of(sigma_host, keys[0] if keys else None)
-        # Distances only for keys with a reference of the same batch size.
-        measured: list[int] = []
-        values: list[torch.Tensor] = []
-        for i, (key, chunk) in enumerate(zip(keys, chunks, strict=True)):
-            history = self._refs.get(key)
-            if history and history[-1].residual.shape == chunk.shape:
-                expected = self._expected(key, forecast_step) if forecast_step is not None else history[-1].residual
-                values.append(F.l1_loss(chunk, expected).float() / history[-1].denominator)
-                measured.append(i)
-        if isinstance(sigma, torch.Tensor):
-            values.insert(0, sigma.detach().reshape(-1).max().float().to(residual.device))
-        host = torch.stack(values).tolist() if values else []  # the one sync of this call
-        if isinstance(sigma, torch.Tensor):
-            sigma_value: float | None = host.pop(0)
+                values.insert(0, sigma.detach().reshape(-1).max().float().to(residual.device))
+            elif sigma is not None:
+                sigma_value = float(sigma)
+            pending_values = torch.stack(values) if values else None
         else:
-            sigma_value = sigma_host
-        diffs: dict[int, float] = dict(zip(measured, host, strict=True))
+            sigma_host: float | None = None
+            if not isinstance(sigma, torch.Tensor):
+                sigma_host = None if sigma is None else float(sigma)
+            # The forecast step is needed before the sync only for forecast decisions; it comes from the
+            # host sigma of the previous sync (the same value when the sigma tensor is not yet known).
+            forecast_step = None
+            if self.forecast_decision and taylor_order(self.hit_residual):
+                if isinstance(sigma, torch.Tensor):
+                    sigma_host = float(sigma.detach().reshape(-1).max())  # one extra sync, forecast decisions only
+                    sigma = sigma_host
+                forecast_step = self._step_of(sigma_host, keys[0] if keys else None)
+            measured, values = self._distances(keys, chunks, forecast_step)
+            if isinstance(sigma, torch.Tensor):
+                values.insert(0, sigma.detach().reshape(-1).max().float().to(residual.device))
+            host = torch.stack(values).tolist() if values else []  # the one sync of this call
+            if isinstance(sigma, torch.Tensor):
+                sigma_value = host.pop(0)
+            else:
+                sigma_value = sigma_host
+            diffs = dict(zip(measured, host, strict=True))
 
-        if sigma_value is not None and self._last_sigma is not None:
-            if sigma_value > self._last_sigma * (1 + _SIGMA_RTOL) + 1e-8:
-                self._soft_reset(f"sigma went up {self._last_sigma:.4g} -> {sigma_value:.4g}")
-                diffs = {}
+            if sigma_value is not None and self._last_sigma is not None:
+                if sigma_value > self._last_sigma * (1 + _SIGMA_RTOL) + 1e-8:
+                    self._soft_reset(f"sigma went up {self._last_sigma:.4g} -> {sigma_value:.4g}")
+                    diffs = {}
+                    measured = []
         if sigma_value is not None:
             self._last_sigma = sigma_value
         call.sigma_value = sigma_value
-        call.step = self._step_of(sigma_value, keys[0] if keys else None)
+        call.step = float(self._steps_done) if ahead else self._step_of(sigma_value, keys[0] if keys else None)
 
         in_window = sigma_value is None or (self.end_sigma < sigma_value <= self.start_sigma * (1 + _SIGMA_RTOL))
         hit = bool(keys) and in_window and tuple(keys) in self._complete and self.run_mode != "calibrating"
+        has_reference = set(measured)
         for i, key in enumerate(keys):
             st = self.stats.setdefault(key, KeyStats())
             d = diffs.get(i)
@@ -656,12 +798,26 @@ class FBCacheHolder:
             if self.force_pattern is not None:
                 wanted = self.force_pattern[st.total % len(self.force_pattern)]
             else:
-                wanted = d is not None and d < self.threshold
+                # ahead: the plan alone (its guard is checked when the distances are read)
+                wanted = ahead or (d is not None and d < self.threshold)
                 if self._plan is not None:  # a calibrated plan: skip where it says (its threshold is a guard)
                     wanted = wanted and plan_position(call.step) not in self._plan
             limit_ok = self.max_consecutive_hits < 0 or st.consecutive_hits < self.max_consecutive_hits
-            hit = hit and d is not None and wanted and limit_ok
+            hit = hit and i in has_reference and wanted and limit_ok
         call.hit = hit
+        if ahead and pending_values is not None:
+            self._queue_pending(
+                _Pending(
+                    pending_values,
+                    None,
+                    keys,
+                    measured,
+                    self.schedule[self._steps_done],
+                    isinstance(sigma, torch.Tensor),
+                    hit and self.force_pattern is None,
+                    call.step,
+                )
+            )
 
         keep = history_length(self.hit_residual) if self.forecast_decision else 1
         for key, chunk in zip(keys, chunks, strict=True):
@@ -685,13 +841,15 @@ class FBCacheHolder:
             self._complete.discard(tuple(keys))
         if self.run_mode == "calibrating":
             self._record_decision(call, keys, chunks)
-        if self.verbose:
+        if self.verbose and not ahead:
             logger.info(
                 "First Block Cache: sigma=%s diffs=%s -> %s",
                 sigma_value,
                 [round(diffs[i], 4) if i in diffs else None for i in range(len(keys))],
                 "skip" if hit else "compute",
             )
+        elif self.verbose:
+            logger.info("First Block Cache: step %g (decided ahead) -> %s", call.step, "skip" if hit else "compute")
         return hit
 
     # ------------------------------------------------------------------ calibration records
@@ -874,6 +1032,7 @@ class FBCacheHolder:
     # ------------------------------------------------------------------ report
     def summary(self) -> dict:
         """Counts per conditioning, hit rate and the speedup estimate (skipped calls cost ~0)."""
+        self.flush()
         per_key = {}
         computed = skipped = 0
         for idx, (key, st) in enumerate(self.stats.items()):
@@ -896,6 +1055,8 @@ class FBCacheHolder:
             "cache_MiB": round(self.memory_bytes() / 2**20, 1),
             "run_mode": self.run_mode,
             "threshold": self.threshold,
+            "decided_ahead": self._ahead_ok and self._counting,
+            "ahead_stopped": self.ahead_stopped,
         }
 
     def summary_text(self) -> str:
@@ -928,6 +1089,12 @@ class FBCacheHolder:
                     text += " (the target is out of reach with these settings: this is the closest)"
         elif self.run_mode == "calibrated" and self.calibration is not None:
             text += f". Target {self._target_text()}: calibrated {self.calibration.describe()}"
+        if s["decided_ahead"]:
+            text += (
+                f". Decided ahead of the GPU until {self.ahead_stopped}"
+                if self.ahead_stopped
+                else ". Skips decided ahead of the GPU (no wait per step)"
+            )
         return text
 
     def memory_bytes(self) -> int:

@@ -110,12 +110,41 @@ def _note_value_range(guider, samples) -> None:
         holder.value_range = float(samples.amax() - samples.amin())  # one sync, calibration runs only
 
 
+def _count_steps(guider, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Pass the sampler a callback that also tells the run's holder each finished step (then a
+    planned run decides its skips without waiting for the GPU, see FBCacheHolder.count_steps).
+
+    ``sampler.sample(guider, sigmas, extra_args, callback, noise, ...)``: the callback is the third
+    argument; ComfyUI calls it as ``callback(step, x0, x, total_steps)``.
+    """
+    options = getattr(guider, "model_options", None)
+    holder = options.get("transformer_options", {}).get(HOLDER_KEY) if isinstance(options, dict) else None
+    if not isinstance(holder, FBCacheHolder) or not holder.active:
+        return args, kwargs
+    in_args = len(args) > 2
+    if not in_args and "callback" not in kwargs:
+        return args, kwargs  # a sampler of another signature: decisions keep waiting for the GPU
+    callback = args[2] if in_args else kwargs["callback"]
+    step_done = holder.count_steps()
+
+    def counting_callback(step, *rest, **more):
+        step_done(step)
+        if callback is not None:
+            return callback(step, *rest, **more)
+        return None
+
+    if in_args:
+        return (*args[:2], counting_callback, *args[3:]), kwargs
+    return args, {**kwargs, "callback": counting_callback}
+
+
 def sampler_sample_wrapper(executor, guider, *args, **kwargs):
     """``SAMPLER_SAMPLE``: the run's conditioning stays on the model's device (see fbcache/conditioning.py).
 
     Runs after ComfyUI built the run's own cond dicts, so the user's CONDITIONING is not touched;
     the guider gets them back when the sampler returns.
     """
+    args, kwargs = _count_steps(guider, args, kwargs)
     original = getattr(guider, "conds", None)
     device = getattr(getattr(guider, "model_patcher", None), "load_device", None)
     if not isinstance(original, dict) or device is None:  # a guider of another shape: leave it as it is

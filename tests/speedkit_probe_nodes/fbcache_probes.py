@@ -49,14 +49,20 @@ class RandomConditioning:
 class FBCachePattern:
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's node API
-        return {"required": {"model": ("MODEL",), "pattern": ("STRING", {"default": "01"})}}
+        return {
+            "required": {"model": ("MODEL",), "pattern": ("STRING", {"default": "01"})},
+            "optional": {"sync_debug": ("BOOLEAN", {"default": False})},
+        }
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "run"
     CATEGORY = "testing"
 
-    def run(self, model, pattern):
-        """``pattern``: one character per model evaluation of each conditioning, ``1`` = skip (repeats)."""
+    def run(self, model, pattern, sync_debug: bool = False):
+        """``pattern``: one character per model evaluation of each conditioning, ``1`` = skip (repeats).
+
+        ``sync_debug``: sample with CUDA's sync debug mode on "warn", so every place that makes the
+        host wait for the GPU during the run is logged once (a maintainers' diagnostic)."""
         options = model.model_options.get("transformer_options", {})
         holder = options.get(HOLDER_KEY)
         if holder is None:
@@ -67,7 +73,20 @@ class FBCachePattern:
         forced = holder.clone()
         forced.force_pattern = tuple(c == "1" for c in pattern.strip()) or None
         patched.model_options["transformer_options"][HOLDER_KEY] = forced
+        if sync_debug:
+            import comfy.patcher_extension
+
+            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "speedkit_probe", _warn_syncs)
         return (patched,)
+
+
+def _warn_syncs(executor, *args, **kwargs):
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 class LatentSink:
