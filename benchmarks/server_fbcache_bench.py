@@ -40,6 +40,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -120,9 +121,7 @@ def patterns(steps: int, toy: str | None) -> dict[str, str]:
     return out
 
 
-def graph(
-    family: str, spec: dict, steps: int, seed: int, pattern: str | None, info: dict, fbc: dict, sync_debug: bool = False
-) -> dict:
+def graph(family: str, spec: dict, steps: int, seed: int, pattern: str | None, info: dict, fbc: dict, **probe) -> dict:
     """An API prompt: load, condition, (patch), sample, sink."""
     g: dict = {}
     if family == "sdxl":
@@ -143,7 +142,7 @@ def graph(
         }
         g["6"] = {
             "class_type": "SpeedKitProbe_FBCachePattern",
-            "inputs": {"model": ["5", 0], "pattern": pattern, "sync_debug": sync_debug},
+            "inputs": {"model": ["5", 0], "pattern": pattern, **probe},
         }
         model = ["6", 0]
     g["7"] = {
@@ -220,11 +219,19 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
     info = server.object_info()
     fbc = {"max_consecutive_hits": -1, "hit_residual": args.hit_residual, "min_steps": 0}
     res: dict = {"family": family, "steps": args.steps, "latent": list(latent_shape(family, spec)), "cases": {}}
-    cases = {"unpatched": None, **patterns(args.steps, toy)}
-    for name, pattern in cases.items():
-        first = execution_seconds(server.run_prompt(graph(family, spec, args.steps, 0, pattern, info, fbc), 7200))
+    cases: dict[str, tuple[str | None, dict]] = {"unpatched": (None, {})}
+    for name, pattern in patterns(args.steps, toy).items():
+        cases[name] = (pattern, {})
+        if args.waiting and name != "computed":
+            cases[f"{name}_waiting"] = (pattern, {"decide_ahead": False})
+    for name, (pattern, probe) in cases.items():
+        first = execution_seconds(
+            server.run_prompt(graph(family, spec, args.steps, 0, pattern, info, fbc, **probe), 7200)
+        )
         times = [
-            execution_seconds(server.run_prompt(graph(family, spec, args.steps, 1 + r, pattern, info, fbc), 7200))
+            execution_seconds(
+                server.run_prompt(graph(family, spec, args.steps, 1 + r, pattern, info, fbc, **probe), 7200)
+            )
             for r in range(args.repeats)
         ]
         entry = {
@@ -242,6 +249,19 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
         pattern = toy or "01"
         server.run_prompt(graph(family, spec, args.steps, 99, pattern, info, fbc, sync_debug=True), 7200)
         log.info("%s: one run of pattern %s with CUDA sync debug 'warn' (see the server log)", family, pattern)
+    if args.profile:
+        for name in ("all_hits", "toy_plan"):
+            pattern = cases.get(name, (None,))[0]
+            for ahead in (True, False) if pattern else ():
+                label = f"{family}_{name}_{'ahead' if ahead else 'waiting'}"
+                server.run_prompt(
+                    graph(family, spec, args.steps, 98, pattern, info, fbc, decide_ahead=ahead, profile_name=label),
+                    7200,
+                )
+                made = server.output_dir / "probe" / f"{label}.txt"
+                if args.out and made.is_file():
+                    shutil.copy(made, args.out.parent / made.name)
+                res.setdefault("profiles", []).append(made.name)
     base = res["cases"]["unpatched"]["median_s"]
     for entry in res["cases"].values():
         entry["speedup"] = round(base / entry["median_s"], 3)
@@ -260,6 +280,14 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="extra ComfyUI arguments, e.g. --disable-dynamic-vram")
     parser.add_argument("--tiny", action="store_true", help="small models on the CPU: checks the script only")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-count prediction")
+    parser.add_argument(
+        "--waiting",
+        action="store_true",
+        help="also run each skipping pattern with every decision waiting for the GPU (what deciding ahead gains)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="one more run of all_hits and toy_plan each way under cProfile"
+    )
     parser.add_argument(
         "--sync-debug",
         action="store_true",

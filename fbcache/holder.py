@@ -308,6 +308,8 @@ class FBCacheHolder:
         # Benchmarks and tests: hit/miss by evaluation index of each conditioning instead of the
         # threshold (the reference and residual bookkeeping still apply).
         self.force_pattern = tuple(bool(v) for v in force_pattern) if force_pattern else None
+        # Benchmarks: False keeps every decision waiting for the GPU (to measure what deciding ahead gains).
+        self.decide_ahead = True
         # Blocks always computed before (deciding) and after the cached span. The adapter lowers
         # them to what the network allows (see hooks.cached_span) before the first run.
         self.n_first = int(n_first)
@@ -359,6 +361,7 @@ class FBCacheHolder:
             self._forecast_decision_setting,
         )
         new.flow = self.flow
+        new.decide_ahead = self.decide_ahead
         new.description = self.description
         new.report_node_id = self.report_node_id
         new.calibrations = self.calibrations
@@ -416,7 +419,7 @@ class FBCacheHolder:
         return self.run_mode
 
     def _may_decide_ahead(self, sampler: str) -> bool:
-        return bool(self.schedule) and len(self.schedule) > 1 and sampler in AHEAD_SAMPLERS
+        return self.decide_ahead and bool(self.schedule) and len(self.schedule) > 1 and sampler in AHEAD_SAMPLERS
 
     def _target_text(self) -> str:
         parts = []

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .saving import save_probe_tensor
@@ -51,18 +53,25 @@ class FBCachePattern:
     def INPUT_TYPES(cls):  # noqa: N802 - ComfyUI's node API
         return {
             "required": {"model": ("MODEL",), "pattern": ("STRING", {"default": "01"})},
-            "optional": {"sync_debug": ("BOOLEAN", {"default": False})},
+            "optional": {
+                "sync_debug": ("BOOLEAN", {"default": False}),
+                "decide_ahead": ("BOOLEAN", {"default": True}),
+                "profile_name": ("STRING", {"default": ""}),
+            },
         }
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "run"
     CATEGORY = "testing"
 
-    def run(self, model, pattern, sync_debug: bool = False):
+    def run(self, model, pattern, sync_debug: bool = False, decide_ahead: bool = True, profile_name: str = ""):
         """``pattern``: one character per model evaluation of each conditioning, ``1`` = skip (repeats).
 
         ``sync_debug``: sample with CUDA's sync debug mode on "warn", so every place that makes the
-        host wait for the GPU during the run is logged once (a maintainers' diagnostic)."""
+        host wait for the GPU during the run is logged once (a maintainers' diagnostic).
+        ``decide_ahead`` False: every decision waits for the GPU (the cache's benchmark switch).
+        ``profile_name``: the sampling run's host time by Python function (cProfile) goes to
+        ``output/probe/<profile_name>.txt``."""
         options = model.model_options.get("transformer_options", {})
         holder = options.get(HOLDER_KEY)
         if holder is None:
@@ -72,12 +81,48 @@ class FBCachePattern:
         patched.model_options["transformer_options"] = {**options}
         forced = holder.clone()
         forced.force_pattern = tuple(c == "1" for c in pattern.strip()) or None
+        forced.decide_ahead = bool(decide_ahead)
         patched.model_options["transformer_options"][HOLDER_KEY] = forced
         if sync_debug:
             import comfy.patcher_extension
 
             patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "speedkit_probe", _warn_syncs)
+        if profile_name.strip():
+            import comfy.patcher_extension
+
+            patched.add_wrapper_with_key(
+                comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
+                "speedkit_probe_profile",
+                _profiled(profile_name.strip()),
+            )
         return (patched,)
+
+
+def _profiled(name: str):
+    def wrapper(executor, *args, **kwargs):
+        import cProfile
+        import io
+        import pstats
+
+        import folder_paths
+
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            profile.disable()
+            text = io.StringIO()
+            stats = pstats.Stats(profile, stream=text)
+            stats.sort_stats("tottime").print_stats(60)
+            stats.sort_stats("cumulative").print_stats(60)
+            folder = Path(folder_paths.get_output_directory()) / "probe"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}.txt").write_text(text.getvalue())
+
+    return wrapper
 
 
 def _warn_syncs(executor, *args, **kwargs):
