@@ -221,6 +221,8 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
     res: dict = {"family": family, "steps": args.steps, "latent": list(latent_shape(family, spec)), "cases": {}}
     cases: dict[str, tuple[str | None, dict]] = {"unpatched": (None, {})}
     for name, pattern in patterns(args.steps, toy).items():
+        if args.cases and name not in args.cases.split(","):
+            continue
         cases[name] = (pattern, {})
         if args.waiting and name != "computed":
             cases[f"{name}_waiting"] = (pattern, {"decide_ahead": False})
@@ -280,6 +282,9 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="extra ComfyUI arguments, e.g. --disable-dynamic-vram")
     parser.add_argument("--tiny", action="store_true", help="small models on the CPU: checks the script only")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-count prediction")
+    parser.add_argument(
+        "--cases", default="", help="only these patterns (comma list of computed, half, toy_plan, all_hits)"
+    )
     parser.add_argument(
         "--waiting",
         action="store_true",
