@@ -224,7 +224,7 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
         if args.cases and name not in args.cases.split(","):
             continue
         cases[name] = (pattern, {})
-        if args.waiting and name != "computed":
+        if args.waiting:
             cases[f"{name}_waiting"] = (pattern, {"decide_ahead": False})
     for name, (pattern, probe) in cases.items():
         first = execution_seconds(
