@@ -19,7 +19,9 @@ pattern a speed-target plan chose on the trained toy of ``benchmarks/fbcache_qua
 (``--toy-results``: the UNet's plan for SDXL, the DiT's for Flux and Wan), and every step after
 the first skipped (the cost of a skipped step). Time comes from the server's
 ``execution_start`` -> ``execution_success`` stamps, the first run of each case reported apart,
-then the median of ``--repeats`` runs. The prediction a speedup is compared with counts FLOPs
+then the median of ``--repeats`` runs (interleaved: one run of every case per round).
+``--waiting`` adds each pattern with every decision waiting for the GPU (the node's
+``decide_ahead`` off). The prediction a speedup is compared with counts FLOPs
 (``torch.utils.flop_counter``: matmuls, convolutions, attention) of one computed and one skipped
 model call of the same architecture and size, loaded from the same file in this process:
 ``steps / (computed + skipped * hit_fraction)``.
@@ -226,27 +228,31 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
         cases[name] = (pattern, {})
         if args.waiting:
             cases[f"{name}_waiting"] = (pattern, {"decide_ahead": False})
-    for name, (pattern, probe) in cases.items():
-        first = execution_seconds(
-            server.run_prompt(graph(family, spec, args.steps, 0, pattern, info, fbc, **probe), 7200)
+
+    def timed(pattern: str | None, probe: dict, seed: int) -> float:
+        return execution_seconds(
+            server.run_prompt(graph(family, spec, args.steps, seed, pattern, info, fbc, **probe), 7200)
         )
-        times = [
-            execution_seconds(
-                server.run_prompt(graph(family, spec, args.steps, 1 + r, pattern, info, fbc, **probe), 7200)
-            )
-            for r in range(args.repeats)
-        ]
+
+    # first runs apart, then the repeats interleaved (case after case in each round), so a drift of
+    # the machine over the minutes of a family spreads over every case instead of favouring one
+    firsts = {name: timed(pattern, probe, 0) for name, (pattern, probe) in cases.items()}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(args.repeats):
+        for name, (pattern, probe) in cases.items():
+            times[name].append(timed(pattern, probe, 1 + r))
+    for name, (pattern, _) in cases.items():
         entry = {
-            "first_s": round(first, 3),
-            "runs_s": [round(t, 3) for t in times],
-            "median_s": statistics.median(times),
+            "first_s": round(firsts[name], 3),
+            "runs_s": [round(t, 3) for t in times[name]],
+            "median_s": statistics.median(times[name]),
         }
         if pattern is not None:
             full_pattern = (pattern * args.steps)[: args.steps]
             entry["pattern"] = full_pattern
             entry["skipped"] = full_pattern.count("1")
         res["cases"][name] = entry
-        log.info("%s %s: first %.2f s, median %.2f s", family, name, first, entry["median_s"])
+        log.info("%s %s: first %.2f s, median %.2f s", family, name, firsts[name], entry["median_s"])
     if args.sync_debug:
         pattern = toy or "01"
         server.run_prompt(graph(family, spec, args.steps, 99, pattern, info, fbc, sync_debug=True), 7200)

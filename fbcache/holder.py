@@ -284,6 +284,7 @@ class FBCacheHolder:
         target_speedup: float = 0.0,
         target_psnr: float = 0.0,
         forecast_decision: bool | None = None,
+        decide_ahead: bool = True,
     ) -> None:
         validate_settings(
             residual_diff_threshold,
@@ -308,8 +309,9 @@ class FBCacheHolder:
         # Benchmarks and tests: hit/miss by evaluation index of each conditioning instead of the
         # threshold (the reference and residual bookkeeping still apply).
         self.force_pattern = tuple(bool(v) for v in force_pattern) if force_pattern else None
-        # Benchmarks: False keeps every decision waiting for the GPU (to measure what deciding ahead gains).
-        self.decide_ahead = True
+        # A planned (or forced) run decides without waiting for the GPU (see count_steps); False keeps
+        # every decision, and the plan's guard, waiting for it.
+        self.decide_ahead = bool(decide_ahead)
         # Blocks always computed before (deciding) and after the cached span. The adapter lowers
         # them to what the network allows (see hooks.cached_span) before the first run.
         self.n_first = int(n_first)
@@ -359,9 +361,9 @@ class FBCacheHolder:
             self.target_speedup,
             self.target_psnr,
             self._forecast_decision_setting,
+            self.decide_ahead,
         )
         new.flow = self.flow
-        new.decide_ahead = self.decide_ahead
         new.description = self.description
         new.report_node_id = self.report_node_id
         new.calibrations = self.calibrations

@@ -437,6 +437,17 @@ class FirstBlockCache(io.ComfyNode):
                     optional=True,
                     advanced=True,
                 ),
+                io.Boolean.Input(
+                    "decide_ahead",
+                    default=True,
+                    tooltip=(
+                        "With a target: the planned run decides its skips without waiting for the GPU at every "
+                        "step (faster). The check that computes a planned skip when a run strays far from the "
+                        "calibration run then acts two model calls late. Off: every step waits for that check."
+                    ),
+                    optional=True,
+                    advanced=True,
+                ),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with First Block Cache attached (the input model is unchanged).")
@@ -460,6 +471,7 @@ class FirstBlockCache(io.ComfyNode):
         min_steps: int = DEFAULT_MIN_STEPS,
         target_speedup: float = 0.0,
         target_psnr: float = 0.0,
+        decide_ahead: bool = True,
     ) -> io.NodeOutput:
         validate_settings(
             residual_diff_threshold,
@@ -490,6 +502,7 @@ class FirstBlockCache(io.ComfyNode):
             min_steps=min_steps,
             target_speedup=target_speedup,
             target_psnr=target_psnr,
+            decide_ahead=decide_ahead,
         )
         holder.report_node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         return io.NodeOutput(apply_first_block_cache(model, holder))

@@ -56,6 +56,13 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         r["planned_equal"] = bool(torch.equal(pair["ahead"][0], pair["waiting"][0]))
         r["planned_ahead"] = any("Skips decided ahead" in t for t in pair["ahead"][1])
         r["planned_skips"] = any("skipped" in t and "/ 0 skipped" not in t for t in pair["ahead"][1])
+        # the node's decide_ahead off: the same plan, every decision waiting for the GPU
+        off = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "taylor1", target_speedup=2.0,
+                           decide_ahead=False).args[0]
+        run(off)
+        start = len(texts)
+        r["switched_off_equals_waiting"] = bool(torch.equal(run(off), pair["waiting"][0]))
+        r["switched_off_not_ahead"] = not any("ahead" in t for t in texts[start:] if "hit rate" in t)
         # heun calls the model twice per step: its runs never decide ahead
         heun = both(run, lambda: adapter.apply_first_block_cache(
             mp, fbc.FBCacheHolder(0.5, force_pattern=[False, True])), "heun")

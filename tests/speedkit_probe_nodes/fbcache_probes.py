@@ -69,7 +69,7 @@ class FBCachePattern:
 
         ``sync_debug``: sample with CUDA's sync debug mode on "warn", so every place that makes the
         host wait for the GPU during the run is logged once (a maintainers' diagnostic).
-        ``decide_ahead`` False: every decision waits for the GPU (the cache's benchmark switch).
+        ``decide_ahead`` False: every decision waits for the GPU (the node's input of that name).
         ``profile_name``: the sampling run's host time by Python function (cProfile) goes to
         ``output/probe/<profile_name>.txt``."""
         options = model.model_options.get("transformer_options", {})

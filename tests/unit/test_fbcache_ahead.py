@@ -171,6 +171,10 @@ def test_who_decides_ahead():
     assert calibrating.begin_run(SCHEDULE, "sample_euler", img_shape) == "calibrating"
     calibrating.count_steps()
     assert not calibrating.ahead
+    switched_off = active(FBCacheHolder(0.5, force_pattern=[False, True], decide_ahead=False).clone())
+    switched_off.begin_run(SCHEDULE, "sample_euler", img_shape)
+    switched_off.count_steps()
+    assert not switched_off.ahead  # the node's decide_ahead input, kept by the per-run clone
     no_schedule = active(FBCacheHolder(0.5, force_pattern=[False, True]))
     no_schedule.begin_run(None, "sample_euler", img_shape)
     no_schedule.count_steps()
