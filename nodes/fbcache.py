@@ -127,10 +127,12 @@ def _count_steps(guider, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     callback = args[2] if in_args else kwargs["callback"]
     step_done = holder.count_steps()
 
-    def counting_callback(step, *rest, **more):
-        step_done(step)
+    def counting_callback(*args, **kwargs):
+        step = args[0] if args else kwargs.get("step")
+        if isinstance(step, int):  # another sampler's own calling convention: no count, so no deciding ahead
+            step_done(step)
         if callback is not None:
-            return callback(step, *rest, **more)
+            return callback(*args, **kwargs)
         return None
 
     if in_args:

@@ -69,6 +69,16 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         r["heun_equal"] = bool(torch.equal(heun["ahead"][0], heun["waiting"][0]))
         r["heun_not_ahead"] = not any("ahead" in t for t in heun["ahead"][1])
         report[fam] = r
+    # the callback wrapper: ComfyUI's convention counts steps, any other passes through untouched
+    h = fbc.FBCacheHolder(0.5, force_pattern=[False, True]).prepare(lambda p: 1.0 - p)
+    guider = types.SimpleNamespace(model_options={"transformer_options": {"speedkit_fbcache": h}})
+    seen = []
+    args, _ = adapter._count_steps(guider, ("sigmas", {}, lambda *a, **k: seen.append((a, k))), {})
+    args[2](3, "x0", "x", 10)
+    args[2](x0="x0")
+    _, kw = adapter._count_steps(guider, ("sigmas", {}), {"callback": None})
+    kw["callback"](5, "x0", "x", 10)
+    report["callback"] = {"steps_done": h._steps_done, "passed_on": len(seen), "kwargs_kept": seen[-1][1] == {"x0": "x0"}}
     emit_report(report)
     """
 )
@@ -77,6 +87,10 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
 @pytest.fixture(scope="module")
 def report() -> dict:
     return run_comfy_script(SCRIPT)
+
+
+def test_the_step_counting_callback_passes_every_call_on(report):
+    assert report["data"]["callback"] == {"steps_done": 6, "passed_on": 2, "kwargs_kept": True}
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
