@@ -6,7 +6,8 @@ between prompts), calls :meth:`FBCacheHolder.begin_run` with the run's sigmas, a
 the end. The hooks in :mod:`.hooks` call it in this order for every model call:
 
 1. :meth:`FBCacheHolder.begin_call` with the call's ``transformer_options`` (conditioning keys, sigma);
-2. :meth:`FBCacheHolder.decide` with the residual of the first ``n_first`` blocks: hit or miss, one host sync;
+2. :meth:`FBCacheHolder.decide` with the residual of the first ``n_first`` blocks: hit or miss, one host
+   sync (none in a planned run on a one-call-per-step sampler: :meth:`FBCacheHolder.count_steps`);
 3. on a miss :meth:`FBCacheHolder.store` for every cached residual and :meth:`FBCacheHolder.finish_compute`
    once the last block ran; on a hit :meth:`FBCacheHolder.cached` to read them back (reused,
    extrapolated or forecast, see :mod:`.forecast`);
