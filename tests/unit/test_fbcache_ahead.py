@@ -15,9 +15,9 @@ import os
 
 import pytest
 import torch
-from test_fbcache_core import Flux, active, call_options, dit_options
+from test_fbcache_core import Flux, _Executor, active, call_options, dit_options
 
-from speedkit.fbcache import FBCacheHolder
+from speedkit.fbcache import HOLDER_KEY, FBCacheHolder, step_apply_model_wrapper
 from speedkit.fbcache.holder import AHEAD_LAG, AHEAD_SAMPLERS
 
 # float32 values, as the adapter reads ComfyUI's sigmas (the calls' sigma tensors are float32 too)
@@ -218,3 +218,33 @@ def test_deciding_ahead_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode(previous)
     summary = holder.summary()
     assert summary["decided_ahead"] and not summary["ahead_stopped"] and summary["skipped"] > 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("hit_residual", ["reuse", "taylor1"])
+def test_whole_step_mode_decided_ahead_equals_waiting(hit_residual):
+    """Networks without block hooks (the Nunchaku wrapper): whole model calls are skipped; deciding
+    ahead gives the waiting outputs there too."""
+
+    def apply_model(x, sigma, *_rest, **_kw):
+        return x - sigma.view(-1, 1, 1, 1) * torch.tanh(x)  # denoised = x - sigma * eps(x)
+
+    outs = {}
+    for count in (True, False):
+        holder = active(FBCacheHolder(0.5, hit_residual=hit_residual, force_pattern=[False, False, True]))
+        holder.begin_run(SCHEDULE, "sample_euler", (1, 4, 4, 4))
+        step_done = holder.count_steps() if count else None
+        to = {HOLDER_KEY: holder}
+        x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+        run = []
+        for k, s in enumerate(SCHEDULE[:-1]):
+            sigma = torch.tensor([s])
+            run.append(
+                step_apply_model_wrapper(_Executor(apply_model, None), x, sigma, None, None, None, call_options(to, s))
+            )
+            x = x * 0.95
+            if step_done is not None:
+                step_done(k)
+        outs[count] = (run, holder.summary())
+    assert all(torch.equal(a, b) for a, b in zip(outs[True][0], outs[False][0], strict=True))
+    assert outs[True][1]["decided_ahead"] and outs[True][1]["skipped"] == outs[False][1]["skipped"] > 0
