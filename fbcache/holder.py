@@ -754,7 +754,8 @@ class FBCacheHolder:
         diffs: dict[int, float] = {}
         pending_values: torch.Tensor | None = None
         if ahead:
-            sigma_value: float | None = self.schedule[self._steps_done]
+            sigma_guess = self.schedule[self._steps_done]
+            sigma_value: float | None = sigma_guess
             measured, values = self._distances(keys, chunks, float(self._steps_done))
             if isinstance(sigma, torch.Tensor):
                 values.insert(0, sigma.detach().reshape(-1).max().float().to(residual.device))
@@ -818,7 +819,7 @@ class FBCacheHolder:
                     None,
                     keys,
                     measured,
-                    self.schedule[self._steps_done],
+                    sigma_guess,
                     isinstance(sigma, torch.Tensor),
                     hit and self.force_pattern is None,
                     call.step,

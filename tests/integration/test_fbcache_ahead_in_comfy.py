@@ -15,7 +15,8 @@ from test_fbcache_comfy import SCRIPT_PRELUDE, run_comfy_script
 
 SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     """
-    holder_module = sys.modules[type(fbc.FBCacheHolder(0.5)).__module__]
+    import importlib
+    holder_module = importlib.import_module(type(fbc.FBCacheHolder(0.5)).__module__)
     texts = []
 
     class Collect(logging.Handler):

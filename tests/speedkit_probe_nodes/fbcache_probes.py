@@ -83,18 +83,14 @@ class FBCachePattern:
         forced.force_pattern = tuple(c == "1" for c in pattern.strip()) or None
         forced.decide_ahead = bool(decide_ahead)
         patched.model_options["transformer_options"][HOLDER_KEY] = forced
-        if sync_debug:
+        if sync_debug or profile_name.strip():
             import comfy.patcher_extension
 
-            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "speedkit_probe", _warn_syncs)
-        if profile_name.strip():
-            import comfy.patcher_extension
-
-            patched.add_wrapper_with_key(
-                comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
-                "speedkit_probe_profile",
-                _profiled(profile_name.strip()),
-            )
+            outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+            if sync_debug:
+                patched.add_wrapper_with_key(outer, "speedkit_probe", _warn_syncs)
+            if profile_name.strip():
+                patched.add_wrapper_with_key(outer, "speedkit_probe_profile", _profiled(profile_name.strip()))
         return (patched,)
 
 
