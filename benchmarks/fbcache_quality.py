@@ -226,17 +226,19 @@ class Bench:
                 holder = fbc.FBCacheHolder(th, **settings)
                 out, t = self.sample(adapter.apply_first_block_cache(self.patcher, holder), sampler)
                 self.record(sampler, name, th, out, t, cost, hit_flops_fraction=round(cost / self.full_flops, 4))
-        if selected("fbc_target"):
-            cost = self.hit_cost(sampler, 1, 0)
+        for method, extra in (("fbc_target", {}), ("fbc_target_whole", {"skip_whole_step": True})):
+            if not selected(method):
+                continue
+            cost = self.hit_cost(sampler, 1, 0)  # a whole-step skip runs no block: not counted at all
             for target in TARGETS:
-                holder = fbc.FBCacheHolder(0.1, target_speedup=target, **TARGET_SETTINGS)
+                holder = fbc.FBCacheHolder(0.1, target_speedup=target, **TARGET_SETTINGS, **extra)
                 mp = adapter.apply_first_block_cache(self.patcher, holder)
                 self.sample(mp, sampler, inputs=self.calibration_inputs)  # the calibration run: other images
                 calibration = next(iter(holder.calibrations.values()))
                 out, t = self.sample(mp, sampler)
                 self.record(
                     sampler,
-                    "fbc_target",
+                    method,
                     target,
                     out,
                     t,

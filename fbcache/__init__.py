@@ -18,6 +18,7 @@ from .hooks import (
     unet_diffusion_wrapper,
     unet_input_block_patch,
     unet_output_block_patch,
+    whole_step_apply_model_wrapper,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "resolve_family",
     "step_apply_model_wrapper",
     "unet_diffusion_wrapper",
+    "whole_step_apply_model_wrapper",
     "unet_first_level",
     "unet_input_block_patch",
     "unet_output_block_patch",

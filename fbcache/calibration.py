@@ -98,6 +98,7 @@ class ReplaySettings:
     forecast_decision: bool = False
     flow: bool = False  # flow-matching model (sigma in [0, 1]) vs eps/v diffusion
     cfg: float = 1.0  # classifier-free guidance scale of the run
+    whole_step: bool = False  # a skip runs no block: its error is the prediction's forecast error alone
 
 
 @dataclass(frozen=True)
@@ -212,12 +213,17 @@ def _misses(
     return from_span, _combine(outputs, weights) - out
 
 
-def _estimate(errors: dict[Hashable, tuple[int | None, torch.Tensor, torch.Tensor | None]], cfg: float) -> float:
-    """RMS error of one step's guided prediction: the larger of the two estimates."""
-    by_span = _step_error({k: (kind, a) for k, (kind, a, _) in errors.items()}, cfg)
+def _estimate(
+    errors: dict[Hashable, tuple[int | None, torch.Tensor, torch.Tensor | None]], cfg: float, whole_step: bool = False
+) -> float:
+    """RMS error of one step's guided prediction: the larger of the two estimates (``whole_step``:
+    the prediction's own forecast error, which is then all a skip adds, where it was recorded)."""
     if any(b is None for _, _, b in errors.values()):
-        return by_span
-    return max(by_span, _step_error({k: (kind, b) for k, (kind, _, b) in errors.items()}, cfg))
+        return _step_error({k: (kind, a) for k, (kind, a, _) in errors.items()}, cfg)
+    by_output = _step_error({k: (kind, b) for k, (kind, _, b) in errors.items()}, cfg)
+    if whole_step:
+        return by_output
+    return max(_step_error({k: (kind, a) for k, (kind, a, _) in errors.items()}, cfg), by_output)
 
 
 def plan_position(step: float) -> float:
@@ -294,7 +300,7 @@ def replay(
     error = 0.0
     for sigma, (dsigma, errors) in steps.items():
         if errors:
-            error += abs(dsigma) * survival(sigma, settings.flow) * _estimate(errors, settings.cfg)
+            error += abs(dsigma) * survival(sigma, settings.flow) * _estimate(errors, settings.cfg, settings.whole_step)
     return Replay(threshold, computed, total, error, max_distance)
 
 
@@ -353,7 +359,11 @@ class _PlanErrors:
                 errors[k] = (call.guidance.get(k), *_misses(call, k, spans, [p.output(k) for p in past], weights))
         if not errors:
             return 0.0
-        return abs(step.dsigma) * survival(step.sigma, self.settings.flow) * _estimate(errors, self.settings.cfg)
+        return (
+            abs(step.dsigma)
+            * survival(step.sigma, self.settings.flow)
+            * _estimate(errors, self.settings.cfg, self.settings.whole_step)
+        )
 
 
 def _steps_of(calls: Sequence[CallTrace]) -> list[_Step]:

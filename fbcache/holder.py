@@ -286,6 +286,7 @@ class FBCacheHolder:
         target_psnr: float = 0.0,
         forecast_decision: bool | None = None,
         decide_ahead: bool = True,
+        skip_whole_step: bool = False,
     ) -> None:
         validate_settings(
             residual_diff_threshold,
@@ -313,6 +314,9 @@ class FBCacheHolder:
         # A planned (or forced) run decides without waiting for the GPU (see count_steps); False keeps
         # every decision, and the plan's guard, waiting for it.
         self.decide_ahead = bool(decide_ahead)
+        # Skips known in advance (a run deciding ahead) run no block at all: the whole prediction is
+        # forecast (see skip_whole); the plan's guard, which needs the first blocks, is then not checked.
+        self.skip_whole_step = bool(skip_whole_step)
         # Blocks always computed before (deciding) and after the cached span. The adapter lowers
         # them to what the network allows (see hooks.cached_span) before the first run.
         self.n_first = int(n_first)
@@ -363,6 +367,7 @@ class FBCacheHolder:
             self.target_psnr,
             self._forecast_decision_setting,
             self.decide_ahead,
+            self.skip_whole_step,
         )
         new.flow = self.flow
         new.description = self.description
@@ -449,6 +454,7 @@ class FBCacheHolder:
             self.forecast_decision,
             self.flow,
             self.cfg,
+            self.skip_whole_step and self._may_decide_ahead(self._calibration_key[0]),
         )
         calls = [c for c in self._trace if c.span]
         if not calls:
@@ -473,6 +479,10 @@ class FBCacheHolder:
         """Drop every cached tensor and counter (run start/end, shape/dtype/device change, sigma up)."""
         self._refs: dict[Hashable, list[_Reference]] = {}
         self._stores: dict[tuple[Hashable, ...], dict[Hashable, list[_Computed]]] = {}
+        # skip_whole_step: the predictions of the last computed calls, per batch composition
+        self._whole: dict[tuple[Hashable, ...], list[_Computed]] = {}
+        self.whole_skips = 0
+        self.last_call: _Call | None = None
         self._complete: set[tuple[Hashable, ...]] = set()
         self._signature: tuple | None = None
         self._last_sigma: float | None = None
@@ -508,6 +518,7 @@ class FBCacheHolder:
         logger.info("First Block Cache: cache reset (%s)", reason)
         self._refs.clear()
         self._stores.clear()
+        self._whole.clear()
         self._complete.clear()
         self._last_sigma = None
         self.resets += 1
@@ -524,7 +535,7 @@ class FBCacheHolder:
         for key, kind in zip(keys, cond_or_uncond, strict=False):
             label = {0: "cond", 1: "uncond"}.get(kind, f"cond_or_uncond={kind}")
             self._labels.setdefault(key, f"{label} ({self._variant_labels[variant]})" if variant else label)
-        self.call = _Call(keys=keys, sigma=transformer_options.get("sigmas"), variant=variant)
+        self.call = self.last_call = _Call(keys=keys, sigma=transformer_options.get("sigmas"), variant=variant)
         if self.run_mode == "calibrating":
             self.call.guidance = dict(zip(keys, cond_or_uncond, strict=False))
         return self.call
@@ -587,6 +598,8 @@ class FBCacheHolder:
             del self._refs[key]
         for composition in [c for c in self._stores if any(of_variant(k) for k in c)]:
             del self._stores[composition]
+        for composition in [c for c in self._whole if any(of_variant(k) for k in c)]:
+            del self._whole[composition]
         self._complete = {c for c in self._complete if not any(of_variant(k) for k in c)}
         for key, st in self.stats.items():
             if of_variant(key):
@@ -859,6 +872,90 @@ class FBCacheHolder:
             logger.info("First Block Cache: step %g (decided ahead) -> %s", call.step, "skip" if hit else "compute")
         return hit
 
+    # ------------------------------------------------------------------ whole-step skips
+    @property
+    def skips_whole_steps(self) -> bool:
+        """True while a planned skip runs no block (``skip_whole_step`` in a run deciding ahead)."""
+        return self.skip_whole_step and self.ahead and (self._plan is not None or self.force_pattern is not None)
+
+    @torch.compiler.disable  # host-side decision and bookkeeping
+    def skip_whole(self, transformer_options: dict, shape: Sequence[int]) -> torch.Tensor | None:
+        """A planned skip that runs no block: the forecast noise/velocity prediction of the whole
+        call (``shape``: the model input's), or None when this call is to be run.
+
+        Only where the skips are known before the call (:attr:`skips_whole_steps`): the step comes
+        from the sampler's count, so nothing is read from the GPU; the call's sigma is checked
+        :data:`AHEAD_LAG` calls later like any call decided ahead. The forecast is the node's
+        ``hit_residual`` rule applied to the predictions of the last computed calls of the same
+        batch composition (:meth:`record_whole`); a composition without one runs (its first
+        blocks may still skip the rest).
+        """
+        if not self.skips_whole_steps or self._steps_done >= len(self.schedule) - 1:
+            return None
+        step = float(self._steps_done)
+        sigma_guess = self.schedule[self._steps_done]
+        if not self.end_sigma < sigma_guess <= self.start_sigma * (1 + _SIGMA_RTOL):
+            return None
+        if self._plan is not None and plan_position(step) in self._plan:
+            return None
+        if self._pending:
+            self._read_pending(AHEAD_LAG - 1)
+        call = self.begin_call(transformer_options)
+        keys = call.keys or (self._all_key(),)
+        history = self._whole.get(self._composition())
+        skip = bool(history) and tuple(history[-1].tensors["eps"].shape) == tuple(shape)
+        for key in keys:
+            st = self.stats.setdefault(key, KeyStats())
+            if self.force_pattern is not None:
+                skip = skip and self.force_pattern[st.total % len(self.force_pattern)]
+            skip = skip and (self.max_consecutive_hits < 0 or st.consecutive_hits < self.max_consecutive_hits)
+        if not skip:
+            self.end_call()
+            return None
+        call.step, call.sigma_value, call.hit = step, sigma_guess, True
+        sigma = call.sigma
+        if isinstance(sigma, torch.Tensor):
+            values = sigma.detach().reshape(-1).max().float().reshape(1)
+            self._queue_pending(_Pending(values, None, keys, [], sigma_guess, True, False, step))
+        elif sigma is not None and abs(float(sigma) - sigma_guess) > _SIGMA_RTOL * max(abs(sigma_guess), 1e-8) + 1e-8:
+            self._stop_ahead(f"a model call at sigma {float(sigma):.4g} where the schedule said {sigma_guess}")
+            self._soft_reset("a call off the schedule while deciding ahead")
+            self.end_call()
+            return None
+        self._last_sigma = sigma_guess
+        for key in keys:
+            st = self.stats[key]
+            st.skipped += 1
+            st.consecutive_hits += 1
+        self.whole_skips += 1
+        forecast = history[-1].tensors if len(history) == 1 else self._predict(history)
+        if self.verbose:
+            logger.info("First Block Cache: step %g (decided ahead) -> skip, whole step", step)
+        self.end_call()
+        return forecast["eps"]
+
+    @torch.compiler.disable  # host-side bookkeeping of the prediction history
+    def record_whole(self, prediction: torch.Tensor) -> None:
+        """After a computed call (:meth:`skip_whole` returned None and the model ran): keep its
+        noise/velocity prediction for the forecasts of later whole-step skips."""
+        call = self.last_call
+        if not self.skips_whole_steps or call is None or call.hit or call.sigma_value is None:
+            return
+        composition = tuple(call.keys) if call.keys else (self._qualify("all", call.variant),)
+        entry = _Computed({"eps": prediction.detach()}, call.sigma_value, call.step)
+        history = self._whole.get(composition)
+        keep = history_length(self.hit_residual)
+        if (
+            keep > 1
+            and history
+            and history[-1].sigma != call.sigma_value
+            and history[-1].tensors["eps"].shape == prediction.shape
+        ):
+            history.append(entry)
+            del history[:-keep]
+        else:
+            self._whole[composition] = [entry]
+
     # ------------------------------------------------------------------ calibration records
     def _record_decision(self, call: _Call, keys: tuple[Hashable, ...], chunks: Sequence[torch.Tensor]) -> None:
         trace = CallTrace(keys, call.sigma_value, call.step, self._sigma_step(call.sigma_value))
@@ -935,6 +1032,7 @@ class FBCacheHolder:
         for composition in (tuple(keys), (self._all_key(),)):
             self._complete.discard(composition)
             self._stores.pop(composition, None)
+            self._whole.pop(composition, None)
         self.warn_once(reason)
         self.end_call()
 
@@ -1064,6 +1162,7 @@ class FBCacheHolder:
             "threshold": self.threshold,
             "decided_ahead": self._ahead_ok and self._counting,
             "ahead_stopped": self.ahead_stopped,
+            "whole_step_skips": self.whole_skips,
         }
 
     def summary_text(self) -> str:
@@ -1102,6 +1201,8 @@ class FBCacheHolder:
                 if self.ahead_stopped
                 else ". Skips decided ahead of the GPU (no wait per step)"
             )
+        if s["whole_step_skips"]:
+            text += f"; {s['whole_step_skips']} skipped calls ran no block (whole prediction forecast, no guard)"
         return text
 
     def memory_bytes(self) -> int:
@@ -1126,6 +1227,9 @@ class FBCacheHolder:
                 for entry in history:
                     for t in entry.tensors.values():
                         add(t)
+        for history in self._whole.values():
+            for entry in history:
+                add(entry.tensors["eps"])
         return total
 
 

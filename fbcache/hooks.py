@@ -445,6 +445,40 @@ def _find_control(args: tuple, kwargs: dict):
     return control
 
 
+def _whole_step(holder: FBCacheHolder, args: tuple, kwargs: dict, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``APPLY_MODEL`` level, ``skip_whole_step``: a planned skip returns ``x - sigma * forecast``
+    without running any block; a computed call runs (``run``) and its prediction is kept for the
+    forecasts. Calls with ControlNet residuals always run (the block hooks handle them)."""
+    if not holder.skips_whole_steps or len(args) < 2 or _has_control(_find_control(args, kwargs)):
+        return run()
+    x, sigma = args[0], args[1]
+    transformer_options = kwargs.get("transformer_options")
+    if transformer_options is None:
+        transformer_options = args[5] if len(args) > 5 else {}
+    forecast = holder.skip_whole(transformer_options, tuple(x.shape))
+    if isinstance(sigma, torch.Tensor):
+        s = sigma.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype).clamp_min(1e-6)
+    else:
+        s = max(float(sigma), 1e-6)
+    if forecast is not None:
+        return x - forecast * s
+    denoised = run()
+    holder.record_whole((x - denoised) / s)
+    return denoised
+
+
+@torch.compiler.disable(recursive=False)  # the model call itself is still compiled
+def whole_step_apply_model_wrapper(executor, *args, **kwargs):
+    """``APPLY_MODEL`` wrapper of the UNet families: whole-step skips (:func:`_whole_step`); the
+    UNet's own hooks sit inside the ``DIFFUSION_MODEL`` wrapper."""
+    holder = _active_holder(kwargs.get("transformer_options"))
+    if holder is None and len(args) > 5 and isinstance(args[5], dict):
+        holder = _active_holder(args[5])
+    if holder is None:
+        return executor(*args, **kwargs)
+    return _whole_step(holder, args, kwargs, lambda: executor(*args, **kwargs))
+
+
 @torch.compiler.disable(recursive=False)  # the model call itself is still compiled
 def dit_diffusion_wrapper(executor, *args, **kwargs):
     """Wrapper of block-hooked DiTs: switch tail to per_block under ControlNet.
@@ -469,14 +503,18 @@ def dit_diffusion_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     if holder.cache_mode == "tail" and _has_control(_find_control(args, kwargs)):
         holder.switch_mode("per_block", "ControlNet residuals present")
-    since = holder.trace_count()
-    try:
-        denoised = executor(*args, **kwargs)
-        if holder.run_mode == "calibrating" and len(args) > 1 and isinstance(denoised, torch.Tensor):
-            holder.note_output(_prediction(args[0], args[1], denoised), since)
-        return denoised
-    finally:
-        holder.end_call()
+
+    def run() -> torch.Tensor:
+        since = holder.trace_count()
+        try:
+            denoised = executor(*args, **kwargs)
+            if holder.run_mode == "calibrating" and len(args) > 1 and isinstance(denoised, torch.Tensor):
+                holder.note_output(_prediction(args[0], args[1], denoised), since)
+            return denoised
+        finally:
+            holder.end_call()
+
+    return _whole_step(holder, args, kwargs, run)
 
 
 @torch.compiler.disable

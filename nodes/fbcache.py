@@ -22,6 +22,7 @@ from ..fbcache import (
     unet_input_block_patch,
     unet_output_block_patch,
     validate_settings,
+    whole_step_apply_model_wrapper,
 )
 from . import comfy_bridge
 
@@ -215,6 +216,7 @@ def apply_first_block_cache(model, holder: FBCacheHolder):
         old = [p for p in patches.get("output_block_patch", []) if p is not unet_output_block_patch]
         patches["output_block_patch"] = [*old, unet_output_block_patch] if holder.n_last else old
         patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, unet_diffusion_wrapper)
+        patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, whole_step_apply_model_wrapper)
         first = "first ResBlock" if holder.n_first == 1 else f"first {holder.n_first} ResBlocks"
         last = ", last output block computed" if holder.n_last else ""
         holder.description = f"{family.name}: {first}, tail residual{last}"
@@ -450,6 +452,17 @@ class FirstBlockCache(io.ComfyNode):
                     optional=True,
                     advanced=True,
                 ),
+                io.Boolean.Input(
+                    "skip_whole_step",
+                    default=False,
+                    tooltip=(
+                        "With a target and decide_ahead: a planned skip runs no block at all and forecasts the "
+                        "model's whole prediction (hit_residual rule) instead of running the first blocks. Faster, "
+                        "but nothing checks that a run stays close to the calibration run."
+                    ),
+                    optional=True,
+                    advanced=True,
+                ),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with First Block Cache attached (the input model is unchanged).")
@@ -474,6 +487,7 @@ class FirstBlockCache(io.ComfyNode):
         target_speedup: float = 0.0,
         target_psnr: float = 0.0,
         decide_ahead: bool = True,
+        skip_whole_step: bool = False,
     ) -> io.NodeOutput:
         validate_settings(
             residual_diff_threshold,
@@ -505,6 +519,7 @@ class FirstBlockCache(io.ComfyNode):
             target_speedup=target_speedup,
             target_psnr=target_psnr,
             decide_ahead=decide_ahead,
+            skip_whole_step=skip_whole_step,
         )
         holder.report_node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         return io.NodeOutput(apply_first_block_cache(model, holder))
