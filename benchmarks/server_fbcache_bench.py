@@ -21,7 +21,8 @@ the first skipped (the cost of a skipped step). Time comes from the server's
 ``execution_start`` -> ``execution_success`` stamps, the first run of each case reported apart,
 then the median of ``--repeats`` runs (interleaved: one run of every case per round).
 ``--waiting`` adds each pattern with every decision waiting for the GPU (the node's
-``decide_ahead`` off). The prediction a speedup is compared with counts FLOPs
+``decide_ahead`` off); ``--whole-step`` adds each with ``skip_whole_step`` (a skipped step runs
+no block: predicted ``steps / computed``). The prediction a speedup is compared with counts FLOPs
 (``torch.utils.flop_counter``: matmuls, convolutions, attention) of one computed and one skipped
 model call of the same architecture and size, loaded from the same file in this process:
 ``steps / (computed + skipped * hit_fraction)``.
@@ -228,6 +229,8 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
         cases[name] = (pattern, {})
         if args.waiting:
             cases[f"{name}_waiting"] = (pattern, {"decide_ahead": False})
+        if args.whole_step and "1" in pattern:
+            cases[f"{name}_whole"] = (pattern, {"skip_whole_step": True})
 
     def timed(pattern: str | None, probe: dict, seed: int) -> float:
         return execution_seconds(
@@ -241,7 +244,7 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
     for r in range(args.repeats):
         for name, (pattern, probe) in cases.items():
             times[name].append(timed(pattern, probe, 1 + r))
-    for name, (pattern, _) in cases.items():
+    for name, (pattern, probe) in cases.items():
         entry = {
             "first_s": round(firsts[name], 3),
             "runs_s": [round(t, 3) for t in times[name]],
@@ -251,6 +254,7 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
             full_pattern = (pattern * args.steps)[: args.steps]
             entry["pattern"] = full_pattern
             entry["skipped"] = full_pattern.count("1")
+            entry["whole_step"] = bool(probe.get("skip_whole_step"))
         res["cases"][name] = entry
         log.info("%s %s: first %.2f s, median %.2f s", family, name, firsts[name], entry["median_s"])
     if args.sync_debug:
@@ -295,6 +299,11 @@ def main() -> None:
         "--waiting",
         action="store_true",
         help="also run each skipping pattern with every decision waiting for the GPU (what deciding ahead gains)",
+    )
+    parser.add_argument(
+        "--whole-step",
+        action="store_true",
+        help="also run each skipping pattern with skip_whole_step (a skipped step runs no block)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="one more run of all_hits and toy_plan each way under cProfile"
@@ -375,7 +384,8 @@ def predict(results: dict, specs: dict, args, root: Path, ckpts: Path, unets: Pa
         res["hit_flops_fraction"] = round(fraction, 4)
         for entry in res["cases"].values():
             skipped = entry.get("skipped", 0)
-            predicted = args.steps / (args.steps - skipped + skipped * fraction)
+            cost = 0.0 if entry.get("whole_step") else fraction  # a whole-step skip runs no block
+            predicted = args.steps / (args.steps - skipped + skipped * cost)
             entry["predicted_speedup"] = round(predicted, 3)
             entry["vs_prediction"] = round(entry["speedup"] / predicted, 3)
 

@@ -57,6 +57,7 @@ class FBCachePattern:
                 "sync_debug": ("BOOLEAN", {"default": False}),
                 "decide_ahead": ("BOOLEAN", {"default": True}),
                 "profile_name": ("STRING", {"default": ""}),
+                "skip_whole_step": ("BOOLEAN", {"default": False}),
             },
         }
 
@@ -64,14 +65,23 @@ class FBCachePattern:
     FUNCTION = "run"
     CATEGORY = "testing"
 
-    def run(self, model, pattern, sync_debug: bool = False, decide_ahead: bool = True, profile_name: str = ""):
+    def run(
+        self,
+        model,
+        pattern,
+        sync_debug: bool = False,
+        decide_ahead: bool = True,
+        profile_name: str = "",
+        skip_whole_step: bool = False,
+    ):
         """``pattern``: one character per model evaluation of each conditioning, ``1`` = skip (repeats).
 
         ``sync_debug``: sample with CUDA's sync debug mode on "warn", so every place that makes the
         host wait for the GPU during the run is logged once (a maintainers' diagnostic).
         ``decide_ahead`` False: every decision waits for the GPU (the node's input of that name).
         ``profile_name``: the sampling run's host time by Python function (cProfile) goes to
-        ``output/probe/<profile_name>.txt``."""
+        ``output/probe/<profile_name>.txt``.
+        ``skip_whole_step``: skipped steps run no block (the node's input of that name)."""
         options = model.model_options.get("transformer_options", {})
         holder = options.get(HOLDER_KEY)
         if holder is None:
@@ -82,6 +92,7 @@ class FBCachePattern:
         forced = holder.clone()
         forced.force_pattern = tuple(c == "1" for c in pattern.strip()) or None
         forced.decide_ahead = bool(decide_ahead)
+        forced.skip_whole_step = bool(skip_whole_step)
         patched.model_options["transformer_options"][HOLDER_KEY] = forced
         if sync_debug or profile_name.strip():
             import comfy.patcher_extension
