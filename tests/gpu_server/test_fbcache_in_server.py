@@ -86,3 +86,19 @@ def test_fbcache_speed_target_plans_on_the_gpu(gpu_server, sdxl_checkpoint):  # 
     assert "hit rate 50%" in log, log[-3000:]  # 2x of 10 steps: 5 planned skips
     assert torch.isfinite(planned).all()
     assert gpu_server.alive()
+
+
+def test_fbcache_whole_step_skips_on_the_gpu(gpu_server, sdxl_checkpoint):  # noqa: F811
+    """``skip_whole_step``: the planned run's skips run no block (cond and uncond batched: one call per step)."""
+    tag = gpu_server.setting
+    info = gpu_server.object_info()
+    settings = {"target_speedup": 2.0, "hit_residual": "taylor1", "skip_whole_step": True}
+    before = len(gpu_server.log_text())
+    gpu_server.run_prompt(sampling_prompt(f"fbw_calib_{tag}", info, **settings), 900)
+    gpu_server.run_prompt(sampling_prompt(f"fbw_planned_{tag}", info, seed=6, **settings), 900)
+    log = gpu_server.log_text()[before:]
+    planned = _latent(gpu_server, f"fbw_planned_{tag}")
+    assert "Target 2x: calibrated plan computing steps" in log, log[-3000:]
+    assert "5 skipped calls ran no block" in log and "Skips decided ahead" in log, log[-3000:]
+    assert torch.isfinite(planned).all()
+    assert gpu_server.alive()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -196,3 +197,49 @@ def test_the_plan_estimates_a_whole_step_skip_by_the_prediction_alone():
     unrecorded = {"c": (0, span_error, None)}
     assert _estimate(unrecorded, 1.0, whole_step=True) == pytest.approx(3.0)
     assert math.isfinite(_estimate(errors, 5.0, whole_step=True))
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and os.environ.get("SPEEDKIT_TEST_DEVICE") == "cuda"),
+    reason="needs a CUDA GPU (SPEEDKIT_TEST_DEVICE=cuda)",
+)
+def test_whole_step_skips_never_wait_for_the_gpu():
+    """Under CUDA sync debug mode 'error' (raises on anything that waits for the GPU): computed calls,
+    whole-step skips with a Taylor forecast, the sigma checks read AHEAD_LAG calls late."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    flux = Counted().eval().to(dev)
+    img, txt = torch.randn(1, 6, 8, device=dev), torch.randn(1, 2, 8, device=dev)
+    holder = active(FBCacheHolder(0.5, hit_residual="taylor1", force_pattern=PATTERN, skip_whole_step=True))
+    holder.begin_run(SCHEDULE, "sample_euler", tuple(img.shape))
+    step_done = holder.count_steps()
+    to = dit_options(holder)
+
+    def apply_model(x, sigma, c_concat, c_crossattn, control, transformer_options):
+        return x - sigma.reshape(-1, 1, 1) * flux(x, txt, transformer_options["vec"], transformer_options)
+
+    calls = []  # ComfyUI's sigmas are on the GPU already: made before the checked part
+    for k, s in enumerate(SCHEDULE[:-1]):
+        options = call_options(to, s)
+        options["sigmas"] = options["sigmas"].to(dev)
+        options["vec"] = torch.full((1, 1, 8), s / 14, device=dev)
+        calls.append((img * (1 + 0.05 * k), options["sigmas"], options))
+
+    def call(k):
+        x, sigma, options = calls[k]
+        dit_diffusion_wrapper(_Executor(apply_model, None), x, sigma, None, None, None, options)
+        step_done(k)
+
+    for k in range(6):  # the first calls fill the caches of the allocator and the ops
+        call(k)
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(6, len(calls)):
+            call(k)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    summary = holder.summary()
+    assert summary["whole_step_skips"] > 2 and not summary["ahead_stopped"]
