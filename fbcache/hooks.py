@@ -462,6 +462,7 @@ def _whole_step(holder: FBCacheHolder, args: tuple, kwargs: dict, run: Callable[
         s = max(float(sigma), 1e-6)
     if forecast is not None:
         return x - forecast * s
+    holder.last_call = None  # set again if this call reaches the block hooks (a call that does not is not kept)
     denoised = run()
     holder.record_whole((x - denoised) / s)
     return denoised

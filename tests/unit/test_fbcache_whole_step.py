@@ -20,7 +20,7 @@ from test_fbcache_ahead import SCHEDULE
 from test_fbcache_core import Flux, _Executor, active, call_options, dit_options
 
 from speedkit.fbcache import FBCacheHolder, dit_diffusion_wrapper, whole_step_apply_model_wrapper
-from speedkit.fbcache.calibration import _estimate
+from speedkit.fbcache.calibration import Calibration, _estimate
 from speedkit.fbcache.forecast import extrapolation_weight
 
 
@@ -173,6 +173,37 @@ def test_controlnet_calls_always_run(flux_and_inputs):
     control = {"input": [torch.zeros(1, 6, 8)] * 3}
     _, _, ran = sample(flux, holder, img, txt, control=control)
     assert all(ran) and holder.summary()["whole_step_skips"] == 0
+
+
+@torch.no_grad()
+def test_a_call_that_never_reaches_the_block_hooks_is_not_forecast_from(flux_and_inputs):
+    """A computed call whose network runs without the cache's block hooks (another node replaced
+    them) is not taken for the last hooked call: the next skip forecasts from the hooked one."""
+    flux, img, txt = flux_and_inputs
+    template = FBCacheHolder(0.5, target_speedup=2.0, skip_whole_step=True)
+    key = ("sample_euler", tuple(round(v, 6) for v in SCHEDULE), tuple(img.shape))
+    template.calibrations[key] = Calibration(1e9, 2.0, 40.0, 2, 3, True, plan=(0.0, 1.0))  # compute steps 0 and 1
+    holder = active(template.clone())
+    assert holder.begin_run(SCHEDULE, "sample_euler", tuple(img.shape)) == "calibrated"
+    step_done = holder.count_steps()
+    to = dit_options(holder)
+
+    def hooked(x, sigma, c_concat, c_crossattn, control, transformer_options):
+        return x - sigma.reshape(-1, 1, 1) * flux(x, txt, torch.full((1, 1, 8), 0.5), transformer_options)
+
+    def unhooked(x, sigma, *_rest, **_kw):
+        return x * 0.5
+
+    outs = []
+    for k, (wrapper, fn) in enumerate(
+        [(dit_diffusion_wrapper, hooked), (whole_step_apply_model_wrapper, unhooked), (dit_diffusion_wrapper, hooked)]
+    ):
+        s = SCHEDULE[k]
+        outs.append(wrapper(_Executor(fn, None), img, torch.tensor([s]), None, None, None, call_options(to, s)))
+        step_done(k)
+    assert holder.summary()["whole_step_skips"] == 1
+    first_prediction = (img - outs[0]) / SCHEDULE[0]
+    torch.testing.assert_close(outs[2], img - SCHEDULE[2] * first_prediction)
 
 
 def test_the_unet_wrapper_passes_calls_without_a_cache_through():
