@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .forecast import extrapolation_weight, taylor_order, taylor_weights
+from .forecast import extrapolation_weight, step_weights, taylor_order
 
 SAMPLE_ELEMENTS = 65536
 """Elements per conditioning kept of each recorded residual (a strided sample)."""
@@ -173,7 +173,7 @@ def _weights(hit_residual: str, history: Sequence[tuple[float, float | None]], s
             return [0.0] * (len(history) - 1) + [1.0]
         w = extrapolation_weight(sigma, s1, s0)
         return [0.0] * (len(history) - 2) + [-w, 1.0 + w]
-    return taylor_weights([h[0] for h in history], step, taylor_order(hit_residual))
+    return step_weights(hit_residual, [h[0] for h in history], step)
 
 
 def _combine(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -13,6 +13,12 @@ Pure math on the residuals of the last computed steps; the holder keeps the hist
   It is written as Lagrange weights, ``sum_i w_i r_i``: the weights are host floats and the
   tensors are combined in one pass. Sigma moves very unevenly along common schedules (karras);
   the step index moves evenly, which is what a low-order polynomial extrapolates well.
+- ``fit1``: a straight line in the step index fitted by least squares to the last 3 computed
+  residuals (``taylor1`` passes exactly through the last 2). The fit does not follow the
+  step-to-step wobble of single computed steps, and the forecast joins the next computed step
+  with a smaller jump; multistep samplers (dpmpp_2m), which difference consecutive predictions,
+  are sensitive to such jumps (``docs/fbcache.md``: on the toy UNet with dpmpp_2m a 3x plan lost
+  6 dB less with it).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-HIT_RESIDUALS = ("reuse", "extrapolate", "taylor1", "taylor2")
+HIT_RESIDUALS = ("reuse", "extrapolate", "taylor1", "taylor2", "fit1")
 """Choices of ``hit_residual`` (see the module docstring)."""
 
 MAX_EXTRAPOLATION = 2.0
@@ -34,13 +40,13 @@ step; further away it holds the value at that distance (a polynomial diverges qu
 
 
 def history_length(hit_residual: str) -> int:
-    """How many computed residuals of a slot ``hit_residual`` needs (1 reuse, 2 extrapolate/taylor1, 3 taylor2)."""
-    return {"reuse": 1, "extrapolate": 2, "taylor1": 2, "taylor2": 3}[hit_residual]
+    """How many computed residuals of a slot ``hit_residual`` needs (1 reuse, 2 extrapolate/taylor1, 3 taylor2/fit1)."""
+    return {"reuse": 1, "extrapolate": 2, "taylor1": 2, "taylor2": 3, "fit1": 3}[hit_residual]
 
 
 def taylor_order(hit_residual: str) -> int:
     """The polynomial order of a step-index forecast (0 for reuse and the sigma-based extrapolate)."""
-    return {"taylor1": 1, "taylor2": 2}.get(hit_residual, 0)
+    return {"taylor1": 1, "taylor2": 2, "fit1": 1}.get(hit_residual, 0)
 
 
 def lagrange_weights(points: Sequence[float], x: float) -> list[float]:
@@ -95,6 +101,41 @@ def taylor_weights(points: Sequence[float], x: float, order: int) -> list[float]
     for i, w in zip(use, lagrange_weights(chosen, forecast_position(chosen, x)), strict=True):
         weights[i] = w
     return weights
+
+
+def fit_weights(points: Sequence[float], x: float) -> list[float]:
+    """Weights over ``points`` (oldest first) of the least-squares line through the last 3 distinct
+    points, evaluated at ``x`` (clamped like :func:`forecast_position`): ``1/n + (x - m)(x_i - m) / S``,
+    ``m`` the points' mean and ``S`` the sum of their squared deviations. Two points: the line
+    through them (``taylor1``)."""
+    n = len(points)
+    use: list[int] = []
+    for i in range(n - 1, -1, -1):
+        if len(use) == 3:
+            break
+        if all(points[i] != points[j] for j in use):
+            use.append(i)
+    use.reverse()
+    chosen = [points[i] for i in use]
+    weights = [0.0] * n
+    if len(chosen) < 3:
+        for i, w in zip(use, lagrange_weights(chosen, forecast_position(chosen, x)), strict=True):
+            weights[i] = w
+        return weights
+    at = forecast_position(chosen, x)
+    mean = sum(chosen) / len(chosen)
+    spread = sum((p - mean) ** 2 for p in chosen)
+    for i, p in zip(use, chosen, strict=True):
+        weights[i] = 1.0 / len(chosen) + (at - mean) * (p - mean) / spread
+    return weights
+
+
+def step_weights(hit_residual: str, points: Sequence[float], x: float) -> list[float]:
+    """Weights over ``points`` of ``hit_residual``'s step-index forecast at ``x`` (``taylor1``,
+    ``taylor2``, ``fit1``; ``reuse``: the last point)."""
+    if hit_residual == "fit1":
+        return fit_weights(points, x)
+    return taylor_weights(points, x, taylor_order(hit_residual))
 
 
 def extrapolation_weight(sigma: float, s1: float, s0: float) -> float:

@@ -60,8 +60,8 @@ from .forecast import (
     extrapolation_weight,
     history_length,
     step_position,
+    step_weights,
     taylor_order,
-    taylor_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -647,7 +647,7 @@ class FBCacheHolder:
         order = taylor_order(self.hit_residual)
         if not self.forecast_decision or order == 0 or len(history) == 1:
             return history[-1].residual
-        weights = taylor_weights([r.step for r in history], step, order)
+        weights = step_weights(self.hit_residual, [r.step for r in history], step)
         return combine([r.residual for r in history], weights)
 
     # ------------------------------------------------------------------ deciding ahead of the GPU
@@ -1103,7 +1103,7 @@ class FBCacheHolder:
                 out[key] = r1 if r1 is None or r0 is None or r0.shape != r1.shape else torch.lerp(r0, r1, 1.0 + weight)
             return out
         step = call.step if call is not None else last.step
-        weights = taylor_weights([h.step for h in history], step, taylor_order(self.hit_residual))
+        weights = step_weights(self.hit_residual, [h.step for h in history], step)
         out = {}
         for key, r_last in last.tensors.items():
             parts = [h.tensors.get(key) for h in history]

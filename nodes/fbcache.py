@@ -370,7 +370,8 @@ class FirstBlockCache(io.ComfyNode):
                         "computed step as is (classic First Block Cache). extrapolate (default): a straight line "
                         "along the noise schedule through the last two computed steps. taylor1 / taylor2: a Taylor "
                         "forecast in the step index from the last two / three computed steps (keeps one / two more "
-                        "residuals in memory than reuse)."
+                        "residuals in memory than reuse). fit1: a straight line fitted to the last three computed "
+                        "steps (smoother; suits multistep samplers such as dpmpp_2m)."
                     ),
                     optional=True,
                     advanced=True,

@@ -58,7 +58,7 @@ def flux_and_inputs():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("hit_residual", ["reuse", "extrapolate", "taylor1", "taylor2"])
+@pytest.mark.parametrize("hit_residual", ["reuse", "extrapolate", "taylor1", "taylor2", "fit1"])
 @pytest.mark.parametrize("mode", ["tail", "per_block"])
 def test_forced_skips_decided_ahead_equal_the_waiting_decisions(flux_and_inputs, hit_residual, mode):
     flux, img, txt = flux_and_inputs

@@ -41,8 +41,10 @@ from speedkit.fbcache.calibration import (
 )
 from speedkit.fbcache.forecast import (
     MAX_FORECAST_GAPS,
+    fit_weights,
     lagrange_weights,
     step_position,
+    step_weights,
     taylor_weights,
 )
 
@@ -81,6 +83,30 @@ def test_taylor_forecast_reproduces_polynomials_and_is_clamped():
     # behind the last computed step: no backward extrapolation
     assert taylor_weights(points, 1.0, 2) == pytest.approx([0.0, 0.0, 1.0])
     assert sum(lagrange_weights([0.0, 1.0, 3.0], 7.0)) == pytest.approx(1.0)
+
+
+def test_fit1_weights_are_the_least_squares_line_of_the_last_three_points():
+    # steps 0, 1, 2 -> 3: line fit r(x) = mean + slope (x - 1), slope = (r2 - r0) / 2: w = [-2/3, 1/3, 4/3]
+    assert fit_weights([0.0, 1.0, 2.0], 3.0) == pytest.approx([-2 / 3, 1 / 3, 4 / 3])
+    # uneven steps 0, 2, 3 -> 5 (hand-computed: mean 5/3, S = 14/3)
+    mean, spread = 5 / 3, 14 / 3
+    expected = [1 / 3 + (5 - mean) * (p - mean) / spread for p in (0.0, 2.0, 3.0)]
+    assert fit_weights([0.0, 2.0, 3.0], 5.0) == pytest.approx(expected)
+    # a straight line is forecast exactly; points off a line are not followed exactly (smoothing)
+    points = [1.0, 4.0, 6.0, 9.0]
+    for x in (9.0, 10.5, 12.0):
+        w = fit_weights(points, x)
+        assert w[0] == 0.0  # only the last three points
+        assert sum(wi * (3.0 - 0.5 * p) for wi, p in zip(w, points, strict=True)) == pytest.approx(3.0 - 0.5 * x)
+    bumpy = [0.0, 1.0, 0.0]
+    assert sum(wi * y for wi, y in zip(fit_weights([0.0, 1.0, 2.0], 2.0), bumpy, strict=True)) == pytest.approx(1 / 3)
+    # two points: the line through them (taylor1); one: reuse; clamped like the Taylor forecasts
+    assert fit_weights([1.0, 2.0], 3.5) == pytest.approx(taylor_weights([1.0, 2.0], 3.5, 1))
+    assert fit_weights([5.0], 9.0) == pytest.approx([1.0])
+    far = 2.0 + MAX_FORECAST_GAPS * 1.0
+    assert fit_weights([0.0, 1.0, 2.0], far + 5) == pytest.approx(fit_weights([0.0, 1.0, 2.0], far))
+    assert step_weights("fit1", [0.0, 1.0, 2.0], 3.0) == fit_weights([0.0, 1.0, 2.0], 3.0)
+    assert step_weights("taylor2", [0.0, 1.0, 2.0], 3.0) == taylor_weights([0.0, 1.0, 2.0], 3.0, 2)
 
 
 def test_step_position_on_a_schedule():

@@ -86,7 +86,7 @@ PATTERN = [False, False, True, False, True, True]
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("hit_residual", ["reuse", "extrapolate", "taylor1", "taylor2"])
+@pytest.mark.parametrize("hit_residual", ["reuse", "extrapolate", "taylor1", "taylor2", "fit1"])
 def test_a_whole_step_skip_runs_no_block_and_returns_the_forecast(flux_and_inputs, hit_residual):
     flux, img, txt = flux_and_inputs
     holder = active(FBCacheHolder(0.5, hit_residual=hit_residual, force_pattern=PATTERN, skip_whole_step=True))
@@ -94,7 +94,7 @@ def test_a_whole_step_skip_runs_no_block_and_returns_the_forecast(flux_and_input
     skipped = [PATTERN[k % len(PATTERN)] for k in range(len(outs))]
     assert ran == [not s for s in skipped]  # a skipped call ran no block at all
     computed = []  # (step, prediction) of the computed calls so far
-    order = {"reuse": 0, "extrapolate": 1, "taylor1": 1, "taylor2": 2}[hit_residual]
+    order = {"reuse": 0, "extrapolate": 1, "taylor1": 1, "taylor2": 2, "fit1": 1}[hit_residual]
     for k, (s, pred) in enumerate(zip(skipped, preds, strict=True)):
         if not s:
             computed.append((float(k), pred))
@@ -103,6 +103,11 @@ def test_a_whole_step_skip_runs_no_block_and_returns_the_forecast(flux_and_input
             (_, p0), (k1, p1) = computed[-2], computed[-1]
             w = extrapolation_weight(SCHEDULE[k], SCHEDULE[int(k1)], SCHEDULE[int(computed[-2][0])])
             expected = p1 + w * (p1 - p0)
+        elif hit_residual == "fit1" and len(computed) >= 3:
+            xs = torch.tensor([c[0] for c in computed[-3:]], dtype=torch.float64)
+            design = torch.stack([torch.ones(3, dtype=torch.float64), xs], 1)
+            coef = torch.tensor([1.0, float(k)], dtype=torch.float64) @ torch.linalg.pinv(design)
+            expected = sum(float(c) * p for c, (_, p) in zip(coef, computed[-3:], strict=True))
         else:
             expected = lagrange(computed[-(order + 1) :], float(k))
         torch.testing.assert_close(pred, expected, rtol=1e-4, atol=1e-5)
