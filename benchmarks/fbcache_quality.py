@@ -226,12 +226,17 @@ class Bench:
                 holder = fbc.FBCacheHolder(th, **settings)
                 out, t = self.sample(adapter.apply_first_block_cache(self.patcher, holder), sampler)
                 self.record(sampler, name, th, out, t, cost, hit_flops_fraction=round(cost / self.full_flops, 4))
-        for method, extra in (("fbc_target", {}), ("fbc_target_whole", {"skip_whole_step": True})):
+        for method, extra in (
+            ("fbc_target", {}),
+            ("fbc_target_whole", {"skip_whole_step": True}),
+            ("fbc_target_fit1", {"hit_residual": "fit1"}),
+            ("fbc_target_whole_fit1", {"skip_whole_step": True, "hit_residual": "fit1"}),
+        ):
             if not selected(method):
                 continue
             cost = self.hit_cost(sampler, 1, 0)  # a whole-step skip runs no block: not counted at all
             for target in TARGETS:
-                holder = fbc.FBCacheHolder(0.1, target_speedup=target, **TARGET_SETTINGS, **extra)
+                holder = fbc.FBCacheHolder(0.1, target_speedup=target, **{**TARGET_SETTINGS, **extra})
                 mp = adapter.apply_first_block_cache(self.patcher, holder)
                 self.sample(mp, sampler, inputs=self.calibration_inputs)  # the calibration run: other images
                 calibration = next(iter(holder.calibrations.values()))
