@@ -179,6 +179,29 @@ class Bench:
             self.hit_flops[key] = (total - middle * self.full_flops) / max(first - middle, 1)
         return self.hit_flops[key]
 
+    def smoothness(self, sampler: str) -> dict:
+        """Per step of an uncached run: the relative L2 change of the noise/velocity prediction (the
+        batched call, cond and uncond) from the step before, and the relative L2 miss of the straight
+        line through the two steps before (what a one-step linear forecast would miss)."""
+        from comfy.patcher_extension import WrappersMP
+
+        preds: list[torch.Tensor] = []
+
+        def record(executor, x, sigma, *args, **kwargs):
+            denoised = executor(x, sigma, *args, **kwargs)
+            preds.append((x - denoised) / sigma.reshape((-1,) + (1,) * (x.ndim - 1)))
+            return denoised
+
+        m = self.patcher.clone()
+        m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "fbcache_quality_smoothness", record)
+        self.sample(m, sampler)
+        change = [((b - a).norm() / b.norm()).item() for a, b in zip(preds, preds[1:], strict=False)]
+        miss = [
+            ((c - (2 * b - a)).norm() / c.norm()).item() for a, b, c in zip(preds, preds[1:], preds[2:], strict=False)
+        ]
+        logger.info("%s %s smoothness: change %s, line miss %s", self.kind, sampler, change, miss)
+        return {"change_from_step_before": [round(v, 4) for v in change], "line_miss": [round(v, 4) for v in miss]}
+
     def record(self, sampler: str, method: str, setting, out: torch.Tensor, seconds: float, hit_cost: float, **extra):
         full, hits = self.counter.middle, self.counter.first - self.counter.middle
         flops = full * self.full_flops + hits * hit_cost
@@ -253,6 +276,9 @@ class Bench:
                     predicted_speedup_calls=round(calibration.speedup, 3),
                     predicted_psnr=round(calibration.psnr, 2),
                 )
+        if selected("smoothness"):  # how well the uncached run's prediction follows a straight line in the step
+            self.section.setdefault("smoothness", {})[sampler] = self.smoothness(sampler)
+            self.args.out.write_text(json.dumps(self.results, indent=1))
         if selected("single_skip"):  # how much one skipped step costs, by position (reuse, forced)
             cost = self.hit_cost(sampler, 1, 0)
             for step in SINGLE_SKIPS:
