@@ -13,6 +13,11 @@ the end. The hooks in :mod:`.hooks` call it in this order for every model call:
    extrapolated or forecast, see :mod:`.forecast`);
 4. :meth:`FBCacheHolder.end_call`.
 
+With ``skip_whole_step`` in a run deciding ahead, the ``APPLY_MODEL`` wrapper asks
+:meth:`FBCacheHolder.skip_whole` first: a planned skip then runs no block and returns a forecast
+of the whole prediction, and after a computed call :meth:`FBCacheHolder.record_whole` keeps its
+prediction for those forecasts.
+
 State is kept per conditioning (``transformer_options["uuids"]``, falling back to
 ``cond_or_uncond``), whether ComfyUI batches cond and uncond into one call or runs them
 separately, and per *call variant*: guidance nodes such as ComfyUI's Perturbed-Attention
@@ -900,6 +905,8 @@ class FBCacheHolder:
             return None
         if self._pending:
             self._read_pending(AHEAD_LAG - 1)
+            if not self.skips_whole_steps:  # a late read stopped deciding ahead
+                return None
         call = self.begin_call(transformer_options)
         keys = call.keys or (self._all_key(),)
         history = self._whole.get(self._composition())

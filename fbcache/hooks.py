@@ -23,6 +23,10 @@ import), so they are unit-testable with stand-in networks of the same structure:
   residual`` (``per_block``) or pass their input through with the span's single residual added
   at its last block (``tail``). Blocks that add into their input tensor and return it (ComfyUI's
   Flux and LTXV blocks) are detected, and their inputs are copied before a residual is taken.
+- Whole-step skips (``skip_whole_step``, UNets and DiTs, only where the skips are known before
+  the call): :func:`whole_step_apply_model_wrapper` (UNets) and :func:`dit_diffusion_wrapper`
+  return ``x - sigma * forecast`` for a planned skip without calling the network, the forecast
+  made from the predictions of the last computed calls (:func:`_whole_step`).
 - Anything else (Nunchaku wrappers, unknown families): :func:`step_apply_model_wrapper` (an
   ``APPLY_MODEL`` wrapper) skips whole model calls, comparing the model input with the last
   computed one and reusing (or forecasting) that call's noise/velocity prediction.
