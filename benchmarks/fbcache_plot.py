@@ -31,7 +31,7 @@ SERIES = {
     "fbc_target": ("FBCache speed target (taylor1, max 3)", (0, 0, 0), False),
     "fbc_target_fit1": ("FBCache speed target (fit1, max 3)", (90, 90, 90), False),
     "fbc_target_whole": ("FBCache speed target, whole-step skips (taylor1)", (0, 190, 190), False),
-    "fbc_target_whole_fit1": ("FBCache speed target, whole-step skips (fit1)", (0, 90, 160), False),
+    "fbc_target_whole_fit1": ("FBCache speed target, whole-step skips (fit1)", (170, 0, 100), False),
     "easycache": ("ComfyUI EasyCache", (214, 39, 40), True),
     "magcache": ("MagCache rule (re-impl.)", (255, 127, 14), True),
     "taylorseer": ("TaylorSeer forecast (re-impl.)", (127, 127, 127), True),
