@@ -82,22 +82,27 @@ def combine(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.
     return out
 
 
+def _last_distinct(points: Sequence[float], count: int) -> list[int]:
+    """Indices (oldest first) of the last ``count`` distinct values of ``points``."""
+    use: list[int] = []
+    for i in range(len(points) - 1, -1, -1):
+        if len(use) == count:
+            break
+        if all(points[i] != points[j] for j in use):
+            use.append(i)
+    use.reverse()
+    return use
+
+
 def taylor_weights(points: Sequence[float], x: float, order: int) -> list[float]:
     """Weights over ``points`` (oldest first) of an order-``order`` forecast at ``x``.
 
     Uses the last ``order + 1`` distinct points (fewer if fewer are known: the order drops);
     the weights of unused older points are 0.
     """
-    n = len(points)
-    use: list[int] = []
-    for i in range(n - 1, -1, -1):
-        if len(use) > order:
-            break
-        if all(points[i] != points[j] for j in use):
-            use.append(i)
-    use.reverse()
+    use = _last_distinct(points, order + 1)
     chosen = [points[i] for i in use]
-    weights = [0.0] * n
+    weights = [0.0] * len(points)
     for i, w in zip(use, lagrange_weights(chosen, forecast_position(chosen, x)), strict=True):
         weights[i] = w
     return weights
@@ -106,25 +111,16 @@ def taylor_weights(points: Sequence[float], x: float, order: int) -> list[float]
 def fit_weights(points: Sequence[float], x: float) -> list[float]:
     """Weights over ``points`` (oldest first) of the least-squares line through the last 3 distinct
     points, evaluated at ``x`` (clamped like :func:`forecast_position`): ``1/n + (x - m)(x_i - m) / S``,
-    ``m`` the points' mean and ``S`` the sum of their squared deviations. Two points: the line
-    through them (``taylor1``)."""
-    n = len(points)
-    use: list[int] = []
-    for i in range(n - 1, -1, -1):
-        if len(use) == 3:
-            break
-        if all(points[i] != points[j] for j in use):
-            use.append(i)
-    use.reverse()
+    ``m`` the points' mean and ``S`` the sum of their squared deviations. Fewer points: the
+    polynomial through them (two: ``taylor1``)."""
+    use = _last_distinct(points, 3)
+    if len(use) < 3:
+        return taylor_weights(points, x, len(use) - 1)
     chosen = [points[i] for i in use]
-    weights = [0.0] * n
-    if len(chosen) < 3:
-        for i, w in zip(use, lagrange_weights(chosen, forecast_position(chosen, x)), strict=True):
-            weights[i] = w
-        return weights
     at = forecast_position(chosen, x)
     mean = sum(chosen) / len(chosen)
     spread = sum((p - mean) ** 2 for p in chosen)
+    weights = [0.0] * len(points)
     for i, p in zip(use, chosen, strict=True):
         weights[i] = 1.0 / len(chosen) + (at - mean) * (p - mean) / spread
     return weights

@@ -17,13 +17,7 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     """
     import importlib
     holder_module = importlib.import_module(type(fbc.FBCacheHolder(0.5)).__module__)
-    texts = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            texts.append(record.getMessage())
-
-    logging.getLogger().addHandler(Collect())
+    texts = collected_messages()
     dev = torch.device("cpu")
     report = {}
     all_samplers = holder_module.AHEAD_SAMPLERS

@@ -36,6 +36,17 @@ SCRIPT_PRELUDE = textwrap.dedent(
         sys.stdout.write("FBCACHE_REPORT " + json.dumps(report) + "\\n")
         sys.stdout.flush()
 
+    def collected_messages():
+        # every log message from now on, appended to the returned list
+        texts = []
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                texts.append(record.getMessage())
+
+        logging.getLogger().addHandler(Collect())
+        return texts
+
     def tiny_case(fam, dev, frames=1):
         # a small random `fam` model on `dev`, fixed noise, an empty latent and (pos, neg)
         mp = fm.build_patcher(fam, True, dev)
@@ -53,7 +64,7 @@ SCRIPT_PRELUDE = textwrap.dedent(
     """
 )
 """Start of every subprocess script: ComfyUI and the pack imported, ``fm``, ``fbc``, ``adapter``, ``node``,
-``emit_report``, ``tiny_case`` and ``sampler_for``."""
+``emit_report``, ``collected_messages``, ``tiny_case`` and ``sampler_for``."""
 
 SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     """
@@ -220,7 +231,7 @@ def test_node_schema_on_the_server(comfy_server):
         optional["hit_residual"][0]
         if isinstance(optional["hit_residual"][0], list)
         else optional["hit_residual"][1]["options"]
-    ) == {"reuse", "extrapolate", "taylor1", "taylor2"}
+    ) == {"reuse", "extrapolate", "taylor1", "taylor2", "fit1"}
     # new inputs are optional and come after the old ones (saved widget values are positional)
     new = {"n_first": 1, "n_last": 0, "min_steps": 8, "target_speedup": 0.0, "target_psnr": 0.0}
     for name, default in new.items():

@@ -107,6 +107,9 @@ COMPILE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
                 "taylor2": fbc.FBCacheHolder(0.5, force_pattern=[False, False, True, True], hit_residual="taylor2"),
                 "threshold": fbc.FBCacheHolder(0.3, hit_residual="taylor2"),
                 "fn_bn": fbc.FBCacheHolder(0.5, force_pattern=[False, True], hit_residual="taylor2", n_first=2, n_last=1),
+                "fit1": fbc.FBCacheHolder(0.5, force_pattern=[False, False, False, True], hit_residual="fit1"),
+                "whole_step": fbc.FBCacheHolder(0.5, force_pattern=[False, False, False, True, True], hit_residual="fit1",
+                                                skip_whole_step=True),
             }
             for name, holder in cases.items():
                 try:
@@ -114,9 +117,11 @@ COMPILE_SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
                 except Exception as exc:
                     errors.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
             target = compiled(fbc.FBCacheHolder(0.1, hit_residual="taylor2", target_speedup=2.0))
-            for name in ("calibration run", "calibrated run"):
+            whole = compiled(fbc.FBCacheHolder(0.1, hit_residual="fit1", target_speedup=2.0, skip_whole_step=True))
+            for name, m in (("calibration run", target), ("calibrated run", target),
+                            ("whole-step calibration run", whole), ("whole-step calibrated run", whole)):
                 try:
-                    run(target)
+                    run(m)
                 except Exception as exc:
                     errors.append(f"target {name}: {type(exc).__name__}: {str(exc)[:300]}")
         report[fam] = errors
@@ -176,7 +181,8 @@ def test_speed_target_calibrates_once_per_sampler_and_schedule(report, family):
 
 def test_cached_sampling_does_not_recompile_under_torch_compile():
     """ComfyUI's own torch.compile wrapper (eager backend): after one warm-up run, cached runs with
-    other hit patterns, forecasts, first/last-n blocks and a speed target's calibration recompile nothing."""
+    other hit patterns, forecasts (fit1 too), first/last-n blocks, whole-step skips, and the calibration and
+    planned runs of speed targets recompile nothing."""
     result = run_comfy_script(COMPILE_SCRIPT, timeout=1200)
     assert result["data"] == {"sd15": [], "flux": []}, result["data"]
 

@@ -17,13 +17,7 @@ from test_fbcache_comfy import SCRIPT_PRELUDE, run_comfy_script
 SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     """
     from comfy.patcher_extension import WrappersMP
-    texts = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            texts.append(record.getMessage())
-
-    logging.getLogger().addHandler(Collect())
+    texts = collected_messages()
     dev = torch.device("cpu")
     PATTERN = [False, False, True, True, False, True]
 
