@@ -17,8 +17,8 @@ Pure math on the residuals of the last computed steps; the holder keeps the hist
   residuals (``taylor1`` passes exactly through the last 2). The fit does not follow the
   step-to-step wobble of single computed steps, and the forecast joins the next computed step
   with a smaller jump; multistep samplers (dpmpp_2m), which difference consecutive predictions,
-  are sensitive to such jumps (``docs/fbcache.md``: on the toy UNet with dpmpp_2m a 3x plan lost
-  6 dB less with it).
+  are sensitive to such jumps (``docs/fbcache.md``: on the toy UNet with dpmpp_2m a 3x plan
+  skipping whole steps kept 2.3 dB more with it).
 """
 
 from __future__ import annotations
