@@ -949,19 +949,11 @@ class FBCacheHolder:
         if not self.skips_whole_steps or call is None or call.hit or call.sigma_value is None:
             return
         composition = tuple(call.keys) if call.keys else (self._qualify("all", call.variant),)
-        entry = _Computed({"eps": prediction.detach()}, call.sigma_value, call.step)
         history = self._whole.get(composition)
-        keep = history_length(self.hit_residual)
-        if (
-            keep > 1
-            and history
-            and history[-1].sigma != call.sigma_value
-            and history[-1].tensors["eps"].shape == prediction.shape
-        ):
-            history.append(entry)
-            del history[:-keep]
-        else:
-            self._whole[composition] = [entry]
+        if history and history[-1].tensors["eps"].shape != prediction.shape:
+            history = None  # another latent size: start over
+        entry = _Computed({"eps": prediction.detach()}, call.sigma_value, call.step)
+        self._whole[composition] = _extended(history, entry, history_length(self.hit_residual))
 
     # ------------------------------------------------------------------ calibration records
     def _record_decision(self, call: _Call, keys: tuple[Hashable, ...], chunks: Sequence[torch.Tensor]) -> None:
@@ -1060,19 +1052,8 @@ class FBCacheHolder:
         step = call.step if call is not None else 0.0
         entry = _Computed(tensors, sigma, step)
         keep = history_length(self.hit_residual)
-        history = slots.get(slot)
-        if (
-            keep > 1
-            and history
-            and sigma is not None
-            and history[-1].sigma is not None
-            and history[-1].sigma != sigma
-            and any(t is not None for t in tensors.values())  # slots of key names only: nothing to predict
-        ):
-            history.append(entry)
-            del history[:-keep]
-        else:
-            slots[slot] = [entry]
+        # slots of key names only have nothing to predict: they keep one entry
+        slots[slot] = _extended(slots.get(slot), entry, keep if any(t is not None for t in tensors.values()) else 1)
         if self.run_mode == "calibrating":
             self._record_span(slot, tensors)
 
@@ -1238,6 +1219,22 @@ class FBCacheHolder:
             for entry in history:
                 add(entry.tensors["eps"])
         return total
+
+
+def _extended(history: list[_Computed] | None, entry: _Computed, keep: int) -> list[_Computed]:
+    """``history`` with ``entry`` appended, the last ``keep`` kept; a fresh history when only one is
+    kept, or when ``entry`` is not at a new sigma (a forecast needs distinct points)."""
+    if (
+        keep > 1
+        and history
+        and entry.sigma is not None
+        and history[-1].sigma is not None
+        and history[-1].sigma != entry.sigma
+    ):
+        history.append(entry)
+        del history[:-keep]
+        return history
+    return [entry]
 
 
 def _key_label(key: Hashable, index: int) -> str:

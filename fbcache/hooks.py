@@ -68,12 +68,26 @@ def _active_holder(transformer_options: dict | None) -> FBCacheHolder | None:
     return holder
 
 
+def _options_of(args: tuple, kwargs: dict) -> dict | None:
+    """A wrapped model call's ``transformer_options`` (keyword, or positional in
+    ``UNetModel._forward`` / ``BaseModel._apply_model``)."""
+    transformer_options = kwargs.get("transformer_options")
+    if transformer_options is None and len(args) > 5:
+        transformer_options = args[5]
+    return transformer_options
+
+
+def _sigma_like(x: torch.Tensor, sigma) -> torch.Tensor | float:
+    """``sigma`` broadcastable against ``x`` (one value per batch entry), kept away from 0."""
+    if isinstance(sigma, torch.Tensor):
+        return sigma.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype).clamp_min(1e-6)
+    return max(float(sigma), 1e-6)
+
+
 def _call_state(args: tuple, kwargs: dict, control_message: str) -> tuple[dict | None, FBCacheHolder | None]:
     """``(transformer_options, holder)`` of a wrapped model call; the holder is None when this
     call must simply run (cache off, or ControlNet residuals present, which are logged)."""
-    transformer_options = kwargs.get("transformer_options")
-    if transformer_options is None and len(args) > 5:
-        transformer_options = args[5]  # positional in UNetModel._forward / BaseModel._apply_model
+    transformer_options = _options_of(args, kwargs)
     holder = _active_holder(transformer_options)
     if holder is not None and _has_control(_find_control(args, kwargs)):
         holder.compute_uncached(transformer_options, control_message)
@@ -455,15 +469,9 @@ def _whole_step(holder: FBCacheHolder, args: tuple, kwargs: dict, run: Callable[
     forecasts. Calls with ControlNet residuals always run (the block hooks handle them)."""
     if not holder.skips_whole_steps or len(args) < 2 or _has_control(_find_control(args, kwargs)):
         return run()
-    x, sigma = args[0], args[1]
-    transformer_options = kwargs.get("transformer_options")
-    if transformer_options is None:
-        transformer_options = args[5] if len(args) > 5 else {}
-    forecast = holder.skip_whole(transformer_options, tuple(x.shape))
-    if isinstance(sigma, torch.Tensor):
-        s = sigma.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype).clamp_min(1e-6)
-    else:
-        s = max(float(sigma), 1e-6)
+    x = args[0]
+    s = _sigma_like(x, args[1])
+    forecast = holder.skip_whole(_options_of(args, kwargs) or {}, tuple(x.shape))
     if forecast is not None:
         return x - forecast * s
     holder.last_call = None  # set again if this call reaches the block hooks (a call that does not is not kept)
@@ -476,9 +484,7 @@ def _whole_step(holder: FBCacheHolder, args: tuple, kwargs: dict, run: Callable[
 def whole_step_apply_model_wrapper(executor, *args, **kwargs):
     """``APPLY_MODEL`` wrapper of the UNet families: whole-step skips (:func:`_whole_step`); the
     UNet's own hooks sit inside the ``DIFFUSION_MODEL`` wrapper."""
-    holder = _active_holder(kwargs.get("transformer_options"))
-    if holder is None and len(args) > 5 and isinstance(args[5], dict):
-        holder = _active_holder(args[5])
+    holder = _active_holder(_options_of(args, kwargs))
     if holder is None:
         return executor(*args, **kwargs)
     return _whole_step(holder, args, kwargs, lambda: executor(*args, **kwargs))
@@ -525,11 +531,7 @@ def dit_diffusion_wrapper(executor, *args, **kwargs):
 @torch.compiler.disable
 def _prediction(x: torch.Tensor, sigma, denoised: torch.Tensor) -> torch.Tensor:
     """The noise/velocity prediction ``(x - denoised) / sigma`` behind an APPLY_MODEL result."""
-    if isinstance(sigma, torch.Tensor):
-        s = sigma.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype).clamp_min(1e-6)
-    else:
-        s = max(float(sigma), 1e-6)
-    return (x - denoised) / s
+    return (x - denoised) / _sigma_like(x, sigma)
 
 
 # ---------------------------------------------------------------------------------------- step
@@ -553,11 +555,7 @@ def step_apply_model_wrapper(executor, *args, **kwargs):
     sigma = args[1]
     holder.begin_call(transformer_options)
     try:
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        if isinstance(sigma, torch.Tensor):
-            s = sigma.reshape(shape).to(x.dtype).clamp_min(1e-6)
-        else:
-            s = max(float(sigma), 1e-6)
+        s = _sigma_like(x, sigma)
         since = holder.trace_count()
         if holder.decide(x):
             return x - holder.cached("step")["eps"] * s
