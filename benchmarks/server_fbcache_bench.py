@@ -25,7 +25,11 @@ then the median of ``--repeats`` runs (interleaved: one run of every case per ro
 no block: predicted ``steps / computed``). The prediction a speedup is compared with counts FLOPs
 (``torch.utils.flop_counter``: matmuls, convolutions, attention) of one computed and one skipped
 model call of the same architecture and size, loaded from the same file in this process:
-``steps / (computed + skipped * hit_fraction)``.
+``steps / (computed + skipped * hit_fraction)``. That predicts the sampling steps; a prompt also
+spends time outside them that no cache shortens, measured by an unpatched one-step prompt timed
+beside the others (``fixed_s``: its time less one step, one step being the full run's time less its
+own over ``steps - 1``), and ``predicted_wall_speedup`` is the prediction for the whole prompt:
+``base / (fixed + (base - fixed) / predicted)``.
 
 Usage (from the pack folder, on a CUDA machine with ComfyUI's requirements installed)::
 
@@ -61,6 +65,11 @@ from tiny_models import build_dit, build_models, build_sdxl  # noqa: E402
 from comfy_server import ComfyServer, execution_seconds, free_port, widget_inputs  # noqa: E402
 
 log = logging.getLogger("server_fbcache_bench")
+
+ONE_STEP = "unpatched_one_step"
+"""An unpatched prompt of one sampling step: with the full run it splits a prompt's time into
+the sampling steps and the rest (loading, conditioning, noise, sampler set-up, the latent's way
+back), which no cache shortens."""
 
 FAMILIES: dict[str, dict] = {
     "sdxl": {
@@ -222,7 +231,7 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
     info = server.object_info()
     fbc = {"max_consecutive_hits": -1, "hit_residual": args.hit_residual, "min_steps": 0}
     res: dict = {"family": family, "steps": args.steps, "latent": list(latent_shape(family, spec)), "cases": {}}
-    cases: dict[str, tuple[str | None, dict]] = {"unpatched": (None, {})}
+    cases: dict[str, tuple[str | None, dict]] = {"unpatched": (None, {}), ONE_STEP: (None, {})}
     for name, pattern in patterns(args.steps, toy).items():
         if args.cases and name not in args.cases.split(","):
             continue
@@ -232,18 +241,17 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
         if args.whole_step and "1" in pattern:
             cases[f"{name}_whole"] = (pattern, {"skip_whole_step": True})
 
-    def timed(pattern: str | None, probe: dict, seed: int) -> float:
-        return execution_seconds(
-            server.run_prompt(graph(family, spec, args.steps, seed, pattern, info, fbc, **probe), 7200)
-        )
+    def timed(name: str, pattern: str | None, probe: dict, seed: int) -> float:
+        steps = 1 if name == ONE_STEP else args.steps
+        return execution_seconds(server.run_prompt(graph(family, spec, steps, seed, pattern, info, fbc, **probe), 7200))
 
     # first runs apart, then the repeats interleaved (case after case in each round), so a drift of
     # the machine over the minutes of a family spreads over every case instead of favouring one
-    firsts = {name: timed(pattern, probe, 0) for name, (pattern, probe) in cases.items()}
+    firsts = {name: timed(name, pattern, probe, 0) for name, (pattern, probe) in cases.items()}
     times: dict[str, list[float]] = {name: [] for name in cases}
     for r in range(args.repeats):
         for name, (pattern, probe) in cases.items():
-            times[name].append(timed(pattern, probe, 1 + r))
+            times[name].append(timed(name, pattern, probe, 1 + r))
     for name, (pattern, probe) in cases.items():
         entry = {
             "first_s": round(firsts[name], 3),
@@ -275,9 +283,21 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
                     shutil.copy(made, args.out.parent / made.name)
                 res.setdefault("profiles", []).append(made.name)
     base = res["cases"]["unpatched"]["median_s"]
+    one = res["cases"].pop(ONE_STEP)
+    step = (base - one["median_s"]) / max(args.steps - 1, 1)
+    res["unpatched_one_step_s"] = one
+    res["step_s"] = round(step, 4)
+    res["fixed_s"] = round(max(one["median_s"] - step, 0.0), 4)
     for entry in res["cases"].values():
         entry["speedup"] = round(base / entry["median_s"], 3)
     return res
+
+
+def wall_prediction(base_s: float, fixed_s: float, predicted: float) -> float:
+    """The whole prompt's speedup when its sampling steps speed up by ``predicted`` (the FLOP count)
+    and the rest of the prompt, ``fixed_s`` (measured unpatched: one 1-step prompt), does not:
+    ``base / (fixed + (base - fixed) / predicted)``."""
+    return base_s / (fixed_s + (base_s - fixed_s) / predicted)
 
 
 def main() -> None:
@@ -388,6 +408,10 @@ def predict(results: dict, specs: dict, args, root: Path, ckpts: Path, unets: Pa
             predicted = args.steps / (args.steps - skipped + skipped * cost)
             entry["predicted_speedup"] = round(predicted, 3)
             entry["vs_prediction"] = round(entry["speedup"] / predicted, 3)
+            if "fixed_s" in res:
+                wall = wall_prediction(res["cases"]["unpatched"]["median_s"], res["fixed_s"], predicted)
+                entry["predicted_wall_speedup"] = round(wall, 3)
+                entry["vs_wall_prediction"] = round(entry["speedup"] / wall, 3)
 
 
 if __name__ == "__main__":
