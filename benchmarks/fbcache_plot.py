@@ -35,6 +35,7 @@ SERIES = {
     "easycache": ("ComfyUI EasyCache", (214, 39, 40), True),
     "magcache": ("MagCache rule (re-impl.)", (255, 127, 14), True),
     "taylorseer": ("TaylorSeer forecast (re-impl.)", (127, 127, 127), True),
+    "fewer_steps": ("No cache, fewer steps", (188, 189, 34), True),
 }
 TITLES = {"unet": "UNet (SDXL topology, eps)", "dit": "DiT (Wan 2.1 topology, flow)"}
 

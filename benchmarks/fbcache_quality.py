@@ -6,8 +6,9 @@
    (``comfy.sample.sample``), CFG 5: uncached, with our cache in each mode (reuse, extrapolate,
    Taylor orders 1-2, first/last-n-blocks variants) at several thresholds, with speed targets
    (each plans its skipped steps on a calibration run of other images), with
-   ComfyUI's native EasyCache, and with the re-implemented MagCache and TaylorSeer rules of
-   ``fbcache_baselines.py``, all on the same runs.
+   ComfyUI's native EasyCache, with the re-implemented MagCache and TaylorSeer rules of
+   ``fbcache_baselines.py``, and uncached with fewer steps (``fewer_steps``: the same sampler and
+   scheduler, 15 to 8 steps), all on the same runs.
 3. Reports PSNR and SSIM against the uncached output, in the model's own latent space (the
    training data lie in [-1, 1], the PSNR's peak-to-peak range is 2), and the speedup by FLOPs:
    uncached FLOPs / the run's FLOPs, where a computed call counts the FLOPs of a full model call
@@ -41,6 +42,8 @@ TAYLORSEER_INTERVALS = (2, 3, 4, 5, 6)
 TARGETS = (2.0, 2.5, 3.0, 3.5)
 SINGLE_SKIPS = (3, 8, 14, 20, 25, 28)
 """Steps at which the ``single_skip`` runs skip their one call (of 30)."""
+FEWER_STEPS = (15, 12, 10, 9, 8)
+"""Step counts of the uncached ``fewer_steps`` runs (2x to 3.75x fewer model calls than 30)."""
 TAYLOR1 = {"hit_residual": "taylor1", "max_consecutive_hits": 3}
 DEFAULT_SAMPLERS = {"unet": "euler:normal,dpmpp_2m:karras", "dit": "euler:normal,dpmpp_2m:normal"}
 """dpmpp_2m with karras on the UNet, as SDXL workflows pair them (``normal`` puts one very long
@@ -202,6 +205,22 @@ class Bench:
         logger.info("%s %s smoothness: change %s, line miss %s", self.kind, sampler, change, miss)
         return {"change_from_step_before": [round(v, 4) for v in change], "line_miss": [round(v, 4) for v in miss]}
 
+    def cross_plans(self, sampler: str) -> None:
+        """Whole-step skips with ``fit1`` on the plan the ``taylor1`` target chose, and the reverse
+        (forced patterns, from this sampler's ``fbc_target_whole*`` rows): how much of a forecast's
+        result is its own and how much the plan's."""
+        rows = [r for r in self.section["rows"] if r["sampler"] == sampler and r.get("plan")]
+        for source, residual in (("fbc_target_whole", "fit1"), ("fbc_target_whole_fit1", "taylor1")):
+            for row in (r for r in rows if r["method"] == source):
+                computed = {round(p) for p in row["plan"]}
+                pattern = [s not in computed for s in range(self.base_calls)]
+                holder = self.fbc.FBCacheHolder(
+                    0.5, force_pattern=pattern, skip_whole_step=True, hit_residual=residual, max_consecutive_hits=-1
+                )
+                out, t = self.sample(self.adapter.apply_first_block_cache(self.patcher, holder), sampler)
+                method = f"fbc_cross_plan_{residual}"
+                self.record(sampler, method, row["setting"], out, t, 0.0, plan=row["plan"], plan_of=source)
+
     def record(self, sampler: str, method: str, setting, out: torch.Tensor, seconds: float, hit_cost: float, **extra):
         full, hits = self.counter.middle, self.counter.first - self.counter.middle
         flops = full * self.full_flops + hits * hit_cost
@@ -276,6 +295,12 @@ class Bench:
                     predicted_speedup_calls=round(calibration.speedup, 3),
                     predicted_psnr=round(calibration.psnr, 2),
                 )
+        if selected("fbc_cross_plan"):  # each whole-step forecast on the plan chosen for the other
+            self.cross_plans(sampler)
+        if selected("fewer_steps"):  # no cache, fewer sampling steps for the same FLOPs: what any user can do
+            for steps in FEWER_STEPS:
+                out, t = self.sample(self.patcher, sampler, steps)
+                self.record(sampler, "fewer_steps", steps, out, t, 0.0)
         if selected("smoothness"):  # how well the uncached run's prediction follows a straight line in the step
             self.section.setdefault("smoothness", {})[sampler] = self.smoothness(sampler)
             self.args.out.write_text(json.dumps(self.results, indent=1))
