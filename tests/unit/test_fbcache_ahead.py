@@ -183,12 +183,16 @@ def test_who_decides_ahead():
     assert "sample_heun" not in AHEAD_SAMPLERS
 
 
-@pytest.mark.gpu
-@torch.no_grad()
-@pytest.mark.skipif(
+ON_CUDA_DEVICE = pytest.mark.skipif(
     not (torch.cuda.is_available() and os.environ.get("SPEEDKIT_TEST_DEVICE") == "cuda"),
     reason="needs a CUDA GPU (SPEEDKIT_TEST_DEVICE=cuda)",
 )
+"""Skips a GPU test unless the run asks for the CUDA device (shared by the FBCache GPU unit tests)."""
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@ON_CUDA_DEVICE
 def test_deciding_ahead_never_waits_for_the_gpu():
     """CUDA sync debug mode 'error' raises on any operation that waits for the GPU: the decided-ahead
     calls (hits and misses, forecasts, reading values AHEAD_LAG calls late) run under it."""

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import pytest
 import torch
-from test_fbcache_ahead import SCHEDULE
+from test_fbcache_ahead import ON_CUDA_DEVICE, SCHEDULE
 from test_fbcache_core import Flux, _Executor, active, call_options, dit_options
 
 from speedkit.fbcache import FBCacheHolder, dit_diffusion_wrapper, whole_step_apply_model_wrapper
@@ -237,10 +236,7 @@ def test_the_plan_estimates_a_whole_step_skip_by_the_prediction_alone():
 
 @pytest.mark.gpu
 @torch.no_grad()
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and os.environ.get("SPEEDKIT_TEST_DEVICE") == "cuda"),
-    reason="needs a CUDA GPU (SPEEDKIT_TEST_DEVICE=cuda)",
-)
+@ON_CUDA_DEVICE
 def test_whole_step_skips_never_wait_for_the_gpu():
     """Under CUDA sync debug mode 'error' (raises on anything that waits for the GPU): computed calls,
     whole-step skips with a Taylor forecast, the sigma checks read AHEAD_LAG calls late."""
