@@ -90,7 +90,12 @@ def plot(results: dict, out: Path, max_speedup: float = 6.0, ymin: float = 10.0,
         d.line([x0, py(30), x1, py(30)], fill=(150, 150, 150), width=2)
         d.line([px(3), y0, px(3), y1], fill=(150, 150, 150), width=2)
         scheduler = results[kind]["baseline"][sampler].get("scheduler", "normal")
-        d.text((ox + 70, oy + 8), f"{TITLES.get(kind, kind)}, {sampler} {scheduler}", fill=(0, 0, 0), font=f)
+        d.text(
+            (ox + 70, oy + 8),
+            f"{TITLES.get(kind, kind)}, {sampler.partition(':')[0]} {scheduler}",
+            fill=(0, 0, 0),
+            font=f,
+        )
         d.text((ox + pw // 2 - 110, y1 + 24), "speedup (FLOPs, uncached / cached)", fill=(0, 0, 0), font=fs)
         d.text((ox + 4, y0 - 18), "PSNR dB", fill=(0, 0, 0), font=fs)
         rows = [r for r in results[kind]["rows"] if r["sampler"] == sampler]
@@ -170,7 +175,7 @@ def tables(results: dict) -> str:
                     continue
                 cells = [_cell(fastest_at(mine, 30.0, method)), _cell(best_at(mine, 2.0, method))]
                 cells.append(_cell(best_at(mine, 2.5, method)))
-                where = f"{kind}, {sampler} {base.get('scheduler', 'normal')}"
+                where = f"{kind}, {sampler.partition(':')[0]} {base.get('scheduler', 'normal')}"
                 lines.append(f"| {where} | {label} | " + " | ".join(cells) + " |")
     lines += [
         "",

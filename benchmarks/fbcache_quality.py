@@ -156,7 +156,7 @@ class Bench:
             z,
             steps or self.args.steps,
             self.args.cfg,
-            sampler,
+            sampler.partition(":")[0],
             self.schedulers.get(sampler, "normal"),
             p,
             n,
@@ -205,6 +205,15 @@ class Bench:
         logger.info("%s %s smoothness: change %s, line miss %s", self.kind, sampler, change, miss)
         return {"change_from_step_before": [round(v, 4) for v in change], "line_miss": [round(v, 4) for v in miss]}
 
+    def forced_plan(self, sampler: str, plan, residual: str, inputs=None) -> tuple[torch.Tensor, float]:
+        """A run that computes exactly the steps in ``plan`` and skips the others whole (forced)."""
+        computed = {round(p) for p in plan}
+        pattern = [s not in computed for s in range(self.base_calls)]
+        holder = self.fbc.FBCacheHolder(
+            0.5, force_pattern=pattern, skip_whole_step=True, hit_residual=residual, max_consecutive_hits=-1
+        )
+        return self.sample(self.adapter.apply_first_block_cache(self.patcher, holder), sampler, inputs=inputs)
+
     def cross_plans(self, sampler: str) -> None:
         """Whole-step skips with ``fit1`` on the plan the ``taylor1`` target chose, and the reverse
         (forced patterns, from this sampler's ``fbc_target_whole*`` rows): how much of a forecast's
@@ -212,14 +221,58 @@ class Bench:
         rows = [r for r in self.section["rows"] if r["sampler"] == sampler and r.get("plan")]
         for source, residual in (("fbc_target_whole", "fit1"), ("fbc_target_whole_fit1", "taylor1")):
             for row in (r for r in rows if r["method"] == source):
-                computed = {round(p) for p in row["plan"]}
-                pattern = [s not in computed for s in range(self.base_calls)]
-                holder = self.fbc.FBCacheHolder(
-                    0.5, force_pattern=pattern, skip_whole_step=True, hit_residual=residual, max_consecutive_hits=-1
-                )
-                out, t = self.sample(self.adapter.apply_first_block_cache(self.patcher, holder), sampler)
+                out, t = self.forced_plan(sampler, row["plan"], residual)
                 method = f"fbc_cross_plan_{residual}"
                 self.record(sampler, method, row["setting"], out, t, 0.0, plan=row["plan"], plan_of=source)
+
+    def plan_search(self, sampler: str, target: float = 3.0, max_rounds: int = 8) -> None:
+        """How good a plan with the same number of computed steps can get: from the plan the
+        ``fbc_target_whole*`` run chose at ``target``, move one computed step (not the first) by 1 or
+        2 at a time and keep a move when the PSNR of a real run on the calibration images (against
+        their own uncached run) improves, until no move does; then the eval images on the plan
+        found. The node cannot do this (it sees one sampling run); the search estimates what a
+        better plan could give each forecast, and how far a plan tuned on some images carries over."""
+        calib_base, _ = self.sample(self.patcher, sampler, inputs=self.calibration_inputs)
+        rows = [r for r in self.section["rows"] if r["sampler"] == sampler and r.get("plan")]
+        for source, residual in (("fbc_target_whole", "taylor1"), ("fbc_target_whole_fit1", "fit1")):
+            start = next((r for r in rows if r["method"] == source and r["setting"] == target), None)
+            if start is None:
+                continue
+            plan = sorted(round(p) for p in start["plan"])
+
+            def score(candidate: list[int], residual: str = residual) -> float:
+                return psnr(self.forced_plan(sampler, candidate, residual, self.calibration_inputs)[0], calib_base)
+
+            best = first = score(plan)
+            runs = 1
+            for _ in range(max_rounds):
+                improved = False
+                for i in range(len(plan)):
+                    for move in (-2, -1, 1, 2):
+                        step = plan[i] + move
+                        # the first step stays computed: a run cannot skip before anything is cached
+                        if plan[i] == 0 or not 0 < step < self.base_calls or step in plan:
+                            continue
+                        candidate = sorted(plan[:i] + [step] + plan[i + 1 :])
+                        value, runs = score(candidate), runs + 1
+                        if value > best + 0.05:
+                            best, plan, improved = value, candidate, True
+                if not improved:
+                    break
+            out, t = self.forced_plan(sampler, plan, residual)
+            self.record(
+                sampler,
+                f"fbc_plan_search_{residual}",
+                target,
+                out,
+                t,
+                0.0,
+                plan=plan,
+                plan_of=source,
+                calibration_psnr_start=round(first, 2),
+                calibration_psnr_found=round(best, 2),
+                search_runs=runs,
+            )
 
     def record(self, sampler: str, method: str, setting, out: torch.Tensor, seconds: float, hit_cost: float, **extra):
         full, hits = self.counter.middle, self.counter.first - self.counter.middle
@@ -297,6 +350,11 @@ class Bench:
                 )
         if selected("fbc_cross_plan"):  # each whole-step forecast on the plan chosen for the other
             self.cross_plans(sampler)
+        if selected("fbc_plan_search"):  # the best plan of the same size that real runs find
+            self.plan_search(sampler)
+        if selected("more_steps"):  # how far the 30-step reference itself is from a finer run
+            out, t = self.sample(self.patcher, sampler, 2 * self.args.steps)
+            self.record(sampler, "more_steps", 2 * self.args.steps, out, t, 0.0)
         if selected("fewer_steps"):  # no cache, fewer sampling steps for the same FLOPs: what any user can do
             for steps in FEWER_STEPS:
                 out, t = self.sample(self.patcher, sampler, steps)
@@ -398,10 +456,14 @@ def main() -> None:
         results.setdefault(kind, {"rows": []})["train"] = info
         bench = Bench(kind, model, args, results, scenes, modules)
         spec = args.samplers or DEFAULT_SAMPLERS[kind]
+        pairing = dict(e.split(":") for e in DEFAULT_SAMPLERS[kind].split(","))
         for entry in spec.split(","):
             sampler, _, scheduler = entry.partition(":")
-            bench.schedulers[sampler] = scheduler or "normal"
-            bench.run(sampler, selected)
+            scheduler = scheduler or "normal"
+            # another scheduler than the default pairing gets its own panel: "sampler:scheduler"
+            key = sampler if pairing.get(sampler, scheduler) == scheduler else f"{sampler}:{scheduler}"
+            bench.schedulers[key] = scheduler
+            bench.run(key, selected)
     args.out.write_text(json.dumps(results, indent=1))
     logger.info("done")
 
