@@ -290,7 +290,33 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
     res["fixed_s"] = round(max(one["median_s"] - step, 0.0), 4)
     for entry in res["cases"].values():
         entry["speedup"] = round(base / entry["median_s"], 3)
+    price_skips(res, args.steps, one["median_s"])
     return res
+
+
+def price_skips(res: dict, steps: int, one_step_s: float) -> None:
+    """What a skipped step costs in the server, from the all-hits prompts: ``(all_hits - one-step
+    prompt) / (steps - 1)`` per mode (``skip_s``); then each case's speedup predicted from the
+    measured parts, ``base / (fixed + computed * step + skipped * skip)`` (``priced_speedup``,
+    ``vs_priced``). Unlike the FLOP count this prices the server's per-step work that a skip
+    still does (the sampler's update, conditioning, CFG, progress messages)."""
+    cases = res["cases"]
+    prices = {
+        whole: (cases[name]["median_s"] - one_step_s) / max(steps - 1, 1)
+        for name, whole in (("all_hits", False), ("all_hits_whole", True))
+        if name in cases
+    }
+    if not prices:
+        return
+    res["skip_s"] = {("whole_step" if whole else "first_block"): round(v, 5) for whole, v in prices.items()}
+    base = cases["unpatched"]["median_s"]
+    for entry in cases.values():
+        skipped, whole = entry.get("skipped", 0), bool(entry.get("whole_step"))
+        if "pattern" not in entry or whole not in prices:
+            continue
+        priced = base / (res["fixed_s"] + (steps - skipped) * res["step_s"] + skipped * prices[whole])
+        entry["priced_speedup"] = round(priced, 3)
+        entry["vs_priced"] = round(entry["speedup"] / priced, 3)
 
 
 def wall_prediction(base_s: float, fixed_s: float, predicted: float) -> float:
