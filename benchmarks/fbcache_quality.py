@@ -8,7 +8,10 @@
    (each plans its skipped steps on a calibration run of other images), with
    ComfyUI's native EasyCache, with the re-implemented MagCache and TaylorSeer rules of
    ``fbcache_baselines.py``, and uncached with fewer steps (``fewer_steps``: the same sampler and
-   scheduler, 15 to 8 steps), all on the same runs.
+   scheduler, 15 to 8 steps), all on the same runs. Diagnostics: ``fbc_cross_plan`` (each
+   whole-step forecast on the other's plan), ``fbc_plan_search`` (plans searched by real runs on
+   the calibration images), ``more_steps`` (the 30-step reference against 60 steps). A
+   ``sampler:scheduler`` other than the model's default pairing gets its own panel.
 3. Reports PSNR and SSIM against the uncached output, in the model's own latent space (the
    training data lie in [-1, 1], the PSNR's peak-to-peak range is 2), and the speedup by FLOPs:
    uncached FLOPs / the run's FLOPs, where a computed call counts the FLOPs of a full model call
