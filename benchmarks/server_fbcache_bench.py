@@ -287,14 +287,15 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
     step = (base - one["median_s"]) / max(args.steps - 1, 1)
     res["unpatched_one_step_s"] = one
     res["step_s"] = round(step, 4)
-    res["fixed_s"] = round(max(one["median_s"] - step, 0.0), 4)
+    fixed = max(one["median_s"] - step, 0.0)
+    res["fixed_s"] = round(fixed, 4)
     for entry in res["cases"].values():
         entry["speedup"] = round(base / entry["median_s"], 3)
-    price_skips(res, args.steps, one["median_s"])
+    price_skips(res, args.steps, one["median_s"], step, fixed)
     return res
 
 
-def price_skips(res: dict, steps: int, one_step_s: float) -> None:
+def price_skips(res: dict, steps: int, one_step_s: float, step_s: float, fixed_s: float) -> None:
     """What a skipped step costs in the server, from the all-hits prompts: ``(all_hits - one-step
     prompt) / (steps - 1)`` per mode (``skip_s``); then each case's speedup predicted from the
     measured parts, ``base / (fixed + computed * step + skipped * skip)`` (``priced_speedup``,
@@ -314,7 +315,7 @@ def price_skips(res: dict, steps: int, one_step_s: float) -> None:
         skipped, whole = entry.get("skipped", 0), bool(entry.get("whole_step"))
         if "pattern" not in entry or whole not in prices:
             continue
-        priced = base / (res["fixed_s"] + (steps - skipped) * res["step_s"] + skipped * prices[whole])
+        priced = base / (fixed_s + (steps - skipped) * step_s + skipped * prices[whole])
         entry["priced_speedup"] = round(priced, 3)
         entry["vs_priced"] = round(entry["speedup"] / priced, 3)
 
