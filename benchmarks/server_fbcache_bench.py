@@ -270,18 +270,21 @@ def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | No
         server.run_prompt(graph(family, spec, args.steps, 99, pattern, info, fbc, sync_debug=True), 7200)
         log.info("%s: one run of pattern %s with CUDA sync debug 'warn' (see the server log)", family, pattern)
     if args.profile:
-        for name in ("all_hits", "toy_plan"):
-            pattern = cases.get(name, (None,))[0]
-            for ahead in (True, False) if pattern else ():
+        runs = [(f"{family}_one_step_computed", 1, "0", {})]  # the prompt's fixed part, through the node
+        for name in ("all_hits", "toy_plan", "all_hits_whole", "toy_plan_whole"):
+            if name not in cases:
+                continue
+            pattern, probe = cases[name]
+            ways = (True,) if probe.get("skip_whole_step") else (True, False)  # whole steps always decide ahead
+            for ahead in ways:
                 label = f"{family}_{name}_{'ahead' if ahead else 'waiting'}"
-                server.run_prompt(
-                    graph(family, spec, args.steps, 98, pattern, info, fbc, decide_ahead=ahead, profile_name=label),
-                    7200,
-                )
-                made = server.output_dir / "probe" / f"{label}.txt"
-                if args.out and made.is_file():
-                    shutil.copy(made, args.out.parent / made.name)
-                res.setdefault("profiles", []).append(made.name)
+                runs.append((label, args.steps, pattern, {**probe, "decide_ahead": ahead}))
+        for label, steps, pattern, probe in runs:
+            server.run_prompt(graph(family, spec, steps, 98, pattern, info, fbc, profile_name=label, **probe), 7200)
+            made = server.output_dir / "probe" / f"{label}.txt"
+            if args.out and made.is_file():
+                shutil.copy(made, args.out.parent / made.name)
+            res.setdefault("profiles", []).append(made.name)
     base = res["cases"]["unpatched"]["median_s"]
     one = res["cases"].pop(ONE_STEP)
     step = (base - one["median_s"]) / max(args.steps - 1, 1)
@@ -353,7 +356,10 @@ def main() -> None:
         help="also run each skipping pattern with skip_whole_step (a skipped step runs no block)",
     )
     parser.add_argument(
-        "--profile", action="store_true", help="one more run of all_hits and toy_plan each way under cProfile"
+        "--profile",
+        action="store_true",
+        help="under cProfile: one more run of all_hits and toy_plan each way (whole steps too with "
+        "--whole-step), and a one-step prompt through the node (the prompt's fixed part)",
     )
     parser.add_argument(
         "--sync-debug",
