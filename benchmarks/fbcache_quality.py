@@ -10,7 +10,9 @@
    ``fbcache_baselines.py``, and uncached with fewer steps (``fewer_steps``: the same sampler and
    scheduler, 15 to 8 steps), all on the same runs. Diagnostics: ``fbc_cross_plan`` (each
    whole-step forecast on the other's plan), ``fbc_plan_search`` (plans searched by real runs on
-   the calibration images), ``more_steps`` (the 30-step reference against 60 steps). A
+   the calibration images), ``more_steps`` (the 30-step reference against 60 steps),
+   ``skip_sensitivity`` (one skipped step at each position against two estimates of its cost,
+   ``fbcache_sensitivity.py``). A
    ``sampler:scheduler`` other than the model's default pairing gets its own panel.
 3. Reports PSNR and SSIM against the uncached output, in the model's own latent space (the
    training data lie in [-1, 1], the PSNR's peak-to-peak range is 2), and the speedup by FLOPs:
@@ -149,8 +151,11 @@ class Bench:
         self.hit_flops: dict[tuple[str, int, int], float] = {}
         self.schedulers: dict[str, str] = {}
 
-    def sample(self, mp, sampler: str, steps: int | None = None, inputs=None) -> tuple[torch.Tensor, float]:
-        """Latent in the model's space (the training data's) and the wall time."""
+    def sample(
+        self, mp, sampler: str, steps: int | None = None, inputs=None, callback=None
+    ) -> tuple[torch.Tensor, float]:
+        """Latent in the model's space (the training data's) and the wall time; ``callback``: ComfyUI's
+        per-step ``callback(step, x0, x, total_steps)``."""
         p, n, z = inputs or self.eval_inputs
         self.counter.reset()
         t0 = time.perf_counter()
@@ -166,6 +171,7 @@ class Bench:
             torch.zeros_like(z),
             seed=0,
             disable_pbar=True,
+            callback=callback,
         )
         return self.model.process_latent_in(out), time.perf_counter() - t0
 
@@ -355,6 +361,10 @@ class Bench:
             self.cross_plans(sampler)
         if selected("fbc_plan_search"):  # the best plan of the same size that real runs find
             self.plan_search(sampler)
+        if selected("skip_sensitivity"):  # one skipped step: measured against two estimates of its cost
+            from fbcache_sensitivity import skip_sensitivity
+
+            skip_sensitivity(self, sampler)
         if selected("more_steps"):  # how far the 30-step reference itself is from a finer run
             out, t = self.sample(self.patcher, sampler, 2 * self.args.steps)
             self.record(sampler, "more_steps", 2 * self.args.steps, out, t, 0.0)
