@@ -137,19 +137,21 @@ class Calibration:
     total: int
     reached: bool  # False when nothing met the targets (the closest choice is used)
     plan: tuple[float, ...] = ()
+    caveat: str = ""  # why the estimated PSNR may not hold for this run (said with every report)
 
     def describe(self) -> str:
         psnr = "no skipped step" if math.isinf(self.psnr) else f"estimated PSNR {self.psnr:.1f} dB"
+        note = f" [{self.caveat}]" if self.caveat else ""
         if self.plan:
             steps = ", ".join(f"{p:g}" for p in self.plan)
             return (
                 f"plan computing steps {steps}: {self.computed} of {self.total} model calls computed, "
                 f"{self.speedup:.2f}x, {psnr} (a planned skip is computed anyway above distance "
-                f"{self.threshold:.4g})"
+                f"{self.threshold:.4g}){note}"
             )
         return (
             f"threshold {self.threshold:.4g}: {self.computed} of {self.total} model calls computed, "
-            f"{self.speedup:.2f}x, {psnr}"
+            f"{self.speedup:.2f}x, {psnr}{note}"
         )
 
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -99,6 +99,25 @@ AHEAD_SAMPLERS = frozenset(
 """Samplers (ComfyUI's k-diffusion function names) that call the model once per step, at the
 schedule's sigma of that step, and report every step to the callback: there the sigma of a call
 is known on the host without reading the GPU (see :meth:`FBCacheHolder.count_steps`)."""
+
+MULTISTEP_SAMPLERS = frozenset(
+    f"sample_{name}"
+    for name in (
+        "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu",
+        "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+        "res_multistep_ancestral_cfg_pp",
+    )
+)  # fmt: skip
+"""Samplers whose update combines the current prediction with earlier ones. On a flow model the
+estimated PSNR of a plan was far too high with them (dpmpp_2m on the benchmark's flow toys: 4-23
+dB): a skipped step changes what the model predicts on the following steps more than an estimate
+from one uncached run can see (docs/fbcache.md, "One skipped step: measured against the estimate").
+A quality target there gets a caveat in the log and the report."""
+
+MULTISTEP_CAVEAT = (
+    "the estimated PSNR is likely too high: {sampler} reuses earlier predictions, and on a flow model such "
+    "samplers lost 4-23 dB more than estimated in the benchmark; prefer target_speedup and check the result"
+)
 
 AHEAD_LAG = 2
 """Decided-ahead calls whose GPU values (sigma check, first-blocks distances) may stay unread: the
@@ -475,6 +494,10 @@ class FBCacheHolder:
             self.target_speedup,
             self.target_psnr,
         )
+        sampler = self._calibration_key[0]
+        if self.target_psnr > 0 and self.flow and sampler in MULTISTEP_SAMPLERS:
+            found = replace(found, caveat=MULTISTEP_CAVEAT.format(sampler=sampler.removeprefix("sample_")))
+            logger.warning("First Block Cache: target_psnr %g: %s.", self.target_psnr, found.caveat)
         self.calibrations[self._calibration_key] = found
         self.calibration = found
         self.threshold = found.threshold

@@ -74,6 +74,11 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         r["calibrations"] = len(holder.calibrations)
         r["other_sampler_calibrates_again"] = bool(torch.equal(run(target, "dpmpp_2m"), run(mp, "dpmpp_2m")))
         r["calibrations_after"] = len(holder.calibrations)
+        # a quality target with a multistep sampler: its estimate carries a caveat on the flow models only
+        quality = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "taylor2", target_psnr=30.0).args[0]
+        run(quality, "dpmpp_2m")
+        quality_cal = next(iter(quality.model_options["transformer_options"]["speedkit_fbcache"].calibrations.values()))
+        r["multistep_psnr_caveat"] = quality_cal.caveat
         report[fam] = r
     emit_report(report)
     """
@@ -177,6 +182,18 @@ def test_speed_target_calibrates_once_per_sampler_and_schedule(report, family):
     log = report["log"]
     assert "calibration run, every step computed; chose plan computing steps" in log
     assert "Target 2x: calibrated plan computing steps" in log
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quality_target_with_dpmpp_2m_warns_on_flow_models(report, family):
+    """ComfyUI's dpmpp_2m reaches the node as a multistep sampler; on the flow models (Flux, Wan) a
+    quality target's estimate comes with the caveat, on the eps UNet (SD1.5) it does not."""
+    caveat = report["data"][family]["multistep_psnr_caveat"]
+    if family == "sd15":
+        assert caveat == ""
+    else:
+        assert "dpmpp_2m reuses earlier predictions" in caveat
+        assert "target_psnr 30: the estimated PSNR is likely too high" in report["log"]
 
 
 def test_cached_sampling_does_not_recompile_under_torch_compile():

@@ -408,7 +408,13 @@ def test_new_settings_are_validated(kwargs, match):
 # ------------------------------------------------------------------------------------ calibration
 
 
-def _calibrated_run(target_speedup: float = 0.0, target_psnr: float = 0.0, hit_residual: str = "taylor2"):
+def _calibrated_run(
+    target_speedup: float = 0.0,
+    target_psnr: float = 0.0,
+    hit_residual: str = "taylor2",
+    sampler: str = "sample_euler",
+    flow: bool = False,
+):
     """Two sampling runs of the stand-in Flux on identical inputs: the first calibrates, the second uses it."""
     torch.manual_seed(0)
     flux = Flux().eval()
@@ -420,11 +426,12 @@ def _calibrated_run(target_speedup: float = 0.0, target_psnr: float = 0.0, hit_r
         target_speedup=target_speedup,
         target_psnr=target_psnr,
     )
+    template.flow = flow
     sigmas = [14.0 * (1 - k / 12) ** 2 for k in range(12)] + [0.0]
     summaries = []
     for _ in range(2):
         holder = active(template.clone())
-        mode = holder.begin_run(sigmas, "sample_euler", (1, 6, 8))
+        mode = holder.begin_run(sigmas, sampler, (1, 6, 8))
         to = dit_options(holder)
         for k, s in enumerate(sigmas[:-1]):
             vec = torch.full((1, 1, 8), s / 14)
@@ -463,6 +470,25 @@ def test_quality_target_trades_speed_for_estimated_psnr():
     assert careful_cal.speedup <= fast_cal.speedup
     _, both = _calibrated_run(target_speedup=4.0, target_psnr=60.0)
     assert both[0][3].psnr >= 60.0 or not both[0][3].reached
+
+
+def test_quality_target_with_a_multistep_sampler_on_a_flow_model_carries_a_caveat(caplog):
+    with caplog.at_level(logging.WARNING, logger="speedkit.fbcache"):
+        _, ((_, _, text1, cal), (_, _, text2, _)) = _calibrated_run(
+            target_psnr=40.0, sampler="sample_dpmpp_2m", flow=True
+        )
+    assert "dpmpp_2m reuses earlier predictions" in cal.caveat
+    assert cal.caveat in text1 and cal.caveat in text2  # the calibration run's report and every later one
+    assert sum("estimated PSNR is likely too high" in r.getMessage() for r in caplog.records) == 1
+    # the estimate held within a few dB with single-step samplers, and with dpmpp_2m on the eps UNet;
+    # a speed target does not rest on the estimate
+    for kwargs in (
+        {"target_psnr": 40.0, "sampler": "sample_euler", "flow": True},
+        {"target_psnr": 40.0, "sampler": "sample_dpmpp_2m", "flow": False},
+        {"target_speedup": 2.0, "sampler": "sample_dpmpp_2m", "flow": True},
+    ):
+        _, ((_, _, text, other), _) = _calibrated_run(**kwargs)
+        assert other.caveat == "" and "likely too high" not in text, kwargs
 
 
 def test_unreachable_target_takes_the_fastest_threshold_and_says_so():
