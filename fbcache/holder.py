@@ -115,8 +115,8 @@ from one uncached run can see (docs/fbcache.md, "One skipped step: measured agai
 A quality target there gets a caveat in the log and the report."""
 
 MULTISTEP_CAVEAT = (
-    "the estimated PSNR is likely too high: {sampler} reuses earlier predictions, and on a flow model such "
-    "samplers lost 4-23 dB more than estimated in the benchmark; prefer target_speedup and check the result"
+    "the estimated PSNR is likely too high: {sampler} reuses earlier predictions (on the benchmark's flow "
+    "models dpmpp_2m lost 4-23 dB more than estimated); prefer target_speedup and check the result"
 )
 
 AHEAD_LAG = 2
