@@ -104,11 +104,7 @@ def skip_sensitivity(bench, sampler: str) -> None:
         rms = miss.pow(2).mean().sqrt().item()
         single = abs(sigmas[step + 1] - sigmas[step]) * calibration.survival(sigmas[step], flow) * rms
         aware = propagated_gain(coefficients, sigmas, step, flow) * sigmas[step] * rms
-        pattern = [k == step for k in range(n)]
-        holder = bench.fbc.FBCacheHolder(
-            0.5, force_pattern=pattern, skip_whole_step=True, hit_residual=RESIDUAL, max_consecutive_hits=-1
-        )
-        out, t = bench.sample(bench.adapter.apply_first_block_cache(bench.patcher, holder), sampler)
+        out, t = bench.forced_plan(sampler, [k for k in range(n) if k != step], RESIDUAL)
         a, b, c, residual = coefficients[step]
         bench.record(
             sampler,
