@@ -89,10 +89,9 @@ def plot(results: dict, out: Path, max_speedup: float = 6.0, ymin: float = 10.0,
             d.text((x0 - 28, py(p) - 7), str(p), fill=(0, 0, 0), font=fs)
         d.line([x0, py(30), x1, py(30)], fill=(150, 150, 150), width=2)
         d.line([px(3), y0, px(3), y1], fill=(150, 150, 150), width=2)
-        scheduler = results[kind]["baseline"][sampler].get("scheduler", "normal")
         d.text(
             (ox + 70, oy + 8),
-            f"{TITLES.get(kind, kind)}, {sampler.partition(':')[0]} {scheduler}",
+            f"{TITLES.get(kind, kind)}, {panel_title(sampler, results[kind]['baseline'][sampler])}",
             fill=(0, 0, 0),
             font=f,
         )
@@ -159,6 +158,14 @@ def _cell(r: dict | None) -> str:
     return f"{r['speedup']:.2f}x, {r['psnr']:.1f} dB ({r['setting']})" if r else "-"
 
 
+def panel_title(panel: str, baseline: dict) -> str:
+    """The title of panel ``sampler[:scheduler][@cfgN]``: ``dpmpp_2m normal`` (CFG 5, the
+    benchmark's default) or ``dpmpp_2m normal, CFG 3``."""
+    name = panel.partition("@")[0].partition(":")[0]
+    cfg = baseline.get("cfg", 5.0)
+    return f"{name} {baseline.get('scheduler', 'normal')}" + ("" if cfg == 5.0 else f", CFG {cfg:g}")
+
+
 def tables(results: dict) -> str:
     """Markdown: per (model, sampler) and method, the fastest setting at >= 30 dB and the best PSNR at
     >= 2x and >= 2.5x; then the speed-target runs (predicted vs measured)."""
@@ -175,7 +182,7 @@ def tables(results: dict) -> str:
                     continue
                 cells = [_cell(fastest_at(mine, 30.0, method)), _cell(best_at(mine, 2.0, method))]
                 cells.append(_cell(best_at(mine, 2.5, method)))
-                where = f"{kind}, {sampler.partition(':')[0]} {base.get('scheduler', 'normal')}"
+                where = f"{kind}, {panel_title(sampler, base)}"
                 lines.append(f"| {where} | {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -192,6 +199,49 @@ def tables(results: dict) -> str:
                     f"{r['predicted_speedup_calls']:.2f}x | {r['speedup_calls']:.2f}x | {r['speedup']:.2f}x | "
                     f"{r['predicted_psnr']:.1f} dB | {r['psnr']:.1f} dB |"
                 )
+    return "\n".join(lines)
+
+
+def _best_of(rows: list[dict], speed: float, prefixes: tuple[str, ...]) -> str:
+    found = [r for r in (best_at(rows, speed, p) for p in prefixes) if r]
+    if not found:
+        return "-"
+    r = max(found, key=lambda r: r["psnr"])
+    return f"{r['psnr']:.1f} dB ({SERIES.get(r['method'], (r['method'],))[0]}, {r['speedup']:.2f}x)"
+
+
+def cfg_table(results: dict, speed: float = 3.0) -> str:
+    """Markdown: per model, sampler and CFG scale (the ``@cfgN`` panels), how far the uncached
+    30-step output is from 60 steps and from 10 steps, its value range, the best PSNR of ours and of
+    the other caches at >= ``speed``, and the 3x speed target's predicted and measured PSNR."""
+    lines = [
+        f"| Model, sampler | CFG | output range | 30 vs 60 steps | 10 steps, no cache | ours, best at >= {speed:g}x |"
+        f" {speed:g}x target (whole steps, fit1): predicted / measured | EasyCache, MagCache, TaylorSeer: best at"
+        f" >= {speed:g}x |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("unet", "dit"):
+        panels = results.get(kind, {}).get("baseline", {})
+        order = sorted(panels, key=lambda k: (k.partition("@")[0], panels[k].get("cfg", 5.0)))
+        for panel in order:
+            base = panels[panel]
+            rows = [r for r in results[kind]["rows"] if r["sampler"] == panel]
+
+            def one(method: str, setting: float, rows: list[dict] = rows) -> dict | None:
+                return next((r for r in rows if r["method"] == method and r["setting"] == setting), None)
+
+            more, fewer, target = one("more_steps", 60), one("fewer_steps", 10), one("fbc_target_whole_fit1", speed)
+            cells = [
+                f"{kind}, {panel_title(panel.partition('@')[0], {**base, 'cfg': 5.0})}",
+                f"{base.get('cfg', 5.0):g}",
+                "{:.2f} to {:.2f}".format(*base["range"]),
+                f"{more['psnr']:.1f} dB" if more else "-",
+                f"{fewer['psnr']:.1f} dB" if fewer else "-",
+                _best_of(rows, speed, ("fbc_",)),
+                f"{target['predicted_psnr']:.1f} / {target['psnr']:.1f} dB" if target else "-",
+                _best_of(rows, speed, ("easycache", "magcache", "taylorseer")),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -212,6 +262,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--tables", action="store_true", help="print the markdown tables of docs/fbcache.md")
+    ap.add_argument("--cfg-table", action="store_true", help="print the table by CFG scale of docs/fbcache.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     results = json.loads(args.results.read_text())
@@ -219,6 +270,8 @@ def main() -> None:
         plot(results, args.plot)
     if args.tables:
         logger.info("\n%s\n\n%s", tables(results), single_skips(results))
+    if args.cfg_table:
+        logger.info("\n%s", cfg_table(results))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
    the calibration images), ``more_steps`` (the 30-step reference against 60 steps),
    ``skip_sensitivity`` (one skipped step at each position against two estimates of its cost,
    ``fbcache_sensitivity.py``). A
-   ``sampler:scheduler`` other than the model's default pairing gets its own panel.
+   ``sampler:scheduler`` other than the model's default pairing gets its own panel, and so does
+   each CFG scale other than 5 (``--cfg 1,3``: panels ``sampler@cfg1``, ``sampler@cfg3``).
 3. Reports PSNR and SSIM against the uncached output, in the model's own latent space (the
    training data lie in [-1, 1], the PSNR's peak-to-peak range is 2), and the speedup by FLOPs:
    uncached FLOPs / the run's FLOPs, where a computed call counts the FLOPs of a full model call
@@ -47,6 +48,8 @@ TAYLORSEER_INTERVALS = (2, 3, 4, 5, 6)
 TARGETS = (2.0, 2.5, 3.0, 3.5)
 SINGLE_SKIPS = (3, 8, 14, 20, 25, 28)
 """Steps at which the ``single_skip`` runs skip their one call (of 30)."""
+DEFAULT_CFG = 5.0
+"""The CFG scale of every panel without ``@cfgN`` in its name."""
 FEWER_STEPS = (15, 12, 10, 9, 8)
 """Step counts of the uncached ``fewer_steps`` runs (2x to 3.75x fewer model calls than 30)."""
 TAYLOR1 = {"hit_residual": "taylor1", "max_consecutive_hits": 3}
@@ -150,6 +153,7 @@ class Bench:
         self.section = results[kind]
         self.hit_flops: dict[tuple[str, int, int], float] = {}
         self.schedulers: dict[str, str] = {}
+        self.cfgs: dict[str, float] = {}  # panel -> CFG scale (DEFAULT_CFG where absent)
 
     def sample(
         self, mp, sampler: str, steps: int | None = None, inputs=None, callback=None
@@ -163,8 +167,8 @@ class Bench:
             mp,
             z,
             steps or self.args.steps,
-            self.args.cfg,
-            sampler.partition(":")[0],
+            self.cfgs.get(sampler, DEFAULT_CFG),
+            sampler.partition("@")[0].partition(":")[0],
             self.schedulers.get(sampler, "normal"),
             p,
             n,
@@ -315,6 +319,7 @@ class Bench:
         self.section.setdefault("baseline", {})[sampler] = {
             "calls": self.base_calls,
             "scheduler": self.schedulers.get(sampler, "normal"),
+            "cfg": self.cfgs.get(sampler, DEFAULT_CFG),
             "gflop_per_call": round(self.full_flops / 1e9, 4),
             "seconds": round(base_t, 2),
             "range": [round(self.base.min().item(), 3), round(self.base.max().item(), 3)],
@@ -429,7 +434,11 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--images", type=int, default=6)
-    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument(
+        "--cfg",
+        default=str(DEFAULT_CFG),
+        help=f"comma list of CFG scales; each other than {DEFAULT_CFG:g} gets its own panels (sampler@cfgN)",
+    )
     ap.add_argument("--train-steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--model-dir", type=Path, default=Path.home() / ".cache" / "speedkit-fbcache-toys")
@@ -460,7 +469,7 @@ def main() -> None:
 
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results.setdefault("settings", {}).update(
-        {"steps": args.steps, "images": args.images, "cfg": args.cfg, "threads": args.threads}
+        {"steps": args.steps, "images": args.images, "cfg": DEFAULT_CFG, "threads": args.threads}
     )
     scenes = ft.Scenes()
     modules = (fm, fb, ft, fbc, adapter, comfy.sample, FlopCounterMode)
@@ -470,13 +479,17 @@ def main() -> None:
         bench = Bench(kind, model, args, results, scenes, modules)
         spec = args.samplers or DEFAULT_SAMPLERS[kind]
         pairing = dict(e.split(":") for e in DEFAULT_SAMPLERS[kind].split(","))
-        for entry in spec.split(","):
-            sampler, _, scheduler = entry.partition(":")
-            scheduler = scheduler or "normal"
-            # another scheduler than the default pairing gets its own panel: "sampler:scheduler"
-            key = sampler if pairing.get(sampler, scheduler) == scheduler else f"{sampler}:{scheduler}"
-            bench.schedulers[key] = scheduler
-            bench.run(key, selected)
+        for cfg in (float(c) for c in args.cfg.split(",")):
+            for entry in spec.split(","):
+                sampler, _, scheduler = entry.partition(":")
+                scheduler = scheduler or "normal"
+                # another scheduler than the default pairing gets its own panel: "sampler:scheduler"
+                key = sampler if pairing.get(sampler, scheduler) == scheduler else f"{sampler}:{scheduler}"
+                if cfg != DEFAULT_CFG:  # and so does another CFG scale: "sampler[:scheduler]@cfgN"
+                    key += f"@cfg{cfg:g}"
+                    bench.cfgs[key] = cfg
+                bench.schedulers[key] = scheduler
+                bench.run(key, selected)
     args.out.write_text(json.dumps(results, indent=1))
     logger.info("done")
 

@@ -20,7 +20,8 @@ pattern a speed-target plan chose on the trained toy of ``benchmarks/fbcache_qua
 the first skipped (the cost of a skipped step). Time comes from the server's
 ``execution_start`` -> ``execution_success`` stamps, the first run of each case reported apart,
 then the median of ``--repeats`` runs (interleaved: one run of every case per round).
-``--waiting`` adds each pattern with every decision waiting for the GPU (the node's
+``--batch`` sets the empty-latent node's batch size (a batch spreads the prompt's fixed part over
+more images). ``--waiting`` adds each pattern with every decision waiting for the GPU (the node's
 ``decide_ahead`` off); ``--whole-step`` adds each with ``skip_whole_step`` (a skipped step runs
 no block: predicted ``steps / computed``). The prediction a speedup is compared with counts FLOPs
 (``torch.utils.flop_counter``: matmuls, convolutions, attention) of one computed and one skipped
@@ -230,7 +231,13 @@ def latent_shape(family: str, spec: dict) -> tuple[int, ...]:
 def run_family(server: ComfyServer, family: str, spec: dict, args, toy: str | None) -> dict:
     info = server.object_info()
     fbc = {"max_consecutive_hits": -1, "hit_residual": args.hit_residual, "min_steps": 0}
-    res: dict = {"family": family, "steps": args.steps, "latent": list(latent_shape(family, spec)), "cases": {}}
+    res: dict = {
+        "family": family,
+        "steps": args.steps,
+        "batch": spec["latent"][1].get("batch_size", 1),
+        "latent": list(latent_shape(family, spec)),  # of one image of the batch
+        "cases": {},
+    }
     cases: dict[str, tuple[str | None, dict]] = {"unpatched": (None, {}), ONE_STEP: (None, {})}
     for name, pattern in patterns(args.steps, toy).items():
         if args.cases and name not in args.cases.split(","):
@@ -336,6 +343,7 @@ def main() -> None:
     parser.add_argument("--families", default="sdxl,flux,wan")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="images per prompt (the empty-latent node's batch_size)")
     parser.add_argument("--hit-residual", default="taylor1")
     parser.add_argument("--toy-results", type=Path, default=REPO / "benchmarks" / "fbcache_results_cpu.json")
     parser.add_argument("--toy-target", type=float, default=3.0, help="the toy speed target whose plan is replayed")
@@ -372,6 +380,9 @@ def main() -> None:
     root = Path(os.environ["COMFYUI_ROOT"])
     ckpts, unets = args.assets / "checkpoints", args.assets / "diffusion_models"
     specs = {f: family_spec(f, args.tiny) for f in args.families.split(",")}
+    for spec in specs.values():  # the latent node's batch: ComfyUI samples it as one batch
+        node, inputs = spec["latent"]
+        spec["latent"] = (node, {**inputs, "batch_size": args.batch})
     for family, spec in specs.items():
         if family == "sdxl":
             if args.tiny:
