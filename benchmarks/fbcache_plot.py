@@ -202,6 +202,10 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+OURS = ("fbc_reuse", "fbc_extrapolate", "fbc_taylor", "fbc_target")
+"""Our methods as users set them (thresholds and targets), without the diagnostics' plans."""
+
+
 def _best_of(rows: list[dict], speed: float, prefixes: tuple[str, ...]) -> str:
     found = [r for r in (best_at(rows, speed, p) for p in prefixes) if r]
     if not found:
@@ -237,7 +241,7 @@ def cfg_table(results: dict, speed: float = 3.0) -> str:
                 "{:.2f} to {:.2f}".format(*base["range"]),
                 f"{more['psnr']:.1f} dB" if more else "-",
                 f"{fewer['psnr']:.1f} dB" if fewer else "-",
-                _best_of(rows, speed, ("fbc_",)),
+                _best_of(rows, speed, OURS),
                 f"{target['predicted_psnr']:.1f} / {target['psnr']:.1f} dB" if target else "-",
                 _best_of(rows, speed, ("easycache", "magcache", "taylorseer")),
             ]

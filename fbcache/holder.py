@@ -108,16 +108,39 @@ MULTISTEP_SAMPLERS = frozenset(
         "res_multistep_ancestral_cfg_pp",
     )
 )  # fmt: skip
-"""Samplers whose update combines the current prediction with earlier ones. On a flow model the
-estimated PSNR of a plan was far too high with them (dpmpp_2m on the benchmark's flow toys: 4-23
-dB): a skipped step changes what the model predicts on the following steps more than an estimate
-from one uncached run can see (docs/fbcache.md, "One skipped step: measured against the estimate").
-A quality target there gets a caveat in the log and the report."""
+"""Samplers whose update combines the current prediction with earlier ones: on a flow model their
+runs drift further from the estimate at a lower CFG scale than single-step samplers' (below)."""
 
-MULTISTEP_CAVEAT = (
-    "the estimated PSNR is likely too high: {sampler} reuses earlier predictions (on the benchmark's flow "
-    "models dpmpp_2m lost 4-23 dB more than estimated); prefer target_speedup and check the result"
+ESTIMATE_CFG_LIMITS = {"flow_multistep": 2.5, "flow": 3.5, "noise": 6.0}
+"""Above these CFG scales a quality target's estimated PSNR was often several dB too high on the
+benchmark's trained toys (docs/fbcache.md, "Guidance scale"): a skipped step's error changes what
+the model predicts on the following steps, which strong guidance amplifies and an estimate from one
+uncached run cannot see. Up to these scales the estimate held or was low (flow models: CFG 1-2 with
+every sampler, 3 with euler; the eps UNet: CFG 3-5). A quality target above them gets a caveat in
+the log and the report."""
+
+ESTIMATE_CAVEAT = (
+    "the estimated PSNR is likely too high: at CFG {cfg:g} {where} the benchmark's models lost several dB more "
+    "than estimated; prefer target_speedup and check the result"
 )
+
+
+def estimate_caveat(flow: bool, cfg: float, sampler: str) -> str:
+    """Why a quality target's estimate may not hold for this run ("" when it held in the benchmark)."""
+    multistep = flow and sampler in MULTISTEP_SAMPLERS
+    limit = ESTIMATE_CFG_LIMITS["flow_multistep" if multistep else "flow" if flow else "noise"]
+    if cfg <= limit:
+        return ""
+    name = sampler.removeprefix("sample_")
+    where = (
+        f"with {name}, which reuses earlier predictions, on a flow model"
+        if multistep
+        else "on a flow model"
+        if flow
+        else "on a noise-prediction model"
+    )
+    return ESTIMATE_CAVEAT.format(cfg=cfg, where=where)
+
 
 AHEAD_LAG = 2
 """Decided-ahead calls whose GPU values (sigma check, first-blocks distances) may stay unread: the
@@ -494,10 +517,10 @@ class FBCacheHolder:
             self.target_speedup,
             self.target_psnr,
         )
-        sampler = self._calibration_key[0]
-        if self.target_psnr > 0 and self.flow and sampler in MULTISTEP_SAMPLERS:
-            found = replace(found, caveat=MULTISTEP_CAVEAT.format(sampler=sampler.removeprefix("sample_")))
-            logger.warning("First Block Cache: target_psnr %g: %s.", self.target_psnr, found.caveat)
+        caveat = estimate_caveat(self.flow, self.cfg, self._calibration_key[0]) if self.target_psnr > 0 else ""
+        if caveat:
+            found = replace(found, caveat=caveat)
+            logger.warning("First Block Cache: target_psnr %g: %s.", self.target_psnr, caveat)
         self.calibrations[self._calibration_key] = found
         self.calibration = found
         self.threshold = found.threshold

@@ -74,11 +74,13 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         r["calibrations"] = len(holder.calibrations)
         r["other_sampler_calibrates_again"] = bool(torch.equal(run(target, "dpmpp_2m"), run(mp, "dpmpp_2m")))
         r["calibrations_after"] = len(holder.calibrations)
-        # a quality target with a multistep sampler: its estimate carries a caveat on the flow models only
-        quality = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "taylor2", target_psnr=30.0).args[0]
-        run(quality, "dpmpp_2m")
-        quality_cal = next(iter(quality.model_options["transformer_options"]["speedkit_fbcache"].calibrations.values()))
-        r["multistep_psnr_caveat"] = quality_cal.caveat
+        # a quality target at CFG 4 (the guider's scale reaches the holder): its estimate carries a caveat
+        # on the flow models only, naming the multistep sampler
+        for name in ("dpmpp_2m", "euler"):
+            quality = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "taylor2", target_psnr=30.0).args[0]
+            run(quality, name)
+            holder = quality.model_options["transformer_options"]["speedkit_fbcache"]
+            r[f"psnr_caveat_{name}"] = next(iter(holder.calibrations.values())).caveat
         report[fam] = r
     emit_report(report)
     """
@@ -185,14 +187,15 @@ def test_speed_target_calibrates_once_per_sampler_and_schedule(report, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_quality_target_with_dpmpp_2m_warns_on_flow_models(report, family):
-    """ComfyUI's dpmpp_2m reaches the node as a multistep sampler; on the flow models (Flux, Wan) a
-    quality target's estimate comes with the caveat, on the eps UNet (SD1.5) it does not."""
-    caveat = report["data"][family]["multistep_psnr_caveat"]
+def test_quality_target_under_strong_guidance_warns_on_flow_models(report, family):
+    """KSampler at CFG 4: on the flow models (Flux, Wan) a quality target's estimate comes with the
+    caveat (naming dpmpp_2m as a multistep sampler), on the eps UNet (SD1.5) it does not."""
+    r = report["data"][family]
     if family == "sd15":
-        assert caveat == ""
+        assert r["psnr_caveat_dpmpp_2m"] == r["psnr_caveat_euler"] == ""
     else:
-        assert "dpmpp_2m reuses earlier predictions" in caveat
+        assert "at CFG 4 with dpmpp_2m, which reuses earlier predictions, on a flow model" in r["psnr_caveat_dpmpp_2m"]
+        assert "at CFG 4 on a flow model" in r["psnr_caveat_euler"]
         assert "target_psnr 30: the estimated PSNR is likely too high" in report["log"]
 
 
