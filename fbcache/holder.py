@@ -115,9 +115,9 @@ ESTIMATE_CFG_LIMITS = {"flow_multistep": 2.5, "flow": 3.5, "noise": 6.0}
 """Above these CFG scales a quality target's estimated PSNR was often several dB too high on the
 benchmark's trained toys (docs/fbcache.md, "Guidance scale"): a skipped step's error changes what
 the model predicts on the following steps, which strong guidance amplifies and an estimate from one
-uncached run cannot see. Up to these scales the estimate held or was low (flow models: CFG 1-2 with
-every sampler, 3 with euler; the eps UNet: CFG 3-5). A quality target above them gets a caveat in
-the log and the report."""
+uncached run cannot see. Up to these scales no plan's estimate was more than 3 dB too high on the
+flow toys (CFG 1-2 with every sampler, 3 with euler), and at most 3 of 16 by up to 6.5 dB on the eps
+UNet (CFG 3-5). A quality target above them gets a caveat in the log and the report."""
 
 ESTIMATE_CAVEAT = (
     "the estimated PSNR is likely too high: at CFG {cfg:g} {where} the benchmark's models lost several dB more "
