@@ -9,6 +9,7 @@ that no other setting of the same method beats in both speed and quality (its Pa
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
 from pathlib import Path
@@ -58,8 +59,23 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return sorted(front)
 
 
-def plot(results: dict, out: Path, max_speedup: float = 6.0, ymin: float = 10.0, ymax: float = 60.0) -> None:
-    panels = [(k, s) for k in ("unet", "dit") if k in results for s in results[k].get("baseline", {})]
+def plot(
+    results: dict,
+    out: Path,
+    max_speedup: float = 6.0,
+    ymin: float = 10.0,
+    ymax: float = 60.0,
+    only: str = "*",
+) -> None:
+    """``only``: draw the panels whose ``kind:panel`` name matches one of these comma-separated globs
+    (``dit:dpmpp_2m,dit:dpmpp_2m@*``: the DiT's dpmpp_2m at every CFG scale)."""
+    panels = [
+        (k, s)
+        for k in ("unet", "dit")
+        if k in results
+        for s in results[k].get("baseline", {})
+        if any(fnmatch.fnmatchcase(f"{k}:{s}", glob) for glob in only.split(","))
+    ]
     pw, ph = 560, 400
     cols = 2
     rows_n = (len(panels) + cols - 1) // cols
@@ -133,7 +149,8 @@ def plot(results: dict, out: Path, max_speedup: float = 6.0, ymin: float = 10.0,
     d.text(
         (20, ly + 22 * ((len(SERIES) + 2) // 3) + 6),
         f"PSNR vs the uncached output of the same run (model latent space, peak-to-peak 2); {settings.get('steps')} "
-        f"steps, CFG {settings.get('cfg')}, {settings.get('images')} images. Grey lines: 30 dB and 3x.",
+        f"steps, CFG {settings.get('cfg', 5.0):g} unless a panel names another, {settings.get('images')} images. "
+        "Grey lines: 30 dB and 3x.",
         fill=(60, 60, 60),
         font=fs,
     )
@@ -265,13 +282,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument(
+        "--panels",
+        default="*",
+        help="only the panels matching one of these comma-separated globs on kind:panel, e.g. 'dit:euler*'",
+    )
     ap.add_argument("--tables", action="store_true", help="print the markdown tables of docs/fbcache.md")
     ap.add_argument("--cfg-table", action="store_true", help="print the table by CFG scale of docs/fbcache.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     results = json.loads(args.results.read_text())
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, only=args.panels)
     if args.tables:
         logger.info("\n%s\n\n%s", tables(results), single_skips(results))
     if args.cfg_table:
