@@ -68,6 +68,7 @@ from .forecast import (
     step_weights,
     taylor_order,
 )
+from .sampler_update import UpdateProbe
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +126,19 @@ ESTIMATE_CAVEAT = (
 )
 
 
-def estimate_caveat(flow: bool, cfg: float, sampler: str) -> str:
-    """Why a quality target's estimate may not hold for this run ("" when it held in the benchmark)."""
-    multistep = flow and sampler in MULTISTEP_SAMPLERS
+def estimate_caveat(flow: bool, cfg: float, sampler: str, multistep: bool | None = None) -> str:
+    """Why a quality target's estimate may not hold for this run ("" when it held in the benchmark).
+
+    ``multistep``: whether the sampler's updates combined earlier predictions, as read from the
+    calibration run (:class:`~fbcache.sampler_update.UpdateProbe`); None: by its name.
+    """
+    multistep = flow and (sampler in MULTISTEP_SAMPLERS if multistep is None else multistep)
     limit = ESTIMATE_CFG_LIMITS["flow_multistep" if multistep else "flow" if flow else "noise"]
     if cfg <= limit:
         return ""
     name = sampler.removeprefix("sample_")
     where = (
-        f"with {name}, which reuses earlier predictions, on a flow model"
+        f"with {name or 'this sampler'}, which reuses earlier predictions, on a flow model"
         if multistep
         else "on a flow model"
         if flow
@@ -459,6 +464,7 @@ class FBCacheHolder:
         if found is None:
             self.run_mode = "calibrating"
             self._trace = []
+            self._update_probe = UpdateProbe()
             logger.info(
                 "First Block Cache: target %s: this run (%s, %d steps) computes every step to plan the skips.",
                 self._target_text(),
@@ -517,7 +523,11 @@ class FBCacheHolder:
             self.target_speedup,
             self.target_psnr,
         )
-        caveat = estimate_caveat(self.flow, self.cfg, self._calibration_key[0]) if self.target_psnr > 0 else ""
+        caveat = ""
+        if self.target_psnr > 0:
+            sampler = self._calibration_key[0]
+            multistep = self._update_probe.multistep() if self._update_probe is not None else None
+            caveat = estimate_caveat(self.flow, self.cfg, sampler, multistep)
         if caveat:
             found = replace(found, caveat=caveat)
             logger.warning("First Block Cache: target_psnr %g: %s.", self.target_psnr, caveat)
@@ -555,6 +565,7 @@ class FBCacheHolder:
         self.calibration: Calibration | None = None
         self._calibration_key: Hashable = None
         self._trace: list[CallTrace] = []
+        self._update_probe: UpdateProbe | None = None  # calibration runs: how the sampler updates its latent
         self._plan: frozenset[float] | None = None  # calibrated runs: the schedule positions to compute
         self.value_range = 0.0  # calibration runs: the run's latent value range (the adapter sets it)
         # Deciding ahead of the GPU (see count_steps): allowed for this run, steps reported, why it stopped.
@@ -709,9 +720,12 @@ class FBCacheHolder:
         without reading the GPU: the sigma of a call is the schedule's entry of the step."""
         self._counting = True
         self._steps_done = 0
+        probe = self._update_probe if self.run_mode == "calibrating" else None
 
-        def step_done(index: int) -> None:
+        def step_done(index: int, denoised: torch.Tensor | None = None, x: torch.Tensor | None = None) -> None:
             self._steps_done = int(index) + 1
+            if probe is not None and denoised is not None and x is not None:
+                probe.record(int(index), denoised, x)  # calibration runs: how the sampler updates (no sync)
 
         return step_done
 

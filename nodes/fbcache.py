@@ -131,7 +131,10 @@ def _count_steps(guider, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     def counting_callback(*args, **kwargs):
         step = args[0] if args else kwargs.get("step")
         if isinstance(step, int):  # another sampler's own calling convention: no count, so no deciding ahead
-            step_done(step)
+            if len(args) >= 3:  # ComfyUI's callback(step, x0, x, total_steps): the step's prediction and latent
+                step_done(step, args[1], args[2])
+            else:
+                step_done(step)
         if callback is not None:
             return callback(*args, **kwargs)
         return None

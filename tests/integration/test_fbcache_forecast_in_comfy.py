@@ -81,6 +81,33 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
             run(quality, name)
             holder = quality.model_options["transformer_options"]["speedkit_fbcache"]
             r[f"psnr_caveat_{name}"] = next(iter(holder.calibrations.values())).caveat
+        # a sampler from another pack (a name the pack does not know) whose update reuses its last
+        # prediction, at CFG 3 through SamplerCustom's path: read as multistep from its own steps
+        def sample_pack_two_step(model, x, sigmas, extra_args=None, callback=None, disable=None):
+            extra_args = {} if extra_args is None else extra_args
+            s_in = x.new_ones([x.shape[0]])
+            old = None
+            for i in range(len(sigmas) - 1):
+                denoised = model(x, sigmas[i] * s_in, **extra_args)
+                if callback is not None:
+                    callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+                if sigmas[i + 1] == 0:
+                    x = denoised
+                else:
+                    ratio = sigmas[i + 1] / sigmas[i]
+                    x = ratio * x + (1 - ratio) * (denoised if old is None else 1.5 * denoised - 0.5 * old)
+                old = denoised
+            return x
+
+        import comfy.samplers
+        noise, latent, pos, neg = inputs
+        sigmas = comfy.samplers.calculate_sigmas(mp.get_model_object("model_sampling"), "normal", 10)
+        for label, cfg in (("cfg3", 3.0), ("cfg2", 2.0)):
+            quality = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "taylor2", target_psnr=30.0).args[0]
+            comfy.sample.sample_custom(quality, noise, cfg, comfy.samplers.KSAMPLER(sample_pack_two_step), sigmas,
+                                       pos, neg, latent, seed=0, disable_pbar=True)
+            holder = quality.model_options["transformer_options"]["speedkit_fbcache"]
+            r[f"psnr_caveat_custom_{label}"] = next(iter(holder.calibrations.values())).caveat
         report[fam] = r
     emit_report(report)
     """
@@ -197,6 +224,19 @@ def test_quality_target_under_strong_guidance_warns_on_flow_models(report, famil
         assert "at CFG 4 with dpmpp_2m, which reuses earlier predictions, on a flow model" in r["psnr_caveat_dpmpp_2m"]
         assert "at CFG 4 on a flow model" in r["psnr_caveat_euler"]
         assert "target_psnr 30: the estimated PSNR is likely too high" in report["log"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_multistep_sampler_of_another_pack_is_recognised_from_its_steps(report, family):
+    """A sampler function the pack does not know by name, given to SamplerCustom's path, that reuses
+    its last prediction: the calibration run reads it as multistep, so on the flow models a quality
+    target at CFG 3 gets the caveat (a single-step sampler would not: its limit is 3.5), at CFG 2 not."""
+    r = report["data"][family]
+    assert r["psnr_caveat_custom_cfg2"] == ""
+    if family == "sd15":
+        assert r["psnr_caveat_custom_cfg3"] == ""
+    else:
+        assert "at CFG 3 with pack_two_step, which reuses earlier predictions" in r["psnr_caveat_custom_cfg3"]
 
 
 def test_cached_sampling_does_not_recompile_under_torch_compile():
