@@ -464,7 +464,8 @@ class FBCacheHolder:
         if found is None:
             self.run_mode = "calibrating"
             self._trace = []
-            self._update_probe = UpdateProbe()
+            # a quality target's caveat depends on whether the sampler reuses earlier predictions
+            self._update_probe = UpdateProbe() if self.target_psnr > 0 else None
             logger.info(
                 "First Block Cache: target %s: this run (%s, %d steps) computes every step to plan the skips.",
                 self._target_text(),
@@ -527,6 +528,11 @@ class FBCacheHolder:
         if self.target_psnr > 0:
             sampler = self._calibration_key[0]
             multistep = self._update_probe.multistep() if self._update_probe is not None else None
+            logger.info(
+                "First Block Cache: the calibration run's steps read %s as %s.",
+                sampler.removeprefix("sample_") or "the sampler",
+                "undecided (its name decides)" if multistep is None else "multistep" if multistep else "single-step",
+            )
             caveat = estimate_caveat(self.flow, self.cfg, sampler, multistep)
         if caveat:
             found = replace(found, caveat=caveat)

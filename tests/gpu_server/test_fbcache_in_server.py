@@ -20,7 +20,9 @@ pytestmark = pytest.mark.gpu
 STEPS = 10  # above the node's default min_steps (8)
 
 
-def sampling_prompt(save: str, info: dict | None = None, pattern: str | None = None, seed: int = 5, **fbc) -> dict:
+def sampling_prompt(
+    save: str, info: dict | None = None, pattern: str | None = None, seed: int = 5, sampler: str = "euler", **fbc
+) -> dict:
     g = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL_NAME}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a detailed photo"}},
@@ -39,7 +41,7 @@ def sampling_prompt(save: str, info: dict | None = None, pattern: str | None = N
         "class_type": "KSampler",
         "inputs": {
             "model": model, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
-            "steps": STEPS, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+            "steps": STEPS, "cfg": 5.0, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0,
         },
     }  # fmt: skip
     g["8"] = {"class_type": "SpeedKitProbe_LatentSink", "inputs": {"samples": ["7", 0], "save_name": save}}
@@ -101,4 +103,21 @@ def test_fbcache_whole_step_skips_on_the_gpu(gpu_server, sdxl_checkpoint):  # no
     assert "Target 2x: calibrated plan computing steps" in log, log[-3000:]
     assert "5 skipped calls ran no block" in log and "Skips decided ahead" in log, log[-3000:]
     assert torch.isfinite(planned).all()
+    assert gpu_server.alive()
+
+
+def test_fbcache_quality_target_reads_the_sampler_on_the_gpu(gpu_server, sdxl_checkpoint):  # noqa: F811
+    """``target_psnr``: the calibration run reads from its own CUDA steps that dpmpp_2m reuses earlier
+    predictions and euler does not, plans, and the next euler run follows the plan."""
+    tag = gpu_server.setting
+    info = gpu_server.object_info()
+    before = len(gpu_server.log_text())
+    for sampler in ("dpmpp_2m", "euler"):
+        settings = {"target_psnr": 30.0, "hit_residual": "fit1", "sampler": sampler}
+        gpu_server.run_prompt(sampling_prompt(f"fbq_calib_{sampler}_{tag}", info, **settings), 900)
+    gpu_server.run_prompt(sampling_prompt(f"fbq_planned_{tag}", info, seed=6, **settings), 900)
+    log = gpu_server.log_text()[before:]
+    assert "steps read dpmpp_2m as multistep" in log and "steps read euler as single-step" in log, log[-3000:]
+    assert "Target estimated PSNR >= 30 dB: calibrated " in log, log[-3000:]  # the euler run's plan, reused
+    assert torch.isfinite(_latent(gpu_server, f"fbq_planned_{tag}")).all()
     assert gpu_server.alive()

@@ -232,6 +232,8 @@ def test_a_multistep_sampler_of_another_pack_is_recognised_from_its_steps(report
     its last prediction: the calibration run reads it as multistep, so on the flow models a quality
     target at CFG 3 gets the caveat (a single-step sampler would not: its limit is 3.5), at CFG 2 not."""
     r = report["data"][family]
+    assert "steps read pack_two_step as multistep" in report["log"]
+    assert "steps read dpmpp_2m as multistep" in report["log"] and "steps read euler as single-step" in report["log"]
     assert r["psnr_caveat_custom_cfg2"] == ""
     if family == "sd15":
         assert r["psnr_caveat_custom_cfg3"] == ""
