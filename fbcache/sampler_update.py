@@ -16,22 +16,29 @@ whose multistep fit is exact marks a multistep sampler; an exact single-step fit
 single-step one; samplers that add fresh noise or call the model more than once per step fit
 neither exactly, and so do samplers whose callback does not report the step's latent (ComfyUI's
 ipndm and deis pass the starting latent): there the answer stays unknown and the caller falls
-back to the sampler's name. Checked against ComfyUI v0.19.3's samplers: euler and ddim read as
-single-step; dpmpp_2m, lms, res_multistep, gradient_estimation and sa_solver as multistep.
+back to the sampler's name. Checked against ComfyUI v0.19.3's samplers (8, 12 and 30 steps):
+euler and ddim read as single-step; dpmpp_2m, lms, res_multistep and gradient_estimation as
+multistep (sa_solver too from 12 steps); heun, uni_pc, the ancestral and SDE samplers, ipndm and
+deis stay undecided.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 SAMPLES = 256
 """Latent values kept per step (evenly spaced over the flattened latent): far more equations than
 the fits' unknowns (2 and 8), a few KiB per run."""
 HISTORY = 4
 """Steps of the multistep form (the current and three before: ComfyUI's ipndm uses four)."""
-EXACT = 1e-3
+EXACT = 1e-4
 """A fit counts as exact when it leaves less than this share of what the step added to its scaled
-latent (float32 latents: about 1e-5 when the form is the sampler's)."""
+latent (float32 latents: 2e-6 to 2e-5 when the form is the sampler's; heun and uni_pc, whose
+updates use a model call the callback does not show, leave 5e-4 to 1.5e-3)."""
 HELPED = 2.0
 """The single-step form is the sampler's when its fit leaves at most this many times what the
 multistep fit leaves (the same float32 rounding both ways)."""
@@ -49,11 +56,23 @@ class UpdateProbe:
         self._index: torch.Tensor | None = None
         self._rows: list[torch.Tensor] = []
         self._steps: list[int] = []
+        self._failed = False
 
     def record(self, step: int, denoised: torch.Tensor, x: torch.Tensor) -> None:
-        """One callback of the sampler (``x`` the latent at the step's sigma, ``denoised`` its prediction)."""
+        """One callback of the sampler (``x`` the latent at the step's sigma, ``denoised`` its prediction).
+
+        Runs inside the sampler: anything unexpected only ends the reading (the answer stays unknown)."""
+        if self._failed:
+            return
         if not (isinstance(denoised, torch.Tensor) and isinstance(x, torch.Tensor)) or denoised.shape != x.shape:
             return
+        try:
+            self._record(step, denoised, x)
+        except Exception:  # noqa: BLE001 - a tensor of an unusual kind: no reading, the sampling goes on
+            logger.debug("First Block Cache: the sampler's steps could not be read", exc_info=True)
+            self._failed = True
+
+    def _record(self, step: int, denoised: torch.Tensor, x: torch.Tensor) -> None:
         if self._steps and step != self._steps[-1] + 1:
             self._rows, self._steps = [], []  # not consecutive (a restarted run): start over
         flat_x, flat_d = x.detach().reshape(-1), denoised.detach().reshape(-1)
@@ -66,9 +85,19 @@ class UpdateProbe:
     def multistep(self) -> bool | None:
         """True: the updates combined earlier predictions; False: each used only its own step;
         None: not decidable from this run (noise, several model calls per step, too few steps)."""
-        if len(self._rows) < HISTORY + 2:
+        if self._failed or len(self._rows) < HISTORY + 2:
             return None
-        data = torch.stack(self._rows).to("cpu", torch.float64)  # [steps, 2 (x, D), SAMPLES]; one sync
+        try:
+            return self._classify(torch.stack(self._rows).to("cpu", torch.float64))  # one sync
+        except Exception:  # noqa: BLE001 - e.g. a solver error on degenerate values: unknown
+            logger.debug("First Block Cache: the sampler's steps could not be classified", exc_info=True)
+            return None
+
+    @staticmethod
+    def _classify(data: torch.Tensor) -> bool | None:
+        """``data``: [steps, 2 (x, D), SAMPLES]."""
+        if not bool(torch.isfinite(data).all()):
+            return None
         xs, ds = data[:, 0], data[:, 1]
         single = multi = 0
         for k in range(HISTORY - 1, len(xs) - 1):

@@ -68,6 +68,15 @@ def _four_step(x, d, history, s, s_next):
     return x + (s_next - s) * sum(ci * derivs[-1 - i] for i, ci in enumerate(c))
 
 
+def _heun(x, d, history, s, s_next):
+    """Two model calls per step, the second one unseen by the callback."""
+    if s_next == 0:
+        return _euler(x, d, history, s, s_next)
+    predicted = _euler(x, d, history, s, s_next)
+    d2 = _denoiser()(predicted, s_next)
+    return x + (s_next - s) * ((x - d) / s + (predicted - d2) / s_next) / 2
+
+
 def test_single_step_updates_read_as_single_step():
     assert _run(_euler).multistep() is False
 
@@ -77,10 +86,29 @@ def test_updates_that_reuse_earlier_predictions_read_as_multistep():
     assert _run(_four_step).multistep() is True
 
 
-def test_fresh_noise_every_step_leaves_it_undecided():
-    """Ancestral/SDE samplers fit neither form exactly: the caller falls back to the sampler's name."""
+def test_fresh_noise_or_unseen_model_calls_leave_it_undecided():
+    """Ancestral/SDE samplers and samplers with a second model call per step fit neither form
+    exactly: the caller falls back to the sampler's name."""
     assert _run(_euler, noise_scale=0.3).multistep() is None
     assert _run(_two_step, noise_scale=0.3).multistep() is None
+    assert _run(_heun).multistep() is None
+
+
+def test_unreadable_steps_leave_it_undecided_and_never_raise(monkeypatch):
+    """The probe runs inside the sampler's callback: an error there must not stop the sampling."""
+    nan = _run(_two_step)
+    nan._rows[5] = nan._rows[5] * float("nan")
+    assert nan.multistep() is None
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an unusual tensor")
+
+    probe = UpdateProbe()
+    monkeypatch.setattr(probe, "_record", broken)
+    x = torch.randn(1, 4, 8, 8)
+    for k in range(STEPS):
+        probe.record(k, x * 0.5, x)  # does not raise
+    assert probe.multistep() is None
 
 
 def test_too_few_steps_or_no_tensors_leave_it_undecided():
