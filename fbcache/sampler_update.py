@@ -66,6 +66,8 @@ class UpdateProbe:
             return
         if not (isinstance(denoised, torch.Tensor) and isinstance(x, torch.Tensor)) or denoised.shape != x.shape:
             return
+        if x.numel() < 8 * 2 * HISTORY:
+            return  # too few values for the multistep fit's unknowns to be overdetermined
         try:
             self._record(step, denoised, x)
         except Exception:  # noqa: BLE001 - a tensor of an unusual kind: no reading, the sampling goes on

@@ -120,6 +120,10 @@ def test_too_few_steps_or_no_tensors_leave_it_undecided():
     empty = UpdateProbe()
     empty.record(0, None, x)  # another sampler's callback without tensors: ignored
     assert empty.multistep() is None
+    tiny = UpdateProbe()  # fewer values than the fits need to be overdetermined: nothing recorded
+    for k in range(STEPS):
+        tiny.record(k, torch.full((1, 4, 2, 2), 0.5 * k), torch.full((1, 4, 2, 2), float(k)))
+    assert tiny._rows == [] and tiny.multistep() is None
 
 
 def test_a_restarted_run_starts_over():
