@@ -54,6 +54,7 @@ class UpdateProbe:
 
     def __init__(self) -> None:
         self._index: torch.Tensor | None = None
+        self._index_for: tuple[int, torch.device] | None = None  # (latent size, device) of _index
         self._rows: list[torch.Tensor] = []
         self._steps: list[int] = []
         self._failed = False
@@ -78,9 +79,11 @@ class UpdateProbe:
         if self._steps and step != self._steps[-1] + 1:
             self._rows, self._steps = [], []  # not consecutive (a restarted run): start over
         flat_x, flat_d = x.detach().reshape(-1), denoised.detach().reshape(-1)
-        if self._index is None or self._index.device != flat_x.device or int(self._index[-1]) >= flat_x.numel():
+        # the positions are kept with the size and device they were made for: no read from the GPU
+        if self._index is None or self._index_for != (flat_x.numel(), flat_x.device):
             count = min(SAMPLES, flat_x.numel())
             self._index = torch.linspace(0, flat_x.numel() - 1, count, device=flat_x.device).long()
+            self._index_for = (flat_x.numel(), flat_x.device)
         self._rows.append(torch.stack([flat_x[self._index], flat_d[self._index]]).float())
         self._steps.append(int(step))
 
