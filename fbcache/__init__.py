@@ -20,6 +20,7 @@ from .hooks import (
     unet_output_block_patch,
     whole_step_apply_model_wrapper,
 )
+from .quality_check import measured_psnr
 
 __all__ = [
     "CACHE_MODES",
@@ -34,6 +35,7 @@ __all__ = [
     "conditioning_on_device",
     "dit_diffusion_wrapper",
     "make_block_replacement",
+    "measured_psnr",
     "resolve_family",
     "step_apply_model_wrapper",
     "unet_diffusion_wrapper",

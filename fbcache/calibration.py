@@ -138,10 +138,21 @@ class Calibration:
     reached: bool  # False when nothing met the targets (the closest choice is used)
     plan: tuple[float, ...] = ()
     caveat: str = ""  # why the estimated PSNR may not hold for this run (said with every report)
+    measured_psnr: float | None = None  # PSNR of a run with this plan against the calibration run (quality check)
+    checks: str = ""  # what the quality check ran, for the report
 
     def describe(self) -> str:
-        psnr = "no skipped step" if math.isinf(self.psnr) else f"estimated PSNR {self.psnr:.1f} dB"
+        if math.isinf(self.psnr):
+            psnr = "no skipped step"
+        elif self.measured_psnr is not None:
+            psnr = (
+                f"measured PSNR {self.measured_psnr:.1f} dB against the calibration run (estimated {self.psnr:.1f} dB)"
+            )
+        else:
+            psnr = f"estimated PSNR {self.psnr:.1f} dB"
         note = f" [{self.caveat}]" if self.caveat else ""
+        if self.checks:
+            note += f" [quality check: {self.checks}]"
         if self.plan:
             steps = ", ".join(f"{p:g}" for p in self.plan)
             return (
@@ -441,6 +452,91 @@ def _best_plans(
     return best
 
 
+class PlanSearch:
+    """The least-error plans of one calibration run for every number of computed steps (see
+    :func:`_best_plans`), and the choice among them for a target.
+
+    Built once per calibration; :meth:`choose` picks for the targets, and a quality check
+    (``fbcache/quality_check.py``) asks it for plans with more or fewer computed steps when a
+    measured run disagrees with the estimate.
+    """
+
+    def __init__(self, calls: Sequence[CallTrace], settings: ReplaySettings, keep: int, value_range: float) -> None:
+        usable = [c for c in calls if c.keys and all(k in c.decision and k in c.span for k in c.keys)]
+        if not usable:
+            raise ValueError("no recorded calls to plan from")
+        self.calls = [_to_cpu(c) for c in usable]
+        self.settings = settings
+        self.keep = keep
+        self.value_range = value_range
+        self.steps = _steps_of(self.calls)
+        fixed = {0} | {
+            i
+            for i, st in enumerate(self.steps)
+            if st.sigma is not None and not (settings.end_sigma < st.sigma <= settings.start_sigma * (1 + _SIGMA_RTOL))
+        }
+        self._calls_at = [sum(len(c.keys) for c in st.calls) for st in self.steps]
+        limit = settings.max_consecutive_hits
+        run_cap = MAX_PLANNED_RUN if limit < 0 else min(limit, MAX_PLANNED_RUN)
+        self.plans = _best_plans(self.steps, _PlanErrors(self.steps, settings), keep, fixed, run_cap)
+
+    @property
+    def counts(self) -> list[int]:
+        """The numbers of computed steps with a feasible plan, ascending."""
+        return sorted(self.plans)
+
+    @property
+    def all_steps(self) -> int:
+        """Steps of the schedule (a plan computing all of them skips nothing)."""
+        return len(self.steps)
+
+    def speedup(self, count: int) -> float:
+        """Model calls of the run over those the plan with ``count`` computed steps computes."""
+        if count >= self.all_steps:
+            return 1.0
+        return sum(self._calls_at) / sum(self._calls_at[i] for i in self.plans[count][1])
+
+    def psnr(self, count: int) -> float:
+        """The estimated PSNR of the plan with ``count`` computed steps (inf: nothing skipped)."""
+        if count >= self.all_steps:
+            return math.inf
+        err = self.plans[count][0]
+        return math.inf if err <= 0 else 20 * math.log10(max(self.value_range, 1e-12) / err)
+
+    def choose_count(self, target_speedup: float = 0.0, target_psnr: float = 0.0) -> int:
+        """The number of computed steps :meth:`choose` takes for these targets."""
+        counts = self.counts
+        fast = [m for m in counts if target_speedup > 0 and self.speedup(m) >= target_speedup - 1e-9]
+        good = [m for m in counts if target_psnr > 0 and self.psnr(m) >= target_psnr]
+        if target_speedup > 0 and target_psnr > 0:
+            ok = [m for m in fast if m in good]
+            return max(ok) if ok else (min(good) if good else max(counts))
+        if target_speedup > 0:
+            return max(fast) if fast else min(counts)
+        return min(good) if good else max(counts)
+
+    def calibration(self, count: int, target_speedup: float = 0.0, target_psnr: float = 0.0) -> Calibration:
+        """The plan with ``count`` computed steps replayed with the live rule, as a :class:`Calibration`
+        (``count`` at or above :attr:`all_steps`: every step computed)."""
+        if count >= self.all_steps:
+            positions = frozenset(st.position for st in self.steps)
+        else:
+            positions = frozenset(self.steps[i].position for i in self.plans[count][1])
+        checked = replay(self.calls, math.inf, self.settings, self.keep, plan=positions)
+        psnr = checked.psnr(self.value_range)
+        reached = (target_speedup <= 0 or checked.speedup >= target_speedup - 1e-9) and (
+            target_psnr <= 0 or psnr >= target_psnr
+        )
+        guard = PLAN_GUARD * checked.max_distance if checked.max_distance > 0 else math.inf
+        return Calibration(
+            guard, checked.speedup, psnr, checked.computed, checked.total, reached, tuple(sorted(positions))
+        )
+
+    def choose(self, target_speedup: float = 0.0, target_psnr: float = 0.0) -> Calibration:
+        """The plan for the targets (see :func:`plan`)."""
+        return self.calibration(self.choose_count(target_speedup, target_psnr), target_speedup, target_psnr)
+
+
 def plan(
     calls: Sequence[CallTrace],
     settings: ReplaySettings,
@@ -461,53 +557,7 @@ def plan(
     change cannot see that; the plan does, from the recorded run. The plan's guard distance (see
     :data:`PLAN_GUARD`) is returned as the calibration's threshold.
     """
-    usable = [c for c in calls if c.keys and all(k in c.decision and k in c.span for k in c.keys)]
-    if not usable:
-        raise ValueError("no recorded calls to plan from")
-    usable = [_to_cpu(c) for c in usable]
-    steps = _steps_of(usable)
-    fixed = {0} | {
-        i
-        for i, st in enumerate(steps)
-        if st.sigma is not None and not (settings.end_sigma < st.sigma <= settings.start_sigma * (1 + _SIGMA_RTOL))
-    }
-    calls_at = [sum(len(c.keys) for c in st.calls) for st in steps]
-    total_calls = sum(calls_at)
-    limit = settings.max_consecutive_hits
-    run_cap = MAX_PLANNED_RUN if limit < 0 else min(limit, MAX_PLANNED_RUN)
-    plans = _best_plans(steps, _PlanErrors(steps, settings), keep, fixed, run_cap)
-
-    def speedup(chosen: list[int]) -> float:
-        return total_calls / sum(calls_at[i] for i in chosen)
-
-    def psnr(err: float) -> float:
-        return math.inf if err <= 0 else 20 * math.log10(max(value_range, 1e-12) / err)
-
-    counts = sorted(plans)  # numbers of computed steps with a feasible plan
-    fast = [m for m in counts if target_speedup > 0 and speedup(plans[m][1]) >= target_speedup - 1e-9]
-    good = [m for m in counts if target_psnr > 0 and psnr(plans[m][0]) >= target_psnr]
-    if target_speedup > 0 and target_psnr > 0:
-        ok = [m for m in fast if m in good]
-        count = max(ok) if ok else (min(good) if good else max(counts))
-    elif target_speedup > 0:
-        count = max(fast) if fast else min(counts)
-    else:
-        count = min(good) if good else max(counts)
-    positions = frozenset(steps[i].position for i in plans[count][1])
-    checked = replay(usable, math.inf, settings, keep, plan=positions)
-    reached = (target_speedup <= 0 or checked.speedup >= target_speedup - 1e-9) and (
-        target_psnr <= 0 or checked.psnr(value_range) >= target_psnr
-    )
-    guard = PLAN_GUARD * checked.max_distance if checked.max_distance > 0 else math.inf
-    return Calibration(
-        guard,
-        checked.speedup,
-        checked.psnr(value_range),
-        checked.computed,
-        checked.total,
-        reached,
-        tuple(sorted(positions)),
-    )
+    return PlanSearch(calls, settings, keep, value_range).choose(target_speedup, target_psnr)
 
 
 def _to_cpu(call: CallTrace) -> CallTrace:

@@ -15,6 +15,7 @@ from ..fbcache import (
     conditioning_on_device,
     dit_diffusion_wrapper,
     make_block_replacement,
+    measured_psnr,
     resolve_family,
     step_apply_model_wrapper,
     unet_diffusion_wrapper,
@@ -111,16 +112,21 @@ def _note_value_range(guider, samples) -> None:
         holder.value_range = float(samples.amax() - samples.amin())  # one sync, calibration runs only
 
 
-def _count_steps(guider, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Pass the sampler a callback that also tells the run's holder each finished step (then a
-    planned run decides its skips without waiting for the GPU, see FBCacheHolder.count_steps).
+def _run_holder(guider) -> FBCacheHolder | None:
+    """The holder of the sampling run (set on the guider's model options by ``outer_sample_wrapper``)."""
+    options = getattr(guider, "model_options", None)
+    holder = options.get("transformer_options", {}).get(HOLDER_KEY) if isinstance(options, dict) else None
+    return holder if isinstance(holder, FBCacheHolder) else None
+
+
+def _count_steps(holder: FBCacheHolder | None, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Pass the sampler a callback that also tells ``holder`` each finished step (then a planned
+    run decides its skips without waiting for the GPU, see FBCacheHolder.count_steps).
 
     ``sampler.sample(guider, sigmas, extra_args, callback, noise, ...)``: the callback is the third
     argument; ComfyUI calls it as ``callback(step, x0, x, total_steps)``.
     """
-    options = getattr(guider, "model_options", None)
-    holder = options.get("transformer_options", {}).get(HOLDER_KEY) if isinstance(options, dict) else None
-    if not isinstance(holder, FBCacheHolder) or not holder.active:
+    if holder is None or not holder.active:
         return args, kwargs
     in_args = len(args) > 2
     if not in_args and "callback" not in kwargs:
@@ -144,33 +150,104 @@ def _count_steps(guider, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, {**kwargs, "callback": counting_callback}
 
 
+def _extra_args(args: tuple, kwargs: dict) -> dict | None:
+    extra = args[1] if len(args) > 1 else kwargs.get("extra_args")
+    return extra if isinstance(extra, dict) else None
+
+
+def _with_extra_args(args: tuple, kwargs: dict, extra: dict) -> tuple[tuple, dict]:
+    if len(args) > 1:
+        return (args[0], extra, *args[2:]), kwargs
+    return args, {**kwargs, "extra_args": extra}
+
+
+def _snapshot(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The sampler's arguments with their own ``extra_args`` dict: some samplers (the CFG++ ones)
+    replace its model options during the run, and a quality check run must start from the original."""
+    extra = _extra_args(args, kwargs)
+    return _with_extra_args(args, kwargs, dict(extra)) if extra is not None else (args, kwargs)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """The user's cancel (ComfyUI's interrupt exception), which must reach ComfyUI."""
+    import comfy.model_management
+
+    return isinstance(exc, comfy.model_management.InterruptProcessingException)
+
+
+def _check_plan(executor, guider, args: tuple, kwargs: dict, reference) -> None:
+    """Quality targets, calibration run: sample the same inputs with candidate plans and keep the
+    fastest whose measured PSNR against this run holds (fbcache/quality_check.py).
+
+    ``args``/``kwargs``: the sampler's arguments as the run got them. Each check run gets its own
+    holder (planned by the candidate) through a copy of ``extra_args``' model options, and the
+    user's callback (progress, previews, cancel). A check run that fails for another reason than a
+    cancel is logged and the estimate decides; the calibration run's result is returned either way.
+    """
+    holder = _run_holder(guider)
+    if holder is None or holder.run_mode != "calibrating" or holder.target_psnr <= 0 or not holder.check_quality:
+        return
+    extra = _extra_args(args, kwargs)
+    options = extra.get("model_options") if extra is not None else None
+    if not isinstance(options, dict):
+        return  # a sampler of another signature: the estimate decides
+
+    def measure(candidate) -> float | None:
+        trial = holder.trial(candidate)
+        trial_options = {
+            **options,
+            "transformer_options": {**options.get("transformer_options", {}), HOLDER_KEY: trial},
+        }
+        trial_args, trial_kwargs = _with_extra_args(args, kwargs, {**extra, "model_options": trial_options})
+        trial_args, trial_kwargs = _count_steps(trial, trial_args, trial_kwargs)
+        try:
+            samples = executor(guider, *trial_args, **trial_kwargs)
+            logger.info("First Block Cache: quality check run: %s", trial.summary_text())
+            return measured_psnr(reference, samples, holder.value_range)
+        except Exception as exc:
+            if _interrupted(exc):
+                raise
+            logger.warning(
+                "First Block Cache: a quality check run failed (%s: %s); the estimated PSNR decides.",
+                type(exc).__name__,
+                exc,
+            )
+            return None
+        finally:
+            trial.reset()
+
+    holder.finish_calibration(holder.value_range, measure)
+
+
 def sampler_sample_wrapper(executor, guider, *args, **kwargs):
-    """``SAMPLER_SAMPLE``: the run's conditioning stays on the model's device (see fbcache/conditioning.py).
+    """``SAMPLER_SAMPLE``: the run's conditioning stays on the model's device (see
+    fbcache/conditioning.py); a quality target's calibration run checks its plan here.
 
     Runs after ComfyUI built the run's own cond dicts, so the user's CONDITIONING is not touched;
     the guider gets them back when the sampler returns.
     """
-    args, kwargs = _count_steps(guider, args, kwargs)
+    original_args, original_kwargs = _snapshot(args, kwargs)
+    args, kwargs = _count_steps(_run_holder(guider), args, kwargs)
     original = getattr(guider, "conds", None)
     device = getattr(getattr(guider, "model_patcher", None), "load_device", None)
-    if not isinstance(original, dict) or device is None:  # a guider of another shape: leave it as it is
-        samples = executor(guider, *args, **kwargs)
-        _note_value_range(guider, samples)
-        return samples
-    guider.conds, moved = conditioning_on_device(original, device)
-    if moved:
-        logger.info(
-            "First Block Cache: the conditioning (%.1f MiB) stays on %s for this run, so cached steps do not wait "
-            "for a host-side copy.",
-            moved / 2**20,
-            device,
-        )
+    keep_on_device = isinstance(original, dict) and device is not None  # else a guider of another shape
+    if keep_on_device:
+        guider.conds, moved = conditioning_on_device(original, device)
+        if moved:
+            logger.info(
+                "First Block Cache: the conditioning (%.1f MiB) stays on %s for this run, so cached steps do not "
+                "wait for a host-side copy.",
+                moved / 2**20,
+                device,
+            )
     try:
         samples = executor(guider, *args, **kwargs)
         _note_value_range(guider, samples)
+        _check_plan(executor, guider, original_args, original_kwargs, samples)
         return samples
     finally:
-        guider.conds = original
+        if keep_on_device:
+            guider.conds = original
 
 
 def apply_first_block_cache(model, holder: FBCacheHolder):
@@ -467,6 +544,17 @@ class FirstBlockCache(io.ComfyNode):
                     optional=True,
                     advanced=True,
                 ),
+                io.Boolean.Input(
+                    "check_quality",
+                    default=True,
+                    tooltip=(
+                        "With target_psnr: the first run samples its own inputs again with the chosen plan (at "
+                        "most 3 such runs) and keeps the fastest plan whose measured PSNR against that run holds "
+                        "the target. Off: the estimate alone decides (a shorter first run)."
+                    ),
+                    optional=True,
+                    advanced=True,
+                ),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with First Block Cache attached (the input model is unchanged).")
@@ -492,6 +580,7 @@ class FirstBlockCache(io.ComfyNode):
         target_psnr: float = 0.0,
         decide_ahead: bool = True,
         skip_whole_step: bool = False,
+        check_quality: bool = True,
     ) -> io.NodeOutput:
         validate_settings(
             residual_diff_threshold,
@@ -524,6 +613,7 @@ class FirstBlockCache(io.ComfyNode):
             target_psnr=target_psnr,
             decide_ahead=decide_ahead,
             skip_whole_step=skip_whole_step,
+            check_quality=check_quality,
         )
         holder.report_node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         return io.NodeOutput(apply_first_block_cache(model, holder))

@@ -9,6 +9,8 @@ plain run too, and the next run follows the plan it reported.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -107,17 +109,41 @@ def test_fbcache_whole_step_skips_on_the_gpu(gpu_server, sdxl_checkpoint):  # no
 
 
 def test_fbcache_quality_target_reads_the_sampler_on_the_gpu(gpu_server, sdxl_checkpoint):  # noqa: F811
-    """``target_psnr``: the calibration run reads from its own CUDA steps that dpmpp_2m reuses earlier
-    predictions and euler does not, plans, and the next euler run follows the plan."""
+    """``target_psnr`` with ``check_quality`` off: the calibration run reads from its own CUDA steps that
+    dpmpp_2m reuses earlier predictions and euler does not, plans, and the next euler run follows the plan."""
     tag = gpu_server.setting
     info = gpu_server.object_info()
     before = len(gpu_server.log_text())
     for sampler in ("dpmpp_2m", "euler"):
-        settings = {"target_psnr": 30.0, "hit_residual": "fit1", "sampler": sampler}
+        settings = {"target_psnr": 30.0, "hit_residual": "fit1", "sampler": sampler, "check_quality": False}
         gpu_server.run_prompt(sampling_prompt(f"fbq_calib_{sampler}_{tag}", info, **settings), 900)
     gpu_server.run_prompt(sampling_prompt(f"fbq_planned_{tag}", info, seed=6, **settings), 900)
     log = gpu_server.log_text()[before:]
     assert "steps read dpmpp_2m as multistep" in log and "steps read euler as single-step" in log, log[-3000:]
     assert "Target estimated PSNR >= 30 dB: calibrated " in log, log[-3000:]  # the euler run's plan, reused
     assert torch.isfinite(_latent(gpu_server, f"fbq_planned_{tag}")).all()
+    assert gpu_server.alive()
+
+
+def test_fbcache_quality_target_is_checked_by_sampling_on_the_gpu(gpu_server, sdxl_checkpoint):  # noqa: F811
+    """``target_psnr`` with its check (the default): the first prompt returns the uncached result, its
+    plan's PSNR was measured by sampling the same inputs again on the GPU (at or above the target, or
+    every step computed), and the next prompt follows the checked plan."""
+    tag = gpu_server.setting
+    info = gpu_server.object_info()
+    settings = {"target_psnr": 30.0, "hit_residual": "fit1", "skip_whole_step": True, "seed": 7}
+    gpu_server.run_prompt(sampling_prompt(f"fbk_plain_{tag}", seed=7), 900)
+    before = len(gpu_server.log_text())
+    gpu_server.run_prompt(sampling_prompt(f"fbk_calib_{tag}", info, **settings), 900)
+    gpu_server.run_prompt(sampling_prompt(f"fbk_planned_{tag}", info, **{**settings, "seed": 8}), 900)
+    log = gpu_server.log_text()[before:]
+    plain, calib, planned = (_latent(gpu_server, f"fbk_{k}_{tag}") for k in ("plain", "calib", "planned"))
+    assert float((calib - plain).abs().max()) < 1e-3  # the prompt's result is the uncached run's
+    assert "First Block Cache: quality check run:" in log, log[-3000:]
+    found = re.search(r"measured PSNR ([0-9.]+) dB against the calibration run", log)
+    assert found or "every step is computed" in log, log[-3000:]
+    if found:
+        assert float(found.group(1)) >= 30.0, log[-3000:]
+        assert "Target estimated PSNR >= 30 dB: calibrated plan computing steps" in log, log[-3000:]
+    assert torch.isfinite(planned).all()
     assert gpu_server.alive()

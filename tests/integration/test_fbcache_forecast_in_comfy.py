@@ -7,6 +7,7 @@ Small random SD1.5-, Flux- and Wan-shaped models from ComfyUI's own classes, sam
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 
 import pytest
@@ -14,7 +15,7 @@ from test_fbcache_comfy import REPO, SCRIPT_PRELUDE, run_comfy_script
 
 SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     """
-    import comfy.model_patcher, comfy.supported_models as sm
+    import math, comfy.model_patcher, comfy.supported_models as sm
     dev = torch.device("cpu")
     report = {}
 
@@ -77,7 +78,8 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         # a quality target at CFG 4 (the guider's scale reaches the holder): its estimate carries a caveat
         # on the flow models only, naming the multistep sampler
         for name in ("dpmpp_2m", "euler"):
-            quality = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "taylor2", target_psnr=30.0).args[0]
+            quality = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "taylor2", target_psnr=30.0,
+                                   check_quality=False).args[0]
             run(quality, name)
             holder = quality.model_options["transformer_options"]["speedkit_fbcache"]
             r[f"psnr_caveat_{name}"] = next(iter(holder.calibrations.values())).caveat
@@ -103,11 +105,50 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
         noise, latent, pos, neg = inputs
         sigmas = comfy.samplers.calculate_sigmas(mp.get_model_object("model_sampling"), "normal", 10)
         for label, cfg in (("cfg3", 3.0), ("cfg2", 2.0)):
-            quality = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "taylor2", target_psnr=30.0).args[0]
+            quality = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "taylor2", target_psnr=30.0,
+                                   check_quality=False).args[0]
             comfy.sample.sample_custom(quality, noise, cfg, comfy.samplers.KSAMPLER(sample_pack_two_step), sigmas,
                                        pos, neg, latent, seed=0, disable_pbar=True)
             holder = quality.model_options["transformer_options"]["speedkit_fbcache"]
             r[f"psnr_caveat_custom_{label}"] = next(iter(holder.calibrations.values())).caveat
+        # a quality target with its check (the node's default): the first run returns the uncached result,
+        # a later run reproduces the PSNR the check measured (same inputs, the checked plan)
+        import comfy.model_management
+        def psnr_of(out, ref):
+            # in the model's latent space, where the node measures (Wan scales each channel on the way out)
+            out, ref = mp.model.process_latent_in(out), mp.model.process_latent_in(ref)
+            rms = (out - ref).pow(2).mean().sqrt().item()
+            return float("inf") if rms == 0 else 20 * math.log10((ref.amax() - ref.amin()).item() / rms)
+        checked = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "fit1", target_psnr=30.0,
+                               skip_whole_step=True).args[0]
+        first = run(checked)
+        holder = checked.model_options["transformer_options"]["speedkit_fbcache"]
+        cal = next(iter(holder.calibrations.values()))
+        second = run(checked)
+        r["check_first_identical"] = bool(torch.equal(first, base))
+        r["check_measured"] = cal.measured_psnr
+        r["check_again"] = psnr_of(second, first)
+        r["check_all_computed"] = cal.computed == cal.total
+        r["check_caveat"] = cal.caveat
+        # a cancel during a check run reaches ComfyUI and keeps no plan; another failure leaves the estimate
+        for label, error in (("cancel", comfy.model_management.InterruptProcessingException),
+                             ("failure", RuntimeError)):
+            quality = node.execute(mp, 0.1, 0.0, 1.0, 3, "tail", False, "fit1", target_psnr=30.0,
+                                   skip_whole_step=True).args[0]
+            seen = []
+            def stop_in_check(step, x0, x, total):
+                seen.append(step)
+                if len(seen) > total:  # past the calibration run's own steps
+                    raise error("stopped in a check run")
+            noise, latent, pos, neg = inputs
+            try:
+                out = comfy.sample.sample(quality, noise, 10, 4.0, "euler", "normal", pos, neg, latent, seed=0,
+                                          disable_pbar=True, callback=stop_in_check)
+                r[f"{label}_returned_uncached"] = bool(torch.equal(out, base))
+            except comfy.model_management.InterruptProcessingException:
+                r[f"{label}_raised"] = True
+            holder = quality.model_options["transformer_options"]["speedkit_fbcache"]
+            r[f"{label}_calibrations"] = [c.measured_psnr for c in holder.calibrations.values()]
         report[fam] = r
     emit_report(report)
     """
@@ -239,6 +280,34 @@ def test_a_multistep_sampler_of_another_pack_is_recognised_from_its_steps(report
         assert r["psnr_caveat_custom_cfg3"] == ""
     else:
         assert "at CFG 3 with pack_two_step, which reuses earlier predictions" in r["psnr_caveat_custom_cfg3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quality_target_is_checked_by_sampling_and_later_runs_reproduce_the_measurement(report, family):
+    """target_psnr with check_quality (the default) through KSampler's path: the first run returns the
+    uncached result; its plan's PSNR was measured by sampling the same inputs again, and the next run
+    (same inputs, that plan) lands on the same PSNR; the plan holds the target or computes every step."""
+    r = report["data"][family]
+    assert r["check_first_identical"], r
+    assert r["check_measured"] is not None, r
+    if r["check_all_computed"]:
+        assert r["check_measured"] == math.inf and r["check_again"] == math.inf, r
+    else:
+        assert r["check_measured"] >= 30.0, r
+        assert abs(r["check_again"] - r["check_measured"]) < 0.05, r
+    assert r["check_caveat"] == "", r
+    log = report["log"]
+    assert "First Block Cache: quality check run:" in log and "target_psnr 30: " in log
+    assert "against the calibration run (estimated" in log or "every step is computed" in log
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_cancel_during_a_quality_check_reaches_comfyui_and_a_failure_leaves_the_estimate(report, family):
+    r = report["data"][family]
+    assert r.get("cancel_raised") and r["cancel_calibrations"] == [], r  # no plan kept: the next run calibrates
+    assert r["failure_returned_uncached"], r  # the calibration run's own result
+    assert r["failure_calibrations"] == [None], r  # the estimate decided
+    assert "a quality check run failed (RuntimeError: stopped in a check run)" in report["log"]
 
 
 def test_cached_sampling_does_not_recompile_under_torch_compile():
