@@ -46,6 +46,9 @@ EASYCACHE_THRESHOLDS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5)
 MAGCACHE_THRESHOLDS = (0.01, 0.03, 0.06, 0.12, 0.25, 0.5, 1.0)
 TAYLORSEER_INTERVALS = (2, 3, 4, 5, 6)
 TARGETS = (2.0, 2.5, 3.0, 3.5)
+PSNR_TARGETS = (30.0, 35.0, 40.0, 45.0)
+"""``target_psnr`` settings of the quality-target runs (the node's PSNR: the uncached run's own value
+range as the peak, which is wider than the data's [-1, 1] under strong guidance)."""
 SINGLE_SKIPS = (3, 8, 14, 20, 25, 28)
 """Steps at which the ``single_skip`` runs skip their one call (of 30)."""
 DEFAULT_CFG = 5.0
@@ -361,6 +364,37 @@ class Bench:
                     plan=list(calibration.plan),
                     predicted_speedup_calls=round(calibration.speedup, 3),
                     predicted_psnr=round(calibration.psnr, 2),
+                )
+        for method, check in (("fbc_psnr_checked", True), ("fbc_psnr_estimate", False)):
+            if not selected(method):
+                continue
+            # quality targets (whole steps, fit1), with the node's check (measured on the calibration
+            # images) and with the estimate alone; both judged on the evaluation images
+            settings = {**TARGET_SETTINGS, "skip_whole_step": True, "hit_residual": "fit1", "check_quality": check}
+            peak = float(self.base.max() - self.base.min())  # the node's peak: the uncached run's range
+            cost = self.hit_cost(sampler, 1, 0)  # before the runs: it samples (and resets the call counter)
+            for target in PSNR_TARGETS:
+                holder = fbc.FBCacheHolder(0.1, target_psnr=target, **settings)
+                mp = adapter.apply_first_block_cache(self.patcher, holder)
+                _, first_t = self.sample(mp, sampler, inputs=self.calibration_inputs)
+                calibration = next(iter(holder.calibrations.values()))
+                out, t = self.sample(mp, sampler)
+                self.record(
+                    sampler,
+                    method,
+                    target,
+                    out,
+                    t,
+                    cost,
+                    plan=list(calibration.plan),
+                    predicted_speedup_calls=round(calibration.speedup, 3),
+                    predicted_psnr=round(calibration.psnr, 2),
+                    measured_psnr=None
+                    if calibration.measured_psnr is None
+                    else round(min(calibration.measured_psnr, 99.0), 2),  # 99: nothing skipped, as psnr()
+                    psnr_run_peak=round(psnr(out, self.base, peak), 2),
+                    first_run_seconds=round(first_t, 2),
+                    checks=calibration.checks,
                 )
         if selected("fbc_cross_plan"):  # each whole-step forecast on the plan chosen for the other
             self.cross_plans(sampler)

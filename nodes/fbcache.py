@@ -514,10 +514,10 @@ class FirstBlockCache(io.ComfyNode):
                     max=100.0,
                     step=0.5,
                     tooltip=(
-                        "0 = off. Otherwise the steps are planned (as for target_speedup) so that the estimated "
-                        "PSNR of the result against an uncached run stays at or above this many dB (an estimate "
-                        "from the calibration run). With target_speedup too: that speed unless it costs more "
-                        "quality than this."
+                        "0 = off. Otherwise the steps are planned (as for target_speedup) so that the PSNR of the "
+                        "result against an uncached run (latent space, peak = its value range) stays at or above "
+                        "this many dB; check_quality measures the plan. With target_speedup too: that speed "
+                        "unless it costs more quality than this."
                     ),
                     optional=True,
                     advanced=True,
