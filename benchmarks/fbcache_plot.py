@@ -279,6 +279,60 @@ def cfg_table(results: dict, speed: float = 3.0) -> str:
     return "\n".join(lines)
 
 
+def psnr_target_table(results: dict, targets: tuple[float, ...] = (30.0, 35.0, 40.0, 45.0)) -> str:
+    """Markdown: per panel and ``target_psnr``, the quality-target runs with the node's check and
+    with the estimate alone: speedup (FLOPs) and the PSNR on the evaluation images, on the run's
+    range as the node defines it (calibrated on other images)."""
+    lines = [
+        "| Model, sampler | CFG | " + " | ".join(f"target {t:g} dB: checked / estimate alone" for t in targets) + " |",
+        "|---|---|" + "---|" * len(targets),
+    ]
+    for kind in ("unet", "dit"):
+        panels = results.get(kind, {}).get("baseline", {})
+        order = sorted(panels, key=lambda k: (k.partition("@")[0], panels[k].get("cfg", 5.0)))
+        for panel in order:
+            base = panels[panel]
+            rows = [r for r in results[kind]["rows"] if r["sampler"] == panel and r["method"].startswith("fbc_psnr")]
+            if not rows:
+                continue
+
+            def cell(method: str, target: float, rows: list[dict] = rows, base: dict = base) -> str:
+                r = next((r for r in rows if r["method"] == method and r["setting"] == target), None)
+                return "-" if r is None else f"{r['speedup']:.2f}x, {on_run_range(r, base):.1f} dB"
+
+            cells = [
+                f"{kind}, {panel_title(panel.partition('@')[0], {**base, 'cfg': 5.0})}",
+                f"{base.get('cfg', 5.0):g}",
+                *(f"{cell('fbc_psnr_checked', t)} / {cell('fbc_psnr_estimate', t)}" for t in targets),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def psnr_target_summary(results: dict) -> str:
+    """One line per method: how often the evaluation images kept the target (and within 1 dB), and
+    the mean speedup (FLOPs)."""
+    out = []
+    for method in ("fbc_psnr_checked", "fbc_psnr_estimate"):
+        rows = [
+            (r, results[kind]["baseline"][r["sampler"]])
+            for kind in ("unet", "dit")
+            for r in results.get(kind, {}).get("rows", [])
+            if r["method"] == method
+        ]
+        if not rows:
+            continue
+        held = sum(on_run_range(r, b) >= r["setting"] for r, b in rows)
+        near = sum(on_run_range(r, b) >= r["setting"] - 1.0 for r, b in rows)
+        worst = min(on_run_range(r, b) - r["setting"] for r, b in rows)
+        speed = sum(r["speedup"] for r, _ in rows) / len(rows)
+        out.append(
+            f"- {method}: {len(rows)} runs, target held on the evaluation images in {held} ({near} within 1 dB), "
+            f"worst {worst:+.1f} dB, mean speedup {speed:.2f}x"
+        )
+    return "\n".join(out)
+
+
 def single_skips(results: dict) -> str:
     """Markdown: PSNR after one forced skipped step (reuse) at each position, per model and sampler."""
     lines = []
@@ -302,6 +356,7 @@ def main() -> None:
     )
     ap.add_argument("--tables", action="store_true", help="print the markdown tables of docs/fbcache.md")
     ap.add_argument("--cfg-table", action="store_true", help="print the table by CFG scale of docs/fbcache.md")
+    ap.add_argument("--psnr-table", action="store_true", help="print the quality-target table of docs/fbcache.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     results = json.loads(args.results.read_text())
@@ -311,6 +366,8 @@ def main() -> None:
         logger.info("\n%s\n\n%s", tables(results), single_skips(results))
     if args.cfg_table:
         logger.info("\n%s", cfg_table(results))
+    if args.psnr_table:
+        logger.info("\n%s\n\n%s", psnr_target_table(results), psnr_target_summary(results))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ to 17 dB too optimistic under strong guidance with multistep samplers (``docs/fb
 calibration run's own inputs (same noise, seed, conditioning) is a measurement: its PSNR against
 the calibration run's result (every step computed) is what the plan costs on that image.
 
-The search: check the plan the estimate chose. If it misses the target, the estimate was
-optimistic by ``estimated - measured`` dB here; take the plan with the fewest computed steps
-that is more than that (plus :data:`CHECK_MARGIN_DB`) above the target by the estimate, and
-check it. If it holds with room to spare under a quality target alone, try a faster one the
-same way (never faster than a plan that missed). At most :data:`MAX_CHECKS` runs; the fastest
+The search: check the plan the estimate chose. The estimate was off by ``estimated - measured``
+dB there; correct the estimate by the latest such difference and check the plan with the fewest
+computed steps whose corrected estimate reaches the target (after a miss, by
+:data:`CHECK_MARGIN_DB` more), always strictly between the slowest plan that missed and the
+fastest that held. So a missed target leads to a slower plan, and under a quality target alone a
+target held with room to spare leads to a faster one. At most :data:`MAX_CHECKS` runs; the fastest
 plan that held is kept. When none held, every step is computed: the target asked for quality,
 and no plan with skips was shown to keep it.
 
@@ -100,7 +101,7 @@ def check_plans(
             count = next((c for c in skipping if missed < c < held and search.psnr(c) >= bar), None)
         else:
             missed = count
-            bar = target_psnr + max(optimism, 0.0) + CHECK_MARGIN_DB
+            bar = target_psnr + optimism + CHECK_MARGIN_DB  # the estimate corrected by this miss (either sign)
             upper = held if held is not None else n
             count = next((c for c in skipping if missed < c < upper and search.psnr(c) >= bar), None)
     if held is not None:

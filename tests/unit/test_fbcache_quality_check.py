@@ -193,3 +193,23 @@ def test_check_quality_off_leaves_the_estimate_to_decide():
     calls = []
     cal = holder.finish_calibration(4.0, lambda c: calls.append(c) or 99.0)
     assert calls == [] and cal.measured_psnr is None and "estimated PSNR" in cal.describe()
+
+
+def test_after_a_faster_plan_misses_the_next_lies_between_it_and_the_plan_that_held():
+    """The estimate is 8 dB low near its own choice but only 2 dB low on much faster plans: the
+    faster try misses, and the third run is a plan strictly between the two, chosen with the
+    latest correction (not the first one)."""
+    search = _search()
+    target = _estimated_middle(search)
+    first = search.choose_count(0.0, target)
+
+    def measure(candidate):
+        return candidate.psnr + (8.0 if len(candidate.plan) >= first else 2.0)
+
+    chosen, records = check_plans(search, 0.0, target, measure)
+    assert records[0].count == first and records[1].count < first and records[1].measured < target
+    bar = target - 2.0 + CHECK_MARGIN_DB
+    between = [c for c in search.counts if records[1].count < c < first and search.psnr(c) >= bar]
+    assert between  # the fixture has such a plan
+    assert len(records) == 3 and records[2].count == min(between)
+    assert chosen.measured_psnr >= target and records[1].count < len(chosen.plan) <= first
