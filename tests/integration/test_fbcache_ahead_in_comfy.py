@@ -68,10 +68,10 @@ SCRIPT = SCRIPT_PRELUDE + textwrap.dedent(
     h = fbc.FBCacheHolder(0.5, force_pattern=[False, True]).prepare(lambda p: 1.0 - p)
     guider = types.SimpleNamespace(model_options={"transformer_options": {"speedkit_fbcache": h}})
     seen = []
-    args, _ = adapter._count_steps(guider, ("sigmas", {}, lambda *a, **k: seen.append((a, k))), {})
+    args, _ = adapter._count_steps(adapter._run_holder(guider), ("sigmas", {}, lambda *a, **k: seen.append((a, k))), {})
     args[2](3, "x0", "x", 10)
     args[2](x0="x0")
-    _, kw = adapter._count_steps(guider, ("sigmas", {}), {"callback": None})
+    _, kw = adapter._count_steps(adapter._run_holder(guider), ("sigmas", {}), {"callback": None})
     kw["callback"](5, "x0", "x", 10)
     report["callback"] = {"steps_done": h._steps_done, "passed_on": len(seen), "kwargs_kept": seen[-1][1] == {"x0": "x0"}}
     emit_report(report)

@@ -339,7 +339,16 @@ def test_example_workflow_widgets_map_to_the_same_settings(comfy_server):
     assert dict(zip(names[:7], values[:7], strict=True)) == expected_old
     defaults = {name: spec[1].get("default") for name, spec in info["input"].get("optional", {}).items()}
     saved = dict(zip(names, values, strict=False))
-    for name in ("n_first", "n_last", "min_steps", "target_speedup", "target_psnr", "decide_ahead", "skip_whole_step"):
+    for name in (
+        "n_first",
+        "n_last",
+        "min_steps",
+        "target_speedup",
+        "target_psnr",
+        "decide_ahead",
+        "skip_whole_step",
+        "check_quality",
+    ):
         assert saved.get(name, defaults[name]) == defaults[name], name
 
 
