@@ -230,6 +230,27 @@ class Bench:
         )
         return self.sample(self.adapter.apply_first_block_cache(self.patcher, holder), sampler, inputs=inputs)
 
+    def target_run(self, sampler: str, method: str, setting: float, holder, cost: float, more) -> None:
+        """A target's first run on the calibration images (other seeds), then the measured run on the
+        evaluation images, recorded with the plan, its predictions and ``more(calibration, out)``."""
+        mp = self.adapter.apply_first_block_cache(self.patcher, holder)
+        _, first_t = self.sample(mp, sampler, inputs=self.calibration_inputs)
+        calibration = next(iter(holder.calibrations.values()))
+        out, t = self.sample(mp, sampler)
+        self.record(
+            sampler,
+            method,
+            setting,
+            out,
+            t,
+            cost,
+            plan=list(calibration.plan),
+            predicted_speedup_calls=round(calibration.speedup, 3),
+            predicted_psnr=round(calibration.psnr, 2),
+            first_run_seconds=round(first_t, 2),
+            **more(calibration, out),
+        )
+
     def cross_plans(self, sampler: str) -> None:
         """Whole-step skips with ``fit1`` on the plan the ``taylor1`` target chose, and the reverse
         (forced patterns, from this sampler's ``fbc_target_whole*`` rows): how much of a forecast's
@@ -349,22 +370,7 @@ class Bench:
             cost = self.hit_cost(sampler, 1, 0)  # a whole-step skip runs no block: not counted at all
             for target in TARGETS:
                 holder = fbc.FBCacheHolder(0.1, target_speedup=target, **{**TARGET_SETTINGS, **extra})
-                mp = adapter.apply_first_block_cache(self.patcher, holder)
-                self.sample(mp, sampler, inputs=self.calibration_inputs)  # the calibration run: other images
-                calibration = next(iter(holder.calibrations.values()))
-                out, t = self.sample(mp, sampler)
-                self.record(
-                    sampler,
-                    method,
-                    target,
-                    out,
-                    t,
-                    cost,
-                    threshold=calibration.threshold,
-                    plan=list(calibration.plan),
-                    predicted_speedup_calls=round(calibration.speedup, 3),
-                    predicted_psnr=round(calibration.psnr, 2),
-                )
+                self.target_run(sampler, method, target, holder, cost, lambda cal, out: {"threshold": cal.threshold})
         for method, check in (("fbc_psnr_checked", True), ("fbc_psnr_estimate", False)):
             if not selected(method):
                 continue
@@ -375,26 +381,18 @@ class Bench:
             cost = self.hit_cost(sampler, 1, 0)  # before the runs: it samples (and resets the call counter)
             for target in PSNR_TARGETS:
                 holder = fbc.FBCacheHolder(0.1, target_psnr=target, **settings)
-                mp = adapter.apply_first_block_cache(self.patcher, holder)
-                _, first_t = self.sample(mp, sampler, inputs=self.calibration_inputs)
-                calibration = next(iter(holder.calibrations.values()))
-                out, t = self.sample(mp, sampler)
-                self.record(
+                self.target_run(
                     sampler,
                     method,
                     target,
-                    out,
-                    t,
+                    holder,
                     cost,
-                    plan=list(calibration.plan),
-                    predicted_speedup_calls=round(calibration.speedup, 3),
-                    predicted_psnr=round(calibration.psnr, 2),
-                    measured_psnr=None
-                    if calibration.measured_psnr is None
-                    else round(min(calibration.measured_psnr, 99.0), 2),  # 99: nothing skipped, as psnr()
-                    psnr_run_peak=round(psnr(out, self.base, peak), 2),
-                    first_run_seconds=round(first_t, 2),
-                    checks=calibration.checks,
+                    lambda cal, out, peak=peak: {
+                        # 99: nothing skipped, as psnr()
+                        "measured_psnr": None if cal.measured_psnr is None else round(min(cal.measured_psnr, 99.0), 2),
+                        "psnr_run_peak": round(psnr(out, self.base, peak), 2),
+                        "checks": cal.checks,
+                    },
                 )
         if selected("fbc_cross_plan"):  # each whole-step forecast on the plan chosen for the other
             self.cross_plans(sampler)
