@@ -494,7 +494,7 @@ class FBCacheHolder:
         if self.target_speedup > 0:
             parts.append(f"{self.target_speedup:g}x")
         if self.target_psnr > 0:
-            parts.append(f"estimated PSNR >= {self.target_psnr:g} dB")
+            parts.append(f"PSNR >= {self.target_psnr:g} dB")  # the plan's description says measured or estimated
         return " and ".join(parts)
 
     def finish_calibration(

@@ -120,7 +120,7 @@ def test_fbcache_quality_target_reads_the_sampler_on_the_gpu(gpu_server, sdxl_ch
     gpu_server.run_prompt(sampling_prompt(f"fbq_planned_{tag}", info, seed=6, **settings), 900)
     log = gpu_server.log_text()[before:]
     assert "steps read dpmpp_2m as multistep" in log and "steps read euler as single-step" in log, log[-3000:]
-    assert "Target estimated PSNR >= 30 dB: calibrated " in log, log[-3000:]  # the euler run's plan, reused
+    assert "Target PSNR >= 30 dB: calibrated " in log, log[-3000:]  # the euler run's plan, reused
     assert torch.isfinite(_latent(gpu_server, f"fbq_planned_{tag}")).all()
     assert gpu_server.alive()
 
@@ -144,6 +144,6 @@ def test_fbcache_quality_target_is_checked_by_sampling_on_the_gpu(gpu_server, sd
     assert found or "every step is computed" in log, log[-3000:]
     if found:
         assert float(found.group(1)) >= 30.0, log[-3000:]
-        assert "Target estimated PSNR >= 30 dB: calibrated plan computing steps" in log, log[-3000:]
+        assert "Target PSNR >= 30 dB: calibrated plan computing steps" in log, log[-3000:]
     assert torch.isfinite(planned).all()
     assert gpu_server.alive()
