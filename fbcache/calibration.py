@@ -72,6 +72,14 @@ def strided_sample(t: torch.Tensor, stride: int) -> torch.Tensor:
     return t.detach().reshape(-1)[::stride].float().clone()
 
 
+def psnr_of(rms_error: float, value_range: float) -> float:
+    """PSNR of an RMS error with ``value_range`` (the run's max - min) as the peak; inf for no error.
+    The one definition of the node's PSNR: the estimate, the plans and the quality check use it."""
+    if rms_error <= 0:
+        return math.inf
+    return 20 * math.log10(max(value_range, 1e-12) / rms_error)
+
+
 @dataclass
 class CallTrace:
     """What a fully computed model call recorded for the replay (all tensors are strided samples)."""
@@ -116,9 +124,7 @@ class Replay:
         return self.total / self.computed if self.computed else 1.0
 
     def psnr(self, value_range: float) -> float:
-        if self.error <= 0:
-            return math.inf
-        return 20 * math.log10(max(value_range, 1e-12) / self.error)
+        return psnr_of(self.error, value_range)
 
 
 @dataclass(frozen=True)
@@ -501,7 +507,7 @@ class PlanSearch:
         if count >= self.all_steps:
             return math.inf
         err = self.plans[count][0]
-        return math.inf if err <= 0 else 20 * math.log10(max(self.value_range, 1e-12) / err)
+        return psnr_of(err, self.value_range)
 
     def choose_count(self, target_speedup: float = 0.0, target_psnr: float = 0.0) -> int:
         """The number of computed steps :meth:`choose` takes for these targets."""

@@ -1,9 +1,10 @@
 """Hold a quality target by measuring it: sample again with the chosen plan and compare.
 
 Why: ``target_psnr`` plans from an estimate (``calibration.py``), a model of how a skipped step's
-error travels to the final latent. It held on the benchmark's models at low guidance, and was up
-to 17 dB too optimistic under strong guidance with multistep samplers (``docs/fbcache.md``,
-"Guidance scale"), where the sampled path amplifies any change. A run with the plan on the
+error travels to the final latent. It was cautious on the benchmark's UNet and on its flow models
+at low guidance, and up to 18 dB too optimistic on the flow models under strong guidance with
+multistep samplers (``docs/fbcache.md``, "Guidance scale"), where the sampled path amplifies any
+change. A run with the plan on the
 calibration run's own inputs (same noise, seed, conditioning) is a measurement: its PSNR against
 the calibration run's result (every step computed) is what the plan costs on that image.
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .calibration import Calibration, PlanSearch
+from .calibration import Calibration, PlanSearch, psnr_of
 
 MAX_CHECKS = 3
 """Check runs per calibration at most (each samples the whole schedule with a plan, so costs about
@@ -58,9 +59,7 @@ def measured_psnr(reference: torch.Tensor, samples: torch.Tensor, value_range: f
     rms = float((samples.detach().float() - reference.detach().float().to(samples.device)).pow(2).mean().sqrt())
     if not math.isfinite(rms):
         return -math.inf
-    if rms <= 0:
-        return math.inf
-    return 20 * math.log10(max(value_range, 1e-12) / rms)
+    return psnr_of(rms, value_range)
 
 
 def check_plans(
