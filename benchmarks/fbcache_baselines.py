@@ -21,6 +21,11 @@ builds. A skipped call runs no block at all.
   output is forecast, which costs no block on a forecast step.
 
 Both count calls as steps: with batched cond/uncond (the benchmark's case) one call is one step.
+
+Also here, for a design question of our own cache rather than a competitor:
+:class:`NoiseForecastWholeStep` skips whole steps on a fixed plan like ``skip_whole_step`` does,
+but forecasts a flow model's noise prediction ``x + (1 - sigma) v`` instead of its velocity ``v``
+(what the node forecasts, ``(x - denoised) / sigma``), with the node's own forecast weights.
 """
 
 from __future__ import annotations
@@ -123,9 +128,41 @@ class TaylorSeerWholeStep:
         return out
 
 
+class NoiseForecastWholeStep:
+    """Whole-step skips on a fixed plan (steps not in ``computed`` skipped, one call per step),
+    forecasting a flow model's (ComfyUI ``CONST`` sampling: ``x = sigma * noise + (1 - sigma) * x0``)
+    noise prediction ``x + (1 - sigma) v`` by ``hit_residual``'s step-index rule
+    (:func:`fbcache.forecast.step_weights`) over the computed steps, and returning the denoised
+    latent ``(x - sigma * noise) / (1 - sigma)`` it implies. An ``APPLY_MODEL`` wrapper (``x`` and
+    ``sigma`` are its first two arguments)."""
+
+    LEVEL = "apply_model"
+
+    def __init__(self, computed: set[int], hit_residual: str, weights) -> None:
+        self.computed, self.hit_residual, self.weights = set(computed), hit_residual, weights
+        self.reset()
+
+    def reset(self) -> None:
+        self.index = 0
+        self.history: list[tuple[int, torch.Tensor]] = []
+
+    def wrapper(self, executor, x, sigma, *args, **kwargs):
+        i = self.index
+        self.index += 1
+        s = sigma.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)
+        if i not in self.computed and self.history:
+            points = [float(p) for p, _ in self.history]
+            w = self.weights(self.hit_residual, points, float(i))
+            noise = sum(wi * t for wi, (_, t) in zip(w, self.history, strict=True) if wi != 0.0)
+            return (x - s * noise) / (1 - s)
+        denoised = executor(x, sigma, *args, **kwargs)
+        self.history = (self.history + [(i, x + (1 - s) * (x - denoised) / s)])[-3:]
+        return denoised
+
+
 def attach(patcher, method):
-    """``patcher`` cloned with ``method`` (MagCache / TaylorSeerWholeStep) wrapped around the network,
-    reset at the start of every sampling run."""
+    """``patcher`` cloned with ``method`` (MagCache / TaylorSeerWholeStep around the network,
+    NoiseForecastWholeStep around ``apply_model``), reset at the start of every sampling run."""
     from comfy.patcher_extension import WrappersMP
 
     m = patcher.clone()
@@ -134,8 +171,9 @@ def attach(patcher, method):
         method.reset()
         return executor(*args, **kwargs)
 
+    level = WrappersMP.APPLY_MODEL if getattr(method, "LEVEL", "") == "apply_model" else WrappersMP.DIFFUSION_MODEL
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, outer)
-    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, method.wrapper)
+    m.add_wrapper_with_key(level, KEY, method.wrapper)
     return m
 
 

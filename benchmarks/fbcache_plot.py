@@ -333,6 +333,52 @@ def psnr_target_summary(results: dict) -> str:
     return "\n".join(out)
 
 
+def space_table(results: dict, target: float = 3.0) -> str:
+    """Markdown: per flow-toy panel, each whole-step ``target`` plan forced with the velocity
+    forecast (the node) and with the noise-prediction forecast (rows ``fbc_space_*``), ``taylor1``
+    and ``fit1``; then the mean difference (noise - velocity) by CFG scale."""
+    plans = (("fbc_target_whole", "taylor1's plan"), ("fbc_target_whole_fit1", "fit1's plan"))
+    lines = [
+        "| Sampler | CFG | "
+        + " | ".join(f"{name}, {r}: velocity / noise" for _, name in plans for r in ("taylor1", "fit1"))
+        + " |",
+        "|---|---|" + "---|" * 4,
+    ]
+    panels = results.get("dit", {}).get("baseline", {})
+    differences: dict[float, list[float]] = {}
+    for panel in sorted(panels, key=lambda k: (k.partition("@")[0], panels[k].get("cfg", 5.0))):
+        base = panels[panel]
+        rows = [r for r in results["dit"]["rows"] if r["sampler"] == panel and r["method"].startswith("fbc_space")]
+        if not rows:
+            continue
+        cells = [panel_title(panel.partition("@")[0], {**base, "cfg": 5.0}), f"{base.get('cfg', 5.0):g}"]
+        for source, _ in plans:
+            for residual in ("taylor1", "fit1"):
+
+                def psnr_of(space: str, rows: list[dict] = rows, source: str = source, residual: str = residual):
+                    return next(
+                        (
+                            r["psnr"]
+                            for r in rows
+                            if r["method"] == f"fbc_space_{space}_{residual}"
+                            and r.get("plan_of") == source
+                            and r["setting"] == target
+                        ),
+                        None,
+                    )
+
+                v, n = psnr_of("velocity"), psnr_of("noise")
+                cells.append("-" if v is None or n is None else f"{v:.1f} / {n:.1f} dB")
+                if v is not None and n is not None:
+                    differences.setdefault(base.get("cfg", 5.0), []).append(n - v)
+        lines.append("| " + " | ".join(cells) + " |")
+    summary = ", ".join(
+        f"CFG {cfg:g}: {sum(d) / len(d):+.1f} dB ({min(d):+.1f} to {max(d):+.1f})"
+        for cfg, d in sorted(differences.items())
+    )
+    return "\n".join(lines) + "\n\nnoise - velocity, mean (range) over the cells: " + summary
+
+
 def single_skips(results: dict) -> str:
     """Markdown: PSNR after one forced skipped step (reuse) at each position, per model and sampler."""
     lines = []
@@ -357,6 +403,11 @@ def main() -> None:
     ap.add_argument("--tables", action="store_true", help="print the markdown tables of docs/fbcache.md")
     ap.add_argument("--cfg-table", action="store_true", help="print the table by CFG scale of docs/fbcache.md")
     ap.add_argument("--psnr-table", action="store_true", help="print the quality-target table of docs/fbcache.md")
+    ap.add_argument(
+        "--space-table",
+        action="store_true",
+        help="print the forecast-space table (velocity or noise) of docs/fbcache.md",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     results = json.loads(args.results.read_text())
@@ -368,6 +419,8 @@ def main() -> None:
         logger.info("\n%s", cfg_table(results))
     if args.psnr_table:
         logger.info("\n%s\n\n%s", psnr_target_table(results), psnr_target_summary(results))
+    if args.space_table:
+        logger.info("\n%s", space_table(results))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
    whole-step forecast on the other's plan), ``fbc_plan_search`` (plans searched by real runs on
    the calibration images), ``more_steps`` (the 30-step reference against 60 steps),
    ``skip_sensitivity`` (one skipped step at each position against two estimates of its cost,
-   ``fbcache_sensitivity.py``). A
+   ``fbcache_sensitivity.py``), ``fbc_space`` (the flow toy's whole-step plans with the velocity
+   forecast the node uses and with a forecast of the noise prediction). A
    ``sampler:scheduler`` other than the model's default pairing gets its own panel, and so does
    each CFG scale other than 5 (``--cfg 1,3``: panels ``sampler@cfg1``, ``sampler@cfg3``).
 3. Reports PSNR and SSIM against the uncached output, in the model's own latent space (the
@@ -262,6 +263,27 @@ class Bench:
                 method = f"fbc_cross_plan_{residual}"
                 self.record(sampler, method, row["setting"], out, t, 0.0, plan=row["plan"], plan_of=source)
 
+    def forecast_spaces(self, sampler: str, target: float = 3.0) -> None:
+        """On the flow toy, each whole-step ``target`` plan of this sampler (forced) with its
+        forecast of the velocity (the node, rows ``fbc_space_velocity_*``) and of the noise
+        prediction (:class:`fbcache_baselines.NoiseForecastWholeStep`, rows ``fbc_space_noise_*``),
+        ``taylor1`` and ``fit1`` each: which quantity a skip should forecast."""
+        from speedkit.fbcache.forecast import step_weights
+
+        rows = [r for r in self.section["rows"] if r["sampler"] == sampler and r.get("plan")]
+        for source in ("fbc_target_whole", "fbc_target_whole_fit1"):
+            row = next((r for r in rows if r["method"] == source and r["setting"] == target), None)
+            if row is None:
+                continue
+            computed = {round(p) for p in row["plan"]}
+            for residual in ("taylor1", "fit1"):
+                out, t = self.forced_plan(sampler, row["plan"], residual)
+                extra = {"plan": row["plan"], "plan_of": source}
+                self.record(sampler, f"fbc_space_velocity_{residual}", target, out, t, 0.0, **extra)
+                method = self.fb.NoiseForecastWholeStep(computed, residual, step_weights)
+                out, t = self.sample(self.fb.attach(self.patcher, method), sampler)
+                self.record(sampler, f"fbc_space_noise_{residual}", target, out, t, 0.0, **extra)
+
     def plan_search(self, sampler: str, target: float = 3.0, max_rounds: int = 8) -> None:
         """How good a plan with the same number of computed steps can get: from the plan the
         ``fbc_target_whole*`` run chose at ``target``, move one computed step (not the first) by 1 or
@@ -396,6 +418,8 @@ class Bench:
                 )
         if selected("fbc_cross_plan"):  # each whole-step forecast on the plan chosen for the other
             self.cross_plans(sampler)
+        if selected("fbc_space") and self.kind == "dit":  # velocity (the node) or noise forecast
+            self.forecast_spaces(sampler)
         if selected("fbc_plan_search"):  # the best plan of the same size that real runs find
             self.plan_search(sampler)
         if selected("skip_sensitivity"):  # one skipped step: measured against two estimates of its cost
