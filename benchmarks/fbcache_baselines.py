@@ -132,14 +132,15 @@ class NoiseForecastWholeStep:
     """Whole-step skips on a fixed plan (steps not in ``computed`` skipped, one call per step),
     forecasting a flow model's (ComfyUI ``CONST`` sampling: ``x = sigma * noise + (1 - sigma) * x0``)
     noise prediction ``x + (1 - sigma) v`` by ``hit_residual``'s step-index rule
-    (:func:`fbcache.forecast.step_weights`) over the computed steps, and returning the denoised
-    latent ``(x - sigma * noise) / (1 - sigma)`` it implies. An ``APPLY_MODEL`` wrapper (``x`` and
+    over the computed steps, and returning the denoised latent ``(x - sigma * noise) / (1 - sigma)``
+    it implies. ``forecast``: the pack's ``fbcache.forecast`` module (its ``step_weights`` and
+    ``combine``, as the node's whole-step skips use them). An ``APPLY_MODEL`` wrapper (``x`` and
     ``sigma`` are its first two arguments)."""
 
     LEVEL = "apply_model"
 
-    def __init__(self, computed: set[int], hit_residual: str, weights) -> None:
-        self.computed, self.hit_residual, self.weights = set(computed), hit_residual, weights
+    def __init__(self, computed: set[int], hit_residual: str, forecast) -> None:
+        self.computed, self.hit_residual, self.forecast = set(computed), hit_residual, forecast
         self.reset()
 
     def reset(self) -> None:
@@ -151,9 +152,8 @@ class NoiseForecastWholeStep:
         self.index += 1
         s = sigma.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)
         if i not in self.computed and self.history:
-            points = [float(p) for p, _ in self.history]
-            w = self.weights(self.hit_residual, points, float(i))
-            noise = sum(wi * t for wi, (_, t) in zip(w, self.history, strict=True) if wi != 0.0)
+            weights = self.forecast.step_weights(self.hit_residual, [float(p) for p, _ in self.history], float(i))
+            noise = self.forecast.combine([t for _, t in self.history], weights)
             return (x - s * noise) / (1 - s)
         denoised = executor(x, sigma, *args, **kwargs)
         self.history = (self.history + [(i, x + (1 - s) * (x - denoised) / s)])[-3:]

@@ -352,22 +352,11 @@ def space_table(results: dict, target: float = 3.0) -> str:
         if not rows:
             continue
         cells = [panel_title(panel.partition("@")[0], {**base, "cfg": 5.0}), f"{base.get('cfg', 5.0):g}"]
+        psnr = {(r["method"], r.get("plan_of")): r["psnr"] for r in rows if r["setting"] == target}
         for source, _ in plans:
             for residual in ("taylor1", "fit1"):
-
-                def psnr_of(space: str, rows: list[dict] = rows, source: str = source, residual: str = residual):
-                    return next(
-                        (
-                            r["psnr"]
-                            for r in rows
-                            if r["method"] == f"fbc_space_{space}_{residual}"
-                            and r.get("plan_of") == source
-                            and r["setting"] == target
-                        ),
-                        None,
-                    )
-
-                v, n = psnr_of("velocity"), psnr_of("noise")
+                v = psnr.get((f"fbc_space_velocity_{residual}", source))
+                n = psnr.get((f"fbc_space_noise_{residual}", source))
                 cells.append("-" if v is None or n is None else f"{v:.1f} / {n:.1f} dB")
                 if v is not None and n is not None:
                     differences.setdefault(base.get("cfg", 5.0), []).append(n - v)

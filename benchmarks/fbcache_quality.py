@@ -268,7 +268,7 @@ class Bench:
         forecast of the velocity (the node, rows ``fbc_space_velocity_*``) and of the noise
         prediction (:class:`fbcache_baselines.NoiseForecastWholeStep`, rows ``fbc_space_noise_*``),
         ``taylor1`` and ``fit1`` each: which quantity a skip should forecast."""
-        from speedkit.fbcache.forecast import step_weights
+        from speedkit.fbcache import forecast
 
         rows = [r for r in self.section["rows"] if r["sampler"] == sampler and r.get("plan")]
         for source in ("fbc_target_whole", "fbc_target_whole_fit1"):
@@ -280,7 +280,7 @@ class Bench:
                 out, t = self.forced_plan(sampler, row["plan"], residual)
                 extra = {"plan": row["plan"], "plan_of": source}
                 self.record(sampler, f"fbc_space_velocity_{residual}", target, out, t, 0.0, **extra)
-                method = self.fb.NoiseForecastWholeStep(computed, residual, step_weights)
+                method = self.fb.NoiseForecastWholeStep(computed, residual, forecast)
                 out, t = self.sample(self.fb.attach(self.patcher, method), sampler)
                 self.record(sampler, f"fbc_space_noise_{residual}", target, out, t, 0.0, **extra)
 
