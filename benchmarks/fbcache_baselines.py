@@ -129,18 +129,23 @@ class TaylorSeerWholeStep:
 
 
 class NoiseForecastWholeStep:
-    """Whole-step skips on a fixed plan (steps not in ``computed`` skipped, one call per step),
-    forecasting a flow model's (ComfyUI ``CONST`` sampling: ``x = sigma * noise + (1 - sigma) * x0``)
-    noise prediction ``x + (1 - sigma) v`` by ``hit_residual``'s step-index rule
-    over the computed steps, and returning the denoised latent ``(x - sigma * noise) / (1 - sigma)``
-    it implies. ``forecast``: the pack's ``fbcache.forecast`` module (its ``step_weights`` and
-    ``combine``, as the node's whole-step skips use them). An ``APPLY_MODEL`` wrapper (``x`` and
-    ``sigma`` are its first two arguments)."""
+    """Whole-step skips on a fixed plan (steps not in ``computed`` skipped, one call per step) on a
+    flow model (ComfyUI ``CONST`` sampling: ``x = sigma * noise + (1 - sigma) * x0``), forecasting
+    another quantity than the node's velocity ``v = (x - denoised) / sigma`` by ``hit_residual``'s
+    step-index rule over the computed steps: ``space`` "noise" (the noise prediction
+    ``x + (1 - sigma) v``; a skip returns the denoised latent ``(x - sigma * noise) / (1 - sigma)``
+    it implies) or "denoised" (the model's ``x0`` prediction itself, forecast as it is). ``forecast``:
+    the pack's ``fbcache.forecast`` module (its ``step_weights`` and ``combine``, as the node's
+    whole-step skips use them). An ``APPLY_MODEL`` wrapper (``x`` and ``sigma`` are its first two
+    arguments)."""
 
     LEVEL = "apply_model"
+    SPACES = ("noise", "denoised")
 
-    def __init__(self, computed: set[int], hit_residual: str, forecast) -> None:
-        self.computed, self.hit_residual, self.forecast = set(computed), hit_residual, forecast
+    def __init__(self, computed: set[int], hit_residual: str, forecast, space: str = "noise") -> None:
+        if space not in self.SPACES:
+            raise ValueError(f"space must be one of {self.SPACES}, got {space!r}")
+        self.computed, self.hit_residual, self.forecast, self.space = set(computed), hit_residual, forecast, space
         self.reset()
 
     def reset(self) -> None:
@@ -153,10 +158,11 @@ class NoiseForecastWholeStep:
         s = sigma.reshape((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)
         if i not in self.computed and self.history:
             weights = self.forecast.step_weights(self.hit_residual, [float(p) for p, _ in self.history], float(i))
-            noise = self.forecast.combine([t for _, t in self.history], weights)
-            return (x - s * noise) / (1 - s)
+            value = self.forecast.combine([t for _, t in self.history], weights)
+            return value if self.space == "denoised" else (x - s * value) / (1 - s)
         denoised = executor(x, sigma, *args, **kwargs)
-        self.history = (self.history + [(i, x + (1 - s) * (x - denoised) / s)])[-3:]
+        kept = denoised if self.space == "denoised" else x + (1 - s) * (x - denoised) / s
+        self.history = (self.history + [(i, kept)])[-3:]
         return denoised
 
 

@@ -335,37 +335,45 @@ def psnr_target_summary(results: dict) -> str:
 
 def space_table(results: dict, target: float = 3.0) -> str:
     """Markdown: per flow-toy panel, each whole-step ``target`` plan forced with the velocity
-    forecast (the node) and with the noise-prediction forecast (rows ``fbc_space_*``), ``taylor1``
-    and ``fit1``; then the mean difference (noise - velocity) by CFG scale."""
+    forecast (the node), the noise-prediction forecast and the denoised-latent forecast (rows
+    ``fbc_space_*``), ``taylor1`` and ``fit1``; then the mean difference to the velocity by CFG
+    scale, per forecast quantity."""
     plans = (("fbc_target_whole", "taylor1's plan"), ("fbc_target_whole_fit1", "fit1's plan"))
+    spaces = ("velocity", "noise", "denoised")
     lines = [
         "| Sampler | CFG | "
-        + " | ".join(f"{name}, {r}: velocity / noise" for _, name in plans for r in ("taylor1", "fit1"))
+        + " | ".join(f"{name}, {r}: {' / '.join(spaces)}" for _, name in plans for r in ("taylor1", "fit1"))
         + " |",
         "|---|---|" + "---|" * 4,
     ]
     panels = results.get("dit", {}).get("baseline", {})
-    differences: dict[float, list[float]] = {}
+    differences: dict[str, dict[float, list[float]]] = {space: {} for space in spaces[1:]}
     for panel in sorted(panels, key=lambda k: (k.partition("@")[0], panels[k].get("cfg", 5.0))):
         base = panels[panel]
         rows = [r for r in results["dit"]["rows"] if r["sampler"] == panel and r["method"].startswith("fbc_space")]
         if not rows:
             continue
-        cells = [panel_title(panel.partition("@")[0], {**base, "cfg": 5.0}), f"{base.get('cfg', 5.0):g}"]
+        cfg = base.get("cfg", 5.0)
+        cells = [panel_title(panel.partition("@")[0], {**base, "cfg": 5.0}), f"{cfg:g}"]
         psnr = {(r["method"], r.get("plan_of")): r["psnr"] for r in rows if r["setting"] == target}
         for source, _ in plans:
             for residual in ("taylor1", "fit1"):
-                v = psnr.get((f"fbc_space_velocity_{residual}", source))
-                n = psnr.get((f"fbc_space_noise_{residual}", source))
-                cells.append("-" if v is None or n is None else f"{v:.1f} / {n:.1f} dB")
-                if v is not None and n is not None:
-                    differences.setdefault(base.get("cfg", 5.0), []).append(n - v)
+                values = {space: psnr.get((f"fbc_space_{space}_{residual}", source)) for space in spaces}
+                cells.append(" / ".join("-" if v is None else f"{v:.1f}" for v in values.values()) + " dB")
+                for space in spaces[1:]:
+                    if values["velocity"] is not None and values[space] is not None:
+                        differences[space].setdefault(cfg, []).append(values[space] - values["velocity"])
         lines.append("| " + " | ".join(cells) + " |")
-    summary = ", ".join(
-        f"CFG {cfg:g}: {sum(d) / len(d):+.1f} dB ({min(d):+.1f} to {max(d):+.1f})"
-        for cfg, d in sorted(differences.items())
-    )
-    return "\n".join(lines) + "\n\nnoise - velocity, mean (range) over the cells: " + summary
+    summaries = [
+        f"{space} - velocity, mean (range) over the cells: "
+        + ", ".join(
+            f"CFG {cfg:g}: {sum(d) / len(d):+.1f} dB ({min(d):+.1f} to {max(d):+.1f})"
+            for cfg, d in sorted(by_cfg.items())
+        )
+        for space, by_cfg in differences.items()
+        if by_cfg
+    ]
+    return "\n".join(lines) + "\n\n" + "\n\n".join(summaries)
 
 
 def single_skips(results: dict) -> str:

@@ -265,8 +265,9 @@ class Bench:
 
     def forecast_spaces(self, sampler: str, target: float = 3.0) -> None:
         """On the flow toy, each whole-step ``target`` plan of this sampler (forced) with its
-        forecast of the velocity (the node, rows ``fbc_space_velocity_*``) and of the noise
-        prediction (:class:`fbcache_baselines.NoiseForecastWholeStep`, rows ``fbc_space_noise_*``),
+        forecast of the velocity (the node, rows ``fbc_space_velocity_*``), of the noise
+        prediction and of the denoised latent (:class:`fbcache_baselines.NoiseForecastWholeStep`,
+        rows ``fbc_space_noise_*`` and ``fbc_space_denoised_*``),
         ``taylor1`` and ``fit1`` each: which quantity a skip should forecast."""
         from speedkit.fbcache import forecast
 
@@ -280,9 +281,10 @@ class Bench:
                 out, t = self.forced_plan(sampler, row["plan"], residual)
                 extra = {"plan": row["plan"], "plan_of": source}
                 self.record(sampler, f"fbc_space_velocity_{residual}", target, out, t, 0.0, **extra)
-                method = self.fb.NoiseForecastWholeStep(computed, residual, forecast)
-                out, t = self.sample(self.fb.attach(self.patcher, method), sampler)
-                self.record(sampler, f"fbc_space_noise_{residual}", target, out, t, 0.0, **extra)
+                for space in self.fb.NoiseForecastWholeStep.SPACES:
+                    method = self.fb.NoiseForecastWholeStep(computed, residual, forecast, space)
+                    out, t = self.sample(self.fb.attach(self.patcher, method), sampler)
+                    self.record(sampler, f"fbc_space_{space}_{residual}", target, out, t, 0.0, **extra)
 
     def plan_search(self, sampler: str, target: float = 3.0, max_rounds: int = 8) -> None:
         """How good a plan with the same number of computed steps can get: from the plan the
