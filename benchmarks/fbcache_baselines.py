@@ -23,9 +23,10 @@ builds. A skipped call runs no block at all.
 Both count calls as steps: with batched cond/uncond (the benchmark's case) one call is one step.
 
 Also here, for a design question of our own cache rather than a competitor:
-:class:`NoiseForecastWholeStep` skips whole steps on a fixed plan like ``skip_whole_step`` does,
-but forecasts a flow model's noise prediction ``x + (1 - sigma) v`` instead of its velocity ``v``
-(what the node forecasts, ``(x - denoised) / sigma``), with the node's own forecast weights.
+:class:`QuantityForecastWholeStep` skips whole steps on a fixed plan like ``skip_whole_step`` does,
+but forecasts a flow model's noise prediction ``x + (1 - sigma) v`` or its denoised latent instead
+of its velocity ``v`` (what the node forecasts, ``(x - denoised) / sigma``), with the node's own
+forecast weights.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class TaylorSeerWholeStep:
         return out
 
 
-class NoiseForecastWholeStep:
+class QuantityForecastWholeStep:
     """Whole-step skips on a fixed plan (steps not in ``computed`` skipped, one call per step) on a
     flow model (ComfyUI ``CONST`` sampling: ``x = sigma * noise + (1 - sigma) * x0``), forecasting
     another quantity than the node's velocity ``v = (x - denoised) / sigma`` by ``hit_residual``'s
@@ -168,7 +169,7 @@ class NoiseForecastWholeStep:
 
 def attach(patcher, method):
     """``patcher`` cloned with ``method`` (MagCache / TaylorSeerWholeStep around the network,
-    NoiseForecastWholeStep around ``apply_model``), reset at the start of every sampling run."""
+    QuantityForecastWholeStep around ``apply_model``), reset at the start of every sampling run."""
     from comfy.patcher_extension import WrappersMP
 
     m = patcher.clone()

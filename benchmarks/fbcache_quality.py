@@ -13,7 +13,7 @@
    the calibration images), ``more_steps`` (the 30-step reference against 60 steps),
    ``skip_sensitivity`` (one skipped step at each position against two estimates of its cost,
    ``fbcache_sensitivity.py``), ``fbc_space`` (the flow toy's whole-step plans with the velocity
-   forecast the node uses and with a forecast of the noise prediction). A
+   forecast the node uses and with forecasts of the noise prediction and of the denoised latent). A
    ``sampler:scheduler`` other than the model's default pairing gets its own panel, and so does
    each CFG scale other than 5 (``--cfg 1,3``: panels ``sampler@cfg1``, ``sampler@cfg3``).
 3. Reports PSNR and SSIM against the uncached output, in the model's own latent space (the
@@ -266,7 +266,7 @@ class Bench:
     def forecast_spaces(self, sampler: str, target: float = 3.0) -> None:
         """On the flow toy, each whole-step ``target`` plan of this sampler (forced) with its
         forecast of the velocity (the node, rows ``fbc_space_velocity_*``), of the noise
-        prediction and of the denoised latent (:class:`fbcache_baselines.NoiseForecastWholeStep`,
+        prediction and of the denoised latent (:class:`fbcache_baselines.QuantityForecastWholeStep`,
         rows ``fbc_space_noise_*`` and ``fbc_space_denoised_*``),
         ``taylor1`` and ``fit1`` each: which quantity a skip should forecast."""
         from speedkit.fbcache import forecast
@@ -281,8 +281,8 @@ class Bench:
                 out, t = self.forced_plan(sampler, row["plan"], residual)
                 extra = {"plan": row["plan"], "plan_of": source}
                 self.record(sampler, f"fbc_space_velocity_{residual}", target, out, t, 0.0, **extra)
-                for space in self.fb.NoiseForecastWholeStep.SPACES:
-                    method = self.fb.NoiseForecastWholeStep(computed, residual, forecast, space)
+                for space in self.fb.QuantityForecastWholeStep.SPACES:
+                    method = self.fb.QuantityForecastWholeStep(computed, residual, forecast, space)
                     out, t = self.sample(self.fb.attach(self.patcher, method), sampler)
                     self.record(sampler, f"fbc_space_{space}_{residual}", target, out, t, 0.0, **extra)
 
