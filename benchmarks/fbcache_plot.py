@@ -403,7 +403,7 @@ def main() -> None:
     ap.add_argument(
         "--space-table",
         action="store_true",
-        help="print the forecast-space table (velocity or noise) of docs/fbcache.md",
+        help="print the forecast-quantity table (velocity, noise or denoised) of docs/fbcache.md",
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)

@@ -420,7 +420,7 @@ class Bench:
                 )
         if selected("fbc_cross_plan"):  # each whole-step forecast on the plan chosen for the other
             self.cross_plans(sampler)
-        if selected("fbc_space") and self.kind == "dit":  # velocity (the node) or noise forecast
+        if selected("fbc_space") and self.kind == "dit":  # velocity (the node), noise or denoised forecast
             self.forecast_spaces(sampler)
         if selected("fbc_plan_search"):  # the best plan of the same size that real runs find
             self.plan_search(sampler)
